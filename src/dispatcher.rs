@@ -1,0 +1,355 @@
+//! The [`Dispatcher`]: one per request, bound to one user and one event sink for
+//! life; and the calls it takes ([`ToolCall`], typed calls, batches).
+
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::engine::{Engine, Shared};
+use crate::error::DispatchError;
+use crate::event::{AgentEvent, AgentUpdate, Event, Timestamp};
+use crate::sink::{EventSink, SinkError};
+use crate::state::{
+    HasSink, HasUser, NoSink, NoUser, SinkUnset, UserUnset, WithSink, WithUser,
+};
+use crate::tool::Tool;
+use crate::user::UserContext;
+
+/// A tool call's arguments: a JSON value, or JSON text as a model sent it (which may
+/// not be valid JSON; that is reported as invalid input, never a panic).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Arguments {
+    /// Parsed arguments.
+    Value(Value),
+    /// Arguments as JSON text.
+    Text(String),
+}
+
+impl From<Value> for Arguments {
+    fn from(v: Value) -> Self {
+        Arguments::Value(v)
+    }
+}
+
+/// A call by name, as a model emits it.
+///
+/// ```
+/// use serde_json::json;
+/// use tool_dispatch::ToolCall;
+/// let call = ToolCall::new("get_weather", json!({"city": "Paris"})).with_id("call_abc");
+/// let from_text = ToolCall::from_text("get_weather", r#"{"city": "Paris"}"#);
+/// # let _ = (call, from_text);
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolCall {
+    /// The model's id for the call, used as the events' `call_id`. A fresh unique
+    /// id is made when it is `None` (or empty, or over 256 bytes).
+    pub id: Option<String>,
+    /// The tool's name.
+    pub name: String,
+    /// The arguments.
+    pub arguments: Arguments,
+    /// A timeout for this call only, replacing the tool's.
+    pub timeout: Option<Duration>,
+}
+
+impl ToolCall {
+    /// A call with parsed arguments.
+    pub fn new(name: impl Into<String>, arguments: impl Into<Arguments>) -> Self {
+        ToolCall {
+            id: None,
+            name: name.into(),
+            arguments: arguments.into(),
+            timeout: None,
+        }
+    }
+
+    /// A call whose arguments are JSON text (OpenAI sends them so).
+    pub fn from_text(name: impl Into<String>, arguments: impl Into<String>) -> Self {
+        Self::new(name, Arguments::Text(arguments.into()))
+    }
+
+    /// Sets the call id.
+    #[must_use]
+    pub fn with_id(mut self, id: impl Into<String>) -> Self {
+        self.id = Some(id.into());
+        self
+    }
+
+    /// Sets a timeout for this call only.
+    #[must_use]
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+}
+
+/// A successful call's result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolOutput<T = Value> {
+    /// The call's id (as in its events).
+    pub call_id: Arc<str>,
+    /// The tool's result, unaltered (never redacted or truncated).
+    pub value: T,
+    /// Whether it came from the result cache rather than a run of the tool.
+    pub cached: bool,
+}
+
+/// Runs tool calls for one user, streaming every step to that user's sink.
+///
+/// Made by [`Engine::dispatcher`] as `Dispatcher<NoSink, NoUser>`; `.sink(..)` and
+/// `.user(..)`, in either order, make it the ready `Dispatcher` (the default type
+/// parameters). Dispatching before both are set does not compile:
+///
+/// ```compile_fail
+/// # use tool_dispatch::{Engine, Registry, ToolCall, UserContext};
+/// # async fn f(engine: Engine) {
+/// let user = UserContext::builder("alice").build().unwrap();
+/// let d = engine.dispatcher().user(user); // no .sink(..)
+/// d.dispatch(ToolCall::new("echo", serde_json::json!("hi"))).await;
+/// # }
+/// ```
+#[must_use = "a dispatcher does nothing until it dispatches"]
+pub struct Dispatcher<S = WithSink, U = WithUser> {
+    shared: Arc<Shared>,
+    sink: S,
+    user: U,
+}
+
+impl<S: Clone, U: Clone> Clone for Dispatcher<S, U> {
+    fn clone(&self) -> Self {
+        Dispatcher {
+            shared: Arc::clone(&self.shared),
+            sink: self.sink.clone(),
+            user: self.user.clone(),
+        }
+    }
+}
+
+impl<S: std::fmt::Debug, U: std::fmt::Debug> std::fmt::Debug for Dispatcher<S, U> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatcher")
+            .field("sink", &self.sink)
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Dispatcher<NoSink, NoUser> {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        Dispatcher {
+            shared,
+            sink: NoSink,
+            user: NoUser,
+        }
+    }
+}
+
+impl<S, U> Dispatcher<S, U> {
+    /// Binds the user's event sink, for life. Any [`EventSink`]; a bounded
+    /// `tokio::sync::mpsc::Sender<Event>` drained by the WebSocket writer is the usual.
+    pub fn sink(self, sink: impl EventSink) -> Dispatcher<WithSink, U>
+    where
+        S: SinkUnset,
+    {
+        Dispatcher {
+            shared: self.shared,
+            sink: WithSink(Arc::new(sink)),
+            user: self.user,
+        }
+    }
+
+    /// Binds the user, for life.
+    pub fn user(self, user: impl Into<Arc<UserContext>>) -> Dispatcher<S, WithUser>
+    where
+        U: UserUnset,
+    {
+        let ctx = user.into();
+        let shared = &self.shared;
+        let state = shared.users.bind(&ctx, &shared.config.limits.resolver, || {
+            shared.root_child()
+        });
+        Dispatcher {
+            user: WithUser { ctx, state },
+            shared: self.shared,
+            sink: self.sink,
+        }
+    }
+
+    /// The engine this dispatcher belongs to.
+    pub fn engine(&self) -> Engine {
+        Engine {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// The user this dispatcher acts for.
+    pub fn user_context(&self) -> &UserContext
+    where
+        U: HasUser,
+    {
+        &self.user.user().ctx
+    }
+
+    /// Runs one call by name with JSON arguments.
+    ///
+    /// Emits exactly one `tool_executing` and one `tool_completed` for it, whatever
+    /// happens; errors come back as a [`DispatchError`] whose status the completed
+    /// event also carries.
+    pub async fn dispatch(&self, call: ToolCall) -> Result<ToolOutput, DispatchError>
+    where
+        S: HasSink,
+        U: HasUser,
+    {
+        self.shared
+            .dispatch_json(self.sink.sink(), self.user.user(), call)
+            .await
+    }
+
+    /// Runs a batch of calls (a model's parallel tool calls) concurrently in the
+    /// caller's task, and returns their results in call order.
+    pub async fn dispatch_all(
+        &self,
+        calls: impl IntoIterator<Item = ToolCall>,
+    ) -> Vec<Result<ToolOutput, DispatchError>>
+    where
+        S: HasSink,
+        U: HasUser,
+    {
+        futures_util::future::join_all(calls.into_iter().map(|c| self.dispatch(c))).await
+    }
+
+    /// A typed call of tool `T`: no JSON round trip for the input, a typed output.
+    /// Await it directly, or set `.id(..)` / `.timeout(..)` first.
+    ///
+    /// Passing the wrong input type is a compile error.
+    pub fn call<T: Tool>(&self, input: T::Input) -> TypedCall<'_, T>
+    where
+        S: HasSink,
+        U: HasUser,
+    {
+        TypedCall {
+            shared: &self.shared,
+            sink: self.sink.sink(),
+            user: self.user.user(),
+            input,
+            id: None,
+            timeout: None,
+        }
+    }
+
+    /// Pushes an agent lifecycle event (`agent_started`, `agent_thinking`,
+    /// `agent_completed`, `agent_error`) into the same ordered stream as the tool
+    /// events, under the same delivery rules: an error when it cannot be delivered.
+    pub async fn notify(&self, update: AgentUpdate) -> Result<(), SinkError>
+    where
+        S: HasSink,
+        U: HasUser,
+    {
+        let ctx = &self.user.user().ctx;
+        let mut e = AgentEvent {
+            run_id: ctx.run_id.clone(),
+            thread_id: ctx.thread_id.clone(),
+            user_id: Arc::clone(&ctx.user_id),
+            message: None,
+            result: None,
+            timestamp: Timestamp::now(),
+        };
+        let event = match update {
+            AgentUpdate::Started(m) => {
+                e.message = m;
+                Event::AgentStarted(e)
+            }
+            AgentUpdate::Thinking(m) => {
+                e.message = Some(m);
+                Event::AgentThinking(e)
+            }
+            AgentUpdate::Completed(r) => {
+                e.result = Some(r);
+                Event::AgentCompleted(e)
+            }
+            AgentUpdate::Error(m) => {
+                e.message = Some(m);
+                Event::AgentError(e)
+            }
+        };
+        let sink = self.sink.sink();
+        let d = self.shared.config.delivery_timeout;
+        let r = match sink.try_send(event) {
+            Ok(()) => Ok(()),
+            Err(crate::sink::TrySendError::Closed(_)) => Err(SinkError::Closed),
+            Err(crate::sink::TrySendError::Full(ev)) => tokio::time::timeout(d, sink.send(ev))
+                .await
+                .unwrap_or(Err(SinkError::TimedOut(d))),
+        };
+        if r.is_err() {
+            self.shared.metrics.sink_failure();
+        }
+        r
+    }
+}
+
+impl Dispatcher {
+    pub(crate) fn parts(&self) -> (&Arc<dyn EventSink>, &WithUser) {
+        (&self.sink.0, &self.user)
+    }
+}
+
+/// A typed call in preparation; `.await` it. See [`Dispatcher::call`].
+#[must_use = "a call does nothing until it is awaited"]
+pub struct TypedCall<'a, T: Tool> {
+    shared: &'a Arc<Shared>,
+    sink: &'a Arc<dyn EventSink>,
+    user: &'a WithUser,
+    input: T::Input,
+    id: Option<String>,
+    timeout: Option<Duration>,
+}
+
+impl<T: Tool> std::fmt::Debug for TypedCall<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TypedCall")
+            .field("tool", &T::NAME)
+            .field("id", &self.id)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a, T: Tool> TypedCall<'a, T> {
+    /// Sets the call id (the model's tool-call id).
+    pub fn id(mut self, id: impl Into<String>) -> Self {
+        self.id = Some(id.into());
+        self
+    }
+
+    /// Sets a timeout for this call only.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+}
+
+/// The future of a typed call.
+pub type TypedCallFuture<'a, O> =
+    Pin<Box<dyn Future<Output = Result<ToolOutput<O>, DispatchError>> + Send + 'a>>;
+
+impl<'a, T: Tool> IntoFuture for TypedCall<'a, T> {
+    type Output = Result<ToolOutput<T::Output>, DispatchError>;
+    type IntoFuture = TypedCallFuture<'a, T::Output>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        let TypedCall {
+            shared,
+            sink,
+            user,
+            input,
+            id,
+            timeout,
+        } = self;
+        Box::pin(shared.dispatch_typed::<T>(sink, user, input, id, timeout))
+    }
+}

@@ -1,0 +1,192 @@
+//! What events show of arguments and results: sensitive keys redacted, long values cut.
+//!
+//! Only event payloads are rewritten; the value a caller gets back is never altered.
+
+use serde_json::Value;
+
+/// The text that replaces a sensitive value in events.
+pub const REDACTED: &str = "[REDACTED]";
+
+/// Key fragments treated as sensitive by default (matched case-insensitively,
+/// anywhere in the key, `-` and `_` treated alike).
+pub const DEFAULT_SENSITIVE: &[&str] = &[
+    "api_key",
+    "apikey",
+    "password",
+    "passwd",
+    "secret",
+    "token",
+    "authorization",
+    "credential",
+    "private_key",
+    "cookie",
+    "session_id",
+];
+
+/// How event payloads are redacted and truncated.
+///
+/// ```
+/// use serde_json::json;
+/// use tool_dispatch::Redaction;
+/// let r = Redaction::default().max_string_len(8);
+/// let mut v = json!({"city": "Paris", "api_key": "sk-123", "note": "a long sentence"});
+/// r.apply(&mut v, &[]);
+/// assert_eq!(v["api_key"], "[REDACTED]");
+/// assert_eq!(v["city"], "Paris");
+/// assert!(v["note"].as_str().unwrap().starts_with("a long s…"));
+/// ```
+#[derive(Debug, Clone)]
+pub struct Redaction {
+    sensitive: Vec<String>,
+    max_string_len: usize,
+    max_array_len: usize,
+    max_depth: usize,
+}
+
+impl Default for Redaction {
+    fn default() -> Self {
+        Redaction {
+            sensitive: DEFAULT_SENSITIVE.iter().map(|s| s.to_string()).collect(),
+            max_string_len: 1024,
+            max_array_len: 100,
+            max_depth: 16,
+        }
+    }
+}
+
+fn fold(b: u8) -> u8 {
+    match b.to_ascii_lowercase() {
+        b'-' => b'_',
+        b => b,
+    }
+}
+
+/// Lower-case with `-` read as `_`: the form keys are compared in.
+pub(crate) fn normalize(key: &str) -> String {
+    key.bytes().map(|b| char::from(fold(b))).collect()
+}
+
+fn contains_folded(hay: &str, needle: &str) -> bool {
+    let (h, n) = (hay.as_bytes(), needle.as_bytes());
+    n.len() <= h.len()
+        && h
+            .windows(n.len())
+            .any(|w| w.iter().zip(n).all(|(a, b)| fold(*a) == *b))
+}
+
+fn eq_folded(key: &str, normalized: &str) -> bool {
+    key.len() == normalized.len()
+        && key
+            .bytes()
+            .zip(normalized.bytes())
+            .all(|(a, b)| fold(a) == b)
+}
+
+impl Redaction {
+    /// Adds a sensitive key fragment for every tool.
+    pub fn sensitive(mut self, key: &str) -> Self {
+        self.sensitive.push(normalize(key));
+        self
+    }
+
+    /// Strings longer than this many characters are cut in events (default 1024).
+    pub fn max_string_len(mut self, n: usize) -> Self {
+        self.max_string_len = n;
+        self
+    }
+
+    /// Arrays longer than this are cut in events (default 100).
+    pub fn max_array_len(mut self, n: usize) -> Self {
+        self.max_array_len = n;
+        self
+    }
+
+    /// Values nested deeper than this are replaced by a marker (default 16).
+    pub fn max_depth(mut self, n: usize) -> Self {
+        self.max_depth = n;
+        self
+    }
+
+    fn is_sensitive(&self, key: &str, extra: &[String]) -> bool {
+        self.sensitive.iter().any(|s| contains_folded(key, s))
+            || extra.iter().any(|s| eq_folded(key, s))
+    }
+
+    /// Rewrites `value` in place for an event; `extra` are the tool's own sensitive
+    /// argument names (exact match, already lower-case with `_` for `-`).
+    pub fn apply(&self, value: &mut Value, extra: &[String]) {
+        self.walk(value, extra, 0);
+    }
+
+    fn walk(&self, value: &mut Value, extra: &[String], depth: usize) {
+        if depth >= self.max_depth && matches!(value, Value::Object(_) | Value::Array(_)) {
+            *value = Value::from("[TRUNCATED: nested too deep]");
+            return;
+        }
+        match value {
+            Value::String(s) => truncate(s, self.max_string_len),
+            Value::Array(items) => {
+                let len = items.len();
+                if len > self.max_array_len {
+                    items.truncate(self.max_array_len);
+                    items.push(Value::from(format!(
+                        "[TRUNCATED: {} more items]",
+                        len - self.max_array_len
+                    )));
+                }
+                for v in items {
+                    self.walk(v, extra, depth + 1);
+                }
+            }
+            Value::Object(map) => {
+                for (k, v) in map.iter_mut() {
+                    if self.is_sensitive(k, extra) {
+                        *v = Value::from(REDACTED);
+                    } else {
+                        self.walk(v, extra, depth + 1);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn truncate(s: &mut String, max_chars: usize) {
+    if s.len() <= max_chars {
+        return; // byte length bounds char count
+    }
+    if let Some((cut, _)) = s.char_indices().nth(max_chars) {
+        let dropped = s.len() - cut;
+        s.truncate(cut);
+        s.push_str(&format!("…[truncated {dropped} bytes]"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn redacts_nested_and_tool_specific_keys() {
+        let r = Redaction::default();
+        assert!(!r.is_sensitive("city", &[]));
+        let mut v = json!({"a": {"Api-Key": "x", "list": [{"password": 1}]}, "pin": "1234", "ok": 1});
+        r.apply(&mut v, &[normalize("PIN")]);
+        assert_eq!(
+            v,
+            json!({"a": {"Api-Key": REDACTED, "list": [{"password": REDACTED}]}, "pin": REDACTED, "ok": 1})
+        );
+    }
+
+    #[test]
+    fn truncates_on_char_boundaries_and_bounds_arrays_and_depth() {
+        let r = Redaction::default().max_string_len(3).max_array_len(2).max_depth(3);
+        let mut v = json!({"s": "ééééé", "a": [1, 2, 3, 4], "d": {"d": {"d": {"d": 1}}}});
+        r.apply(&mut v, &[]);
+        assert_eq!(v["s"], "ééé…[truncated 4 bytes]");
+        assert_eq!(v["a"], json!([1, 2, "[TRUNCATED: 2 more items]"]));
+        assert_eq!(v["d"]["d"]["d"], "[TRUNCATED: nested too deep]");
+    }
+}

@@ -1,0 +1,386 @@
+//! The [`Registry`]: name → typed tool, immutable once built.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use tokio::sync::Semaphore;
+
+use crate::redact::normalize;
+use crate::state::{Frozen, Open, Unfrozen};
+use crate::tool::{BlockingFnTool, FnTool, Tool, ToolContext, ToolError, ToolSettings};
+
+pub(crate) type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Longest accepted tool name (the limit OpenAI and Anthropic put on function names).
+pub const MAX_TOOL_NAME_LEN: usize = 64;
+
+/// Why a registry could not be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegistryError {
+    /// Two tools share a name.
+    #[error("two tools are named `{0}`; tool names must be unique")]
+    DuplicateName(String),
+    /// A name is empty, too long, or has characters outside `[A-Za-z0-9_-]`.
+    #[error("tool name `{0}` is not 1–64 characters of [A-Za-z0-9_-]")]
+    InvalidName(String),
+}
+
+/// A tool as the model sees it: name, description and JSON Schema of its input.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolDefinition {
+    /// The name.
+    pub name: String,
+    /// What the tool does.
+    pub description: String,
+    /// JSON Schema of the arguments.
+    pub input_schema: Value,
+}
+
+/// Where invalid arguments were found and what is wrong with them.
+#[derive(Debug)]
+pub(crate) struct InputError {
+    pub(crate) path: String,
+    pub(crate) message: String,
+}
+
+/// Deserializes from the borrowed value; only on failure runs again to find the path.
+pub(crate) fn parse_input<I: DeserializeOwned>(v: &Value) -> Result<I, InputError> {
+    I::deserialize(v).or_else(|first| match serde_path_to_error::deserialize::<_, I>(v) {
+        Ok(i) => Ok(i),
+        Err(e) => Err(InputError {
+            path: e.path().to_string(),
+            message: e.into_inner().to_string(),
+        }),
+    }
+    .map_err(|e: InputError| {
+        if e.message.is_empty() {
+            InputError {
+                path: ".".into(),
+                message: first.to_string(),
+            }
+        } else {
+            e
+        }
+    }))
+}
+
+pub(crate) fn to_json<O: serde::Serialize>(out: &O) -> Result<Value, ToolError> {
+    serde_json::to_value(out).map_err(|e| ToolError::new(format!("result is not JSON: {e}")))
+}
+
+/// The type-erased face of a tool: validate JSON arguments and start the body.
+pub(crate) trait Invoke: Send + Sync + 'static {
+    fn invoke(
+        &self,
+        args: &Value,
+        cx: ToolContext,
+    ) -> Result<BoxFut<'_, Result<Value, ToolError>>, InputError>;
+    fn as_any(&self) -> &dyn Any;
+}
+
+pub(crate) struct Typed<T>(pub(crate) T);
+
+impl<T: Tool> Invoke for Typed<T> {
+    fn invoke(
+        &self,
+        args: &Value,
+        cx: ToolContext,
+    ) -> Result<BoxFut<'_, Result<Value, ToolError>>, InputError> {
+        let input = parse_input::<T::Input>(args)?;
+        Ok(Box::pin(async move { to_json(&self.0.call(input, cx).await?) }))
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+impl<F, Fut, I, O> Invoke for FnTool<F, I, O>
+where
+    F: Fn(I, ToolContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<O, ToolError>> + Send + 'static,
+    I: DeserializeOwned + Send + 'static,
+    O: serde::Serialize + Send + 'static,
+{
+    fn invoke(
+        &self,
+        args: &Value,
+        cx: ToolContext,
+    ) -> Result<BoxFut<'_, Result<Value, ToolError>>, InputError> {
+        let input = parse_input::<I>(args)?;
+        let fut = (self.f)(input, cx);
+        Ok(Box::pin(async move { to_json(&fut.await?) }))
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+impl<F, I, O> Invoke for BlockingFnTool<F, I, O>
+where
+    F: Fn(I, ToolContext) -> Result<O, ToolError> + Send + Sync + 'static,
+    I: DeserializeOwned + Send + 'static,
+    O: serde::Serialize + Send + 'static,
+{
+    fn invoke(
+        &self,
+        args: &Value,
+        cx: ToolContext,
+    ) -> Result<BoxFut<'_, Result<Value, ToolError>>, InputError> {
+        let input = parse_input::<I>(args)?;
+        let f = Arc::clone(&self.f);
+        Ok(Box::pin(async move {
+            let job = cx.shared.blocking.start(&cx);
+            let handle = tokio::task::spawn_blocking(move || {
+                let _job = job; // stays registered until the body really returns
+                f(input, cx).and_then(|o| to_json(&o))
+            });
+            match handle.await {
+                Ok(r) => r,
+                // Re-raise so the pipeline's panic isolation reports `panicked`.
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(_) => Err(ToolError::new("the blocking task was cancelled")),
+            }
+        }))
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// One registered tool.
+pub(crate) struct Entry {
+    pub(crate) name: Arc<str>,
+    pub(crate) def: ToolDefinition,
+    pub(crate) settings: ToolSettings,
+    pub(crate) invoker: Box<dyn Invoke>,
+    pub(crate) index: usize,
+    pub(crate) limiter: Option<Semaphore>,
+}
+
+/// What a tool turns into when registered.
+pub(crate) type Parts = (String, String, ToolSettings, Value, Box<dyn Invoke>);
+
+#[allow(unreachable_pub, private_interfaces)] // sealed: public in a private module on purpose
+mod sealed {
+    pub trait Sealed {
+        fn into_parts(self) -> super::Parts;
+    }
+}
+
+/// Anything that can be added to a registry: a [`Tool`], a [`tool_fn`](crate::tool_fn)
+/// or a [`blocking_fn`](crate::blocking_fn). Sealed.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a tool",
+    label = "expected a `Tool`, a `tool_fn(..)` or a `blocking_fn(..)`",
+    note = "implement `tool_dispatch::Tool` for it, or wrap a closure with `tool_fn`"
+)]
+pub trait IntoTool: sealed::Sealed {}
+
+fn schema_of<I: schemars::JsonSchema>() -> Value {
+    serde_json::to_value(schemars::schema_for!(I)).unwrap_or(Value::Null)
+}
+
+impl<T: Tool> IntoTool for T {}
+#[allow(private_interfaces)]
+impl<T: Tool> sealed::Sealed for T {
+    fn into_parts(self) -> Parts {
+        let (desc, settings) = (self.description().to_owned(), self.settings());
+        let schema = schema_of::<T::Input>();
+        (T::NAME.to_owned(), desc, settings, schema, Box::new(Typed(self)))
+    }
+}
+
+impl<F, Fut, I, O> IntoTool for FnTool<F, I, O>
+where
+    F: Fn(I, ToolContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<O, ToolError>> + Send + 'static,
+    I: DeserializeOwned + schemars::JsonSchema + Send + 'static,
+    O: serde::Serialize + Send + 'static,
+{
+}
+#[allow(private_interfaces)]
+impl<F, Fut, I, O> sealed::Sealed for FnTool<F, I, O>
+where
+    F: Fn(I, ToolContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<O, ToolError>> + Send + 'static,
+    I: DeserializeOwned + schemars::JsonSchema + Send + 'static,
+    O: serde::Serialize + Send + 'static,
+{
+    fn into_parts(self) -> Parts {
+        let (name, desc) = (self.name.clone(), self.description.clone());
+        let settings = self.settings.clone();
+        (name, desc, settings, schema_of::<I>(), Box::new(self))
+    }
+}
+
+impl<F, I, O> IntoTool for BlockingFnTool<F, I, O>
+where
+    F: Fn(I, ToolContext) -> Result<O, ToolError> + Send + Sync + 'static,
+    I: DeserializeOwned + schemars::JsonSchema + Send + 'static,
+    O: serde::Serialize + Send + 'static,
+{
+}
+#[allow(private_interfaces)]
+impl<F, I, O> sealed::Sealed for BlockingFnTool<F, I, O>
+where
+    F: Fn(I, ToolContext) -> Result<O, ToolError> + Send + Sync + 'static,
+    I: DeserializeOwned + schemars::JsonSchema + Send + 'static,
+    O: serde::Serialize + Send + 'static,
+{
+    fn into_parts(self) -> Parts {
+        let (name, desc) = (self.name.clone(), self.description.clone());
+        let settings = self.settings.clone();
+        (name, desc, settings, schema_of::<I>(), Box::new(self))
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    (1..=MAX_TOOL_NAME_LEN).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// The tools an engine can run, by name. Immutable once built, so lookups take no
+/// lock; an [`Engine`](crate::Engine) shares it with every request.
+///
+/// `Registry::builder()` is a `Registry<Open>`; [`build`](Registry::build) checks the
+/// names and freezes it into a plain `Registry`. Adding a tool to a built registry is a
+/// compile error:
+///
+/// ```compile_fail
+/// # use tool_dispatch::{tool_fn, Registry, ToolError};
+/// let registry = Registry::builder().build()?;
+/// let registry = registry.tool(tool_fn("late", "", |x: u8, _| async move { Ok::<_, ToolError>(x) }));
+/// # Ok::<(), tool_dispatch::RegistryError>(())
+/// ```
+pub struct Registry<S = Frozen> {
+    entries: Vec<Arc<Entry>>,
+    index: HashMap<Arc<str>, usize>,
+    problems: Vec<RegistryError>,
+    _state: PhantomData<S>,
+}
+
+impl<S> std::fmt::Debug for Registry<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("tools", &self.entries.iter().map(|e| &*e.name).collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Registry<Open> {
+    /// An empty, open registry.
+    pub fn builder() -> Registry<Open> {
+        Registry {
+            entries: Vec::new(),
+            index: HashMap::new(),
+            problems: Vec::new(),
+            _state: PhantomData,
+        }
+    }
+
+    /// Checks names (valid, unique) and freezes the registry.
+    pub fn build(self) -> Result<Registry, RegistryError> {
+        if let Some(p) = self.problems.into_iter().next() {
+            return Err(p);
+        }
+        Ok(Registry {
+            entries: self.entries,
+            index: self.index,
+            problems: Vec::new(),
+            _state: PhantomData,
+        })
+    }
+}
+
+impl<S> Registry<S> {
+    /// Adds a tool. Only an open registry (`Registry::builder()`) takes tools.
+    pub fn tool(mut self, tool: impl IntoTool) -> Self
+    where
+        S: Unfrozen,
+    {
+        let (name, description, mut settings, input_schema, invoker) =
+            sealed::Sealed::into_parts(tool);
+        if !valid_name(&name) {
+            self.problems
+                .push(RegistryError::InvalidName(name.chars().take(80).collect()));
+            return self;
+        }
+        if self.index.contains_key(name.as_str()) {
+            self.problems.push(RegistryError::DuplicateName(name));
+            return self;
+        }
+        settings.sensitive = settings.sensitive.iter().map(|k| normalize(k)).collect();
+        let index = self.entries.len();
+        let name: Arc<str> = Arc::from(name);
+        self.index.insert(name.clone(), index);
+        self.entries.push(Arc::new(Entry {
+            limiter: settings.max_concurrency.map(Semaphore::new),
+            def: ToolDefinition {
+                name: name.to_string(),
+                description,
+                input_schema,
+            },
+            name,
+            settings,
+            invoker,
+            index,
+        }));
+        self
+    }
+}
+
+impl Registry {
+    /// How many tools there are.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The tool names, in registration order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.iter().map(|e| &*e.name)
+    }
+
+    /// Name, description and input JSON Schema of every tool, in registration order.
+    pub fn definitions(&self) -> impl Iterator<Item = &ToolDefinition> {
+        self.entries.iter().map(|e| &e.def)
+    }
+
+    /// One tool's definition.
+    pub fn definition(&self, name: &str) -> Option<&ToolDefinition> {
+        self.get(name).map(|e| &e.def)
+    }
+
+    /// One tool's settings.
+    pub fn settings(&self, name: &str) -> Option<&ToolSettings> {
+        self.get(name).map(|e| &e.settings)
+    }
+
+    pub(crate) fn get(&self, name: &str) -> Option<&Arc<Entry>> {
+        self.index.get(name).map(|&i| &self.entries[i])
+    }
+
+    pub(crate) fn entries(&self) -> &[Arc<Entry>] {
+        &self.entries
+    }
+
+    /// The entry for tool type `T`, if it was registered as a `Tool`.
+    pub(crate) fn typed<T: Tool>(&self) -> Option<(&Arc<Entry>, &T)> {
+        let entry = self.get(T::NAME)?;
+        let typed = entry.invoker.as_any().downcast_ref::<Typed<T>>()?;
+        Some((entry, &typed.0))
+    }
+}

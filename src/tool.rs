@@ -1,0 +1,395 @@
+//! Tools: the [`Tool`] trait, closure tools ([`tool_fn`], [`blocking_fn`]), their
+//! [`ToolSettings`], the [`ToolContext`] a running tool sees, and [`ToolError`].
+
+use std::future::Future;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use schemars::JsonSchema;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::Shared;
+use crate::event::{Event, Timestamp, ToolProgress};
+use crate::sink::EventSink;
+use crate::user::UserContext;
+
+/// A tool an LLM can call: typed input, typed output, one async body.
+///
+/// ```
+/// use schemars::JsonSchema;
+/// use serde::{Deserialize, Serialize};
+/// use tool_dispatch::{Tool, ToolContext, ToolError, ToolSettings};
+///
+/// #[derive(Deserialize, Serialize, JsonSchema)]
+/// #[serde(deny_unknown_fields)]
+/// struct WeatherIn { city: String, api_key: String }
+///
+/// #[derive(Deserialize, Serialize)]
+/// struct WeatherOut { temp_c: f64 }
+///
+/// struct GetWeather;
+///
+/// impl Tool for GetWeather {
+///     const NAME: &'static str = "get_weather";
+///     type Input = WeatherIn;
+///     type Output = WeatherOut;
+///     fn description(&self) -> &str { "Current temperature in a city." }
+///     fn settings(&self) -> ToolSettings {
+///         ToolSettings::new().scope("weather:read").sensitive("api_key")
+///     }
+///     async fn call(&self, input: WeatherIn, cx: ToolContext) -> Result<WeatherOut, ToolError> {
+///         cx.progress(0.5, "fetching");
+///         Ok(WeatherOut { temp_c: if input.city == "Paris" { 21.0 } else { 15.0 } })
+///     }
+/// }
+/// ```
+pub trait Tool: Send + Sync + 'static {
+    /// The name the model calls the tool by. Unique within a registry.
+    const NAME: &'static str;
+    /// The arguments; their JSON Schema is what the model is shown.
+    type Input: DeserializeOwned + Serialize + JsonSchema + Send + 'static;
+    /// The result. `Deserialize` lets cached results come back typed.
+    type Output: Serialize + DeserializeOwned + Send + 'static;
+
+    /// What the tool does, for the model.
+    fn description(&self) -> &str;
+
+    /// Timeout, required scopes, sensitive argument names, caching. Read once, when
+    /// the tool is added to a registry.
+    fn settings(&self) -> ToolSettings {
+        ToolSettings::default()
+    }
+
+    /// Runs the tool. Dropping the returned future stops it (timeout, cancellation).
+    fn call(
+        &self,
+        input: Self::Input,
+        cx: ToolContext,
+    ) -> impl Future<Output = Result<Self::Output, ToolError>> + Send;
+}
+
+/// Per-tool settings, read once when the tool is registered.
+///
+/// ```
+/// use std::time::Duration;
+/// use tool_dispatch::ToolSettings;
+/// let s = ToolSettings::new()
+///     .timeout(Duration::from_secs(5))
+///     .scope("files:read")
+///     .sensitive("password")
+///     .cache(Duration::from_secs(60));
+/// assert_eq!(s.timeout_value(), Some(Duration::from_secs(5)));
+/// ```
+#[derive(Debug, Clone, Default)]
+#[must_use]
+pub struct ToolSettings {
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) scopes: Vec<String>,
+    pub(crate) sensitive: Vec<String>,
+    pub(crate) cache_ttl: Option<Duration>,
+    pub(crate) user_independent: bool,
+    pub(crate) max_concurrency: Option<usize>,
+}
+
+impl ToolSettings {
+    /// Default settings: engine timeout, no scopes, no caching.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How long one call may run (default: the engine's, 30 s).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// A permission scope the user must hold.
+    pub fn scope(mut self, scope: impl Into<String>) -> Self {
+        self.scopes.push(scope.into());
+        self
+    }
+
+    /// An argument name whose value is shown as `[REDACTED]` in events.
+    pub fn sensitive(mut self, key: impl Into<String>) -> Self {
+        self.sensitive.push(key.into());
+        self
+    }
+
+    /// Declares the tool idempotent: results are cached per user, arguments and tool,
+    /// for `ttl`.
+    pub fn cache(mut self, ttl: Duration) -> Self {
+        self.cache_ttl = Some(ttl);
+        self
+    }
+
+    /// With [`cache`](Self::cache): the result does not depend on who asks, so cached
+    /// entries are shared across users. Never the default.
+    pub fn user_independent(mut self) -> Self {
+        self.user_independent = true;
+        self
+    }
+
+    /// At most `n` calls of this tool run at once, across all users.
+    pub fn max_concurrency(mut self, n: usize) -> Self {
+        self.max_concurrency = Some(n.max(1));
+        self
+    }
+
+    /// The timeout set here, if any.
+    pub fn timeout_value(&self) -> Option<Duration> {
+        self.timeout
+    }
+
+    /// The scopes required.
+    pub fn scopes(&self) -> &[String] {
+        &self.scopes
+    }
+
+    /// The cache time-to-live, if the tool is cacheable.
+    pub fn cache_ttl(&self) -> Option<Duration> {
+        self.cache_ttl
+    }
+}
+
+/// What a running tool sees: the user (read-only), a cancellation signal and a
+/// progress reporter bound to this call and this user's sink.
+#[derive(Clone)]
+pub struct ToolContext {
+    pub(crate) user: Arc<UserContext>,
+    pub(crate) sink: Arc<dyn EventSink>,
+    pub(crate) call_id: Arc<str>,
+    pub(crate) tool_name: Arc<str>,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) timeout: Duration,
+}
+
+impl std::fmt::Debug for ToolContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ToolContext")
+            .field("user_id", &self.user.user_id)
+            .field("call_id", &self.call_id)
+            .field("tool_name", &self.tool_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ToolContext {
+    /// The user this call runs for.
+    pub fn user(&self) -> &UserContext {
+        &self.user
+    }
+
+    /// This call's id (the same as in its events).
+    pub fn call_id(&self) -> &str {
+        &self.call_id
+    }
+
+    /// The tool's name.
+    pub fn tool_name(&self) -> &str {
+        &self.tool_name
+    }
+
+    /// The timeout that applies to this call (counted from dispatch).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Whether the call has been cancelled (by `cancel_user` or shutdown). Blocking
+    /// tools should check this between steps.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    /// Completes when the call is cancelled.
+    pub async fn cancelled(&self) {
+        self.cancel.cancelled().await
+    }
+
+    /// Reports progress as a `tool_progress` event to this user's sink. Never blocks:
+    /// when the sink is full or closed the update is dropped, counted, and `false`
+    /// is returned.
+    pub fn progress(&self, fraction: f64, message: impl Into<Option<String>>) -> bool {
+        let fraction = if fraction.is_nan() { 0.0 } else { fraction.clamp(0.0, 1.0) };
+        let event = Event::ToolProgress(ToolProgress {
+            call_id: self.call_id.clone(),
+            run_id: self.user.run_id.clone(),
+            thread_id: self.user.thread_id.clone(),
+            user_id: self.user.user_id.clone(),
+            tool_name: self.tool_name.clone(),
+            progress: fraction,
+            message: message.into(),
+            timestamp: Timestamp::now(),
+        });
+        let ok = self.sink.try_send(event).is_ok();
+        if !ok {
+            self.shared.metrics.progress_dropped();
+        }
+        ok
+    }
+}
+
+/// The error a tool body returns. Any `std::error::Error` converts into it with `?`.
+///
+/// Its message is passed to the model, so keep secrets out of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolError {
+    message: String,
+    retryable: bool,
+}
+
+impl ToolError {
+    /// An error that a retry will not fix.
+    pub fn new(message: impl Into<String>) -> Self {
+        ToolError {
+            message: message.into(),
+            retryable: false,
+        }
+    }
+
+    /// An error that may go away if the model tries again (a flaky upstream).
+    pub fn retryable(message: impl Into<String>) -> Self {
+        ToolError {
+            message: message.into(),
+            retryable: true,
+        }
+    }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// Whether a retry may help.
+    pub fn is_retryable(&self) -> bool {
+        self.retryable
+    }
+}
+
+impl std::fmt::Display for ToolError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl<E: std::error::Error + Send + Sync + 'static> From<E> for ToolError {
+    fn from(e: E) -> Self {
+        ToolError::new(e.to_string())
+    }
+}
+
+/// A tool made from an async closure; see [`tool_fn`].
+#[must_use = "a tool does nothing until it is added to a registry"]
+pub struct FnTool<F, I, O> {
+    pub(crate) name: String,
+    pub(crate) description: String,
+    pub(crate) settings: ToolSettings,
+    pub(crate) f: F,
+    _types: PhantomData<fn(I) -> O>,
+}
+
+/// A blocking tool made from a synchronous closure; see [`blocking_fn`].
+#[must_use = "a tool does nothing until it is added to a registry"]
+pub struct BlockingFnTool<F, I, O> {
+    pub(crate) name: String,
+    pub(crate) description: String,
+    pub(crate) settings: ToolSettings,
+    pub(crate) f: Arc<F>,
+    _types: PhantomData<fn(I) -> O>,
+}
+
+macro_rules! settings_methods {
+    () => {
+        /// Replaces the tool's settings.
+        pub fn settings(mut self, settings: ToolSettings) -> Self {
+            self.settings = settings;
+            self
+        }
+    };
+}
+
+impl<F, I, O> std::fmt::Debug for FnTool<F, I, O> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FnTool").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+impl<F, I, O> std::fmt::Debug for BlockingFnTool<F, I, O> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockingFnTool").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+impl<F, I, O> FnTool<F, I, O> {
+    settings_methods!();
+}
+
+impl<F, I, O> BlockingFnTool<F, I, O> {
+    settings_methods!();
+}
+
+/// Makes a tool from an async closure, for small tools.
+///
+/// ```
+/// use tool_dispatch::{tool_fn, Registry, ToolError};
+/// let echo = tool_fn("echo", "Returns its input.", |s: String, _cx| async move {
+///     Ok::<_, ToolError>(s)
+/// });
+/// let registry = Registry::builder().tool(echo).build()?;
+/// assert_eq!(registry.len(), 1);
+/// # Ok::<(), tool_dispatch::RegistryError>(())
+/// ```
+pub fn tool_fn<F, Fut, I, O>(
+    name: impl Into<String>,
+    description: impl Into<String>,
+    f: F,
+) -> FnTool<F, I, O>
+where
+    F: Fn(I, ToolContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<O, ToolError>> + Send + 'static,
+    I: DeserializeOwned + Serialize + JsonSchema + Send + 'static,
+    O: Serialize + DeserializeOwned + Send + 'static,
+{
+    FnTool {
+        name: name.into(),
+        description: description.into(),
+        settings: ToolSettings::default(),
+        f,
+        _types: PhantomData,
+    }
+}
+
+/// Makes a tool from a synchronous, blocking closure. It runs on tokio's blocking
+/// pool so it cannot stall the runtime; its timeout still ends the call for the
+/// caller, and a body still running past twice its timeout is reported as stuck by
+/// [`Engine::health`](crate::Engine::health).
+///
+/// ```
+/// use tool_dispatch::{blocking_fn, ToolError};
+/// let hash = blocking_fn("hash", "Hashes a file.", |path: String, cx| {
+///     if cx.is_cancelled() { return Err(ToolError::new("cancelled")); }
+///     Ok::<_, ToolError>(path.len() as u64)
+/// });
+/// # let _ = hash;
+/// ```
+pub fn blocking_fn<F, I, O>(
+    name: impl Into<String>,
+    description: impl Into<String>,
+    f: F,
+) -> BlockingFnTool<F, I, O>
+where
+    F: Fn(I, ToolContext) -> Result<O, ToolError> + Send + Sync + 'static,
+    I: DeserializeOwned + Serialize + JsonSchema + Send + 'static,
+    O: Serialize + DeserializeOwned + Send + 'static,
+{
+    BlockingFnTool {
+        name: name.into(),
+        description: description.into(),
+        settings: ToolSettings::default(),
+        f: Arc::new(f),
+        _types: PhantomData,
+    }
+}
