@@ -11,12 +11,16 @@ pub mod health;
 pub mod limits;
 pub mod metrics;
 pub mod policy;
+pub mod provider;
 pub mod redact;
 pub mod registry;
 pub mod sink;
 pub mod state;
 pub mod tool;
 pub mod user;
+
+#[cfg(feature = "axum")]
+pub mod axum;
 
 pub use cache::CacheConfig;
 pub use dispatcher::{Arguments, Dispatcher, ToolCall, ToolOutput, TypedCall};

@@ -1,0 +1,1 @@
+//! axum integration (feature `axum`): a WebSocket as a user's event sink.

@@ -1,0 +1,1 @@
+//! LLM provider wire formats: tool definitions out, tool calls in, results back.
