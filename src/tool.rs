@@ -351,7 +351,7 @@ where
     F: Fn(I, ToolContext) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<O, ToolError>> + Send + 'static,
     I: DeserializeOwned + Serialize + JsonSchema + Send + 'static,
-    O: Serialize + DeserializeOwned + Send + 'static,
+    O: Serialize + Send + 'static,
 {
     FnTool {
         name: name.into(),
@@ -383,7 +383,7 @@ pub fn blocking_fn<F, I, O>(
 where
     F: Fn(I, ToolContext) -> Result<O, ToolError> + Send + Sync + 'static,
     I: DeserializeOwned + Serialize + JsonSchema + Send + 'static,
-    O: Serialize + DeserializeOwned + Send + 'static,
+    O: Serialize + Send + 'static,
 {
     BlockingFnTool {
         name: name.into(),
