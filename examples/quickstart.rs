@@ -46,7 +46,7 @@ impl Tool for GetWeather {
     }
 
     async fn call(&self, input: WeatherIn, cx: ToolContext) -> Result<WeatherOut, ToolError> {
-        cx.progress(0.5, Some("asking the weather service".to_string()));
+        cx.progress(0.5, "asking the weather service");
         let temp_c = 12.0 + input.city.len() as f64;
         Ok(WeatherOut {
             city: input.city,

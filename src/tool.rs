@@ -209,10 +209,11 @@ impl ToolContext {
         self.cancel.cancelled().await
     }
 
-    /// Reports progress as a `tool_progress` event to this user's sink. Never blocks:
-    /// when the sink is full or closed the update is dropped, counted, and `false`
-    /// is returned.
-    pub fn progress(&self, fraction: f64, message: impl Into<Option<String>>) -> bool {
+    /// Reports progress as a `tool_progress` event to this user's sink (an empty
+    /// message is sent as `null`). Never blocks: when the sink is full or closed the
+    /// update is dropped, counted, and `false` is returned.
+    pub fn progress(&self, fraction: f64, message: impl Into<String>) -> bool {
+        let message: String = message.into();
         let fraction = if fraction.is_nan() { 0.0 } else { fraction.clamp(0.0, 1.0) };
         let event = Event::ToolProgress(ToolProgress {
             call_id: self.call_id.clone(),
@@ -221,7 +222,7 @@ impl ToolContext {
             user_id: self.user.user_id.clone(),
             tool_name: self.tool_name.clone(),
             progress: fraction,
-            message: message.into(),
+            message: (!message.is_empty()).then_some(message),
             timestamp: Timestamp::now(),
         });
         let ok = self.sink.try_send(event).is_ok();
