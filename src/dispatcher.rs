@@ -292,12 +292,6 @@ impl<S, U> Dispatcher<S, U> {
     }
 }
 
-impl Dispatcher {
-    pub(crate) fn parts(&self) -> (&Arc<dyn EventSink>, &WithUser) {
-        (&self.sink.0, &self.user)
-    }
-}
-
 /// A typed call in preparation; `.await` it. See [`Dispatcher::call`].
 #[must_use = "a call does nothing until it is awaited"]
 pub struct TypedCall<'a, T: Tool> {

@@ -21,7 +21,7 @@ use crate::dispatcher::{Arguments, Dispatcher, ToolCall, ToolOutput};
 use crate::error::{CancelReason, DispatchError, LimitScope};
 use crate::event::{Event, Status, Timestamp, ToolCompleted, ToolExecuting};
 use crate::health::{BlockingJobs, Health, HealthStatus};
-use crate::limits::{Limits, Users, acquire_until};
+use crate::limits::{Limits, UserLimitResolver, UserLimits, Users, acquire_until};
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::policy::{Decision, Policy, PolicyError, PolicyRequest, ScopePolicy};
 use crate::redact::Redaction;
@@ -293,7 +293,10 @@ impl Engine {
         let deadline = Instant::now() + grace;
         if !self.wait_idle(Some(deadline)).await {
             s.root.cancel();
-            self.wait_idle(None).await;
+            // Cancelled calls end at their next await; a custom policy or a full sink
+            // can hold one for at most the delivery timeout.
+            let bound = Instant::now() + s.config.delivery_timeout + Duration::from_secs(1);
+            self.wait_idle(Some(bound)).await;
         }
         let mut report = ShutdownReport {
             in_flight,
@@ -350,19 +353,26 @@ impl Engine {
         let global_saturation = in_use as f64 / global as f64;
         let mut issues = Vec::new();
 
-        let sink = RecordingSink::with_capacity(4);
+        let recording = RecordingSink::with_capacity(4);
+        let sink: Arc<dyn EventSink> = Arc::new(recording.clone());
         let probe_user = UserContext::builder("tool-dispatch-health-probe").build();
         let (mut processing_verified, mut probe_latency_ms) = (false, None);
         let mut probe_busy = false;
         match probe_user {
             Ok(ctx) if s.accepting.load(Relaxed) => {
-                let d = self.dispatcher().sink(sink.clone()).user(ctx);
+                // The probe has its own slot limits and no rate limit, so frequent
+                // probing cannot make a healthy engine look rate-limited.
+                let unlimited: UserLimitResolver =
+                    Arc::new(|_| UserLimits { concurrency: 4, rate: None });
+                let ctx = Arc::new(ctx);
+                let state = s.users.bind(&ctx, &unlimited, || s.root_child());
+                let user = WithUser { ctx, state };
                 let started = Instant::now();
-                let r = s.run_probe(&d, now).await;
+                let r = s.run_probe(&sink, &user, now).await;
                 match r {
                     Ok(out) => {
                         probe_latency_ms = Some(started.elapsed().as_secs_f64() * 1e3);
-                        let events = sink.events();
+                        let events = recording.events();
                         processing_verified = out.value == Value::from(7u64)
                             && events.len() == 2
                             && events.iter().all(|e| e.call_id() == Some(&*out.call_id));
@@ -603,10 +613,10 @@ impl Shared {
 
     async fn run_probe(
         self: &Arc<Self>,
-        d: &Dispatcher,
+        sink: &Arc<dyn EventSink>,
+        user: &WithUser,
         now: Instant,
     ) -> Result<ToolOutput, DispatchError> {
-        let (sink, user) = d.parts();
         let entry = &self.probe;
         let id = self.call_id(None);
         let mut c = Call::new(self, sink, user, id, entry.name.clone(), tracing::Span::none());
