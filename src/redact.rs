@@ -127,15 +127,15 @@ impl Redaction {
             Value::String(s) => truncate(s, self.max_string_len),
             Value::Array(items) => {
                 let len = items.len();
+                items.truncate(self.max_array_len);
+                for v in items.iter_mut() {
+                    self.walk(v, extra, depth + 1);
+                }
                 if len > self.max_array_len {
-                    items.truncate(self.max_array_len);
                     items.push(Value::from(format!(
                         "[TRUNCATED: {} more items]",
                         len - self.max_array_len
                     )));
-                }
-                for v in items {
-                    self.walk(v, extra, depth + 1);
                 }
             }
             Value::Object(map) => {
