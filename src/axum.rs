@@ -1,1 +1,438 @@
 //! axum integration (feature `axum`): a WebSocket as a user's event sink.
+//!
+//! [`split_socket`] splits an upgraded [`WebSocket`] into
+//!
+//! - a [`WsSink`]: the user's [`EventSink`], cheap to clone, backed by a **bounded**
+//!   queue; it also carries the other frames of the conversation (tool results, error
+//!   messages) as [`Outbound::Json`], so everything reaches the client in one ordered
+//!   stream;
+//! - a [`WsReceiver`]: the incoming half, an ordinary `Stream` of messages;
+//! - the writer task's [`JoinHandle`]: the only code that writes to the socket. It
+//!   serializes each [`Event`] to one JSON text frame.
+//!
+//! A socket that is gone is a sink error ([`SinkError::Closed`]), never a silent drop:
+//! the pipeline then refuses to run a tool whose `tool_executing` cannot be delivered,
+//! and counts every undelivered event. A client that stops reading fills the queue
+//! (at most `capacity` frames are held), after which the pipeline's delivery timeout
+//! applies; the writer of one socket never waits on another.
+//!
+//! ```no_run
+//! use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+//! use axum::response::Response;
+//! use futures_util::StreamExt;
+//! use tool_dispatch::axum::split_socket;
+//! use tool_dispatch::{Engine, ToolCall, UserContext};
+//!
+//! async fn ws(upgrade: WebSocketUpgrade, engine: Engine, user: UserContext) -> Response {
+//!     upgrade.on_upgrade(move |socket: WebSocket| async move {
+//!         let (sink, mut incoming, writer) = split_socket(socket, 64);
+//!         let dispatcher = engine.dispatcher().sink(sink.clone()).user(user);
+//!         while let Some(Ok(Message::Text(text))) = incoming.next().await {
+//!             let call = ToolCall::from_text("echo", text.as_str());
+//!             let _ = dispatcher.dispatch(call).await;
+//!         }
+//!         sink.close(); // the client left: later deliveries fail as `Closed`
+//!         drop((dispatcher, sink));
+//!         let _ = writer.await;
+//!     })
+//! }
+//! ```
+
+use std::time::Duration;
+
+use ::axum::Error as AxumError;
+use ::axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::event::Event;
+use crate::sink::{EventSink, SendFuture, SinkError, TrySendError};
+
+/// The incoming half of a split socket: a `Stream` of
+/// `Result<Message, axum::Error>`.
+///
+/// ```no_run
+/// # use futures_util::StreamExt;
+/// # async fn f(mut incoming: tool_dispatch::axum::WsReceiver) {
+/// while let Some(Ok(msg)) = incoming.next().await {
+///     println!("{msg:?}");
+/// }
+/// # }
+/// ```
+pub type WsReceiver = SplitStream<WebSocket>;
+
+/// One frame for the writer task, in the order it must reach the client.
+///
+/// ```
+/// use serde_json::json;
+/// use tool_dispatch::axum::Outbound;
+/// let results = Outbound::Json(json!({"type": "results", "results": []}));
+/// let bye = Outbound::Close { code: 1000, reason: "done".into() };
+/// # let _ = (results, bye);
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Outbound {
+    /// A pipeline event, sent as its `type`-tagged JSON.
+    Event(Event),
+    /// Any other JSON message (tool results, an error message), sent as text.
+    Json(Value),
+    /// A close frame; the writer stops after sending it.
+    Close {
+        /// The WebSocket close code (1000 normal, 1008 policy, 1009 too big, …).
+        code: u16,
+        /// A short reason (at most 123 bytes are sent).
+        reason: String,
+    },
+}
+
+/// A user's event sink backed by a WebSocket: a bounded queue drained by the writer
+/// task made by [`split_socket`].
+///
+/// Clones share the queue. Implements [`EventSink`]: `try_send` answers `Full` when
+/// the client is behind and `Closed` once the socket is gone (or [`close`] was
+/// called), so the pipeline's loud-failure rules apply.
+///
+/// [`close`]: WsSink::close
+///
+/// ```no_run
+/// # use tool_dispatch::axum::split_socket;
+/// # async fn f(socket: axum::extract::ws::WebSocket, engine: tool_dispatch::Engine,
+/// #            user: tool_dispatch::UserContext) {
+/// let (sink, _incoming, _writer) = split_socket(socket, 64);
+/// let dispatcher = engine.dispatcher().sink(sink.clone()).user(user);
+/// # let _ = dispatcher;
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct WsSink {
+    tx: mpsc::Sender<Outbound>,
+    closed: CancellationToken,
+}
+
+/// How the writer task ended; the output of the [`JoinHandle`] from [`split_socket`].
+///
+/// ```no_run
+/// # async fn f(writer: tokio::task::JoinHandle<tool_dispatch::axum::WriterReport>) {
+/// if let Ok(report) = writer.await {
+///     println!("{} frames written, ended: {:?}", report.frames, report.end);
+/// }
+/// # }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WriterReport {
+    /// Frames written to the socket (events, JSON messages and the close frame).
+    pub frames: u64,
+    /// Why the writer stopped.
+    pub end: WriterEnd,
+}
+
+/// Why the writer task stopped.
+///
+/// ```
+/// use tool_dispatch::axum::WriterEnd;
+/// assert_ne!(WriterEnd::Finished, WriterEnd::Closed);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WriterEnd {
+    /// Every sink was dropped, or an [`Outbound::Close`] was sent: a close frame went
+    /// out after everything queued before it.
+    Finished,
+    /// [`WsSink::close`] was called; frames still queued were discarded.
+    Closed,
+    /// Writing to the socket failed (the client went away).
+    Socket(String),
+}
+
+/// Splits an upgraded socket into a bounded [`WsSink`], the incoming [`WsReceiver`]
+/// and the writer task (already spawned on the current tokio runtime).
+///
+/// `capacity` (at least 1) bounds the frames waiting for the client; with a client
+/// that stops reading, memory stays at `capacity` frames plus the socket's buffers.
+/// The writer stops, and the sink reports `Closed`, when writing fails or
+/// [`WsSink::close`] is called; it sends a close frame and stops when every
+/// `WsSink` clone has been dropped.
+///
+/// # Panics
+///
+/// Outside a tokio runtime (it spawns the writer task).
+///
+/// ```no_run
+/// use axum::extract::ws::WebSocketUpgrade;
+/// use tool_dispatch::axum::split_socket;
+/// async fn ws(upgrade: WebSocketUpgrade) -> axum::response::Response {
+///     upgrade
+///         .max_message_size(64 * 1024)
+///         .on_upgrade(|socket| async move {
+///             let (sink, incoming, writer) = split_socket(socket, 64);
+///             # let _ = (sink, incoming, writer);
+///         })
+/// }
+/// ```
+pub fn split_socket(
+    socket: WebSocket,
+    capacity: usize,
+) -> (WsSink, WsReceiver, JoinHandle<WriterReport>) {
+    let (ws_tx, ws_rx) = socket.split();
+    let (tx, rx) = mpsc::channel(capacity.max(1));
+    let closed = CancellationToken::new();
+    let writer = tokio::spawn(write_loop(ws_tx, rx, closed.clone()));
+    (WsSink { tx, closed }, ws_rx, writer)
+}
+
+impl WsSink {
+    /// Queues a JSON message behind the events already queued, without waiting.
+    ///
+    /// ```no_run
+    /// # fn f(sink: &tool_dispatch::axum::WsSink) {
+    /// let r = sink.try_send_json(serde_json::json!({"type": "error", "error": "bad"}));
+    /// # let _ = r;
+    /// # }
+    /// ```
+    pub fn try_send_json(&self, value: Value) -> Result<(), SinkError> {
+        self.try_send_outbound(Outbound::Json(value))
+    }
+
+    /// Queues a JSON message, waiting at most `wait` for room.
+    ///
+    /// ```no_run
+    /// # async fn f(sink: &tool_dispatch::axum::WsSink) {
+    /// use std::time::Duration;
+    /// let msg = serde_json::json!({"type": "results", "results": []});
+    /// if let Err(e) = sink.send_json(msg, Duration::from_secs(5)).await {
+    ///     eprintln!("results not delivered: {e}");
+    /// }
+    /// # }
+    /// ```
+    pub async fn send_json(&self, value: Value, wait: Duration) -> Result<(), SinkError> {
+        self.send_outbound(Outbound::Json(value), wait).await
+    }
+
+    /// Queues any [`Outbound`] frame without waiting.
+    ///
+    /// ```no_run
+    /// # fn f(sink: &tool_dispatch::axum::WsSink) {
+    /// use tool_dispatch::axum::Outbound;
+    /// let _ = sink.try_send_outbound(Outbound::Close { code: 1000, reason: "bye".into() });
+    /// # }
+    /// ```
+    pub fn try_send_outbound(&self, out: Outbound) -> Result<(), SinkError> {
+        if self.closed.is_cancelled() {
+            return Err(SinkError::Closed);
+        }
+        self.tx.try_send(out).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => SinkError::Full,
+            mpsc::error::TrySendError::Closed(_) => SinkError::Closed,
+        })
+    }
+
+    /// Queues any [`Outbound`] frame, waiting at most `wait` for room; fails at once
+    /// with `Closed` when the socket goes away meanwhile.
+    ///
+    /// ```no_run
+    /// # async fn f(sink: &tool_dispatch::axum::WsSink) {
+    /// use std::time::Duration;
+    /// use tool_dispatch::axum::Outbound;
+    /// let bye = Outbound::Close { code: 1000, reason: "bye".into() };
+    /// let _ = sink.send_outbound(bye, Duration::from_secs(1)).await;
+    /// # }
+    /// ```
+    pub async fn send_outbound(&self, out: Outbound, wait: Duration) -> Result<(), SinkError> {
+        if self.closed.is_cancelled() {
+            return Err(SinkError::Closed);
+        }
+        tokio::select! {
+            biased;
+            _ = self.closed.cancelled() => Err(SinkError::Closed),
+            r = tokio::time::timeout(wait, self.tx.send(out)) => match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(_)) => Err(SinkError::Closed),
+                Err(_) => Err(SinkError::TimedOut(wait)),
+            },
+        }
+    }
+
+    /// Marks the socket gone: from now on every delivery fails with `Closed`, and the
+    /// writer stops (discarding what is queued). Call it when the incoming half ends,
+    /// so calls still in flight learn at once that nobody is listening.
+    ///
+    /// ```no_run
+    /// # fn f(sink: tool_dispatch::axum::WsSink) {
+    /// sink.close();
+    /// assert!(sink.is_closed());
+    /// # }
+    /// ```
+    pub fn close(&self) {
+        self.closed.cancel();
+    }
+
+    /// Whether the socket is gone (writing failed, the writer stopped, or
+    /// [`close`](Self::close) was called).
+    ///
+    /// ```no_run
+    /// # fn f(sink: tool_dispatch::axum::WsSink) {
+    /// if sink.is_closed() { /* stop producing */ }
+    /// # }
+    /// ```
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_cancelled() || self.tx.is_closed()
+    }
+
+    /// Completes when the socket is gone.
+    ///
+    /// ```no_run
+    /// # async fn f(sink: tool_dispatch::axum::WsSink) {
+    /// sink.closed().await;
+    /// # }
+    /// ```
+    pub async fn closed(&self) {
+        self.closed.cancelled().await
+    }
+
+    /// Frames that can be queued right now before the queue is full.
+    ///
+    /// ```no_run
+    /// # fn f(sink: tool_dispatch::axum::WsSink) {
+    /// println!("room for {} frames", sink.room());
+    /// # }
+    /// ```
+    pub fn room(&self) -> usize {
+        self.tx.capacity()
+    }
+}
+
+impl EventSink for WsSink {
+    fn try_send(&self, event: Event) -> Result<(), TrySendError> {
+        if self.closed.is_cancelled() {
+            return Err(TrySendError::Closed(event));
+        }
+        self.tx
+            .try_send(Outbound::Event(event))
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(Outbound::Event(e)) => TrySendError::Full(e),
+                mpsc::error::TrySendError::Closed(Outbound::Event(e)) => TrySendError::Closed(e),
+                // Only events were put in.
+                _ => unreachable!("an event was sent"),
+            })
+    }
+
+    fn send(&self, event: Event) -> SendFuture<'_> {
+        Box::pin(async move {
+            if self.closed.is_cancelled() {
+                return Err(SinkError::Closed);
+            }
+            tokio::select! {
+                biased;
+                _ = self.closed.cancelled() => Err(SinkError::Closed),
+                r = self.tx.send(Outbound::Event(event)) => r.map_err(|_| SinkError::Closed),
+            }
+        })
+    }
+}
+
+/// Serializes one frame; a close request comes back as `Err((code, reason))`.
+fn encode(out: Outbound) -> Result<Message, (u16, String)> {
+    let text = match out {
+        Outbound::Event(e) => serde_json::to_string(&e),
+        Outbound::Json(v) => serde_json::to_string(&v),
+        Outbound::Close { code, reason } => return Err((code, reason)),
+    };
+    match text {
+        Ok(t) => Ok(Message::Text(Utf8Bytes::from(t))),
+        Err(e) => {
+            // Serializing a `Value` or an `Event` cannot fail; keep the stream going.
+            tracing::warn!(error = %e, "a WebSocket frame could not be serialized");
+            Ok(Message::Text(Utf8Bytes::from_static(
+                r#"{"type":"error","error":"a message could not be serialized"}"#,
+            )))
+        }
+    }
+}
+
+fn close_frame(code: u16, reason: String) -> Message {
+    let mut reason = reason;
+    if reason.len() > 123 {
+        let mut cut = 123;
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        reason.truncate(cut);
+    }
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from(reason),
+    }))
+}
+
+/// Frames written between two flushes, at most.
+const BATCH: usize = 64;
+
+/// Writes `first` and whatever else is already queued (up to [`BATCH`] frames), then
+/// flushes. `Ok(true)` when a close frame went out and the writer must stop.
+async fn write_batch(
+    ws: &mut SplitSink<WebSocket, Message>,
+    rx: &mut mpsc::Receiver<Outbound>,
+    first: Option<Outbound>,
+    frames: &mut u64,
+) -> Result<bool, AxumError> {
+    let mut item = first;
+    for _ in 0..BATCH {
+        match item.map(encode) {
+            None => {
+                ws.send(Message::Close(None)).await?;
+                *frames += 1;
+                return Ok(true);
+            }
+            Some(Err((code, reason))) => {
+                ws.send(close_frame(code, reason)).await?;
+                *frames += 1;
+                return Ok(true);
+            }
+            Some(Ok(msg)) => {
+                ws.feed(msg).await?;
+                *frames += 1;
+            }
+        }
+        match rx.try_recv() {
+            Ok(more) => item = Some(more),
+            Err(_) => break,
+        }
+    }
+    ws.flush().await?;
+    Ok(false)
+}
+
+async fn write_loop(
+    mut ws: SplitSink<WebSocket, Message>,
+    mut rx: mpsc::Receiver<Outbound>,
+    closed: CancellationToken,
+) -> WriterReport {
+    let mut frames = 0u64;
+    let end = loop {
+        let next = tokio::select! {
+            biased;
+            _ = closed.cancelled() => break WriterEnd::Closed,
+            next = rx.recv() => next,
+        };
+        let written = tokio::select! {
+            biased;
+            _ = closed.cancelled() => break WriterEnd::Closed,
+            r = write_batch(&mut ws, &mut rx, next, &mut frames) => r,
+        };
+        match written {
+            Ok(false) => {}
+            Ok(true) => break WriterEnd::Finished,
+            Err(e) => break WriterEnd::Socket(e.to_string()),
+        }
+    };
+    // From here on every delivery fails as `Closed`.
+    closed.cancel();
+    rx.close();
+    WriterReport { frames, end }
+}
