@@ -1,31 +1,187 @@
-//! MCP: `tools/list` and `tools/call`.
+//! Model Context Protocol: the `tools/list` result, `tools/call` requests in,
+//! JSON-RPC responses carrying a `CallToolResult` out, and `notifications/progress`.
+//!
+//! Following the MCP specification's two kinds of errors:
+//!
+//! * a call that reached the pipeline and failed (invalid arguments, tool error,
+//!   timeout, denied, rate limited, …) is a *tool execution error*: a normal result
+//!   with `"isError": true` and the safe message as text, which the model sees;
+//! * an unknown tool name is a *protocol error*: a JSON-RPC error `-32602`, as is a
+//!   request that cannot be read ([`error_response`]).
+//!
+//! One round trip:
+//!
+//! ```
+//! use serde_json::json;
+//! use tool_dispatch::{provider::mcp, tool_fn, Engine, RecordingSink, Registry, ToolError, UserContext};
+//!
+//! #[derive(serde::Deserialize, serde::Serialize, schemars::JsonSchema)]
+//! struct AddIn { a: i64, b: i64 }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let add = tool_fn("add", "Adds two integers.", |i: AddIn, _cx| async move { Ok::<_, ToolError>(i.a + i.b) });
+//! let registry = Registry::builder().tool(add).build()?;
+//! let list = mcp::list_tools(&registry); // the `result` of `tools/list`
+//! assert_eq!(list["tools"][0]["inputSchema"]["type"], "object");
+//!
+//! let engine = Engine::builder(registry).build();
+//! let user = UserContext::builder("alice").build()?;
+//! let dispatcher = engine.dispatcher().sink(RecordingSink::new()).user(user);
+//!
+//! let request = json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+//!                      "params": {"name": "add", "arguments": {"a": 2, "b": 3}}});
+//! let (id, call) = mcp::parse_call(&request)?;
+//! let result = dispatcher.dispatch(call).await;
+//! let response = mcp::render_result(&id, &result);
+//! assert_eq!(response, json!({"jsonrpc": "2.0", "id": 7, "result": {
+//!     "content": [{"type": "text", "text": "5"}], "isError": false}}));
+//! # Ok(())
+//! # }
+//! ```
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::event::ToolProgress;
-use crate::provider::ProviderError;
+use crate::provider::{ProviderError, Reader, error_text, input_schema, output_text};
 use crate::{DispatchError, Registry, ToolCall, ToolOutput};
 
-/// The result of `tools/list`.
+const R: Reader = Reader { format: "mcp" };
+
+/// JSON-RPC "Invalid Request".
+pub const INVALID_REQUEST: i64 = -32600;
+/// JSON-RPC "Method not found".
+pub const METHOD_NOT_FOUND: i64 = -32601;
+/// JSON-RPC "Invalid params" (also MCP's code for an unknown tool).
+pub const INVALID_PARAMS: i64 = -32602;
+
+/// The `result` of `tools/list`: `{"tools":[{"name","description","inputSchema"}]}`,
+/// in registration order.
 pub fn list_tools(registry: &Registry) -> Value {
-    let _ = registry;
-    todo!()
+    let tools: Vec<Value> = registry
+        .definitions()
+        .map(|d| {
+            json!({
+                "name": d.name,
+                "description": d.description,
+                "inputSchema": input_schema(d),
+            })
+        })
+        .collect();
+    json!({ "tools": tools })
 }
 
-/// Reads a JSON-RPC `tools/call` request.
+/// Reads a JSON-RPC `tools/call` request into its id and the call.
+///
+/// Needs `"jsonrpc": "2.0"`, an `id` (string or number), `"method": "tools/call"`
+/// and `params.name`; missing `params.arguments` means no arguments (`{}`), and
+/// arguments that do not fit the tool end `invalid_input` at dispatch. The call gets
+/// a fresh engine-made id (JSON-RPC ids repeat across sessions).
 pub fn parse_call(request: &Value) -> Result<(Value, ToolCall), ProviderError> {
-    let _ = request;
-    todo!()
+    let o = R.object(request, "$")?;
+    let version = R.string(o, "$", "jsonrpc")?;
+    if version != "2.0" {
+        return Err(R.unexpected("$.jsonrpc", "\"2.0\"", version));
+    }
+    let id = R.field(o, "$", "id")?;
+    if !(id.is_string() || id.is_number()) {
+        return Err(R.wrong(id, "$.id", "a string or a number"));
+    }
+    let method = R.string(o, "$", "method")?;
+    if method != "tools/call" {
+        return Err(R.unexpected("$.method", "\"tools/call\"", method));
+    }
+    let params = R.object(R.field(o, "$", "params")?, "$.params")?;
+    let name = R.nonempty(params, "$.params", "name")?;
+    let arguments = match params.get("arguments") {
+        None | Some(Value::Null) => json!({}),
+        Some(a) => a.clone(),
+    };
+    Ok((id.clone(), ToolCall::new(name, arguments)))
+}
+
+/// The `progressToken` a `tools/call` request asked progress under
+/// (`params._meta.progressToken`), if any.
+pub fn progress_token(request: &Value) -> Option<&Value> {
+    request
+        .get("params")?
+        .get("_meta")?
+        .get("progressToken")
+        .filter(|t| t.is_string() || t.is_number())
 }
 
 /// The JSON-RPC response to a `tools/call`.
+///
+/// Success: `{"content":[{"type":"text","text"}],"isError":false}`, the text being
+/// the result (JSON text unless it is a string), plus `structuredContent` when the
+/// result is a JSON object. A failed call: the same with the safe message and
+/// `"isError": true`, except an unknown tool, which is a JSON-RPC error `-32602`.
 pub fn render_result(id: &Value, result: &Result<ToolOutput, DispatchError>) -> Value {
-    let _ = (id, result);
-    todo!()
+    let result = match result {
+        Ok(out) => {
+            let mut r = json!({
+                "content": [{ "type": "text", "text": output_text(&out.value) }],
+                "isError": false,
+            });
+            if out.value.is_object() {
+                r["structuredContent"] = out.value.clone();
+            }
+            r
+        }
+        Err(e @ DispatchError::UnknownTool { .. }) => {
+            return rpc_error(
+                id,
+                INVALID_PARAMS,
+                &error_text(e),
+                Some(json!({"status": e.status()})),
+            );
+        }
+        Err(e) => json!({
+            "content": [{ "type": "text", "text": error_text(e) }],
+            "isError": true,
+        }),
+    };
+    json!({ "jsonrpc": "2.0", "id": id, "result": result })
 }
 
-/// A `notifications/progress` for a tool's progress event.
+/// The JSON-RPC error response for a request [`parse_call`] refused: `-32601` when
+/// the method is not `tools/call`, `-32602` for bad `params`, `-32600` otherwise.
+/// Pass `Value::Null` as `id` when the request's id could not be read.
+pub fn error_response(id: &Value, error: &ProviderError) -> Value {
+    let path = match error {
+        ProviderError::WrongType { path, .. }
+        | ProviderError::MissingField { path, .. }
+        | ProviderError::UnexpectedValue { path, .. } => path.as_str(),
+        ProviderError::UnsupportedSchema { .. } => "",
+    };
+    let code = if path == "$.method" {
+        METHOD_NOT_FOUND
+    } else if path.starts_with("$.params") {
+        INVALID_PARAMS
+    } else {
+        INVALID_REQUEST
+    };
+    rpc_error(id, code, &error.to_string(), None)
+}
+
+fn rpc_error(id: &Value, code: i64, message: &str, data: Option<Value>) -> Value {
+    let mut error = json!({ "code": code, "message": message });
+    if let Some(d) = data {
+        error["data"] = d;
+    }
+    json!({ "jsonrpc": "2.0", "id": id, "error": error })
+}
+
+/// A `notifications/progress` for a tool's progress event, under the request's
+/// `progressToken`: `progress` is the fraction done, `total` is `1.0`.
 pub fn progress_notification(event: &ToolProgress, progress_token: &Value) -> Value {
-    let _ = (event, progress_token);
-    todo!()
+    let mut params = json!({
+        "progressToken": progress_token,
+        "progress": event.progress,
+        "total": 1.0,
+    });
+    if let Some(m) = &event.message {
+        params["message"] = Value::from(m.as_str());
+    }
+    json!({ "jsonrpc": "2.0", "method": "notifications/progress", "params": params })
 }

@@ -1,23 +1,57 @@
 //! LLM provider wire formats: tool definitions out, tool calls in, results back.
 //!
-//! One module per format: [`openai`] (Chat Completions), [`responses`] (OpenAI
-//! Responses), [`anthropic`] (Messages) and [`mcp`] (`tools/list`, `tools/call`).
+//! One module per format:
+//!
+//! | module | tool definitions | calls in | results out |
+//! |---|---|---|---|
+//! | [`openai`] (Chat Completions) | `{"type":"function","function":{..}}` | `tool_calls` | `role: "tool"` messages |
+//! | [`responses`] (OpenAI Responses) | flat `{"type":"function",name,..}` | `function_call` items | `function_call_output` items |
+//! | [`anthropic`] (Messages) | `{name,description,input_schema}` | `tool_use` blocks | one `user` message of `tool_result` blocks |
+//! | [`mcp`] (Model Context Protocol) | `tools/list` result | `tools/call` request | `CallToolResult` response |
+//!
+//! The rules are the same everywhere:
+//!
+//! * A payload that cannot be read (not an object, no `name`, `tool_calls` not an
+//!   array, a `tool_use` without `id`, …) is a typed [`ProviderError`], never a panic.
+//! * A call whose *arguments* are missing or wrong (including OpenAI's invalid JSON
+//!   text) is **not** a `ProviderError`: it becomes a [`ToolCall`](crate::ToolCall)
+//!   whose dispatch ends `invalid_input`, and the error goes back to the model in-band
+//!   like any other failed call. An agent loop never crashes on a bad call.
+//! * Every call gets exactly one result, in call order. A failed call's result is
+//!   [`error_text`] (the [`DispatchError`]'s safe, model-facing message), marked as an
+//!   error the way the format allows (`"Error: …"` text for OpenAI, `is_error` for
+//!   Anthropic, `isError` for MCP).
+//! * A result that is not a string is sent as its JSON text.
+//!
+//! Input schemas come from the registry (schemars) and go through [`input_schema`]:
+//! `$schema` and the root `title` are removed, `$defs` stay at the root where every
+//! `$ref` (`#/$defs/…`) points. Providers want an object at the root (Anthropic
+//! rejects `oneOf`/`anyOf`/`allOf` there); [`check_schemas`] finds tools whose input
+//! type does not give one (a bare `String`, `()`, an enum), so a server can refuse to
+//! start with them.
 
 pub mod anthropic;
 pub mod mcp;
 pub mod openai;
 pub mod responses;
 
-use crate::error::DispatchError;
+use serde_json::{Map, Value};
 
-/// Why a provider payload could not be read.
+use crate::dispatcher::ToolOutput;
+use crate::error::DispatchError;
+use crate::registry::{Registry, ToolDefinition};
+
+/// Why a provider payload could not be read (or a tool cannot be offered to one).
+///
+/// `format` is `"openai"`, `"responses"`, `"anthropic"` or `"mcp"`; `path` is a JSON
+/// path into the payload (`$.tool_calls[1].function`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ProviderError {
     /// A value has the wrong JSON type.
     #[error("{format}: expected {expected} at `{path}`, found {found}")]
     WrongType {
-        /// The provider format (`"openai"`, `"responses"`, `"anthropic"`, `"mcp"`).
+        /// The provider format.
         format: &'static str,
         /// JSON path of the value.
         path: String,
@@ -26,7 +60,7 @@ pub enum ProviderError {
         /// The JSON type found.
         found: &'static str,
     },
-    /// A required field is missing.
+    /// A required field is missing (or `null`).
     #[error("{format}: missing `{field}` at `{path}`")]
     MissingField {
         /// The provider format.
@@ -37,7 +71,7 @@ pub enum ProviderError {
         field: &'static str,
     },
     /// A field has a value this format does not allow.
-    #[error("{format}: unexpected value at `{path}`: expected {expected}, found {found}")]
+    #[error("{format}: expected {expected} at `{path}`, found `{found}`")]
     UnexpectedValue {
         /// The provider format.
         format: &'static str,
@@ -48,10 +82,214 @@ pub enum ProviderError {
         /// What was found (cut to 64 characters).
         found: String,
     },
+    /// A tool's input schema is not an object schema, so providers reject it.
+    #[error("tool `{tool}` cannot be offered to a provider: {reason}")]
+    UnsupportedSchema {
+        /// The tool.
+        tool: String,
+        /// What is wrong with its input schema.
+        reason: &'static str,
+    },
 }
 
 /// The one model-facing text for a failed call (the [`DispatchError`]'s `Display`),
-/// shared by all formats.
+/// shared by all formats. It never contains internals or panic payloads.
+///
+/// ```
+/// use tool_dispatch::{DispatchError, provider};
+/// let e = DispatchError::UnknownTool { name: "get_wether".into() };
+/// assert_eq!(provider::error_text(&e), "unknown tool `get_wether`");
+/// ```
 pub fn error_text(e: &DispatchError) -> String {
     e.to_string()
+}
+
+/// A tool's input schema as providers get it: `$schema` and the root `title` (the
+/// Rust type's name) removed, everything else (including `$defs`) unchanged.
+///
+/// ```
+/// # use tool_dispatch::{provider, tool_fn, Registry, ToolError};
+/// # #[derive(serde::Deserialize, serde::Serialize, schemars::JsonSchema)]
+/// # struct In { city: String }
+/// let registry = Registry::builder()
+///     .tool(tool_fn("w", "Weather.", |i: In, _| async move { Ok::<_, ToolError>(i.city) }))
+///     .build()?;
+/// let schema = provider::input_schema(registry.definition("w").unwrap());
+/// assert_eq!(schema["type"], "object");
+/// assert!(schema.get("$schema").is_none());
+/// # Ok::<(), tool_dispatch::RegistryError>(())
+/// ```
+pub fn input_schema(def: &ToolDefinition) -> Value {
+    let mut schema = def.input_schema.clone();
+    if let Value::Object(root) = &mut schema {
+        root.remove("$schema");
+        root.remove("title");
+    }
+    schema
+}
+
+/// Checks that every tool's input schema is one providers accept: `"type":
+/// "object"` at the root and no `oneOf`/`anyOf`/`allOf` there. Returns the first
+/// tool that does not fit.
+///
+/// Tools taking a bare `String`, `()` or an enum fail this check; wrap their input in
+/// a struct to offer them to a model.
+pub fn check_schemas(registry: &Registry) -> Result<(), ProviderError> {
+    for def in registry.definitions() {
+        let schema = input_schema(def);
+        let reason = match &schema {
+            Value::Object(o) if o.get("type") != Some(&Value::from("object")) => {
+                Some("its input schema's root is not `\"type\": \"object\"`")
+            }
+            Value::Object(o)
+                if ["oneOf", "anyOf", "allOf"]
+                    .iter()
+                    .any(|k| o.contains_key(*k)) =>
+            {
+                Some("its input schema has `oneOf`/`anyOf`/`allOf` at the root")
+            }
+            Value::Object(_) => None,
+            _ => Some("its input schema is not a JSON object"),
+        };
+        if let Some(reason) = reason {
+            return Err(ProviderError::UnsupportedSchema {
+                tool: def.name.clone(),
+                reason,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A successful result as text: a string as is, anything else as its JSON text.
+pub(crate) fn output_text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The text of one result, and whether it is an error.
+pub(crate) fn result_text(result: Option<&Result<ToolOutput, DispatchError>>) -> (String, bool) {
+    match result {
+        Some(Ok(out)) => (output_text(&out.value), false),
+        Some(Err(e)) => (error_text(e), true),
+        None => (MISSING_RESULT.to_owned(), true),
+    }
+}
+
+/// The error text for a call that `render_results` got no result for.
+pub(crate) const MISSING_RESULT: &str = "no result was produced for this call";
+
+/// The id a result is reported under: the call's own id, else the one the engine made.
+pub(crate) fn result_id(
+    call: &crate::ToolCall,
+    result: Option<&Result<ToolOutput, DispatchError>>,
+) -> String {
+    match (&call.id, result) {
+        (Some(id), _) => id.clone(),
+        (None, Some(Ok(out))) => out.call_id.to_string(),
+        (None, _) => String::new(),
+    }
+}
+
+/// The name of a JSON value's type, for errors.
+pub(crate) fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Field access with typed errors, for one format.
+#[derive(Clone, Copy)]
+pub(crate) struct Reader {
+    pub(crate) format: &'static str,
+}
+
+impl Reader {
+    pub(crate) fn object<'a>(
+        self,
+        v: &'a Value,
+        path: &str,
+    ) -> Result<&'a Map<String, Value>, ProviderError> {
+        v.as_object()
+            .ok_or_else(|| self.wrong(v, path, "an object"))
+    }
+
+    pub(crate) fn array<'a>(self, v: &'a Value, path: &str) -> Result<&'a [Value], ProviderError> {
+        v.as_array()
+            .map(Vec::as_slice)
+            .ok_or_else(|| self.wrong(v, path, "an array"))
+    }
+
+    pub(crate) fn wrong(self, v: &Value, path: &str, expected: &'static str) -> ProviderError {
+        ProviderError::WrongType {
+            format: self.format,
+            path: path.to_owned(),
+            expected,
+            found: type_name(v),
+        }
+    }
+
+    /// A field that must be present and not null.
+    pub(crate) fn field<'a>(
+        self,
+        o: &'a Map<String, Value>,
+        path: &str,
+        field: &'static str,
+    ) -> Result<&'a Value, ProviderError> {
+        match o.get(field) {
+            Some(Value::Null) | None => Err(ProviderError::MissingField {
+                format: self.format,
+                path: path.to_owned(),
+                field,
+            }),
+            Some(v) => Ok(v),
+        }
+    }
+
+    /// A required string field.
+    pub(crate) fn string<'a>(
+        self,
+        o: &'a Map<String, Value>,
+        path: &str,
+        field: &'static str,
+    ) -> Result<&'a str, ProviderError> {
+        let v = self.field(o, path, field)?;
+        v.as_str()
+            .ok_or_else(|| self.wrong(v, &format!("{path}.{field}"), "a string"))
+    }
+
+    /// A required string field that must not be empty (ids, names).
+    pub(crate) fn nonempty<'a>(
+        self,
+        o: &'a Map<String, Value>,
+        path: &str,
+        field: &'static str,
+    ) -> Result<&'a str, ProviderError> {
+        let s = self.string(o, path, field)?;
+        if s.is_empty() {
+            return Err(self.unexpected(&format!("{path}.{field}"), "a non-empty string", s));
+        }
+        Ok(s)
+    }
+
+    pub(crate) fn unexpected(
+        self,
+        path: &str,
+        expected: &'static str,
+        found: &str,
+    ) -> ProviderError {
+        ProviderError::UnexpectedValue {
+            format: self.format,
+            path: path.to_owned(),
+            expected,
+            found: found.chars().take(64).collect(),
+        }
+    }
 }
