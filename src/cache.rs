@@ -95,8 +95,8 @@ pub(crate) struct Cache {
 /// What a lookup found.
 pub(crate) enum Lookup<'a> {
     Hit(Arc<Value>),
-    /// Another identical call is running: wait for its result.
-    Wait(watch::Receiver<Shared>),
+    /// Another identical call is running: wait for its result (see [`Cache::follow`]).
+    Wait(watch::Receiver<Shared>, Key),
     /// Run the tool and hand the result to the guard.
     Lead(Leader<'a>),
 }
@@ -127,7 +127,7 @@ impl Cache {
             Some(Slot::Ready { value, expires, .. }) if *expires > now => {
                 return Lookup::Hit(Arc::clone(value));
             }
-            Some(Slot::Pending(rx)) => return Lookup::Wait(rx.clone()),
+            Some(Slot::Pending(rx)) => return Lookup::Wait(rx.clone(), key),
             Some(Slot::Ready { size, .. }) => {
                 let size = *size;
                 inner.bytes -= size;
@@ -143,6 +143,27 @@ impl Cache {
             key: Some(key),
             tx,
         })
+    }
+
+    /// Waits for the leader of `key`. If it ends without a result (it failed, timed
+    /// out, or its caller went away), looks again: the entry another call stored, a
+    /// new leader to follow, or this call becomes the leader. So a failed leader is
+    /// followed by one new run, not by one run per waiting call.
+    pub(crate) async fn follow(
+        &self,
+        mut rx: watch::Receiver<Shared>,
+        key: Key,
+    ) -> Result<Arc<Value>, Leader<'_>> {
+        loop {
+            if let Some(v) = wait(rx).await {
+                return Ok(v);
+            }
+            match self.lookup(key.clone(), Instant::now()) {
+                Lookup::Hit(v) => return Ok(v),
+                Lookup::Wait(next, _) => rx = next,
+                Lookup::Lead(l) => return Err(l),
+            }
+        }
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -209,7 +230,7 @@ impl Drop for Leader<'_> {
 }
 
 /// Waits for the leader's result; `None` if it ended without one.
-pub(crate) async fn wait(mut rx: watch::Receiver<Shared>) -> Option<Arc<Value>> {
+async fn wait(mut rx: watch::Receiver<Shared>) -> Option<Arc<Value>> {
     loop {
         if let Some(v) = rx.borrow_and_update().clone() {
             return Some(v);

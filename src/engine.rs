@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::cache::{self, Cache, CacheConfig, Key, Lookup};
+use crate::cache::{Cache, CacheConfig, Key, Lookup};
 use crate::dispatcher::{Arguments, Dispatcher, ToolCall, ToolOutput};
 use crate::error::{CancelReason, DispatchError, LimitScope};
 use crate::event::{Event, Status, Timestamp, ToolCompleted, ToolExecuting};
@@ -936,13 +936,20 @@ impl<'a> Call<'a> {
         }
         let (leader, outcome) = match lookup {
             Some((Lookup::Hit(v), _)) => (None, Ok(Ran::Cached(v))),
-            Some((Lookup::Wait(rx), _)) => {
+            Some((Lookup::Wait(rx, key), ttl)) => {
                 // An identical call is running: share its result (single flight). If
-                // it ends without one, run this call's own body.
+                // it ends without one, one of the waiting calls takes over as leader.
+                let cache = &shared.cache;
                 let run = async move {
-                    match cache::wait(rx).await {
-                        Some(v) => Ok(Ran::Cached(v)),
-                        None => fut.await.map(Ran::Fresh),
+                    match cache.follow(rx, key).await {
+                        Ok(v) => Ok(Ran::Cached(v)),
+                        Err(l) => {
+                            let o = fut.await?;
+                            if let Ok(json) = to_value(&o) {
+                                l.complete(json, ttl, Instant::now());
+                            }
+                            Ok(Ran::Fresh(o))
+                        }
                     }
                 };
                 (None, self.run(entry, timeout, run).await)
@@ -962,10 +969,11 @@ impl<'a> Call<'a> {
                 if entry.settings.cache_ttl.is_some() {
                     shared.metrics.cache(false);
                 }
-                let mut json = to_value(&o).unwrap_or(Value::Null);
-                if let Some((l, ttl)) = leader {
+                let json = to_value(&o);
+                if let (Some((l, ttl)), Ok(json)) = (leader, &json) {
                     l.complete(json.clone(), ttl, Instant::now());
                 }
+                let mut json = json.unwrap_or(Value::Null);
                 redaction.apply(&mut json, &entry.settings.sensitive);
                 self.complete(Status::Success, json, None, false).await;
                 Ok(ToolOutput {
