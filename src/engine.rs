@@ -603,7 +603,10 @@ impl Shared {
             c.tool_index = Some(entry.index);
             c.sensitive = &entry.settings.sensitive;
             let timeout = self.timeout_for(entry, timeout);
-            let fut = tool.call(input, c.context(entry, timeout));
+            let cx = c.context(entry, timeout);
+            // Called when first polled, so nothing of the tool runs before the policy,
+            // the limits and `tool_executing`, or outside panic isolation.
+            let fut = async move { tool.call(input, cx).await };
             c.execute(entry, args, timeout, fut, to_json, from_json)
                 .await
         }

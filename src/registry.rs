@@ -114,8 +114,9 @@ where
         cx: ToolContext,
     ) -> Result<BoxFut<'_, Result<Value, ToolError>>, InputError> {
         let input = parse_input::<I>(args)?;
-        let fut = (self.f)(input, cx);
-        Ok(Box::pin(async move { to_json(&fut.await?) }))
+        // The closure is called when the body is first polled: after the policy, the
+        // limits and `tool_executing`, and under the pipeline's panic isolation.
+        Ok(Box::pin(async move { to_json(&(self.f)(input, cx).await?) }))
     }
     fn as_any(&self) -> &dyn Any {
         self
