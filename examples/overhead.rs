@@ -1,0 +1,438 @@
+//! Per-call overhead of the full pipeline, side by side with calling the tool's
+//! function directly and with a tower `ServiceBuilder` stack doing the same per-call
+//! work (name lookup, `T::deserialize(&Value)`, timeout, concurrency limit, rate
+//! limit, two bounded channel sends).
+//!
+//! ```text
+//! cargo run --release --example overhead                          # full run
+//! cargo run --release --example overhead -- --rounds 3 --calls 2000   # CI
+//! ```
+//!
+//! Rounds are interleaved (pipeline, typed pipeline, direct, tower, then again) on a
+//! current-thread runtime and the medians are reported; then a 2-worker multi-thread
+//! runtime runs several tasks (one user, one sink, one drainer each) for throughput.
+//! The last line is
+//! `RESULT pipeline_ns=.. direct_ns=.. tower_ns=.. ratio_vs_tower=.. calls_per_s_2cores=..`.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::hint::black_box;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tool_dispatch::{
+    Dispatcher, Engine, Event, Limits, Rate, Registry, Tool, ToolCall, ToolContext, ToolError,
+    UserContext, UserLimits,
+};
+use tower::{Service, ServiceBuilder, ServiceExt};
+
+/// The no-op tool's input.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+struct NoopIn {
+    n: u64,
+}
+
+/// The tool's own function: what a direct call runs.
+async fn noop(input: NoopIn) -> Result<u64, ToolError> {
+    Ok(input.n)
+}
+
+struct Noop;
+
+impl Tool for Noop {
+    const NAME: &'static str = "noop";
+    type Input = NoopIn;
+    type Output = u64;
+    fn description(&self) -> &str {
+        "Returns its input."
+    }
+    async fn call(&self, input: NoopIn, _cx: ToolContext) -> Result<u64, ToolError> {
+        noop(input).await
+    }
+}
+
+/// Limits far above what the run reaches: checked on every call, never binding.
+fn open_limits() -> Limits {
+    Limits::default().global(1 << 24).per_user(UserLimits {
+        concurrency: 1 << 24,
+        rate: Some(Rate::per_second(u32::MAX).burst(u32::MAX)),
+    })
+}
+
+fn engine() -> Engine {
+    let reg = Registry::builder()
+        .tool(Noop)
+        .build()
+        .expect("valid registry");
+    Engine::builder(reg).limits(open_limits()).build()
+}
+
+const SINK_CAPACITY: usize = 1024;
+
+/// A dispatcher for `user` whose bounded sink is drained by its own task.
+fn dispatcher(engine: &Engine, user: &str) -> Dispatcher {
+    let (tx, mut rx) = mpsc::channel::<Event>(SINK_CAPACITY);
+    tokio::spawn(async move { while rx.recv().await.is_some() {} });
+    let ctx = UserContext::builder(user).build().expect("valid user");
+    engine.dispatcher().sink(tx).user(ctx)
+}
+
+// ------------------------------------------------------------------------------
+// The tower stack doing the same per-call work.
+// ------------------------------------------------------------------------------
+
+/// What the tower stack sends on its channel (two per call).
+#[derive(Debug)]
+#[allow(dead_code)] // the fields are what a consumer would read
+enum TowerEvent {
+    Executing { call_id: u64, tool: &'static str },
+    Completed { call_id: u64, result: Value },
+}
+
+type BoxFut = Pin<Box<dyn Future<Output = Result<Value, ToolError>> + Send>>;
+type Handler = fn(&Value) -> Result<BoxFut, String>;
+
+fn noop_handler(args: &Value) -> Result<BoxFut, String> {
+    let input = NoopIn::deserialize(args).map_err(|e| e.to_string())?;
+    Ok(Box::pin(async move {
+        let out = noop(input).await?;
+        serde_json::to_value(out).map_err(ToolError::from)
+    }))
+}
+
+/// A request to the tower stack: tool name, JSON arguments, the user's event channel.
+struct TowerReq {
+    name: String,
+    args: Value,
+    sink: mpsc::Sender<TowerEvent>,
+}
+
+/// Hand-rolled GCRA rate check on one atomic, as a tower stack would add it.
+struct RateCheck {
+    epoch: Instant,
+    interval_ns: u64,
+    tolerance_ns: u64,
+    tat: AtomicU64,
+}
+
+impl RateCheck {
+    fn check(&self) -> bool {
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        let mut tat = self.tat.load(Relaxed);
+        loop {
+            let t = tat.max(now);
+            if t - now > self.tolerance_ns {
+                return false;
+            }
+            match self
+                .tat
+                .compare_exchange_weak(tat, t + self.interval_ns, Relaxed, Relaxed)
+            {
+                Ok(_) => return true,
+                Err(seen) => tat = seen,
+            }
+        }
+    }
+}
+
+async fn send_event(sink: &mpsc::Sender<TowerEvent>, ev: TowerEvent) {
+    match sink.try_send(ev) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Full(ev)) => {
+            let _ = sink.send(ev).await;
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => {}
+    }
+}
+
+type TowerError = tower::BoxError;
+
+/// The shared tower stack: concurrency limit → timeout → service_fn (lookup, rate,
+/// deserialize, events). Cloned into every task, as a server shares its service.
+fn tower_stack()
+-> impl Service<TowerReq, Response = Value, Error = TowerError, Future: Send> + Clone + Send {
+    let mut tools: HashMap<String, Handler> = HashMap::new();
+    tools.insert("noop".into(), noop_handler as Handler);
+    let tools = Arc::new(tools);
+    let rate = Arc::new(RateCheck {
+        epoch: Instant::now(),
+        interval_ns: 1,
+        tolerance_ns: u64::from(u32::MAX),
+        tat: AtomicU64::new(0),
+    });
+    let ids = Arc::new(AtomicU64::new(0));
+    ServiceBuilder::new()
+        .concurrency_limit(1 << 24)
+        .timeout(Duration::from_secs(30))
+        .service_fn(move |req: TowerReq| {
+            let (tools, rate, ids) = (tools.clone(), rate.clone(), ids.clone());
+            async move {
+                let handler = *tools.get(req.name.as_str()).ok_or("unknown tool")?;
+                if !rate.check() {
+                    return Err("rate limited".into());
+                }
+                let fut = handler(&req.args)?;
+                let call_id = ids.fetch_add(1, Relaxed);
+                send_event(
+                    &req.sink,
+                    TowerEvent::Executing {
+                        call_id,
+                        tool: "noop",
+                    },
+                )
+                .await;
+                let result = fut.await.map_err(|e| e.message().to_owned())?;
+                send_event(
+                    &req.sink,
+                    TowerEvent::Completed {
+                        call_id,
+                        result: result.clone(),
+                    },
+                )
+                .await;
+                Ok::<_, TowerError>(result)
+            }
+        })
+}
+
+fn tower_sink() -> mpsc::Sender<TowerEvent> {
+    let (tx, mut rx) = mpsc::channel::<TowerEvent>(SINK_CAPACITY);
+    tokio::spawn(async move { while rx.recv().await.is_some() {} });
+    tx
+}
+
+// ------------------------------------------------------------------------------
+// Measurement.
+// ------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, PartialEq)]
+enum Variant {
+    Pipeline,
+    Typed,
+    Direct,
+    Tower,
+}
+
+const VARIANTS: [Variant; 4] = [
+    Variant::Pipeline,
+    Variant::Typed,
+    Variant::Direct,
+    Variant::Tower,
+];
+
+/// Runs `calls` calls of `v`; returns the elapsed time.
+async fn run<S>(
+    v: Variant,
+    calls: u64,
+    d: &Dispatcher,
+    svc: &mut S,
+    sink: &mpsc::Sender<TowerEvent>,
+) -> Duration
+where
+    S: Service<TowerReq, Response = Value, Error = TowerError>,
+{
+    let start = Instant::now();
+    for n in 0..calls {
+        match v {
+            Variant::Pipeline => {
+                let out = d.dispatch(ToolCall::new("noop", json!({ "n": n }))).await;
+                black_box(out.expect("noop succeeds"));
+            }
+            Variant::Typed => {
+                let out = d.call::<Noop>(NoopIn { n }).await;
+                black_box(out.expect("noop succeeds"));
+            }
+            Variant::Direct => {
+                black_box(noop(black_box(NoopIn { n })).await.expect("noop succeeds"));
+            }
+            Variant::Tower => {
+                let req = TowerReq {
+                    name: "noop".to_owned(),
+                    args: json!({ "n": n }),
+                    sink: sink.clone(),
+                };
+                let s = svc.ready().await.expect("ready");
+                black_box(s.call(req).await.expect("noop succeeds"));
+            }
+        }
+    }
+    start.elapsed()
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+struct Args {
+    rounds: usize,
+    calls: u64,
+    tasks: usize,
+    mt_calls: u64,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        rounds: 15,
+        calls: 20_000,
+        tasks: 8,
+        mt_calls: 0,
+    };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < argv.len() {
+        let val = argv.get(i + 1).and_then(|s| s.parse::<u64>().ok());
+        match (argv[i].as_str(), val) {
+            ("--rounds", Some(v)) => a.rounds = v.max(1) as usize,
+            ("--calls", Some(v)) => a.calls = v.max(1),
+            ("--tasks", Some(v)) => a.tasks = v.max(1) as usize,
+            ("--mt-calls", Some(v)) => a.mt_calls = v.max(1),
+            (other, _) => {
+                eprintln!(
+                    "unknown or incomplete flag `{other}`; flags: --rounds N --calls N --tasks N --mt-calls N"
+                );
+                std::process::exit(2);
+            }
+        }
+        i += 2;
+    }
+    if a.mt_calls == 0 {
+        a.mt_calls = a.calls * a.rounds as u64;
+    }
+    a
+}
+
+/// Throughput of `total` calls spread over `tasks` tasks on 2 workers; returns the
+/// elapsed time.
+fn multi_thread(variant: Variant, tasks: usize, total: u64) -> Duration {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let engine = engine();
+        let svc = tower_stack();
+        let per_task = total / tasks as u64;
+        let barrier = Arc::new(tokio::sync::Barrier::new(tasks + 1));
+        let mut handles = Vec::new();
+        for t in 0..tasks {
+            let d = dispatcher(&engine, &format!("user-{t}"));
+            let sink = tower_sink();
+            let mut svc = svc.clone();
+            let barrier = barrier.clone();
+            handles.push(tokio::spawn(async move {
+                // Warm up, then start together.
+                run(variant, 200, &d, &mut svc, &sink).await;
+                barrier.wait().await;
+                run(variant, per_task, &d, &mut svc, &sink).await;
+            }));
+        }
+        barrier.wait().await;
+        let start = Instant::now();
+        for h in handles {
+            h.await.expect("task");
+        }
+        let took = start.elapsed();
+        let m = engine.metrics();
+        assert_eq!(m.active, 0);
+        took
+    })
+}
+
+fn main() {
+    let a = args();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut per_call: HashMap<&'static str, Vec<f64>> = HashMap::new();
+    let name = |v: Variant| match v {
+        Variant::Pipeline => "pipeline",
+        Variant::Typed => "typed",
+        Variant::Direct => "direct",
+        Variant::Tower => "tower",
+    };
+    rt.block_on(async {
+        let engine = engine();
+        let d = dispatcher(&engine, "bench-user");
+        let mut svc = tower_stack();
+        let sink = tower_sink();
+        // Warm-up round (allocator, caches, channel blocks).
+        for v in VARIANTS {
+            run(v, a.calls.min(5_000), &d, &mut svc, &sink).await;
+        }
+        for _ in 0..a.rounds {
+            for v in VARIANTS {
+                let took = run(v, a.calls, &d, &mut svc, &sink).await;
+                per_call
+                    .entry(name(v))
+                    .or_default()
+                    .push(took.as_nanos() as f64 / a.calls as f64);
+            }
+        }
+        let m = engine.metrics();
+        assert_eq!(
+            m.total,
+            m.count(tool_dispatch::Status::Success),
+            "every call succeeded"
+        );
+        assert_eq!(m.active, 0, "no call left active");
+    });
+    let mut med = |k: &str| {
+        median(
+            per_call
+                .get_mut(k)
+                .map(Vec::as_mut_slice)
+                .unwrap_or(&mut []),
+        )
+    };
+    let (pipeline, typed, direct, tower) =
+        (med("pipeline"), med("typed"), med("direct"), med("tower"));
+    println!(
+        "current-thread runtime, {} rounds x {} calls, median ns/call:",
+        a.rounds, a.calls
+    );
+    println!("  pipeline (by name, JSON args)  {pipeline:>9.1}");
+    println!("  pipeline (typed call)          {typed:>9.1}");
+    println!("  direct call of the tool fn     {direct:>9.1}");
+    println!("  tower ServiceBuilder stack     {tower:>9.1}");
+    println!(
+        "  ratios: pipeline/tower {:.2}  typed/tower {:.2}  pipeline-direct {:.1} ns",
+        pipeline / tower,
+        typed / tower,
+        pipeline - direct
+    );
+
+    let total = a.mt_calls;
+    let mt_pipe = multi_thread(Variant::Pipeline, a.tasks, total);
+    let mt_tower = multi_thread(Variant::Tower, a.tasks, total);
+    let done = (total / a.tasks as u64) * a.tasks as u64;
+    let cps = done as f64 / mt_pipe.as_secs_f64();
+    let tower_cps = done as f64 / mt_tower.as_secs_f64();
+    // Worker time per call: 2 workers busy for the elapsed time.
+    let mt_ns = mt_pipe.as_nanos() as f64 * 2.0 / done as f64;
+    let mt_tower_ns = mt_tower.as_nanos() as f64 * 2.0 / done as f64;
+    println!(
+        "multi-thread runtime, 2 workers, {} tasks, {done} calls: pipeline {cps:.0} calls/s, tower {tower_cps:.0} calls/s",
+        a.tasks
+    );
+    println!(
+        "MT per_call_ns pipeline={mt_ns:.1} tower={mt_tower_ns:.1} (worker time per call = 2 x elapsed / calls)"
+    );
+    println!(
+        "RESULT pipeline_ns={pipeline:.1} direct_ns={direct:.1} tower_ns={tower:.1} ratio_vs_tower={:.3} calls_per_s_2cores={cps:.0}",
+        pipeline / tower
+    );
+}
