@@ -436,3 +436,67 @@ async fn write_loop(
     rx.close();
     WriterReport { frames, end }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{AgentEvent, Timestamp};
+
+    fn event() -> Event {
+        Event::AgentThinking(AgentEvent {
+            run_id: None,
+            thread_id: None,
+            user_id: "alice".into(),
+            message: Some("hm".into()),
+            result: None,
+            timestamp: Timestamp::now(),
+        })
+    }
+
+    fn sink(capacity: usize) -> (WsSink, mpsc::Receiver<Outbound>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        let sink = WsSink {
+            tx,
+            closed: CancellationToken::new(),
+        };
+        (sink, rx)
+    }
+
+    #[tokio::test]
+    async fn full_then_closed_are_reported_not_dropped() {
+        let (s, mut rx) = sink(1);
+        s.try_send(event()).unwrap();
+        assert!(matches!(s.try_send(event()), Err(TrySendError::Full(_))));
+        assert_eq!(s.try_send_json(Value::Null), Err(SinkError::Full));
+        let wait = Duration::from_millis(1);
+        assert_eq!(
+            s.send_json(Value::Null, wait).await,
+            Err(SinkError::TimedOut(wait))
+        );
+        assert!(matches!(rx.recv().await, Some(Outbound::Event(_))));
+        s.close();
+        assert!(s.is_closed());
+        assert!(matches!(s.try_send(event()), Err(TrySendError::Closed(_))));
+        assert_eq!(s.send(event()).await, Err(SinkError::Closed));
+        assert_eq!(s.try_send_json(Value::Null), Err(SinkError::Closed));
+    }
+
+    #[tokio::test]
+    async fn a_waiting_send_fails_as_soon_as_the_socket_closes() {
+        let (s, _rx) = sink(1);
+        s.try_send(event()).unwrap();
+        let waiting = s.send(event());
+        let closer = s.clone();
+        let (r, ()) = tokio::join!(waiting, async move { closer.close() });
+        assert_eq!(r, Err(SinkError::Closed));
+    }
+
+    #[test]
+    fn close_reasons_are_cut_on_a_char_boundary() {
+        let Message::Close(Some(f)) = close_frame(1009, "é".repeat(100)) else {
+            panic!("not a close frame")
+        };
+        assert!(f.reason.as_str().len() <= 123);
+        assert_eq!(f.code, 1009);
+    }
+}
