@@ -145,7 +145,8 @@ pub fn render_result(id: &Value, result: &Result<ToolOutput, DispatchError>) -> 
 }
 
 /// The JSON-RPC error response for a request [`parse_call`] refused: `-32601` when
-/// the method is not `tools/call`, `-32602` for bad `params`, `-32600` otherwise.
+/// the method is not `tools/call`, `-32602` for missing or bad `params`, `-32600`
+/// otherwise.
 /// Pass `Value::Null` as `id` when the request's id could not be read.
 pub fn error_response(id: &Value, error: &ProviderError) -> Value {
     let path = match error {
@@ -154,9 +155,16 @@ pub fn error_response(id: &Value, error: &ProviderError) -> Value {
         | ProviderError::UnexpectedValue { path, .. } => path.as_str(),
         ProviderError::UnsupportedSchema { .. } => "",
     };
+    let missing_params = matches!(
+        error,
+        ProviderError::MissingField {
+            field: "params",
+            ..
+        }
+    );
     let code = if path == "$.method" {
         METHOD_NOT_FOUND
-    } else if path.starts_with("$.params") {
+    } else if missing_params || path.starts_with("$.params") {
         INVALID_PARAMS
     } else {
         INVALID_REQUEST
