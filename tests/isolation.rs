@@ -72,7 +72,7 @@ impl Collector {
     /// Builds the user's dispatcher on `engine` with a fresh sink of kind `i % 2`.
     fn bind(engine: &Engine, user: &str, i: usize) -> (tool_dispatch::Dispatcher, Collector) {
         let d = engine.dispatcher().user(ctx(user));
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             // Small on purpose: the pipeline waits for room now and then.
             let (tx, mut rx) = mpsc::channel::<Event>(4);
             let drain = tokio::spawn(async move {
