@@ -770,3 +770,61 @@ fn mcp_progress_notification() {
         &mcp::progress_notification(&event, &token),
     );
 }
+
+#[test]
+fn strict_rewrite_of_refs_enums_and_maps() {
+    let schema = json!({
+        "type": "object",
+        "properties": {
+            "home": {"$ref": "#/$defs/Loc", "description": "Where you live."},
+            "mode": {"type": "string", "enum": ["fast", "slow"], "default": "fast"},
+            "op": {"oneOf": [{"type": "object", "properties": {"a": {"type": "integer", "format": "int64"}}, "required": ["a"]}]},
+            "when": {"type": "string", "format": "date-time"},
+            "extra": {"type": "object", "additionalProperties": {"type": "integer"}}
+        },
+        "required": ["home"],
+        "$defs": {"Loc": {"type": "object", "properties": {"lat": {"type": "number"}}}}
+    });
+    let s = openai::strict_schema(&schema);
+    assert_eq!(
+        s["properties"]["home"],
+        json!({"anyOf": [{"$ref": "#/$defs/Loc"}], "description": "Where you live."})
+    );
+    assert_eq!(
+        s["properties"]["mode"],
+        json!({"anyOf": [{"type": "string", "enum": ["fast", "slow"]}, {"type": "null"}]})
+    );
+    let op = &s["properties"]["op"]["anyOf"];
+    assert_eq!(
+        op[0]["properties"]["a"],
+        json!({"type": "integer"}),
+        "number formats dropped"
+    );
+    assert_eq!(op[0]["additionalProperties"], false);
+    assert_eq!(op[1], json!({"type": "null"}), "optional became nullable");
+    assert_eq!(
+        s["properties"]["when"]["format"], "date-time",
+        "supported formats kept"
+    );
+    assert_eq!(s["properties"]["extra"]["additionalProperties"], false);
+    assert_eq!(s["$defs"]["Loc"]["required"], json!(["lat"]));
+    assert_eq!(
+        s["required"],
+        json!(["extra", "home", "mode", "op", "when"])
+    );
+}
+
+#[tokio::test]
+async fn strict_nulls_for_optional_fields_dispatch() {
+    // In strict mode the model sends `null` for an `Option` it leaves out.
+    let sink = RecordingSink::new();
+    let (_engine, d) = dispatcher(&sink);
+    let message = json!({"role": "assistant", "tool_calls": [{
+        "id": "call_1", "type": "function",
+        "function": {"name": "search_docs", "arguments": "{\"query\":\"refunds\",\"filter\":null,\"limit\":null}"}
+    }]});
+    let calls = openai::parse_calls(&message).expect("parse");
+    let results = d.dispatch_all(calls.clone()).await;
+    let out = openai::render_results(&calls, &results);
+    assert_eq!(out[0]["content"], "3 documents match \"refunds\"");
+}

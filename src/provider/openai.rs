@@ -241,7 +241,10 @@ fn make_nullable(v: &mut Value) {
         _ => {
             let description = o.remove("description");
             let inner = std::mem::take(o);
-            o.insert("anyOf".into(), json!([Value::Object(inner), null]));
+            o.insert(
+                "anyOf".into(),
+                Value::Array(vec![Value::Object(inner), null]),
+            );
             if let Some(d) = description {
                 o.insert("description".into(), d);
             }
