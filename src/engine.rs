@@ -373,7 +373,7 @@ impl Engine {
                     Ok(out) => {
                         probe_latency_ms = Some(started.elapsed().as_secs_f64() * 1e3);
                         let events = recording.events();
-                        processing_verified = out.value == Value::from(7u64)
+                        processing_verified = out.value == 7u64
                             && events.len() == 2
                             && events.iter().all(|e| e.call_id() == Some(&*out.call_id));
                         if !processing_verified {
@@ -465,6 +465,24 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "non-string panic payload".into())
 }
 
+/// `call_{prefix:08x}{n:x}` without the formatting machinery (it is on every call).
+fn generated_id(prefix: u32, n: u64) -> Arc<str> {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut buf = [0u8; 5 + 8 + 16];
+    buf[..5].copy_from_slice(b"call_");
+    for (i, b) in buf[5..13].iter_mut().enumerate() {
+        *b = HEX[((prefix >> (28 - 4 * i)) & 0xf) as usize];
+    }
+    let digits = (64 - n.leading_zeros() as usize).div_ceil(4).max(1);
+    for (i, b) in buf[13..13 + digits].iter_mut().enumerate() {
+        *b = HEX[((n >> (4 * (digits - 1 - i))) & 0xf) as usize];
+    }
+    match std::str::from_utf8(&buf[..13 + digits]) {
+        Ok(s) => Arc::from(s),
+        Err(_) => Arc::from(format!("call_{prefix:08x}{n:x}")), // unreachable: ASCII
+    }
+}
+
 fn cut(s: &str, n: usize) -> String {
     s.chars().take(n).collect()
 }
@@ -479,7 +497,7 @@ impl Shared {
             Some(id) if !id.trim().is_empty() && id.len() <= 256 => Arc::from(id),
             _ => {
                 let n = self.next_id.fetch_add(1, Relaxed);
-                Arc::from(format!("call_{:08x}{n:x}", self.id_prefix))
+                generated_id(self.id_prefix, n)
             }
         }
     }
@@ -524,15 +542,18 @@ impl Shared {
         let span = self.span(&id, &tool, &user.ctx.user_id);
         let mut c = Call::new(self, sink, user, id, tool, span.clone());
         async move {
-            let raw = match &arguments {
+            // What the events show when the call is rejected before parsing; built
+            // only on those paths, so a good call does not copy its arguments.
+            let raw = |a: &Arguments| match a {
                 Arguments::Value(v) => v.clone(),
                 Arguments::Text(t) => Value::String(cut(t, 4096)),
             };
             if !self.accepting.load(Relaxed) {
-                return Err(c.reject(raw, DispatchError::ShuttingDown).await);
+                return Err(c.reject(raw(&arguments), DispatchError::ShuttingDown).await);
             }
             let Some(entry) = entry else {
-                return Err(c.reject(raw, DispatchError::UnknownTool { name: cut(&name, 128) }).await);
+                let err = DispatchError::UnknownTool { name: cut(&name, 128) };
+                return Err(c.reject(raw(&arguments), err).await);
             };
             c.tool_index = Some(entry.index);
             c.sensitive = &entry.settings.sensitive;
@@ -549,13 +570,15 @@ impl Shared {
                         t.len(),
                         self.config.max_argument_bytes
                     );
-                    return Err(c.reject(raw, invalid(".", msg)).await);
+                    let shown = Value::String(cut(&t, 4096));
+                    return Err(c.reject(shown, invalid(".", msg)).await);
                 }
                 Arguments::Text(t) => match serde_json::from_str::<Value>(&t) {
                     Ok(v) => v,
                     Err(e) => {
                         let msg = format!("arguments are not valid JSON: {e}");
-                        return Err(c.reject(raw, invalid(".", msg)).await);
+                        let shown = Value::String(cut(&t, 4096));
+                        return Err(c.reject(shown, invalid(".", msg)).await);
                     }
                 },
             };
@@ -1099,6 +1122,17 @@ impl Drop for Call<'_> {
                     return;
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn generated_ids_match_the_formatted_form() {
+        let cases = [(0u32, 0u64), (0xdead_beef, 1), (1, 0xf), (0x10, 0x10), (u32::MAX, u64::MAX)];
+        for (p, n) in cases {
+            assert_eq!(&*super::generated_id(p, n), format!("call_{p:08x}{n:x}"));
         }
     }
 }

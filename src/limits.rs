@@ -236,9 +236,11 @@ impl UserState {
 
 const SHARDS: usize = 32;
 
+type Shard = Mutex<HashMap<Arc<str>, Arc<UserState>>>;
+
 /// The per-user states, sharded; idle users are swept away.
 pub(crate) struct Users {
-    shards: Box<[Mutex<HashMap<Arc<str>, Arc<UserState>>>]>,
+    shards: Box<[Shard]>,
     hasher: RandomState,
     binds: AtomicUsize,
     epoch: Instant,
@@ -258,7 +260,7 @@ impl Users {
         u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
     }
 
-    fn shard(&self, user_id: &str) -> &Mutex<HashMap<Arc<str>, Arc<UserState>>> {
+    fn shard(&self, user_id: &str) -> &Shard {
         &self.shards[self.hasher.hash_one(user_id) as usize % SHARDS]
     }
 

@@ -34,6 +34,9 @@ pub type SendFuture<'a> = Pin<Box<dyn Future<Output = Result<(), SinkError>> + S
 )]
 pub trait EventSink: Send + Sync + 'static {
     /// Delivers `event` without waiting, or hands it back.
+    // The event comes back by value so the caller can wait and retry without an
+    // allocation on the hot path.
+    #[allow(clippy::result_large_err)]
     fn try_send(&self, event: Event) -> Result<(), TrySendError>;
 
     /// Delivers `event`, waiting for room if the queue is full. The default waits for
