@@ -1,0 +1,159 @@
+#!/usr/bin/env python3
+"""An independent client for the chat_server example, written against its documented
+protocol with the `websockets` package (PyPI), not against this project's code.
+
+Usage: python_client.py ws://127.0.0.1:PORT
+Exits 0 when every check passes, 1 (with the failed check) otherwise.
+"""
+import asyncio
+import json
+import sys
+
+import websockets
+
+try:  # websockets >= 13
+    from websockets.asyncio.client import connect
+except ImportError:  # pragma: no cover - older releases
+    from websockets import connect
+
+TIMEOUT = 30  # seconds; a bound on a stuck server, not a performance threshold
+
+
+async def recv_json(ws):
+    raw = await asyncio.wait_for(ws.recv(), TIMEOUT)
+    assert isinstance(raw, str), f"expected a text frame, got {type(raw).__name__}"
+    return json.loads(raw)
+
+
+async def until_results(ws):
+    seen = []
+    while True:
+        msg = await recv_json(ws)
+        seen.append(msg)
+        if msg["type"] == "tool_results":
+            return seen
+
+
+def check_pairing(msgs, user):
+    """One tool_executing, then progress, then one tool_completed per call id."""
+    state = {}
+    for m in msgs:
+        kind = m["type"]
+        if kind not in ("tool_executing", "tool_progress", "tool_completed"):
+            continue
+        assert m["user_id"] == user, f"event for another user: {m}"
+        prev = state.get(m["call_id"])
+        if kind == "tool_executing":
+            assert prev is None, f"duplicate tool_executing: {m}"
+        else:
+            assert prev in ("tool_executing", "tool_progress"), f"{kind} out of order after {prev}: {m}"
+        state[m["call_id"]] = kind
+    assert state, "no tool events at all"
+    for call_id, last in state.items():
+        assert last == "tool_completed", f"{call_id} never completed"
+    return state
+
+
+def completed(msgs, call_id):
+    for m in msgs:
+        if m["type"] == "tool_completed" and m["call_id"] == call_id:
+            return m
+    raise AssertionError(f"no tool_completed for {call_id}")
+
+
+async def main(base):
+    checks = 0
+    async with connect(f"{base}/ws?token=alice-token", max_size=2**20) as ws:
+        ready = await recv_json(ws)
+        assert ready["type"] == "ready" and ready["user_id"] == "alice", ready
+        assert "get_weather" in ready["tools"], ready
+        checks += 1
+
+        # OpenAI Chat Completions shape: arguments are a JSON string.
+        await ws.send(json.dumps({
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "call_py_1", "type": "function",
+                 "function": {"name": "get_weather",
+                              "arguments": json.dumps({"city": "Paris", "api_key": "sk-py-secret"})}},
+                {"id": "call_py_2", "type": "function",
+                 "function": {"name": "slow_task", "arguments": json.dumps({"steps": 2, "step_ms": 10})}},
+            ],
+        }))
+        msgs = await until_results(ws)
+        check_pairing(msgs, "alice")
+        executing = [m for m in msgs if m["type"] == "tool_executing" and m["call_id"] == "call_py_1"][0]
+        assert executing["parameters"]["api_key"] == "[REDACTED]", executing
+        assert "sk-py-secret" not in json.dumps(msgs), "the secret leaked into the stream"
+        assert completed(msgs, "call_py_1")["status"] == "success"
+        assert completed(msgs, "call_py_1")["result"]["temp_c"] == 21.0
+        assert completed(msgs, "call_py_2")["status"] == "success"
+        assert sum(1 for m in msgs if m["type"] == "tool_progress" and m["call_id"] == "call_py_2") == 2
+        results = msgs[-1]
+        assert results["format"] == "openai", results
+        tool_msgs = results["results"]
+        assert [m["role"] for m in tool_msgs] == ["tool", "tool"], tool_msgs
+        assert [m["tool_call_id"] for m in tool_msgs] == ["call_py_1", "call_py_2"], tool_msgs
+        assert json.loads(tool_msgs[0]["content"])["city"] == "Paris", tool_msgs
+        checks += 1
+
+        # Anthropic Messages shape: input is an object; one call is invalid.
+        await ws.send(json.dumps({
+            "role": "assistant",
+            "content": [
+                {"type": "text", "text": "Let me look that up."},
+                {"type": "tool_use", "id": "toolu_py_1", "name": "get_weather", "input": {"city": "Tokyo"}},
+                {"type": "tool_use", "id": "toolu_py_2", "name": "get_weather", "input": {"town": "Oslo"}},
+            ],
+        }))
+        msgs = await until_results(ws)
+        check_pairing(msgs, "alice")
+        assert completed(msgs, "toolu_py_1")["status"] == "success"
+        assert completed(msgs, "toolu_py_2")["status"] == "invalid_input"
+        results = msgs[-1]
+        assert results["format"] == "anthropic", results
+        message = results["results"]
+        assert message["role"] == "user", message
+        blocks = message["content"]
+        assert [b["type"] for b in blocks] == ["tool_result", "tool_result"], blocks
+        assert [b["tool_use_id"] for b in blocks] == ["toolu_py_1", "toolu_py_2"], blocks
+        assert not blocks[0].get("is_error", False), blocks[0]
+        assert blocks[1]["is_error"] is True, blocks[1]
+        checks += 1
+
+        # A malformed message gets an error message; the connection stays usable.
+        await ws.send("{ definitely not json")
+        err = await recv_json(ws)
+        assert err["type"] == "error" and "malformed" in err["error"], err
+        await ws.send(json.dumps({"role": "assistant", "tool_calls": [
+            {"id": "call_py_3", "type": "function",
+             "function": {"name": "get_weather", "arguments": "{\"city\": \"London\"}"}}]}))
+        msgs = await until_results(ws)
+        assert completed(msgs, "call_py_3")["status"] == "success"
+        checks += 1
+
+    # An unknown token is refused before the upgrade.
+    try:
+        async with connect(f"{base}/ws?token=mallory") as ws:
+            raise AssertionError("an unknown token was accepted")
+    except websockets.exceptions.InvalidStatus as e:  # websockets >= 14
+        assert e.response.status_code == 401, e
+    except getattr(websockets.exceptions, "InvalidStatusCode", ()) as e:  # older
+        assert e.status_code == 401, e
+    checks += 1
+
+    print(f"python client (websockets {websockets.__version__}): {checks} checks passed")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        print(__doc__, file=sys.stderr)
+        sys.exit(2)
+    try:
+        asyncio.run(main(sys.argv[1].rstrip("/")))
+    except Exception as e:  # noqa: BLE001 - any failure fails the run
+        import traceback
+        traceback.print_exc()
+        print(f"python client: FAILED: {e!r}", file=sys.stderr)
+        sys.exit(1)
