@@ -483,6 +483,23 @@ fn generated_id(prefix: u32, n: u64) -> Arc<str> {
     }
 }
 
+/// JSON-text arguments as the events of a call rejected before parsing show them:
+/// parsed, so that redaction applies, when they parse.
+fn shown_text(t: &str, max_bytes: usize) -> Value {
+    if t.len() <= max_bytes
+        && let Ok(v) = serde_json::from_str::<Value>(t)
+    {
+        return v;
+    }
+    hidden_text(t)
+}
+
+/// Arguments that cannot be redacted (not JSON, or too large to parse) are not
+/// shown in events: a secret in them could not be found.
+fn hidden_text(t: &str) -> Value {
+    Value::String(format!("[{} bytes of unparsed arguments, not shown]", t.len()))
+}
+
 fn cut(s: &str, n: usize) -> String {
     s.chars().take(n).collect()
 }
@@ -546,7 +563,7 @@ impl Shared {
             // only on those paths, so a good call does not copy its arguments.
             let raw = |a: &Arguments| match a {
                 Arguments::Value(v) => v.clone(),
-                Arguments::Text(t) => Value::String(cut(t, 4096)),
+                Arguments::Text(t) => shown_text(t, self.config.max_argument_bytes),
             };
             if !self.accepting.load(Relaxed) {
                 return Err(c.reject(raw(&arguments), DispatchError::ShuttingDown).await);
@@ -570,15 +587,13 @@ impl Shared {
                         t.len(),
                         self.config.max_argument_bytes
                     );
-                    let shown = Value::String(cut(&t, 4096));
-                    return Err(c.reject(shown, invalid(".", msg)).await);
+                    return Err(c.reject(hidden_text(&t), invalid(".", msg)).await);
                 }
                 Arguments::Text(t) => match serde_json::from_str::<Value>(&t) {
                     Ok(v) => v,
                     Err(e) => {
                         let msg = format!("arguments are not valid JSON: {e}");
-                        let shown = Value::String(cut(&t, 4096));
-                        return Err(c.reject(shown, invalid(".", msg)).await);
+                        return Err(c.reject(hidden_text(&t), invalid(".", msg)).await);
                     }
                 },
             };
