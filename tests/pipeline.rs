@@ -78,6 +78,40 @@ fn engine_with(registry: Registry) -> Engine {
     Engine::builder(registry).build()
 }
 
+// ---------------------------------------------------------------- basics
+
+#[tokio::test]
+async fn every_call_streams_one_pair_whatever_its_outcome() {
+    let engine = engine_with(Registry::builder().tool(echo()).build().unwrap());
+    let sink = RecordingSink::new();
+    let d = dispatcher(&engine, sink.clone(), "alice");
+
+    let out = d
+        .dispatch(ToolCall::new("echo", json!("hi")))
+        .await
+        .unwrap();
+    assert_eq!(out.value, json!("hi"));
+    let e = d
+        .dispatch(ToolCall::new("nope", json!("hi")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Status::UnknownTool);
+    let e = d
+        .dispatch(ToolCall::from_text("echo", "{bad"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Status::InvalidInput);
+
+    let events = sink.take();
+    let statuses: Vec<Status> = events.chunks(2).map(|p| pair(p).status).collect();
+    assert_eq!(
+        statuses,
+        [Status::Success, Status::UnknownTool, Status::InvalidInput]
+    );
+    let m = engine.metrics();
+    assert_eq!((m.total, m.active), (3, 0));
+}
+
 // ---------------------------------------------------------------- timeouts
 
 #[tokio::test(start_paused = true)]
