@@ -558,6 +558,7 @@ pub fn port_from(
     env: Option<String>,
 ) -> Result<u16, String> {
     let mut args = args.into_iter();
+    let mut port = None;
     while let Some(a) = args.next() {
         let v = if a == "--port" {
             args.next().ok_or("--port needs a value")?
@@ -568,7 +569,10 @@ pub fn port_from(
                 "unknown argument `{a}`; usage: chat_server [--port N]"
             ));
         };
-        return v.parse().map_err(|e| format!("bad port `{v}`: {e}"));
+        port = Some(v.parse().map_err(|e| format!("bad port `{v}`: {e}"))?);
+    }
+    if let Some(p) = port {
+        return Ok(p);
     }
     match env {
         Some(v) => v.parse().map_err(|e| format!("bad PORT `{v}`: {e}")),

@@ -513,3 +513,24 @@ async fn a_client_that_stops_reading_fills_only_its_own_bounded_queue() {
     );
     drop(stalled);
 }
+
+#[test]
+fn the_port_comes_from_the_flag_then_the_environment_then_3000() {
+    let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        chat_server::port_from(args(&["--port", "0"]), Some("9".into())),
+        Ok(0)
+    );
+    assert_eq!(
+        chat_server::port_from(args(&["--port=4001"]), None),
+        Ok(4001)
+    );
+    assert_eq!(
+        chat_server::port_from(args(&[]), Some("8080".into())),
+        Ok(8080)
+    );
+    assert_eq!(chat_server::port_from(args(&[]), None), Ok(3000));
+    assert!(chat_server::port_from(args(&["--port"]), None).is_err());
+    assert!(chat_server::port_from(args(&["--verbose"]), None).is_err());
+    assert!(chat_server::port_from(args(&[]), Some("http".into())).is_err());
+}
