@@ -193,7 +193,7 @@ impl Leader<'_> {
             key,
             Slot::Ready {
                 value,
-                expires: now + ttl,
+                expires: crate::limits::deadline(now, ttl),
                 size,
                 seq,
             },

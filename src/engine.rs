@@ -290,7 +290,7 @@ impl Engine {
                 (u, before)
             })
             .collect();
-        let deadline = Instant::now() + grace;
+        let deadline = crate::limits::deadline(Instant::now(), grace);
         if !self.wait_idle(Some(deadline)).await {
             s.root.cancel();
             // Cancelled calls end at their next await; a custom policy or a full sink
@@ -885,7 +885,7 @@ impl<'a> Call<'a> {
     where
         F: Future<Output = Result<O, ToolError>> + Send,
     {
-        let until = self.start + self.shared.config.limits.max_wait;
+        let until = crate::limits::deadline(self.start, self.shared.config.limits.max_wait);
         self.execute_with_wait(entry, args, timeout, fut, to_value, from_value, until)
             .await
     }
@@ -1063,7 +1063,7 @@ impl<'a> Call<'a> {
         timeout: Duration,
         body: impl Future<Output = Result<Ran<O>, ToolError>>,
     ) -> Result<Ran<O>, DispatchError> {
-        let deadline = self.start + timeout;
+        let deadline = crate::limits::deadline(self.start, timeout);
         tokio::select! {
             biased;
             _ = self.token.cancelled() => Err(self.cancelled()),

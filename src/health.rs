@@ -116,7 +116,7 @@ impl BlockingJobs {
         let mut v: Vec<StuckCall> = self
             .lock()
             .values()
-            .filter(|j| now.saturating_duration_since(j.started) > j.timeout * 2)
+            .filter(|j| now.saturating_duration_since(j.started) > j.timeout.saturating_mul(2))
             .map(|j| StuckCall {
                 call_id: j.call_id.to_string(),
                 tool_name: j.tool.to_string(),

@@ -133,9 +133,10 @@ impl Default for Limits {
 }
 
 impl Limits {
-    /// Concurrent calls across all users (default 100).
+    /// Concurrent calls across all users (default 100; at least 1, at most
+    /// [`Semaphore::MAX_PERMITS`]).
     pub fn global(mut self, n: usize) -> Self {
-        self.global = n.max(1);
+        self.global = n.clamp(1, Semaphore::MAX_PERMITS);
         self
     }
 
@@ -282,7 +283,7 @@ impl Users {
         let limits = resolver(ctx);
         let state = Arc::new(UserState {
             user_id: ctx.user_id.clone(),
-            slots: Semaphore::new(limits.concurrency.max(1)),
+            slots: Semaphore::new(limits.concurrency.clamp(1, Semaphore::MAX_PERMITS)),
             rate: limits.rate.map(Gcra::new),
             cancel: Mutex::new(token()),
             active: AtomicUsize::new(0),
@@ -342,6 +343,15 @@ impl Users {
             .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).len())
             .sum()
     }
+}
+
+/// `start + d`, or a point about 30 years later when that would overflow: a huge
+/// timeout or wait means "no limit", never a panic.
+pub(crate) fn deadline(start: Instant, d: Duration) -> Instant {
+    start
+        .checked_add(d)
+        .or_else(|| start.checked_add(Duration::from_secs(86_400 * 365 * 30)))
+        .unwrap_or(start)
 }
 
 /// Takes a permit at once if one is free, else waits until `until`.

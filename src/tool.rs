@@ -134,7 +134,7 @@ impl ToolSettings {
 
     /// At most `n` calls of this tool run at once, across all users.
     pub fn max_concurrency(mut self, n: usize) -> Self {
-        self.max_concurrency = Some(n.max(1));
+        self.max_concurrency = Some(n.clamp(1, tokio::sync::Semaphore::MAX_PERMITS));
         self
     }
 

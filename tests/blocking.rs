@@ -265,3 +265,24 @@ async fn cancelling_a_user_ends_their_blocking_call_for_the_caller() {
     release_tx.send(()).unwrap();
     assert!(until_no_stuck(&engine).await);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_blocking_call_without_a_real_timeout_is_never_stuck_and_health_does_not_panic() {
+    let (release_tx, release_rx) = std_mpsc::channel::<()>();
+    let release = Release(Arc::new(Mutex::new(release_rx)));
+    let (tx, mut started) = mpsc::unbounded_channel();
+    let engine = engine(&release, tx);
+    let d = engine
+        .dispatcher()
+        .sink(RecordingSink::new())
+        .user(user("alice"));
+    let call = ToolCall::new("stubborn", json!("forever")).with_timeout(Duration::MAX);
+    let h = tokio::spawn(async move { d.dispatch(call).await });
+    started.recv().await.unwrap();
+    tokio::time::advance(Duration::from_secs(86_400)).await;
+    let health = engine.health().await;
+    assert!(health.stuck_calls.is_empty());
+    assert_eq!(health.active_calls, 1);
+    release_tx.send(()).unwrap();
+    assert_eq!(h.await.unwrap().unwrap().value, json!("forever"));
+}

@@ -543,3 +543,31 @@ async fn typed_calls_of_cacheable_tools_hit_and_come_back_typed() {
     assert_paired(&sink);
     assert_eq!(completions(&sink).iter().filter(|c| c.cached).count(), 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_huge_ttl_means_forever_not_a_panic() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let settings = ToolSettings::new()
+        .cache(Duration::MAX)
+        .max_concurrency(usize::MAX);
+    let reg = Registry::builder()
+        .tool(lookup("lookup", &runs, settings))
+        .build()
+        .unwrap();
+    let engine = Engine::builder(reg).build();
+    let (d, _) = dispatcher(&engine, "alice");
+    assert!(
+        !d.dispatch(ToolCall::new("lookup", json!(1)))
+            .await
+            .unwrap()
+            .cached
+    );
+    tokio::time::advance(Duration::from_secs(86_400 * 365)).await;
+    assert!(
+        d.dispatch(ToolCall::new("lookup", json!(1)))
+            .await
+            .unwrap()
+            .cached
+    );
+    assert_eq!(runs.load(SeqCst), 1);
+}

@@ -550,3 +550,46 @@ async fn users_who_went_away_are_forgotten() {
             .is_ok()
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn extreme_limit_values_are_clamped_not_panics() {
+    // "Unlimited" written as the largest values must not panic anywhere.
+    let limits = Limits::default()
+        .global(usize::MAX)
+        .per_user(UserLimits {
+            concurrency: usize::MAX,
+            rate: Some(Rate::new(u32::MAX, Duration::from_nanos(1)).burst(u32::MAX)),
+        })
+        .max_wait(Duration::MAX);
+    let mut f = fixture(limits);
+    let (alice, _) = f.dispatcher(user("alice"));
+    for i in 0..50 {
+        assert_eq!(
+            alice
+                .dispatch(ToolCall::new("quick", json!(i)))
+                .await
+                .unwrap()
+                .value,
+            json!(i)
+        );
+    }
+    let h = f.hold(&alice, "x").await;
+    let waiting = spawn(&alice, ToolCall::new("narrow", json!(null)));
+    let waiting2 = spawn(&alice, ToolCall::new("narrow", json!(null)));
+    settle().await;
+    f.gate.add_permits(3);
+    h.await.unwrap().unwrap();
+    waiting.await.unwrap().unwrap();
+    waiting2.await.unwrap().unwrap();
+    let health = f.engine.health().await;
+    assert_eq!(health.status, HealthStatus::Healthy, "{health:?}");
+    assert!(f.engine.shutdown(Duration::MAX).await.in_flight == 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_huge_call_timeout_means_no_timeout_not_a_panic() {
+    let f = fixture(Limits::default());
+    let (alice, _) = f.dispatcher(user("alice"));
+    let call = ToolCall::new("quick", json!(1)).with_timeout(Duration::MAX);
+    assert_eq!(alice.dispatch(call).await.unwrap().value, json!(1));
+}
