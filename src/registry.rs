@@ -170,6 +170,11 @@ pub(crate) type Parts = (String, String, ToolSettings, Value, Box<dyn Invoke>);
 
 #[allow(unreachable_pub, private_interfaces)] // sealed: public in a private module on purpose
 mod sealed {
+    #[diagnostic::on_unimplemented(
+        message = "`{Self}` is not a tool",
+        label = "`IntoTool` is sealed",
+        note = "implement `tool_dispatch::Tool` for it, or wrap a closure with `tool_fn`; `IntoTool` comes with it"
+    )]
     pub trait Sealed {
         fn into_parts(self) -> super::Parts;
     }

@@ -21,10 +21,18 @@ mod sealed {
     )]
     pub trait Sealed {}
 
+    #[diagnostic::on_unimplemented(
+        message = "`{Self}` is not a tool-dispatch state marker",
+        note = "the typestate markers are sealed; only `.sink(..)` makes a `WithSink`"
+    )]
     pub trait SinkAccess {
         fn sink(&self) -> &Arc<dyn EventSink>;
     }
 
+    #[diagnostic::on_unimplemented(
+        message = "`{Self}` is not a tool-dispatch state marker",
+        note = "the typestate markers are sealed; only `.user(..)` makes a `WithUser`"
+    )]
     pub trait UserAccess {
         fn user(&self) -> &WithUser;
     }
