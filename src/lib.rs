@@ -67,4 +67,38 @@ mod assertions {
     fn batch_future_is_send(d: &Dispatcher, c: Vec<ToolCall>) -> impl Send + '_ {
         d.dispatch_all(c)
     }
+
+    // Every public typestate, in every combination a builder passes through.
+    assert_impl_all!(NoSink: Send, Sync, Clone, Copy);
+    assert_impl_all!(NoUser: Send, Sync, Clone, Copy);
+    assert_impl_all!(WithSink: Send, Sync, Clone);
+    assert_impl_all!(WithUser: Send, Sync, Clone);
+    assert_impl_all!(state::Open: Send, Sync, Clone, Copy);
+    assert_impl_all!(state::Frozen: Send, Sync, Clone, Copy);
+    assert_impl_all!(Registry<state::Open>: Send, Sync);
+    assert_impl_all!(EngineBuilder: Send);
+    assert_impl_all!(ToolCall: Send, Sync, Clone);
+    assert_impl_all!(ToolOutput: Send, Sync, Clone);
+    assert_impl_all!(std::sync::Arc<dyn EventSink>: Send, Sync, EventSink);
+
+    /// A typed call, before and after `.into_future()`, is `Send` for every tool.
+    #[allow(dead_code)]
+    fn typed_call_is_send<T: Tool>(d: &Dispatcher, input: T::Input) -> impl Send + '_ {
+        d.call::<T>(input)
+    }
+
+    #[allow(dead_code)]
+    fn typed_call_future_is_send<T: Tool>(d: &Dispatcher, input: T::Input) -> impl Send + '_ {
+        std::future::IntoFuture::into_future(d.call::<T>(input))
+    }
+
+    #[allow(dead_code)]
+    fn notify_future_is_send(d: &Dispatcher, u: AgentUpdate) -> impl Send + '_ {
+        d.notify(u)
+    }
+
+    #[allow(dead_code)]
+    fn shutdown_future_is_send(e: &Engine) -> impl Send + '_ {
+        e.shutdown(std::time::Duration::ZERO)
+    }
 }
