@@ -1,0 +1,9 @@
+// expected: `Forged` is not a tool-dispatch state marker
+// Implementing the sealed marker trait `HasSink` outside the crate, to forge a state.
+use tool_dispatch::state::HasSink;
+
+struct Forged;
+
+impl HasSink for Forged {}
+
+fn main() {}

@@ -1,0 +1,9 @@
+// expected: `Forged` is not a tool
+// Implementing the sealed `IntoTool` trait by hand instead of `Tool`.
+use tool_dispatch::registry::IntoTool;
+
+struct Forged;
+
+impl IntoTool for Forged {}
+
+fn main() {}

@@ -1,0 +1,11 @@
+// expected: this registry is frozen: tools can only be added before `.build()`
+// Adding a tool after `.build()`: the registry is already shared by every request.
+use tool_dispatch::{Registry, ToolError, tool_fn};
+
+fn main() {
+    let echo = tool_fn("echo", "Echoes its input.", |s: String, _cx| async move {
+        Ok::<_, ToolError>(s)
+    });
+    let registry = Registry::builder().build().unwrap();
+    let _registry = registry.tool(echo);
+}
