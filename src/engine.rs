@@ -179,7 +179,7 @@ fn probe_entry() -> Arc<Entry> {
         .and_then(|e| Arc::try_unwrap(e).ok());
     match entry {
         Some(mut e) => {
-            e.index = usize::MAX; // not counted per tool
+            e.index = crate::metrics::PROBE_INDEX; // not counted as a call
             Arc::new(e)
         }
         None => unreachable!("the probe tool is valid"),
@@ -661,7 +661,7 @@ impl Shared {
         let entry = &self.probe;
         let id = self.call_id(None);
         let mut c = Call::new(self, sink, user, id, entry.name.clone(), tracing::Span::none());
-        c.tool_index = None;
+        c.tool_index = Some(crate::metrics::PROBE_INDEX); // not counted in the totals
         let args = Value::from(7u64);
         let timeout = Duration::from_secs(5);
         let fut = match entry.invoker.invoke(&args, c.context(entry, timeout)) {

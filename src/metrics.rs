@@ -49,6 +49,9 @@ pub(crate) struct ToolMetrics {
     latency: Histogram,
 }
 
+/// The tool index of the built-in health probe.
+pub(crate) const PROBE_INDEX: usize = usize::MAX;
+
 /// The engine's live counters.
 pub(crate) struct Metrics {
     by_status: [AtomicU64; Status::ALL.len()],
@@ -83,9 +86,13 @@ impl Metrics {
         self.active.fetch_add(1, Relaxed);
     }
 
-    /// Records one ended call; returns the active count after it.
+    /// Records one ended call; returns the active count after it. The health probe
+    /// ([`PROBE_INDEX`]) is in flight like any call but is not counted as one, so
+    /// probing does not skew the totals.
     pub(crate) fn end(&self, status: Status, tool: Option<usize>, took: Duration) -> usize {
-        self.by_status[status.index()].fetch_add(1, Relaxed);
+        if tool != Some(PROBE_INDEX) {
+            self.by_status[status.index()].fetch_add(1, Relaxed);
+        }
         if let Some(t) = tool.and_then(|i| self.tools.get(i)) {
             t.calls.fetch_add(1, Relaxed);
             if status != Status::Success {
@@ -178,7 +185,8 @@ pub const MAX_REPORTED_USERS: usize = 1000;
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[non_exhaustive]
 pub struct MetricsSnapshot {
-    /// Calls that have ended.
+    /// Calls that have ended (the probe calls of [`Engine::health`](crate::Engine::health)
+    /// are not counted).
     pub total: u64,
     /// Ended calls per status (`"success"`, `"timeout"`, …); every status is present.
     pub by_status: BTreeMap<&'static str, u64>,

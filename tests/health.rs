@@ -153,3 +153,15 @@ async fn an_engine_that_has_shut_down_is_unhealthy() {
     );
     assert_eq!(serde_json::to_value(&h).unwrap()["status"], "unhealthy");
 }
+
+#[tokio::test(start_paused = true)]
+async fn probe_calls_do_not_count_as_user_calls() {
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let engine = engine(&Arc::new(Notify::new()), tx, Limits::default());
+    for _ in 0..3 {
+        engine.health().await;
+    }
+    let m = engine.metrics();
+    assert_eq!((m.total, m.active), (0, 0), "{:?}", m.by_status);
+    assert!(m.tools.iter().all(|t| t.calls == 0));
+}
