@@ -593,3 +593,65 @@ async fn a_huge_call_timeout_means_no_timeout_not_a_panic() {
     let call = ToolCall::new("quick", json!(1)).with_timeout(Duration::MAX);
     assert_eq!(alice.dispatch(call).await.unwrap().value, json!(1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_hold_under_contention_on_a_multi_thread_runtime() {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    // Tracks how many bodies run at once, per user and overall.
+    let now = Arc::new([
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+    ]);
+    let peak = Arc::new([
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+    ]);
+    let (n2, p2) = (Arc::clone(&now), Arc::clone(&peak));
+    let busy = tool_fn("busy", "Yields a while.", move |who: usize, _cx| {
+        let (now, peak) = (Arc::clone(&n2), Arc::clone(&p2));
+        async move {
+            for slot in [who, 2] {
+                let c = now[slot].fetch_add(1, SeqCst) + 1;
+                peak[slot].fetch_max(c, SeqCst);
+            }
+            for _ in 0..20 {
+                tokio::task::yield_now().await;
+            }
+            for slot in [who, 2] {
+                now[slot].fetch_sub(1, SeqCst);
+            }
+            Ok::<_, ToolError>(())
+        }
+    });
+    let reg = Registry::builder().tool(busy).build().unwrap();
+    let limits = Limits::default()
+        .global(7)
+        .per_user(no_rate(4))
+        .max_wait(Duration::from_secs(3600));
+    let engine = Engine::builder(reg).limits(limits).build();
+    let mut tasks = Vec::new();
+    for who in 0..2 {
+        let d = engine
+            .dispatcher()
+            .sink(RecordingSink::new())
+            .user(user(&format!("user{who}")));
+        for _ in 0..200 {
+            let d = d.clone();
+            tasks.push(tokio::spawn(async move {
+                d.dispatch(ToolCall::new("busy", json!(who))).await
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert!(
+        peak[0].load(SeqCst) <= 4 && peak[1].load(SeqCst) <= 4,
+        "{peak:?}"
+    );
+    assert!(peak[2].load(SeqCst) <= 7, "{peak:?}");
+    let m = engine.metrics();
+    assert_eq!((m.total, m.count(Status::Success), m.active), (400, 400, 0));
+}
