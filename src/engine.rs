@@ -828,7 +828,28 @@ impl<'a> Call<'a> {
         let took = self.start.elapsed();
         self.record(status, took);
         let ev = self.completed(status, result, error, cached, took);
-        if let Err(e) = self.deliver(ev).await {
+        let r = match self.sink.try_send(ev) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Closed(_)) => Err(SinkError::Closed),
+            Err(TrySendError::Full(ev)) => {
+                // The call is already counted, so `Drop` will not complete it: if the
+                // caller drops this future while it waits for room, the guard hands
+                // a copy of the event to a task, and the pair still completes.
+                let mut unsent = Unsent {
+                    sink: self.sink,
+                    shared: self.shared,
+                    event: Some(ev.clone()),
+                };
+                let d = self.shared.config.delivery_timeout;
+                let r = match tokio::time::timeout(d, self.sink.send(ev)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(SinkError::TimedOut(d)),
+                };
+                unsent.event = None;
+                r
+            }
+        };
+        if let Err(e) = r {
             self.sink_failed("tool_completed", &e);
         }
     }
@@ -1089,6 +1110,31 @@ impl<'a> Call<'a> {
 enum Ran<O> {
     Fresh(O),
     Cached(Arc<Value>),
+}
+
+/// A `tool_completed` waiting for room in a full queue; delivered by a task if the
+/// waiting future is dropped.
+struct Unsent<'a> {
+    sink: &'a Arc<dyn EventSink>,
+    shared: &'a Arc<Shared>,
+    event: Option<Event>,
+}
+
+impl Drop for Unsent<'_> {
+    fn drop(&mut self) {
+        let Some(ev) = self.event.take() else { return };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            self.shared.metrics.sink_failure();
+            return;
+        };
+        let (sink, shared) = (Arc::clone(self.sink), Arc::clone(self.shared));
+        let d = shared.config.delivery_timeout;
+        rt.spawn(async move {
+            if !matches!(tokio::time::timeout(d, sink.send(ev)).await, Ok(Ok(()))) {
+                shared.metrics.sink_failure();
+            }
+        });
+    }
 }
 
 impl Drop for Call<'_> {
