@@ -447,6 +447,8 @@ struct Call<'a> {
     start: Instant,
     wall: Timestamp,
     phase: Phase,
+    /// Whether the call had to wait for a concurrency slot.
+    waited: bool,
     span: tracing::Span,
 }
 
@@ -701,6 +703,7 @@ impl<'a> Call<'a> {
             start: Instant::now(),
             wall: Timestamp::now(),
             phase: Phase::Fresh,
+            waited: false,
             span,
         }
     }
@@ -875,6 +878,7 @@ impl<'a> Call<'a> {
         if let Ok(p) = sem.try_acquire() {
             return Ok(p);
         }
+        self.waited = true;
         tokio::select! {
             biased;
             _ = self.token.cancelled() => Err(self.cancelled()),
@@ -1085,6 +1089,14 @@ impl<'a> Call<'a> {
         body: impl Future<Output = Result<Ran<O>, ToolError>>,
     ) -> Result<Ran<O>, DispatchError> {
         let deadline = crate::limits::deadline(self.start, timeout);
+        // The timeout counts from dispatch: a call that spent it waiting for a slot
+        // must not start its body at all.
+        if self.waited && Instant::now() >= deadline {
+            return Err(DispatchError::Timeout {
+                tool: entry.name.to_string(),
+                after: timeout,
+            });
+        }
         tokio::select! {
             biased;
             _ = self.token.cancelled() => Err(self.cancelled()),

@@ -519,6 +519,45 @@ async fn a_call_dropped_while_waiting_for_a_slot_is_paired_as_cancelled() {
     assert_eq!(events.len(), 4);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_call_whose_timeout_passes_while_it_waits_for_a_slot_never_starts_its_body() {
+    let (started, dropped) = (Arc::new(Notify::new()), Arc::new(AtomicBool::new(false)));
+    let runs = Arc::new(AtomicUsize::new(0));
+    let limits = Limits::default()
+        .per_user(UserLimits {
+            concurrency: 1,
+            rate: None,
+        })
+        .max_wait(Duration::from_secs(60));
+    let registry = Registry::builder()
+        .tool(hang(&started, &dropped))
+        .tool(counting(
+            "count",
+            &runs,
+            ToolSettings::new().timeout(Duration::from_secs(3)),
+        ))
+        .build()
+        .unwrap();
+    let engine = Engine::builder(registry).limits(limits).build();
+    let sink = RecordingSink::new();
+    let d = dispatcher(&engine, sink.clone(), "alice");
+
+    let holder = ToolCall::new("hang", json!({})).with_timeout(Duration::from_secs(4));
+    let mut first = Box::pin(d.dispatch(holder));
+    tokio::select! {
+        biased;
+        r = &mut first => panic!("hang ended: {r:?}"),
+        () = started.notified() => {}
+    }
+    // The queued call waits 4 s for alice's only slot; its own timeout is 3 s.
+    let (first, second) = tokio::join!(first, d.dispatch(ToolCall::new("count", json!(1))));
+    assert!(matches!(first, Err(DispatchError::Timeout { .. })), "{first:?}");
+    let err = second.expect_err("the queued call timed out while waiting");
+    assert!(matches!(err, DispatchError::Timeout { after, .. } if after == Duration::from_secs(3)));
+    assert_eq!(runs.load(SeqCst), 0, "the body must not start after its deadline");
+    assert_eq!(engine.active(), 0);
+}
+
 // ---------------------------------------------------------------- sink failures
 
 #[tokio::test]
