@@ -9,6 +9,11 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tool_dispatch::*;
 
+/// The tests of this file run one at a time: tracing caches, per call site, whether
+/// any subscriber is interested, and a call site first reached on another thread
+/// while the capturing subscriber is being installed can miss it.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn user(id: &str) -> UserContext {
     UserContext::builder(id).build().expect("valid user id")
 }
@@ -94,6 +99,7 @@ struct Seen {
 
 #[tokio::test(start_paused = true)]
 async fn metrics_stay_consistent_after_100k_mixed_calls() {
+    let _serial = SERIAL.lock().await;
     let engine = mixed_engine();
     let mut seen = Seen::default();
     let sinks: Vec<RecordingSink> = (0..USERS).map(|_| RecordingSink::new()).collect();
@@ -242,6 +248,7 @@ async fn metrics_stay_consistent_after_100k_mixed_calls() {
 
 #[tokio::test(start_paused = true)]
 async fn active_users_are_listed_while_their_calls_run() {
+    let _serial = SERIAL.lock().await;
     let engine = mixed_engine();
     let d = engine
         .dispatcher()
@@ -334,6 +341,7 @@ mod capture {
 
 #[tokio::test(start_paused = true)]
 async fn each_call_gets_one_span_with_genai_fields_status_and_duration() {
+    let _serial = SERIAL.lock().await;
     use tracing_subscriber::layer::SubscriberExt;
     let capture = capture::Capture::default();
     let subscriber = tracing_subscriber::registry().with(capture.clone());
