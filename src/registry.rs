@@ -284,6 +284,7 @@ impl<S> std::fmt::Debug for Registry<S> {
 
 impl Registry<Open> {
     /// An empty, open registry.
+    #[must_use = "a registry builder does nothing until `.build()` is called"]
     pub fn builder() -> Registry<Open> {
         Registry {
             entries: Vec::new(),
@@ -309,6 +310,7 @@ impl Registry<Open> {
 
 impl<S> Registry<S> {
     /// Adds a tool. Only an open registry (`Registry::builder()`) takes tools.
+    #[must_use = "a registry builder does nothing until `.build()` is called"]
     pub fn tool(mut self, tool: impl IntoTool) -> Self
     where
         S: Unfrozen,

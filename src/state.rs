@@ -17,7 +17,7 @@ mod sealed {
 
     #[diagnostic::on_unimplemented(
         message = "`{Self}` is not a tool-dispatch state marker",
-        note = "the typestate markers are sealed; build a dispatcher with `engine.dispatcher().sink(..).user(..)`"
+        note = "the typestate markers are sealed: only tool-dispatch implements them; dispatchers come from `engine.dispatcher().sink(..).user(..)`, registries from `Registry::builder()`"
     )]
     pub trait Sealed {}
 

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 /// The number of compile-fail cases may grow, never shrink silently: raise this when
 /// adding cases, and only lower it together with the design's misuse table.
-const MIN_FAIL_CASES: usize = 31;
+const MIN_FAIL_CASES: usize = 32;
 
 /// Sources whose `#[diagnostic::on_unimplemented]` messages the cases prove.
 const DIAGNOSTIC_SOURCES: &[&str] = &["src/state.rs", "src/sink.rs", "src/registry.rs"];
