@@ -42,7 +42,9 @@ impl Tool for GetWeather {
     }
 
     fn settings(&self) -> ToolSettings {
-        ToolSettings::new().scope("weather:read").sensitive("api_key")
+        ToolSettings::new()
+            .scope("weather:read")
+            .sensitive("api_key")
     }
 
     async fn call(&self, input: WeatherIn, cx: ToolContext) -> Result<WeatherOut, ToolError> {
@@ -57,10 +59,14 @@ impl Tool for GetWeather {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let slow = tool_fn("slow_report", "Takes its time.", |secs: u64, _cx| async move {
-        tokio::time::sleep(Duration::from_secs(secs)).await;
-        Ok::<_, ToolError>("done")
-    })
+    let slow = tool_fn(
+        "slow_report",
+        "Takes its time.",
+        |secs: u64, _cx| async move {
+            tokio::time::sleep(Duration::from_secs(secs)).await;
+            Ok::<_, ToolError>("done")
+        },
+    )
     .settings(ToolSettings::new().timeout(Duration::from_millis(200)));
     let registry = Registry::builder().tool(GetWeather).tool(slow).build()?;
     let engine = Engine::builder(registry).build();
@@ -91,8 +97,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let dispatcher = engine.dispatcher().sink(tx).user(user);
         sessions.push(tokio::spawn(async move {
             let calls = [
-                ToolCall::new("get_weather", json!({"city": "Paris", "api_key": "sk-live-123"}))
-                    .with_id(format!("call_weather_{}", dispatcher.user_context().user_id())),
+                ToolCall::new(
+                    "get_weather",
+                    json!({"city": "Paris", "api_key": "sk-live-123"}),
+                )
+                .with_id(format!(
+                    "call_weather_{}",
+                    dispatcher.user_context().user_id()
+                )),
                 ToolCall::new("get_weather", json!({"city": 42})),
                 ToolCall::new("slow_report", json!(5)),
             ];

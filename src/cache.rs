@@ -200,7 +200,9 @@ impl Leader<'_> {
         );
         // Evict oldest-first until within bounds; stale order entries are skipped.
         while inner.bytes > c.config.max_bytes || inner.ready > c.config.max_entries {
-            let Some((k, s)) = inner.order.pop_front() else { break };
+            let Some((k, s)) = inner.order.pop_front() else {
+                break;
+            };
             if let Some(Slot::Ready { seq, size, .. }) = inner.map.get(&k)
                 && *seq == s
             {

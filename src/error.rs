@@ -82,7 +82,10 @@ pub enum DispatchError {
         message: String,
     },
     /// The permission policy refused the call.
-    #[error("permission denied for `{tool}`{}", missing_text(missing_scopes, reason))]
+    #[error(
+        "permission denied for `{tool}`{}",
+        missing_text(missing_scopes, reason)
+    )]
     PermissionDenied {
         /// The tool.
         tool: String,

@@ -397,7 +397,12 @@ mod tests {
         }
         let t: Timestamp = "2026-11-21T08:00:00Z".parse().unwrap();
         assert_eq!(t.to_string(), "2026-11-21T08:00:00.000Z");
-        for bad in ["", "2026-13-01T00:00:00Z", "2026-11-21 08:00:00Z", "yesterday at noon!!"] {
+        for bad in [
+            "",
+            "2026-13-01T00:00:00Z",
+            "2026-11-21 08:00:00Z",
+            "yesterday at noon!!",
+        ] {
             assert!(bad.parse::<Timestamp>().is_err(), "{bad}");
         }
     }

@@ -57,7 +57,8 @@ impl Decision {
 pub struct PolicyError(pub String);
 
 /// The future a [`Policy`] returns.
-pub type PolicyFuture<'a> = Pin<Box<dyn Future<Output = Result<Decision, PolicyError>> + Send + 'a>>;
+pub type PolicyFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Decision, PolicyError>> + Send + 'a>>;
 
 /// A permission policy; replaces [`ScopePolicy`] when set on the engine.
 ///

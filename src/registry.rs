@@ -52,23 +52,25 @@ pub(crate) struct InputError {
 
 /// Deserializes from the borrowed value; only on failure runs again to find the path.
 pub(crate) fn parse_input<I: DeserializeOwned>(v: &Value) -> Result<I, InputError> {
-    I::deserialize(v).or_else(|first| match serde_path_to_error::deserialize::<_, I>(v) {
-        Ok(i) => Ok(i),
-        Err(e) => Err(InputError {
-            path: e.path().to_string(),
-            message: e.into_inner().to_string(),
-        }),
-    }
-    .map_err(|e: InputError| {
-        if e.message.is_empty() {
-            InputError {
-                path: ".".into(),
-                message: first.to_string(),
-            }
-        } else {
-            e
+    I::deserialize(v).or_else(|first| {
+        match serde_path_to_error::deserialize::<_, I>(v) {
+            Ok(i) => Ok(i),
+            Err(e) => Err(InputError {
+                path: e.path().to_string(),
+                message: e.into_inner().to_string(),
+            }),
         }
-    }))
+        .map_err(|e: InputError| {
+            if e.message.is_empty() {
+                InputError {
+                    path: ".".into(),
+                    message: first.to_string(),
+                }
+            } else {
+                e
+            }
+        })
+    })
 }
 
 pub(crate) fn to_json<O: serde::Serialize>(out: &O) -> Result<Value, ToolError> {
@@ -94,7 +96,9 @@ impl<T: Tool> Invoke for Typed<T> {
         cx: ToolContext,
     ) -> Result<BoxFut<'_, Result<Value, ToolError>>, InputError> {
         let input = parse_input::<T::Input>(args)?;
-        Ok(Box::pin(async move { to_json(&self.0.call(input, cx).await?) }))
+        Ok(Box::pin(
+            async move { to_json(&self.0.call(input, cx).await?) },
+        ))
     }
     fn as_any(&self) -> &dyn Any {
         self
@@ -116,7 +120,9 @@ where
         let input = parse_input::<I>(args)?;
         // The closure is called when the body is first polled: after the policy, the
         // limits and `tool_executing`, and under the pipeline's panic isolation.
-        Ok(Box::pin(async move { to_json(&(self.f)(input, cx).await?) }))
+        Ok(Box::pin(
+            async move { to_json(&(self.f)(input, cx).await?) },
+        ))
     }
     fn as_any(&self) -> &dyn Any {
         self
@@ -199,7 +205,13 @@ impl<T: Tool> sealed::Sealed for T {
     fn into_parts(self) -> Parts {
         let (desc, settings) = (self.description().to_owned(), self.settings());
         let schema = schema_of::<T::Input>();
-        (T::NAME.to_owned(), desc, settings, schema, Box::new(Typed(self)))
+        (
+            T::NAME.to_owned(),
+            desc,
+            settings,
+            schema,
+            Box::new(Typed(self)),
+        )
     }
 }
 
@@ -277,7 +289,10 @@ pub struct Registry<S = Frozen> {
 impl<S> std::fmt::Debug for Registry<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Registry")
-            .field("tools", &self.entries.iter().map(|e| &*e.name).collect::<Vec<_>>())
+            .field(
+                "tools",
+                &self.entries.iter().map(|e| &*e.name).collect::<Vec<_>>(),
+            )
             .finish()
     }
 }

@@ -214,7 +214,11 @@ impl ToolContext {
     /// update is dropped, counted, and `false` is returned.
     pub fn progress(&self, fraction: f64, message: impl Into<String>) -> bool {
         let message: String = message.into();
-        let fraction = if fraction.is_nan() { 0.0 } else { fraction.clamp(0.0, 1.0) };
+        let fraction = if fraction.is_nan() {
+            0.0
+        } else {
+            fraction.clamp(0.0, 1.0)
+        };
         let event = Event::ToolProgress(ToolProgress {
             call_id: self.call_id.clone(),
             run_id: self.user.run_id.clone(),
@@ -314,13 +318,17 @@ macro_rules! settings_methods {
 
 impl<F, I, O> std::fmt::Debug for FnTool<F, I, O> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FnTool").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("FnTool")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
 impl<F, I, O> std::fmt::Debug for BlockingFnTool<F, I, O> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BlockingFnTool").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("BlockingFnTool")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 

@@ -249,12 +249,24 @@ mod tests {
         assert_eq!(err(""), UserContextError::Empty { field: "user_id" });
         assert_eq!(err("   "), UserContextError::Empty { field: "user_id" });
         assert!(matches!(err("NULL"), UserContextError::Placeholder { .. }));
-        assert!(matches!(err("registry"), UserContextError::Placeholder { .. }));
-        assert!(matches!(err(&"x".repeat(300)), UserContextError::TooLong { len: 300, .. }));
+        assert!(matches!(
+            err("registry"),
+            UserContextError::Placeholder { .. }
+        ));
+        assert!(matches!(
+            err(&"x".repeat(300)),
+            UserContextError::TooLong { len: 300, .. }
+        ));
         assert!(matches!(err(" alice"), UserContextError::Malformed { .. }));
         assert!(matches!(err("al\nice"), UserContextError::Malformed { .. }));
-        let e = UserContext::builder("alice").run_id("none").build().unwrap_err();
-        assert_eq!(e.to_string(), "run_id `none` is a placeholder, not a real identifier");
+        let e = UserContext::builder("alice")
+            .run_id("none")
+            .build()
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "run_id `none` is a placeholder, not a real identifier"
+        );
     }
 
     #[test]

@@ -551,10 +551,17 @@ async fn a_call_whose_timeout_passes_while_it_waits_for_a_slot_never_starts_its_
     }
     // The queued call waits 4 s for alice's only slot; its own timeout is 3 s.
     let (first, second) = tokio::join!(first, d.dispatch(ToolCall::new("count", json!(1))));
-    assert!(matches!(first, Err(DispatchError::Timeout { .. })), "{first:?}");
+    assert!(
+        matches!(first, Err(DispatchError::Timeout { .. })),
+        "{first:?}"
+    );
     let err = second.expect_err("the queued call timed out while waiting");
     assert!(matches!(err, DispatchError::Timeout { after, .. } if after == Duration::from_secs(3)));
-    assert_eq!(runs.load(SeqCst), 0, "the body must not start after its deadline");
+    assert_eq!(
+        runs.load(SeqCst),
+        0,
+        "the body must not start after its deadline"
+    );
     assert_eq!(engine.active(), 0);
 }
 
