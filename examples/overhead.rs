@@ -276,6 +276,8 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 struct Args {
+    /// Only this variant, no multi-thread run (for profiling under callgrind).
+    only: Option<String>,
     rounds: usize,
     calls: u64,
     tasks: usize,
@@ -284,6 +286,7 @@ struct Args {
 
 fn args() -> Args {
     let mut a = Args {
+        only: None,
         rounds: 15,
         calls: 20_000,
         tasks: 8,
@@ -293,6 +296,11 @@ fn args() -> Args {
     let mut i = 0;
     while i < argv.len() {
         let val = argv.get(i + 1).and_then(|s| s.parse::<u64>().ok());
+        if argv[i] == "--only" {
+            a.only = argv.get(i + 1).cloned();
+            i += 2;
+            continue;
+        }
         match (argv[i].as_str(), val) {
             ("--rounds", Some(v)) => a.rounds = v.max(1) as usize,
             ("--calls", Some(v)) => a.calls = v.max(1),
@@ -364,11 +372,37 @@ fn main() {
         Variant::Direct => "direct",
         Variant::Tower => "tower",
     };
+    if let Some(only) = &a.only {
+        let Some(v) = VARIANTS.into_iter().find(|v| name(*v) == only) else {
+            eprintln!("--only takes pipeline, typed, direct or tower");
+            std::process::exit(2);
+        };
+        rt.block_on(async {
+            let engine = engine();
+            let d = dispatcher(&engine, "bench-user");
+            let mut svc = tower_stack();
+            let sink = tower_sink();
+            run(v, 1_000, &d, &mut svc, &sink).await;
+            let took = run(v, a.calls, &d, &mut svc, &sink).await;
+            println!(
+                "{only}: {:.1} ns/call",
+                took.as_nanos() as f64 / a.calls as f64
+            );
+        });
+        return;
+    }
     rt.block_on(async {
         let engine = engine();
         let d = dispatcher(&engine, "bench-user");
         let mut svc = tower_stack();
         let sink = tower_sink();
+        let fut = d.dispatch(ToolCall::new("noop", json!({ "n": 0 })));
+        println!(
+            "sizes: dispatch future {} B, Event {} B",
+            std::mem::size_of_val(&fut),
+            std::mem::size_of::<Event>()
+        );
+        drop(fut);
         // Warm-up round (allocator, caches, channel blocks).
         for v in VARIANTS {
             run(v, a.calls.min(5_000), &d, &mut svc, &sink).await;

@@ -1097,23 +1097,37 @@ impl<'a> Call<'a> {
                 after: timeout,
             });
         }
-        tokio::select! {
-            biased;
-            _ = self.token.cancelled() => Err(self.cancelled()),
-            r = tokio::time::timeout_at(deadline, AssertUnwindSafe(body).catch_unwind()) => match r {
-                Err(_) => Err(DispatchError::Timeout { tool: entry.name.to_string(), after: timeout }),
-                Ok(Err(panic)) => {
-                    let detail = panic_message(&*panic);
-                    tracing::error!(call_id = %self.id, tool = %entry.name, panic = %detail, "tool panicked");
-                    Err(DispatchError::Panicked { tool: entry.name.to_string(), detail })
-                }
-                Ok(Ok(Err(e))) => Err(DispatchError::ToolFailed {
-                    tool: entry.name.to_string(),
-                    retryable: e.is_retryable(),
-                    message: e.message().to_owned(),
-                }),
-                Ok(Ok(Ok(ran))) => Ok(ran),
+        // Cancellation is checked before the body starts, and before every later
+        // poll of it, as a biased select would; but the cancellation waiter is only
+        // registered when the body does not finish in its first poll, which spares
+        // a ready tool two lock round trips.
+        if self.token.is_cancelled() {
+            return Err(self.cancelled());
+        }
+        let body = tokio::time::timeout_at(deadline, AssertUnwindSafe(body).catch_unwind());
+        let mut body = std::pin::pin!(body);
+        let first = std::future::poll_fn(|cx| std::task::Poll::Ready(body.as_mut().poll(cx))).await;
+        let r = match first {
+            std::task::Poll::Ready(r) => r,
+            std::task::Poll::Pending => tokio::select! {
+                biased;
+                _ = self.token.cancelled() => return Err(self.cancelled()),
+                r = &mut body => r,
             },
+        };
+        match r {
+            Err(_) => Err(DispatchError::Timeout { tool: entry.name.to_string(), after: timeout }),
+            Ok(Err(panic)) => {
+                let detail = panic_message(&*panic);
+                tracing::error!(call_id = %self.id, tool = %entry.name, panic = %detail, "tool panicked");
+                Err(DispatchError::Panicked { tool: entry.name.to_string(), detail })
+            }
+            Ok(Ok(Err(e))) => Err(DispatchError::ToolFailed {
+                tool: entry.name.to_string(),
+                retryable: e.is_retryable(),
+                message: e.message().to_owned(),
+            }),
+            Ok(Ok(Ok(ran))) => Ok(ran),
         }
     }
 }
