@@ -280,6 +280,7 @@ struct Args {
     only: Option<String>,
     rounds: usize,
     calls: u64,
+    workers: usize,
     tasks: usize,
     mt_calls: u64,
 }
@@ -288,6 +289,7 @@ fn args() -> Args {
     let mut a = Args {
         only: None,
         rounds: 15,
+        workers: 2,
         calls: 20_000,
         tasks: 8,
         mt_calls: 0,
@@ -305,10 +307,11 @@ fn args() -> Args {
             ("--rounds", Some(v)) => a.rounds = v.max(1) as usize,
             ("--calls", Some(v)) => a.calls = v.max(1),
             ("--tasks", Some(v)) => a.tasks = v.max(1) as usize,
+            ("--workers", Some(v)) => a.workers = v.max(1) as usize,
             ("--mt-calls", Some(v)) => a.mt_calls = v.max(1),
             (other, _) => {
                 eprintln!(
-                    "unknown or incomplete flag `{other}`; flags: --rounds N --calls N --tasks N --mt-calls N"
+                    "unknown or incomplete flag `{other}`; flags: --rounds N --calls N --tasks N --workers N --mt-calls N --only VARIANT"
                 );
                 std::process::exit(2);
             }
@@ -321,11 +324,11 @@ fn args() -> Args {
     a
 }
 
-/// Throughput of `total` calls spread over `tasks` tasks on 2 workers; returns the
+/// Throughput of `total` calls spread over `tasks` tasks on `workers` workers; returns the
 /// elapsed time.
-fn multi_thread(variant: Variant, tasks: usize, total: u64) -> Duration {
+fn multi_thread(variant: Variant, workers: usize, tasks: usize, total: u64) -> Duration {
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(workers)
         .enable_all()
         .build()
         .expect("runtime");
@@ -450,20 +453,21 @@ fn main() {
     );
 
     let total = a.mt_calls;
-    let mt_pipe = multi_thread(Variant::Pipeline, a.tasks, total);
-    let mt_tower = multi_thread(Variant::Tower, a.tasks, total);
+    let mt_pipe = multi_thread(Variant::Pipeline, a.workers, a.tasks, total);
+    let mt_tower = multi_thread(Variant::Tower, a.workers, a.tasks, total);
     let done = (total / a.tasks as u64) * a.tasks as u64;
     let cps = done as f64 / mt_pipe.as_secs_f64();
     let tower_cps = done as f64 / mt_tower.as_secs_f64();
-    // Worker time per call: 2 workers busy for the elapsed time.
-    let mt_ns = mt_pipe.as_nanos() as f64 * 2.0 / done as f64;
-    let mt_tower_ns = mt_tower.as_nanos() as f64 * 2.0 / done as f64;
+    // Worker time per call: every worker busy for the elapsed time.
+    let w = a.workers as f64;
+    let mt_ns = mt_pipe.as_nanos() as f64 * w / done as f64;
+    let mt_tower_ns = mt_tower.as_nanos() as f64 * w / done as f64;
     println!(
-        "multi-thread runtime, 2 workers, {} tasks, {done} calls: pipeline {cps:.0} calls/s, tower {tower_cps:.0} calls/s",
-        a.tasks
+        "multi-thread runtime, {} workers, {} tasks, {done} calls: pipeline {cps:.0} calls/s, tower {tower_cps:.0} calls/s",
+        a.workers, a.tasks
     );
     println!(
-        "MT per_call_ns pipeline={mt_ns:.1} tower={mt_tower_ns:.1} (worker time per call = 2 x elapsed / calls)"
+        "MT per_call_ns pipeline={mt_ns:.1} tower={mt_tower_ns:.1} (worker time per call = workers x elapsed / calls)"
     );
     println!(
         "RESULT pipeline_ns={pipeline:.1} direct_ns={direct:.1} tower_ns={tower:.1} ratio_vs_tower={:.3} calls_per_s_2cores={cps:.0}",

@@ -2,6 +2,7 @@
 
 use std::any::Any;
 use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
@@ -259,6 +260,27 @@ where
     }
 }
 
+/// FNV-1a over the tool name: the index is looked up on every call, and SipHash cost
+/// more than the rest of the lookup. The map is frozen after build, so crafted names
+/// can at worst collide with the few registered ones; there is no flooding to defend
+/// against.
+#[derive(Default)]
+struct NameHasher(u64);
+
+impl std::hash::Hasher for NameHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 { 0xcbf2_9ce4_8422_2325 } else { self.0 };
+        for b in bytes {
+            h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = h;
+    }
+}
+
 fn valid_name(name: &str) -> bool {
     (1..=MAX_TOOL_NAME_LEN).contains(&name.len())
         && name
@@ -281,7 +303,7 @@ fn valid_name(name: &str) -> bool {
 /// ```
 pub struct Registry<S = Frozen> {
     entries: Vec<Arc<Entry>>,
-    index: HashMap<Arc<str>, usize>,
+    index: HashMap<Arc<str>, usize, BuildHasherDefault<NameHasher>>,
     problems: Vec<RegistryError>,
     _state: PhantomData<S>,
 }
@@ -303,7 +325,7 @@ impl Registry<Open> {
     pub fn builder() -> Registry<Open> {
         Registry {
             entries: Vec::new(),
-            index: HashMap::new(),
+            index: HashMap::default(),
             problems: Vec::new(),
             _state: PhantomData,
         }
