@@ -1,4 +1,4 @@
-// expected: `Rc<RefCell<Vec<Event>>>` cannot be sent between threads safely
+// expected: cannot be sent between threads safely
 // A sink holding an `Rc` cannot be an `EventSink`: a sink must be `Send + Sync`.
 use std::cell::RefCell;
 use std::rc::Rc;

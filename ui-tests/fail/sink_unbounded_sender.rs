@@ -1,4 +1,4 @@
-// expected: `UnboundedSender<Event>` is not an event sink
+// expected: `UnboundedSender<tool_dispatch::Event>` is not an event sink
 // An unbounded channel is not a sink: a slow consumer would grow memory without limit.
 use tool_dispatch::{Engine, Event, Registry};
 
