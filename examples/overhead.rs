@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! cargo run --release --example overhead                          # full run
-//! cargo run --release --example overhead -- --rounds 3 --calls 2000   # CI
+//! cargo run --release --example overhead -- --quick      # CI: 3 rounds x 2000 calls
 //! ```
 //!
 //! Rounds are interleaved (pipeline, typed pipeline, direct, tower, then again) on a
@@ -298,6 +298,12 @@ fn args() -> Args {
     let mut i = 0;
     while i < argv.len() {
         let val = argv.get(i + 1).and_then(|s| s.parse::<u64>().ok());
+        if argv[i] == "--quick" {
+            // The small configuration CI runs: a fraction of a second.
+            (a.rounds, a.calls, a.mt_calls) = (3, 2_000, 20_000);
+            i += 1;
+            continue;
+        }
         if argv[i] == "--only" {
             a.only = argv.get(i + 1).cloned();
             i += 2;
@@ -311,7 +317,7 @@ fn args() -> Args {
             ("--mt-calls", Some(v)) => a.mt_calls = v.max(1),
             (other, _) => {
                 eprintln!(
-                    "unknown or incomplete flag `{other}`; flags: --rounds N --calls N --tasks N --workers N --mt-calls N --only VARIANT"
+                    "unknown or incomplete flag `{other}`; flags: --quick --rounds N --calls N --tasks N --workers N --mt-calls N --only VARIANT"
                 );
                 std::process::exit(2);
             }
