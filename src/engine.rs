@@ -443,7 +443,7 @@ struct Call<'a> {
     tool: Arc<str>,
     tool_index: Option<usize>,
     sensitive: &'a [String],
-    token: CancellationToken,
+    token: Arc<CancellationToken>,
     start: Instant,
     wall: Timestamp,
     phase: Phase,
@@ -714,7 +714,7 @@ impl<'a> Call<'a> {
             sink: Arc::clone(self.sink),
             call_id: Arc::clone(&self.id),
             tool_name: Arc::clone(&entry.name),
-            cancel: self.token.clone(),
+            cancel: Arc::clone(&self.token),
             shared: Arc::clone(self.shared),
             timeout,
         }

@@ -209,7 +209,9 @@ pub(crate) struct UserState {
     pub(crate) user_id: Arc<str>,
     pub(crate) slots: Semaphore,
     pub(crate) rate: Option<Gcra>,
-    cancel: Mutex<CancellationToken>,
+    /// Behind an `Arc` so a call takes it with one reference-count increment; cloning
+    /// the token itself locks its tree node (twice per call, with the drop).
+    cancel: Mutex<Arc<CancellationToken>>,
     pub(crate) active: AtomicUsize,
     pub(crate) finished: AtomicU64,
     pub(crate) failed: AtomicU64,
@@ -218,18 +220,15 @@ pub(crate) struct UserState {
 
 impl UserState {
     /// The token this user's calls watch; replaced each time it is cancelled.
-    pub(crate) fn token(&self) -> CancellationToken {
-        self.cancel
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+    pub(crate) fn token(&self) -> Arc<CancellationToken> {
+        Arc::clone(&self.cancel.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     /// Cancels the user's in-flight calls; later calls get a fresh token.
     pub(crate) fn cancel(&self, fresh: CancellationToken) {
         let old = std::mem::replace(
             &mut *self.cancel.lock().unwrap_or_else(PoisonError::into_inner),
-            fresh,
+            Arc::new(fresh),
         );
         old.cancel();
     }
@@ -285,7 +284,7 @@ impl Users {
             user_id: ctx.user_id.clone(),
             slots: Semaphore::new(limits.concurrency.clamp(1, Semaphore::MAX_PERMITS)),
             rate: limits.rate.map(Gcra::new),
-            cancel: Mutex::new(token()),
+            cancel: Mutex::new(Arc::new(token())),
             active: AtomicUsize::new(0),
             finished: AtomicU64::new(0),
             failed: AtomicU64::new(0),

@@ -162,7 +162,7 @@ pub struct ToolContext {
     pub(crate) sink: Arc<dyn EventSink>,
     pub(crate) call_id: Arc<str>,
     pub(crate) tool_name: Arc<str>,
-    pub(crate) cancel: CancellationToken,
+    pub(crate) cancel: Arc<CancellationToken>,
     pub(crate) shared: Arc<Shared>,
     pub(crate) timeout: Duration,
 }
