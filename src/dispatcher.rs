@@ -12,9 +12,7 @@ use crate::engine::{Engine, Shared};
 use crate::error::DispatchError;
 use crate::event::{AgentEvent, AgentUpdate, Event, Timestamp};
 use crate::sink::{EventSink, SinkError};
-use crate::state::{
-    HasSink, HasUser, NoSink, NoUser, SinkUnset, UserUnset, WithSink, WithUser,
-};
+use crate::state::{HasSink, HasUser, NoSink, NoUser, SinkUnset, UserUnset, WithSink, WithUser};
 use crate::tool::Tool;
 use crate::user::UserContext;
 
@@ -169,9 +167,9 @@ impl<S, U> Dispatcher<S, U> {
     {
         let ctx = user.into();
         let shared = &self.shared;
-        let state = shared.users.bind(&ctx, &shared.config.limits.resolver, || {
-            shared.root_child()
-        });
+        let state = shared
+            .users
+            .bind(&ctx, &shared.config.limits.resolver, || shared.root_child());
         Dispatcher {
             user: WithUser { ctx, state },
             shared: self.shared,

@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use futures_util::FutureExt;
@@ -249,7 +249,9 @@ impl Engine {
     pub fn metrics(&self) -> MetricsSnapshot {
         let s = &self.shared;
         let users = s.users.all();
-        let mut m = s.metrics.snapshot(s.registry.names(), &users, s.users.len());
+        let mut m = s
+            .metrics
+            .snapshot(s.registry.names(), &users, s.users.len());
         m.cache_entries = s.cache.len();
         m
     }
@@ -362,8 +364,10 @@ impl Engine {
             Ok(ctx) if s.accepting.load(Relaxed) => {
                 // The probe has its own slot limits and no rate limit, so frequent
                 // probing cannot make a healthy engine look rate-limited.
-                let unlimited: UserLimitResolver =
-                    Arc::new(|_| UserLimits { concurrency: 4, rate: None });
+                let unlimited: UserLimitResolver = Arc::new(|_| UserLimits {
+                    concurrency: 4,
+                    rate: None,
+                });
                 let ctx = Arc::new(ctx);
                 let state = s.users.bind(&ctx, &unlimited, || s.root_child());
                 let user = WithUser { ctx, state };
@@ -499,7 +503,10 @@ fn shown_text(t: &str, max_bytes: usize) -> Value {
 /// Arguments that cannot be redacted (not JSON, or too large to parse) are not
 /// shown in events: a secret in them could not be found.
 fn hidden_text(t: &str) -> Value {
-    Value::String(format!("[{} bytes of unparsed arguments, not shown]", t.len()))
+    Value::String(format!(
+        "[{} bytes of unparsed arguments, not shown]",
+        t.len()
+    ))
 }
 
 fn cut(s: &str, n: usize) -> String {
@@ -571,7 +578,9 @@ impl Shared {
                 return Err(c.reject(raw(&arguments), DispatchError::ShuttingDown).await);
             }
             let Some(entry) = entry else {
-                let err = DispatchError::UnknownTool { name: cut(&name, 128) };
+                let err = DispatchError::UnknownTool {
+                    name: cut(&name, 128),
+                };
                 return Err(c.reject(raw(&arguments), err).await);
             };
             c.tool_index = Some(entry.index);
@@ -662,17 +671,26 @@ impl Shared {
     ) -> Result<ToolOutput, DispatchError> {
         let entry = &self.probe;
         let id = self.call_id(None);
-        let mut c = Call::new(self, sink, user, id, entry.name.clone(), tracing::Span::none());
+        let mut c = Call::new(
+            self,
+            sink,
+            user,
+            id,
+            entry.name.clone(),
+            tracing::Span::none(),
+        );
         c.tool_index = Some(crate::metrics::PROBE_INDEX); // not counted in the totals
         let args = Value::from(7u64);
         let timeout = Duration::from_secs(5);
         let fut = match entry.invoker.invoke(&args, c.context(entry, timeout)) {
             Ok(f) => f,
-            Err(e) => return Err(DispatchError::ToolFailed {
-                tool: PROBE.into(),
-                message: e.message,
-                retryable: false,
-            }),
+            Err(e) => {
+                return Err(DispatchError::ToolFailed {
+                    tool: PROBE.into(),
+                    message: e.message,
+                    retryable: false,
+                });
+            }
         };
         // The probe must not queue behind real work: it takes a slot now or reports.
         c.execute_with_wait(entry, args, timeout, fut, clone_value, clone_value, now)
@@ -721,7 +739,10 @@ impl<'a> Call<'a> {
     }
 
     fn executing(&self, mut parameters: Value) -> Event {
-        self.shared.config.redaction.apply(&mut parameters, self.sensitive);
+        self.shared
+            .config
+            .redaction
+            .apply(&mut parameters, self.sensitive);
         let u = &self.user.ctx;
         Event::ToolExecuting(ToolExecuting {
             call_id: Arc::clone(&self.id),
@@ -827,7 +848,13 @@ impl<'a> Call<'a> {
     }
 
     /// Sends `tool_completed` (counting first, so a slow sink cannot skew metrics).
-    async fn complete(&mut self, status: Status, result: Value, error: Option<String>, cached: bool) {
+    async fn complete(
+        &mut self,
+        status: Status,
+        result: Value,
+        error: Option<String>,
+        cached: bool,
+    ) {
         let took = self.start.elapsed();
         self.record(status, took);
         let ev = self.completed(status, result, error, cached, took);
@@ -970,12 +997,17 @@ impl<'a> Call<'a> {
         if let Some(g) = &self.user.state.rate
             && let Err(retry_after) = g.check(shared.users.now_ns(self.start))
         {
-            return Err(self.reject(args, DispatchError::RateLimited { retry_after }).await);
+            return Err(self
+                .reject(args, DispatchError::RateLimited { retry_after })
+                .await);
         }
         // Concurrency: the user's own slots first, so one user's burst never holds
         // global slots while it waits for its own.
         let user_state = Arc::clone(&self.user.state);
-        let _user_slot = match self.slot(&user_state.slots, LimitScope::User, wait_until).await {
+        let _user_slot = match self
+            .slot(&user_state.slots, LimitScope::User, wait_until)
+            .await
+        {
             Ok(p) => p,
             Err(e) => return Err(self.reject(args, e).await),
         };
@@ -986,13 +1018,17 @@ impl<'a> Call<'a> {
             },
             None => None,
         };
-        let _global_slot = match self.slot(&shared.global, LimitScope::Global, wait_until).await {
+        let _global_slot = match self
+            .slot(&shared.global, LimitScope::Global, wait_until)
+            .await
+        {
             Ok(p) => p,
             Err(e) => return Err(self.reject(args, e).await),
         };
         // Cache.
         let lookup = entry.settings.cache_ttl.and_then(|ttl| {
-            let user = (!entry.settings.user_independent).then(|| Arc::clone(&self.user.ctx.user_id));
+            let user =
+                (!entry.settings.user_independent).then(|| Arc::clone(&self.user.ctx.user_id));
             Key::new(user, entry.index, &args).map(|k| (shared.cache.lookup(k, self.start), ttl))
         });
         if let Err(e) = self.announce(args).await {
@@ -1021,11 +1057,15 @@ impl<'a> Call<'a> {
                 (None, self.run(entry, timeout, run).await)
             }
             Some((Lookup::Lead(l), ttl)) => {
-                let r = self.run(entry, timeout, async move { fut.await.map(Ran::Fresh) }).await;
+                let r = self
+                    .run(entry, timeout, async move { fut.await.map(Ran::Fresh) })
+                    .await;
                 (Some((l, ttl)), r)
             }
             None => {
-                let r = self.run(entry, timeout, async move { fut.await.map(Ran::Fresh) }).await;
+                let r = self
+                    .run(entry, timeout, async move { fut.await.map(Ran::Fresh) })
+                    .await;
                 (None, r)
             }
         };
@@ -1116,11 +1156,17 @@ impl<'a> Call<'a> {
             },
         };
         match r {
-            Err(_) => Err(DispatchError::Timeout { tool: entry.name.to_string(), after: timeout }),
+            Err(_) => Err(DispatchError::Timeout {
+                tool: entry.name.to_string(),
+                after: timeout,
+            }),
             Ok(Err(panic)) => {
                 let detail = panic_message(&*panic);
                 tracing::error!(call_id = %self.id, tool = %entry.name, panic = %detail, "tool panicked");
-                Err(DispatchError::Panicked { tool: entry.name.to_string(), detail })
+                Err(DispatchError::Panicked {
+                    tool: entry.name.to_string(),
+                    detail,
+                })
             }
             Ok(Ok(Err(e))) => Err(DispatchError::ToolFailed {
                 tool: entry.name.to_string(),
@@ -1180,7 +1226,13 @@ impl Drop for Call<'_> {
         if !announced {
             events.push(self.executing(Value::Null));
         }
-        events.push(self.completed(Status::Cancelled, Value::Null, Some(err.to_string()), false, took));
+        events.push(self.completed(
+            Status::Cancelled,
+            Value::Null,
+            Some(err.to_string()),
+            false,
+            took,
+        ));
         let mut pending = events.into_iter();
         while let Some(ev) = pending.next() {
             match self.sink.try_send(ev) {
@@ -1217,7 +1269,13 @@ impl Drop for Call<'_> {
 mod tests {
     #[test]
     fn generated_ids_match_the_formatted_form() {
-        let cases = [(0u32, 0u64), (0xdead_beef, 1), (1, 0xf), (0x10, 0x10), (u32::MAX, u64::MAX)];
+        let cases = [
+            (0u32, 0u64),
+            (0xdead_beef, 1),
+            (1, 0xf),
+            (0x10, 0x10),
+            (u32::MAX, u64::MAX),
+        ];
         for (p, n) in cases {
             assert_eq!(&*super::generated_id(p, n), format!("call_{p:08x}{n:x}"));
         }

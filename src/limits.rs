@@ -68,7 +68,9 @@ impl Rate {
     }
 
     fn interval_ns(&self) -> u64 {
-        u64::try_from(self.interval().as_nanos()).unwrap_or(u64::MAX).max(1)
+        u64::try_from(self.interval().as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1)
     }
 }
 
@@ -275,7 +277,10 @@ impl Users {
         if n % 64 == 63 {
             self.sweep_shard((n / 64) % SHARDS, Instant::now());
         }
-        let mut shard = self.shard(&ctx.user_id).lock().unwrap_or_else(PoisonError::into_inner);
+        let mut shard = self
+            .shard(&ctx.user_id)
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if let Some(s) = shard.get(&ctx.user_id) {
             return Arc::clone(s);
         }
@@ -297,7 +302,9 @@ impl Users {
     /// Drops states nobody holds (no dispatcher, no call) whose rate bucket is full.
     fn sweep_shard(&self, i: usize, now: Instant) {
         let now_ns = self.now_ns(now);
-        let mut shard = self.shards[i].lock().unwrap_or_else(PoisonError::into_inner);
+        let mut shard = self.shards[i]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         shard.retain(|_, s| {
             Arc::strong_count(s) > 1 || s.rate.as_ref().is_some_and(|g| !g.is_idle(now_ns))
         });
@@ -309,7 +316,10 @@ impl Users {
         (0..SHARDS)
             .map(|i| {
                 self.sweep_shard(i, now);
-                self.shards[i].lock().unwrap_or_else(PoisonError::into_inner).len()
+                self.shards[i]
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .len()
             })
             .sum()
     }
@@ -354,15 +364,15 @@ pub(crate) fn deadline(start: Instant, d: Duration) -> Instant {
 }
 
 /// Takes a permit at once if one is free, else waits until `until`.
-pub(crate) async fn acquire_until(
-    sem: &Semaphore,
-    until: Instant,
-) -> Option<SemaphorePermit<'_>> {
+pub(crate) async fn acquire_until(sem: &Semaphore, until: Instant) -> Option<SemaphorePermit<'_>> {
     match sem.try_acquire() {
         Ok(p) => Some(p),
         Err(tokio::sync::TryAcquireError::Closed) => None,
         Err(tokio::sync::TryAcquireError::NoPermits) => {
-            tokio::time::timeout_at(until, sem.acquire()).await.ok()?.ok()
+            tokio::time::timeout_at(until, sem.acquire())
+                .await
+                .ok()?
+                .ok()
         }
     }
 }

@@ -120,7 +120,12 @@ impl Metrics {
     }
 
     pub(crate) fn cache(&self, hit: bool) {
-        if hit { &self.cache_hits } else { &self.cache_misses }.fetch_add(1, Relaxed);
+        if hit {
+            &self.cache_hits
+        } else {
+            &self.cache_misses
+        }
+        .fetch_add(1, Relaxed);
     }
 
     pub(crate) fn snapshot<'a>(

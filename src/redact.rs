@@ -69,8 +69,7 @@ pub(crate) fn normalize(key: &str) -> String {
 fn contains_folded(hay: &str, needle: &str) -> bool {
     let (h, n) = (hay.as_bytes(), needle.as_bytes());
     n.len() <= h.len()
-        && h
-            .windows(n.len())
+        && h.windows(n.len())
             .any(|w| w.iter().zip(n).all(|(a, b)| fold(*a) == *b))
 }
 
@@ -172,7 +171,8 @@ mod tests {
     fn redacts_nested_and_tool_specific_keys() {
         let r = Redaction::default();
         assert!(!r.is_sensitive("city", &[]));
-        let mut v = json!({"a": {"Api-Key": "x", "list": [{"password": 1}]}, "pin": "1234", "ok": 1});
+        let mut v =
+            json!({"a": {"Api-Key": "x", "list": [{"password": 1}]}, "pin": "1234", "ok": 1});
         r.apply(&mut v, &[normalize("PIN")]);
         assert_eq!(
             v,
@@ -182,7 +182,10 @@ mod tests {
 
     #[test]
     fn truncates_on_char_boundaries_and_bounds_arrays_and_depth() {
-        let r = Redaction::default().max_string_len(3).max_array_len(2).max_depth(3);
+        let r = Redaction::default()
+            .max_string_len(3)
+            .max_array_len(2)
+            .max_depth(3);
         let mut v = json!({"s": "ééééé", "a": [1, 2, 3, 4], "d": {"d": {"d": {"d": 1}}}});
         r.apply(&mut v, &[]);
         assert_eq!(v["s"], "ééé…[truncated 4 bytes]");

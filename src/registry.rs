@@ -2,8 +2,8 @@
 
 use std::any::Any;
 use std::collections::HashMap;
-use std::hash::BuildHasherDefault;
 use std::future::Future;
+use std::hash::BuildHasherDefault;
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -273,7 +273,11 @@ impl std::hash::Hasher for NameHasher {
     }
 
     fn write(&mut self, bytes: &[u8]) {
-        let mut h = if self.0 == 0 { 0xcbf2_9ce4_8422_2325 } else { self.0 };
+        let mut h = if self.0 == 0 {
+            0xcbf2_9ce4_8422_2325
+        } else {
+            self.0
+        };
         for b in bytes {
             h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
         }
