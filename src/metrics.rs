@@ -203,7 +203,8 @@ pub struct MetricsSnapshot {
     pub progress_dropped: u64,
     /// Calls answered from the result cache.
     pub cache_hits: u64,
-    /// Calls to cacheable tools that ran the tool.
+    /// Successful runs of cacheable tools: results computed rather than served from
+    /// the cache (a failed run is neither a hit nor a miss).
     pub cache_misses: u64,
     /// Entries in the result cache (ready or being computed).
     pub cache_entries: usize,
