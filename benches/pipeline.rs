@@ -4,192 +4,24 @@
 //! `cargo bench --bench pipeline` (CI: `cargo bench --bench pipeline --no-run`).
 //! The ratios are what matters: see `examples/overhead.rs` for the one-line summary.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::hint::black_box;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::runtime::Runtime;
-use tokio::sync::mpsc;
 use tool_dispatch::{
-    Dispatcher, Engine, Event, Limits, Rate, Registry, Tool, ToolCall, ToolContext, ToolError,
-    ToolSettings, UserContext, UserLimits,
+    Dispatcher, Engine, Registry, Tool, ToolCall, ToolContext, ToolError, ToolSettings,
 };
-use tower::{Service, ServiceBuilder, ServiceExt};
 
-/// The no-op tool's input.
-#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
-struct NoopIn {
-    n: u64,
-}
+#[path = "common/baseline.rs"]
+mod baseline;
 
-/// The tool's own function: what a direct call runs.
-async fn noop(input: NoopIn) -> Result<u64, ToolError> {
-    Ok(input.n)
-}
-
-struct Noop;
-
-impl Tool for Noop {
-    const NAME: &'static str = "noop";
-    type Input = NoopIn;
-    type Output = u64;
-    fn description(&self) -> &str {
-        "Returns its input."
-    }
-    async fn call(&self, input: NoopIn, _cx: ToolContext) -> Result<u64, ToolError> {
-        noop(input).await
-    }
-}
-
-/// Limits far above what the run reaches: checked on every call, never binding.
-fn open_limits() -> Limits {
-    Limits::default().global(1 << 24).per_user(UserLimits {
-        concurrency: 1 << 24,
-        rate: Some(Rate::per_second(u32::MAX).burst(u32::MAX)),
-    })
-}
-
-const SINK_CAPACITY: usize = 1024;
-
-/// A dispatcher for `user` whose bounded sink is drained by its own task.
-fn dispatcher(engine: &Engine, user: &str) -> Dispatcher {
-    let (tx, mut rx) = mpsc::channel::<Event>(SINK_CAPACITY);
-    tokio::spawn(async move { while rx.recv().await.is_some() {} });
-    let ctx = UserContext::builder(user).build().expect("valid user");
-    engine.dispatcher().sink(tx).user(ctx)
-}
-
-// ------------------------------------------------------------------------------
-// The tower stack doing the same per-call work.
-// ------------------------------------------------------------------------------
-
-/// What the tower stack sends on its channel (two per call).
-#[derive(Debug)]
-#[allow(dead_code)] // the fields are what a consumer would read
-enum TowerEvent {
-    Executing { call_id: u64, tool: &'static str },
-    Completed { call_id: u64, result: Value },
-}
-
-type BoxFut = Pin<Box<dyn Future<Output = Result<Value, ToolError>> + Send>>;
-type Handler = fn(&Value) -> Result<BoxFut, String>;
-
-fn noop_handler(args: &Value) -> Result<BoxFut, String> {
-    let input = NoopIn::deserialize(args).map_err(|e| e.to_string())?;
-    Ok(Box::pin(async move {
-        let out = noop(input).await?;
-        serde_json::to_value(out).map_err(ToolError::from)
-    }))
-}
-
-/// A request to the tower stack: tool name, JSON arguments, the user's event channel.
-struct TowerReq {
-    name: String,
-    args: Value,
-    sink: mpsc::Sender<TowerEvent>,
-}
-
-/// Hand-rolled GCRA rate check on one atomic, as a tower stack would add it.
-struct RateCheck {
-    epoch: Instant,
-    interval_ns: u64,
-    tolerance_ns: u64,
-    tat: AtomicU64,
-}
-
-impl RateCheck {
-    fn check(&self) -> bool {
-        let now = self.epoch.elapsed().as_nanos() as u64;
-        let mut tat = self.tat.load(Relaxed);
-        loop {
-            let t = tat.max(now);
-            if t - now > self.tolerance_ns {
-                return false;
-            }
-            match self
-                .tat
-                .compare_exchange_weak(tat, t + self.interval_ns, Relaxed, Relaxed)
-            {
-                Ok(_) => return true,
-                Err(seen) => tat = seen,
-            }
-        }
-    }
-}
-
-async fn send_event(sink: &mpsc::Sender<TowerEvent>, ev: TowerEvent) {
-    match sink.try_send(ev) {
-        Ok(()) => {}
-        Err(mpsc::error::TrySendError::Full(ev)) => {
-            let _ = sink.send(ev).await;
-        }
-        Err(mpsc::error::TrySendError::Closed(_)) => {}
-    }
-}
-
-type TowerError = tower::BoxError;
-
-/// The shared tower stack: concurrency limit → timeout → service_fn (lookup, rate,
-/// deserialize, events). Cloned into every task, as a server shares its service.
-fn tower_stack()
--> impl Service<TowerReq, Response = Value, Error = TowerError, Future: Send> + Clone + Send {
-    let mut tools: HashMap<String, Handler> = HashMap::new();
-    tools.insert("noop".into(), noop_handler as Handler);
-    let tools = Arc::new(tools);
-    let rate = Arc::new(RateCheck {
-        epoch: Instant::now(),
-        interval_ns: 1,
-        tolerance_ns: u64::from(u32::MAX),
-        tat: AtomicU64::new(0),
-    });
-    let ids = Arc::new(AtomicU64::new(0));
-    ServiceBuilder::new()
-        .concurrency_limit(1 << 24)
-        .timeout(Duration::from_secs(30))
-        .service_fn(move |req: TowerReq| {
-            let (tools, rate, ids) = (tools.clone(), rate.clone(), ids.clone());
-            async move {
-                let handler = *tools.get(req.name.as_str()).ok_or("unknown tool")?;
-                if !rate.check() {
-                    return Err("rate limited".into());
-                }
-                let fut = handler(&req.args)?;
-                let call_id = ids.fetch_add(1, Relaxed);
-                send_event(
-                    &req.sink,
-                    TowerEvent::Executing {
-                        call_id,
-                        tool: "noop",
-                    },
-                )
-                .await;
-                let result = fut.await.map_err(|e| e.message().to_owned())?;
-                send_event(
-                    &req.sink,
-                    TowerEvent::Completed {
-                        call_id,
-                        result: result.clone(),
-                    },
-                )
-                .await;
-                Ok::<_, TowerError>(result)
-            }
-        })
-}
-
-fn tower_sink() -> mpsc::Sender<TowerEvent> {
-    let (tx, mut rx) = mpsc::channel::<TowerEvent>(SINK_CAPACITY);
-    tokio::spawn(async move { while rx.recv().await.is_some() {} });
-    tx
-}
+use baseline::{
+    Noop, NoopIn, direct_call, dispatcher, noop, open_limits, pipeline_json, pipeline_typed,
+    tower_call, tower_sink, tower_stack,
+};
 
 /// The no-op tool, cacheable: repeated identical calls are cache hits.
 struct CachedNoop;
@@ -218,28 +50,6 @@ fn bench_engine() -> Engine {
     Engine::builder(reg).limits(open_limits()).build()
 }
 
-async fn pipeline_json(d: &Dispatcher, n: u64) {
-    let out = d.dispatch(ToolCall::new("noop", json!({ "n": n }))).await;
-    black_box(out.expect("noop succeeds"));
-}
-
-async fn pipeline_typed(d: &Dispatcher, n: u64) {
-    black_box(d.call::<Noop>(NoopIn { n }).await.expect("noop succeeds"));
-}
-
-async fn tower_call<S>(svc: &mut S, sink: &mpsc::Sender<TowerEvent>, n: u64)
-where
-    S: Service<TowerReq, Response = Value, Error = TowerError>,
-{
-    let req = TowerReq {
-        name: "noop".to_owned(),
-        args: json!({ "n": n }),
-        sink: sink.clone(),
-    };
-    let s = svc.ready().await.expect("ready");
-    black_box(s.call(req).await.expect("noop succeeds"));
-}
-
 fn current_thread(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -251,10 +61,7 @@ fn current_thread(c: &mut Criterion) {
         (engine, d, tower_stack(), tower_sink())
     });
     let mut g = c.benchmark_group("current_thread");
-    g.bench_function("direct", |b| {
-        b.to_async(&rt)
-            .iter(|| async { black_box(noop(black_box(NoopIn { n: 1 })).await.expect("ok")) })
-    });
+    g.bench_function("direct", |b| b.to_async(&rt).iter(|| direct_call(1)));
     g.bench_function("pipeline_json", |b| {
         b.to_async(&rt).iter(|| pipeline_json(&d, 1))
     });
@@ -295,6 +102,20 @@ fn current_thread(c: &mut Criterion) {
 /// time is then wall time per call across both cores.
 const TASKS: u64 = 4;
 
+/// Spawns every task, awaits them all; returns the time from the first spawn to the
+/// last task's end. The iterator is lazy: the tasks are made after the clock starts.
+async fn timed_tasks<F>(tasks: impl IntoIterator<Item = F>) -> Duration
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let t = Instant::now();
+    let hs: Vec<_> = tasks.into_iter().map(tokio::spawn).collect();
+    for h in hs {
+        h.await.expect("task");
+    }
+    t.elapsed()
+}
+
 fn multi_thread(c: &mut Criterion) {
     let rt: Runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -312,69 +133,33 @@ fn multi_thread(c: &mut Criterion) {
     let mut g = c.benchmark_group("multi_thread_2_workers");
     g.bench_function("pipeline_json", |b| {
         b.to_async(&rt).iter_custom(|iters| {
-            let ds = ds.clone();
-            async move {
-                let t = Instant::now();
-                let hs: Vec<_> = ds
-                    .into_iter()
-                    .map(|d| {
-                        tokio::spawn(async move {
-                            for n in 0..iters.div_ceil(TASKS) {
-                                pipeline_json(&d, n).await;
-                            }
-                        })
-                    })
-                    .collect();
-                for h in hs {
-                    h.await.expect("task");
+            timed_tasks(ds.clone().into_iter().map(move |d| async move {
+                for n in 0..iters.div_ceil(TASKS) {
+                    pipeline_json(&d, n).await;
                 }
-                t.elapsed()
-            }
+            }))
         })
     });
     g.bench_function("pipeline_typed", |b| {
         b.to_async(&rt).iter_custom(|iters| {
-            let ds = ds.clone();
-            async move {
-                let t = Instant::now();
-                let hs: Vec<_> = ds
-                    .into_iter()
-                    .map(|d| {
-                        tokio::spawn(async move {
-                            for n in 0..iters.div_ceil(TASKS) {
-                                pipeline_typed(&d, n).await;
-                            }
-                        })
-                    })
-                    .collect();
-                for h in hs {
-                    h.await.expect("task");
+            timed_tasks(ds.clone().into_iter().map(move |d| async move {
+                for n in 0..iters.div_ceil(TASKS) {
+                    pipeline_typed(&d, n).await;
                 }
-                t.elapsed()
-            }
+            }))
         })
     });
     g.bench_function("tower", |b| {
         b.to_async(&rt).iter_custom(|iters| {
-            let (svc, sinks) = (svc.clone(), sinks.clone());
-            async move {
-                let t = Instant::now();
-                let hs: Vec<_> = sinks
-                    .into_iter()
-                    .map(|sink| {
-                        let mut svc = svc.clone();
-                        tokio::spawn(async move {
-                            for n in 0..iters.div_ceil(TASKS) {
-                                tower_call(&mut svc, &sink, n).await;
-                            }
-                        })
-                    })
-                    .collect();
-                for h in hs {
-                    h.await.expect("task");
+            let svc = svc.clone();
+            timed_tasks(sinks.clone().into_iter().map(move |sink| {
+                let mut svc = svc.clone();
+                async move {
+                    for n in 0..iters.div_ceil(TASKS) {
+                        tower_call(&mut svc, &sink, n).await;
+                    }
                 }
-                t.elapsed()
-            }
+            }))
         })
     });
     g.finish();
