@@ -193,6 +193,47 @@ pub(crate) fn result_id(
     }
 }
 
+/// The tool definitions of both OpenAI formats, one per tool in registry order:
+/// `tool(name, description, parameters, strict)` with the schema as [`input_schema`]
+/// gives it, rewritten by [`openai::strict_schema`] when `strict`.
+pub(crate) fn function_definitions(
+    registry: &Registry,
+    strict: bool,
+    tool: fn(&str, &str, Value, bool) -> Value,
+) -> Vec<Value> {
+    registry
+        .definitions()
+        .map(|d| {
+            let schema = input_schema(d);
+            let parameters = if strict {
+                openai::strict_schema(&schema)
+            } else {
+                schema
+            };
+            tool(&d.name, &d.description, parameters, strict)
+        })
+        .collect()
+}
+
+/// The results of a batch as both OpenAI formats send them, one per call in call
+/// order: the id the result is reported under and its text, `"Error: <message>"`
+/// ([`openai::ERROR_PREFIX`]) for a failed call or one with no entry in `results`.
+pub(crate) fn prefixed_results<'a>(
+    calls: &'a [crate::ToolCall],
+    results: &'a [Result<ToolOutput, DispatchError>],
+) -> impl Iterator<Item = (String, String)> + 'a {
+    calls.iter().enumerate().map(|(i, call)| {
+        let result = results.get(i);
+        let (text, is_error) = result_text(result);
+        let text = if is_error {
+            format!("{}{text}", openai::ERROR_PREFIX)
+        } else {
+            text
+        };
+        (result_id(call, result), text)
+    })
+}
+
 /// The name of a JSON value's type, for errors.
 pub(crate) fn type_name(v: &Value) -> &'static str {
     match v {

@@ -47,7 +47,7 @@
 
 use serde_json::{Map, Value, json};
 
-use crate::provider::{ProviderError, Reader, input_schema, result_id, result_text};
+use crate::provider::{ProviderError, Reader, function_definitions, prefixed_results};
 use crate::{DispatchError, Registry, ToolCall, ToolOutput};
 
 const R: Reader = Reader { format: "openai" };
@@ -57,12 +57,9 @@ pub const ERROR_PREFIX: &str = "Error: ";
 
 /// Tool definitions for the request's `tools`:
 /// `{"type":"function","function":{"name","description","parameters","strict":false}}`,
-/// with the schema as [`input_schema`] gives it.
+/// with the schema as [`input_schema`](super::input_schema) gives it.
 pub fn definitions(registry: &Registry) -> Vec<Value> {
-    registry
-        .definitions()
-        .map(|d| tool(&d.name, &d.description, input_schema(d), false))
-        .collect()
+    function_definitions(registry, false, tool)
 }
 
 /// Tool definitions with `"strict": true` (Structured Outputs), the schema rewritten
@@ -72,17 +69,7 @@ pub fn definitions(registry: &Registry) -> Vec<Value> {
 /// so give optional inputs the type `Option<T>`: a `#[serde(default)]` field that is
 /// not an `Option` rejects that `null` as invalid input.
 pub fn definitions_strict(registry: &Registry) -> Vec<Value> {
-    registry
-        .definitions()
-        .map(|d| {
-            tool(
-                &d.name,
-                &d.description,
-                strict_schema(&input_schema(d)),
-                true,
-            )
-        })
-        .collect()
+    function_definitions(registry, true, tool)
 }
 
 fn tool(name: &str, description: &str, parameters: Value, strict: bool) -> Value {
@@ -324,20 +311,11 @@ fn parse_one(c: &Value, path: &str) -> Result<ToolCall, ProviderError> {
 /// unless it is a string), or `"Error: <message>"` for a failed call (also for a
 /// call that has no entry in `results`).
 pub fn render_results(calls: &[ToolCall], results: &[Result<ToolOutput, DispatchError>]) -> Value {
-    calls
-        .iter()
-        .enumerate()
-        .map(|(i, call)| {
-            let result = results.get(i);
-            let (text, is_error) = result_text(result);
-            let content = if is_error {
-                format!("{ERROR_PREFIX}{text}")
-            } else {
-                text
-            };
+    prefixed_results(calls, results)
+        .map(|(id, content)| {
             json!({
                 "role": "tool",
-                "tool_call_id": result_id(call, result),
+                "tool_call_id": id,
                 "content": content,
             })
         })

@@ -39,8 +39,7 @@
 
 use serde_json::{Value, json};
 
-use crate::provider::openai::{ERROR_PREFIX, strict_schema};
-use crate::provider::{ProviderError, Reader, input_schema, result_id, result_text};
+use crate::provider::{ProviderError, Reader, function_definitions, prefixed_results};
 use crate::{DispatchError, Registry, ToolCall, ToolOutput};
 
 const R: Reader = Reader {
@@ -50,27 +49,14 @@ const R: Reader = Reader {
 /// Tool definitions for the request's `tools`:
 /// `{"type":"function","name","description","parameters","strict":false}`.
 pub fn definitions(registry: &Registry) -> Vec<Value> {
-    registry
-        .definitions()
-        .map(|d| tool(&d.name, &d.description, input_schema(d), false))
-        .collect()
+    function_definitions(registry, false, tool)
 }
 
 /// Tool definitions with `"strict": true`, the schema rewritten by
-/// [`strict_schema`] (see [`openai::definitions_strict`](super::openai::definitions_strict)
+/// [`strict_schema`](super::openai::strict_schema) (see [`openai::definitions_strict`](super::openai::definitions_strict)
 /// for what that means for optional fields).
 pub fn definitions_strict(registry: &Registry) -> Vec<Value> {
-    registry
-        .definitions()
-        .map(|d| {
-            tool(
-                &d.name,
-                &d.description,
-                strict_schema(&input_schema(d)),
-                true,
-            )
-        })
-        .collect()
+    function_definitions(registry, true, tool)
 }
 
 fn tool(name: &str, description: &str, parameters: Value, strict: bool) -> Value {
@@ -131,20 +117,11 @@ fn parse_item(item: &Value, path: &str) -> Result<Option<ToolCall>, ProviderErro
 /// `{"type":"function_call_output","call_id","output"}`. `output` is the result
 /// (JSON text unless it is a string), or `"Error: <message>"` for a failed call.
 pub fn render_results(calls: &[ToolCall], results: &[Result<ToolOutput, DispatchError>]) -> Value {
-    calls
-        .iter()
-        .enumerate()
-        .map(|(i, call)| {
-            let result = results.get(i);
-            let (text, is_error) = result_text(result);
-            let output = if is_error {
-                format!("{ERROR_PREFIX}{text}")
-            } else {
-                text
-            };
+    prefixed_results(calls, results)
+        .map(|(call_id, output)| {
             json!({
                 "type": "function_call_output",
-                "call_id": result_id(call, result),
+                "call_id": call_id,
                 "output": output,
             })
         })
