@@ -7,12 +7,10 @@ use std::time::Duration;
 
 use serde_json::json;
 use tokio::sync::mpsc;
-use tool_dispatch::event::ToolCompleted;
 use tool_dispatch::*;
 
-fn user(id: &str) -> UserContext {
-    UserContext::builder(id).build().expect("valid user id")
-}
+mod common;
+use common::{completed, quick, recorded, spawn, user};
 
 /// The blocking bodies wait on this std channel; the test releases them at the end.
 struct Release(Arc<Mutex<std_mpsc::Receiver<()>>>);
@@ -33,30 +31,27 @@ fn engine(release: &Release, started: mpsc::UnboundedSender<String>) -> Engine {
     let boom = blocking_fn("boom", "Panics.", |_: (), _cx| -> Result<(), ToolError> {
         panic!("blocking body blew up")
     });
-    let quick = tool_fn("quick", "Returns at once.", |n: u64, _cx| async move {
-        Ok::<_, ToolError>(n)
-    });
     let reg = Registry::builder()
         .tool(stubborn)
         .tool(sum)
         .tool(boom)
-        .tool(quick)
+        .tool(quick())
         .build()
         .unwrap();
     Engine::builder(reg).build()
 }
 
-fn completed(sink: &RecordingSink, call_id: &str) -> ToolCompleted {
-    let evs: Vec<Event> = sink
-        .events()
-        .into_iter()
-        .filter(|e| e.call_id() == Some(call_id))
-        .collect();
-    assert_eq!(evs.len(), 2, "{call_id}: {evs:?}");
-    match &evs[1] {
-        Event::ToolCompleted(c) => c.clone(),
-        other => panic!("expected tool_completed, got {other:?}"),
-    }
+/// An engine whose `stubborn` bodies block until released; also returns the release
+/// (one `send` lets one body return) and the tags of the started `stubborn` bodies.
+fn setup() -> (
+    Engine,
+    std_mpsc::Sender<()>,
+    mpsc::UnboundedReceiver<String>,
+) {
+    let (release_tx, release_rx) = std_mpsc::channel::<()>();
+    let release = Release(Arc::new(Mutex::new(release_rx)));
+    let (tx, started) = mpsc::unbounded_channel();
+    (engine(&release, tx), release_tx, started)
 }
 
 /// Waits (without sleeping) until the released blocking bodies have returned and
@@ -74,22 +69,11 @@ async fn until_no_stuck(engine: &Engine) -> bool {
 
 #[tokio::test(start_paused = true)]
 async fn a_blocking_tool_that_ignores_its_timeout_stalls_nothing_and_is_reported_stuck() {
-    let (release_tx, release_rx) = std_mpsc::channel::<()>();
-    let release = Release(Arc::new(Mutex::new(release_rx)));
-    let (tx, mut started) = mpsc::unbounded_channel();
-    let engine = engine(&release, tx);
-    let sink = RecordingSink::new();
-    let d = engine.dispatcher().sink(sink.clone()).user(user("alice"));
-    let bob = engine
-        .dispatcher()
-        .sink(RecordingSink::new())
-        .user(user("bob"));
+    let (engine, release_tx, mut started) = setup();
+    let (d, sink) = recorded(&engine, user("alice"));
+    let (bob, _) = recorded(&engine, user("bob"));
 
-    let d2 = d.clone();
-    let stuck = tokio::spawn(async move {
-        d2.dispatch(ToolCall::new("stubborn", json!("s1")).with_id("s1"))
-            .await
-    });
+    let stuck = spawn(&d, ToolCall::new("stubborn", json!("s1")).with_id("s1"));
     assert_eq!(started.recv().await.as_deref(), Some("s1"));
 
     // The runtime (current_thread) is free: async calls and other blocking calls of
@@ -167,24 +151,12 @@ async fn a_blocking_tool_that_ignores_its_timeout_stalls_nothing_and_is_reported
 
 #[tokio::test(start_paused = true)]
 async fn many_stuck_blocking_calls_leave_the_runtime_free() {
-    let (release_tx, release_rx) = std_mpsc::channel::<()>();
-    let release = Release(Arc::new(Mutex::new(release_rx)));
-    let (tx, mut started) = mpsc::unbounded_channel();
-    let engine = engine(&release, tx);
-    let d = engine
-        .dispatcher()
-        .sink(RecordingSink::new())
-        .user(user("alice"));
+    let (engine, release_tx, mut started) = setup();
+    let (d, _) = recorded(&engine, user("alice"));
     // One body holds the receiver's lock while waiting; the others wait for the lock:
     // all four are blocked on the blocking pool.
     let calls: Vec<_> = (0..4)
-        .map(|i| {
-            let d = d.clone();
-            tokio::spawn(async move {
-                d.dispatch(ToolCall::new("stubborn", json!(format!("s{i}"))))
-                    .await
-            })
-        })
+        .map(|i| spawn(&d, ToolCall::new("stubborn", json!(format!("s{i}")))))
         .collect();
     for _ in 0..4 {
         started.recv().await.unwrap();
@@ -212,12 +184,8 @@ async fn many_stuck_blocking_calls_leave_the_runtime_free() {
 
 #[tokio::test(start_paused = true)]
 async fn a_blocking_body_that_panics_is_contained() {
-    let (_release_tx, release_rx) = std_mpsc::channel::<()>();
-    let release = Release(Arc::new(Mutex::new(release_rx)));
-    let (tx, _started) = mpsc::unbounded_channel();
-    let engine = engine(&release, tx);
-    let sink = RecordingSink::new();
-    let d = engine.dispatcher().sink(sink.clone()).user(user("alice"));
+    let (engine, _release_tx, _started) = setup();
+    let (d, sink) = recorded(&engine, user("alice"));
     let err = d
         .dispatch(ToolCall::new("boom", json!(null)).with_id("b"))
         .await
@@ -241,17 +209,9 @@ async fn a_blocking_body_that_panics_is_contained() {
 
 #[tokio::test(start_paused = true)]
 async fn cancelling_a_user_ends_their_blocking_call_for_the_caller() {
-    let (release_tx, release_rx) = std_mpsc::channel::<()>();
-    let release = Release(Arc::new(Mutex::new(release_rx)));
-    let (tx, mut started) = mpsc::unbounded_channel();
-    let engine = engine(&release, tx);
-    let sink = RecordingSink::new();
-    let d = engine.dispatcher().sink(sink.clone()).user(user("alice"));
-    let d2 = d.clone();
-    let h = tokio::spawn(async move {
-        d2.dispatch(ToolCall::new("stubborn", json!("c")).with_id("c"))
-            .await
-    });
+    let (engine, release_tx, mut started) = setup();
+    let (d, sink) = recorded(&engine, user("alice"));
+    let h = spawn(&d, ToolCall::new("stubborn", json!("c")).with_id("c"));
     started.recv().await.unwrap();
     assert_eq!(engine.cancel_user("alice"), 1);
     let err = h.await.unwrap().unwrap_err();
@@ -268,16 +228,10 @@ async fn cancelling_a_user_ends_their_blocking_call_for_the_caller() {
 
 #[tokio::test(start_paused = true)]
 async fn a_blocking_call_without_a_real_timeout_is_never_stuck_and_health_does_not_panic() {
-    let (release_tx, release_rx) = std_mpsc::channel::<()>();
-    let release = Release(Arc::new(Mutex::new(release_rx)));
-    let (tx, mut started) = mpsc::unbounded_channel();
-    let engine = engine(&release, tx);
-    let d = engine
-        .dispatcher()
-        .sink(RecordingSink::new())
-        .user(user("alice"));
+    let (engine, release_tx, mut started) = setup();
+    let (d, _) = recorded(&engine, user("alice"));
     let call = ToolCall::new("stubborn", json!("forever")).with_timeout(Duration::MAX);
-    let h = tokio::spawn(async move { d.dispatch(call).await });
+    let h = spawn(&d, call);
     started.recv().await.unwrap();
     tokio::time::advance(Duration::from_secs(86_400)).await;
     let health = engine.health().await;

@@ -6,66 +6,33 @@ use std::time::Duration;
 
 use serde_json::json;
 use tokio::sync::{Semaphore, mpsc};
-use tokio::task::JoinHandle;
-use tool_dispatch::event::ToolCompleted;
 use tool_dispatch::*;
 
-fn user(id: &str) -> UserContext {
-    UserContext::builder(id).build().expect("valid user id")
-}
+mod common;
+use common::{Handle, completed, hold, no_rate, quick, settle, user};
 
 /// `hold` reports its start and waits for a permit of the gate (it ignores
 /// cancellation on purpose); `quick` returns at once; `polite` ends itself when told.
 fn engine(gate: &Arc<Semaphore>, started: mpsc::UnboundedSender<String>) -> Engine {
-    let g = Arc::clone(gate);
-    let hold = tool_fn("hold", "Waits for the test.", move |tag: String, _cx| {
-        let (g, started) = (Arc::clone(&g), started.clone());
-        async move {
-            let _ = started.send(tag.clone());
-            g.acquire().await.map_err(ToolError::from)?.forget();
-            Ok::<_, ToolError>(tag)
-        }
-    })
-    .settings(ToolSettings::new().timeout(Duration::from_secs(3600)));
-    let quick = tool_fn("quick", "Returns at once.", |n: u64, _cx| async move {
-        Ok::<_, ToolError>(n)
-    });
-    let reg = Registry::builder().tool(hold).tool(quick).build().unwrap();
+    let hold = hold(
+        gate,
+        started,
+        ToolSettings::new().timeout(Duration::from_secs(3600)),
+    );
+    let reg = Registry::builder()
+        .tool(hold)
+        .tool(quick())
+        .build()
+        .unwrap();
     let limits = Limits::default()
-        .per_user(UserLimits {
-            concurrency: 3,
-            rate: None,
-        })
+        .per_user(no_rate(3))
         .max_wait(Duration::from_secs(60));
     Engine::builder(reg).limits(limits).build()
 }
 
-type Handle = JoinHandle<Result<ToolOutput, DispatchError>>;
-
+/// Spawns a `hold` call with id and tag `id`.
 fn spawn(d: &Dispatcher, id: &str) -> Handle {
-    let d = d.clone();
-    let call = ToolCall::new("hold", json!(id)).with_id(id);
-    tokio::spawn(async move { d.dispatch(call).await })
-}
-
-async fn settle() {
-    for _ in 0..10 {
-        tokio::task::yield_now().await;
-    }
-}
-
-fn completed(sink: &RecordingSink, call_id: &str) -> ToolCompleted {
-    let evs: Vec<Event> = sink
-        .events()
-        .into_iter()
-        .filter(|e| e.call_id() == Some(call_id))
-        .collect();
-    assert_eq!(evs.len(), 2, "{call_id}: {evs:?}");
-    assert_eq!(evs[0].kind(), "tool_executing");
-    match &evs[1] {
-        Event::ToolCompleted(c) => c.clone(),
-        other => panic!("expected tool_completed, got {other:?}"),
-    }
+    common::spawn(d, ToolCall::new("hold", json!(id)).with_id(id))
 }
 
 #[tokio::test(start_paused = true)]

@@ -7,26 +7,15 @@ use std::time::Duration;
 
 use serde_json::json;
 use tokio::sync::{Semaphore, mpsc};
-use tokio::task::JoinHandle;
-use tool_dispatch::event::ToolCompleted;
 use tool_dispatch::*;
 
-fn user(id: &str) -> UserContext {
-    UserContext::builder(id).build().expect("valid user id")
-}
+mod common;
+use common::{Handle, completed, hold, no_rate, quick, recorded, settle, spawn, user};
 
 /// A tool that reports when its body starts and then waits for a permit of `gate`.
 /// Also `quick`, which returns at once.
 fn registry(gate: &Arc<Semaphore>, started: mpsc::UnboundedSender<String>) -> Registry {
-    let g = Arc::clone(gate);
-    let hold = tool_fn("hold", "Waits for the test.", move |tag: String, _cx| {
-        let (g, started) = (Arc::clone(&g), started.clone());
-        async move {
-            let _ = started.send(tag.clone());
-            g.acquire().await.map_err(ToolError::from)?.forget();
-            Ok::<_, ToolError>(tag)
-        }
-    });
+    let hold = hold(gate, started, ToolSettings::new());
     let g = Arc::clone(gate);
     let narrow = tool_fn("narrow", "One at a time.", move |_: (), _cx| {
         let g = Arc::clone(&g);
@@ -36,13 +25,10 @@ fn registry(gate: &Arc<Semaphore>, started: mpsc::UnboundedSender<String>) -> Re
         }
     })
     .settings(ToolSettings::new().max_concurrency(1));
-    let quick = tool_fn("quick", "Returns at once.", |n: u64, _cx| async move {
-        Ok::<_, ToolError>(n)
-    });
     Registry::builder()
         .tool(hold)
         .tool(narrow)
-        .tool(quick)
+        .tool(quick())
         .build()
         .expect("valid registry")
 }
@@ -66,53 +52,14 @@ fn fixture(limits: Limits) -> Fixture {
 
 impl Fixture {
     fn dispatcher(&self, ctx: UserContext) -> (Dispatcher, RecordingSink) {
-        let sink = RecordingSink::new();
-        (self.engine.dispatcher().sink(sink.clone()).user(ctx), sink)
+        recorded(&self.engine, ctx)
     }
 
     /// Starts a `hold` call and waits until its body runs.
-    async fn hold(
-        &mut self,
-        d: &Dispatcher,
-        id: &str,
-    ) -> JoinHandle<Result<ToolOutput, DispatchError>> {
+    async fn hold(&mut self, d: &Dispatcher, id: &str) -> Handle {
         let h = spawn(d, ToolCall::new("hold", json!(id)).with_id(id));
         assert_eq!(self.started.recv().await.as_deref(), Some(id));
         h
-    }
-}
-
-fn spawn(d: &Dispatcher, call: ToolCall) -> JoinHandle<Result<ToolOutput, DispatchError>> {
-    let d = d.clone();
-    tokio::spawn(async move { d.dispatch(call).await })
-}
-
-/// Lets every spawned task run until it waits on something.
-async fn settle() {
-    for _ in 0..10 {
-        tokio::task::yield_now().await;
-    }
-}
-
-/// The one `tool_completed` of `call_id`, after checking the pair is complete and in order.
-fn completed(sink: &RecordingSink, call_id: &str) -> ToolCompleted {
-    let evs: Vec<Event> = sink
-        .events()
-        .into_iter()
-        .filter(|e| e.call_id() == Some(call_id))
-        .collect();
-    assert_eq!(evs.len(), 2, "{call_id}: {evs:?}");
-    assert_eq!(evs[0].kind(), "tool_executing");
-    match &evs[1] {
-        Event::ToolCompleted(c) => c.clone(),
-        other => panic!("{call_id}: expected tool_completed, got {other:?}"),
-    }
-}
-
-fn no_rate(concurrency: usize) -> UserLimits {
-    UserLimits {
-        concurrency,
-        rate: None,
     }
 }
 
@@ -340,35 +287,29 @@ async fn per_user_limits_come_from_the_resolver() {
     let (pro, _) = f.dispatcher(pro);
     let (free, _) = f.dispatcher(user("fred"));
 
+    // Each user fills exactly the slots of their tier; one more call is busy.
     let mut held = Vec::new();
-    for id in ["p1", "p2", "p3", "p4"] {
-        held.push(f.hold(&pro, id).await);
-    }
-    let e = pro
-        .dispatch(ToolCall::new("quick", json!(0)))
-        .await
-        .unwrap_err();
-    assert!(matches!(
-        e,
-        DispatchError::Busy {
-            scope: LimitScope::User,
-            ..
+    let tiers: [(&Dispatcher, &[&str]); 2] =
+        [(&pro, &["p1", "p2", "p3", "p4"]), (&free, &["f1", "f2"])];
+    for (d, ids) in tiers {
+        for id in ids {
+            held.push(f.hold(d, id).await);
         }
-    ));
-    for id in ["f1", "f2"] {
-        held.push(f.hold(&free, id).await);
+        let e = d
+            .dispatch(ToolCall::new("quick", json!(0)))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                DispatchError::Busy {
+                    scope: LimitScope::User,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
     }
-    let e = free
-        .dispatch(ToolCall::new("quick", json!(0)))
-        .await
-        .unwrap_err();
-    assert!(matches!(
-        e,
-        DispatchError::Busy {
-            scope: LimitScope::User,
-            ..
-        }
-    ));
     f.gate.add_permits(held.len());
     for h in held {
         h.await.unwrap().unwrap();
