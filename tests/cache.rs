@@ -13,9 +13,8 @@ use tokio::sync::Semaphore;
 use tool_dispatch::event::ToolCompleted;
 use tool_dispatch::*;
 
-fn user(id: &str) -> UserContext {
-    UserContext::builder(id).build().expect("valid user id")
-}
+mod common;
+use common::{recorded, spawn, user};
 
 fn no_rate(concurrency: usize) -> Limits {
     Limits::default().per_user(UserLimits {
@@ -46,8 +45,30 @@ fn lookup(
 }
 
 fn dispatcher(engine: &Engine, id: &str) -> (Dispatcher, RecordingSink) {
-    let sink = RecordingSink::new();
-    (engine.dispatcher().sink(sink.clone()).user(user(id)), sink)
+    recorded(engine, user(id))
+}
+
+/// A registry of the one tool `lookup`, with `settings`.
+fn lookup_registry(runs: &Arc<AtomicUsize>, settings: ToolSettings) -> Registry {
+    Registry::builder()
+        .tool(lookup("lookup", runs, settings))
+        .build()
+        .unwrap()
+}
+
+/// Whether a successful call of `tool` with `input` was answered from the cache.
+async fn is_cached(d: &Dispatcher, tool: &str, input: Value) -> bool {
+    d.dispatch(ToolCall::new(tool, input)).await.unwrap().cached
+}
+
+/// Run beside a batch of identical calls: lets every call reach the cache, checks
+/// the body has run exactly once, then lets that one body finish.
+async fn release_after_one_run(runs: &AtomicUsize, gate: &Semaphore) {
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(runs.load(SeqCst), 1);
+    gate.add_permits(1);
 }
 
 fn completions(sink: &RecordingSink) -> Vec<ToolCompleted> {
@@ -74,10 +95,7 @@ fn assert_paired(sink: &RecordingSink) {
 async fn a_hit_returns_the_same_value_without_running_the_body() {
     let runs = Arc::new(AtomicUsize::new(0));
     let ttl = ToolSettings::new().cache(Duration::from_secs(60));
-    let reg = Registry::builder()
-        .tool(lookup("lookup", &runs, ttl))
-        .build()
-        .unwrap();
+    let reg = lookup_registry(&runs, ttl);
     let engine = Engine::builder(reg).build();
     let (d, sink) = dispatcher(&engine, "alice");
 
@@ -193,10 +211,7 @@ async fn entries_are_per_user_unless_the_tool_is_user_independent() {
 async fn entries_expire_at_their_ttl() {
     let runs = Arc::new(AtomicUsize::new(0));
     let settings = ToolSettings::new().cache(Duration::from_secs(10));
-    let reg = Registry::builder()
-        .tool(lookup("lookup", &runs, settings))
-        .build()
-        .unwrap();
+    let reg = lookup_registry(&runs, settings);
     let engine = Engine::builder(reg).build();
     let (d, _) = dispatcher(&engine, "alice");
     let call = || ToolCall::new("lookup", json!(1));
@@ -242,15 +257,7 @@ async fn fifty_concurrent_identical_calls_run_the_body_once() {
         let (d, sink) = dispatcher(&engine, "alice");
         let calls = (0..50).map(|_| ToolCall::new("slow", json!(21)));
         let batch = d.dispatch_all(calls);
-        let release = async {
-            // Let every call reach the cache, then let the one body finish.
-            for _ in 0..20 {
-                tokio::task::yield_now().await;
-            }
-            assert_eq!(runs.load(SeqCst), 1);
-            gate.add_permits(1);
-        };
-        let (results, ()) = tokio::join!(batch, release);
+        let (results, ()) = tokio::join!(batch, release_after_one_run(&runs, &gate));
         assert_eq!(runs.load(SeqCst), 1, "the body ran once");
         assert_eq!(results.len(), 50);
         let outs: Vec<ToolOutput> = results.into_iter().map(Result::unwrap).collect();
@@ -283,12 +290,7 @@ fn assert_paired_per_call(sink: &RecordingSink, calls: usize) {
 async fn the_cache_is_bounded_in_entries_and_bytes() {
     let runs = Arc::new(AtomicUsize::new(0));
     let settings = ToolSettings::new().cache(Duration::from_secs(600));
-    let registry = || {
-        Registry::builder()
-            .tool(lookup("lookup", &runs, settings.clone()))
-            .build()
-            .unwrap()
-    };
+    let registry = || lookup_registry(&runs, settings.clone());
     let engine = Engine::builder(registry())
         .limits(no_rate(10))
         .cache(CacheConfig::default().max_entries(3))
@@ -300,18 +302,8 @@ async fn the_cache_is_bounded_in_entries_and_bytes() {
     }
     assert_eq!(engine.metrics().cache_entries, 3);
     // The newest are kept, the oldest went first.
-    assert!(
-        d.dispatch(ToolCall::new("lookup", json!(9)))
-            .await
-            .unwrap()
-            .cached
-    );
-    assert!(
-        !d.dispatch(ToolCall::new("lookup", json!(0)))
-            .await
-            .unwrap()
-            .cached
-    );
+    assert!(is_cached(&d, "lookup", json!(9)).await);
+    assert!(!is_cached(&d, "lookup", json!(0)).await);
     assert_eq!(runs.load(SeqCst), 11);
 
     // Bytes: each result is about 30 bytes of JSON; 70 bytes hold two of them.
@@ -327,38 +319,13 @@ async fn the_cache_is_bounded_in_entries_and_bytes() {
         d.dispatch(ToolCall::new("lookup", json!(i))).await.unwrap();
         assert!(engine.metrics().cache_entries <= 2);
     }
-    assert!(
-        d.dispatch(ToolCall::new("lookup", json!(109)))
-            .await
-            .unwrap()
-            .cached
-    );
-    assert!(
-        d.dispatch(ToolCall::new("lookup", json!(108)))
-            .await
-            .unwrap()
-            .cached
-    );
-    assert!(
-        !d.dispatch(ToolCall::new("lookup", json!(107)))
-            .await
-            .unwrap()
-            .cached
-    );
+    assert!(is_cached(&d, "lookup", json!(109)).await);
+    assert!(is_cached(&d, "lookup", json!(108)).await);
+    assert!(!is_cached(&d, "lookup", json!(107)).await);
     // A result larger than the whole budget is returned but never stored.
     let big = json!("x".repeat(4 * one));
-    assert!(
-        !d.dispatch(ToolCall::new("lookup", big.clone()))
-            .await
-            .unwrap()
-            .cached
-    );
-    assert!(
-        !d.dispatch(ToolCall::new("lookup", big))
-            .await
-            .unwrap()
-            .cached
-    );
+    assert!(!is_cached(&d, "lookup", big.clone()).await);
+    assert!(!is_cached(&d, "lookup", big).await);
 }
 
 #[tokio::test(start_paused = true)]
@@ -386,14 +353,7 @@ async fn a_failing_leader_does_not_poison_the_key() {
     // cached nor shared; one waiting call takes over and runs the body once more,
     // and the other three get its result.
     let batch = d.dispatch_all((0..5).map(|_| ToolCall::new("flaky", json!(1))));
-    let release = async {
-        for _ in 0..20 {
-            tokio::task::yield_now().await;
-        }
-        assert_eq!(runs.load(SeqCst), 1);
-        gate.add_permits(1);
-    };
-    let (results, ()) = tokio::join!(batch, release);
+    let (results, ()) = tokio::join!(batch, release_after_one_run(&runs, &gate));
     let err = results[0].as_ref().unwrap_err();
     assert_eq!(err.status(), Status::Error);
     assert!(err.is_retryable());
@@ -443,8 +403,7 @@ async fn an_abandoned_or_timed_out_leader_does_not_poison_the_key() {
     let (d, _) = dispatcher(&engine, "alice");
 
     // A leader whose caller goes away.
-    let d2 = d.clone();
-    let leader = tokio::spawn(async move { d2.dispatch(ToolCall::new("hangs", json!(7))).await });
+    let leader = spawn(&d, ToolCall::new("hangs", json!(7)));
     for _ in 0..5 {
         tokio::task::yield_now().await;
     }
@@ -459,18 +418,8 @@ async fn an_abandoned_or_timed_out_leader_does_not_poison_the_key() {
     assert!(matches!(e, DispatchError::Timeout { .. }), "{e:?}");
     assert_eq!(runs.load(SeqCst), 2);
     // Neither left the key stuck: the next call runs and fills it, then it hits.
-    assert!(
-        !d.dispatch(ToolCall::new("hangs", json!(7)))
-            .await
-            .unwrap()
-            .cached
-    );
-    assert!(
-        d.dispatch(ToolCall::new("hangs", json!(7)))
-            .await
-            .unwrap()
-            .cached
-    );
+    assert!(!is_cached(&d, "hangs", json!(7)).await);
+    assert!(is_cached(&d, "hangs", json!(7)).await);
     assert_eq!(runs.load(SeqCst), 3);
     let m = engine.metrics();
     assert_eq!(m.count(Status::Cancelled) + m.count(Status::Timeout), 2);
@@ -550,24 +499,11 @@ async fn a_huge_ttl_means_forever_not_a_panic() {
     let settings = ToolSettings::new()
         .cache(Duration::MAX)
         .max_concurrency(usize::MAX);
-    let reg = Registry::builder()
-        .tool(lookup("lookup", &runs, settings))
-        .build()
-        .unwrap();
+    let reg = lookup_registry(&runs, settings);
     let engine = Engine::builder(reg).build();
     let (d, _) = dispatcher(&engine, "alice");
-    assert!(
-        !d.dispatch(ToolCall::new("lookup", json!(1)))
-            .await
-            .unwrap()
-            .cached
-    );
+    assert!(!is_cached(&d, "lookup", json!(1)).await);
     tokio::time::advance(Duration::from_secs(86_400 * 365)).await;
-    assert!(
-        d.dispatch(ToolCall::new("lookup", json!(1)))
-            .await
-            .unwrap()
-            .cached
-    );
+    assert!(is_cached(&d, "lookup", json!(1)).await);
     assert_eq!(runs.load(SeqCst), 1);
 }

@@ -2,6 +2,7 @@
 //! unknown tools, permissions (default and custom policies), typed calls, batches,
 //! progress and agent events, and the checks on user contexts.
 
+use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,7 +16,7 @@ use tool_dispatch::policy::{PolicyError, PolicyFuture, PolicyRequest};
 use tool_dispatch::{
     AgentUpdate, CancelReason, Decision, DispatchError, Dispatcher, Engine, Event, EventSink,
     Limits, Policy, RecordingSink, Registry, SinkError, Status, Tool, ToolCall, ToolContext,
-    ToolError, ToolSettings, UserContext, UserContextError, UserLimits, tool_fn,
+    ToolError, ToolOutput, ToolSettings, UserContext, UserContextError, UserLimits, tool_fn,
 };
 
 // ---------------------------------------------------------------- helpers
@@ -370,8 +371,8 @@ fn hang(
     })
 }
 
-#[tokio::test]
-async fn aborting_the_task_running_a_dispatch_completes_the_pair_as_cancelled() {
+/// An engine with only [`hang`], and the flags it reports through.
+fn hang_engine() -> (Engine, Arc<Notify>, Arc<AtomicBool>) {
     let (started, dropped) = (Arc::new(Notify::new()), Arc::new(AtomicBool::new(false)));
     let engine = engine_with(
         Registry::builder()
@@ -379,6 +380,33 @@ async fn aborting_the_task_running_a_dispatch_completes_the_pair_as_cancelled() 
             .build()
             .unwrap(),
     );
+    (engine, started, dropped)
+}
+
+/// Polls `call` until the tool body says it started; panics if the call ends first.
+async fn until_started<F>(call: &mut F, started: &Notify)
+where
+    F: Future<Output = Result<ToolOutput, DispatchError>> + Unpin,
+{
+    tokio::select! {
+        biased;
+        r = call => panic!("hang ended: {r:?}"),
+        () = started.notified() => {}
+    }
+}
+
+/// Every event of a closed channel, in order.
+async fn drain(mut rx: mpsc::Receiver<Event>) -> Vec<Event> {
+    let mut events = Vec::new();
+    while let Some(e) = rx.recv().await {
+        events.push(e);
+    }
+    events
+}
+
+#[tokio::test]
+async fn aborting_the_task_running_a_dispatch_completes_the_pair_as_cancelled() {
+    let (engine, started, dropped) = hang_engine();
     let sink = RecordingSink::new();
     let d = dispatcher(&engine, sink.clone(), "alice");
 
@@ -413,57 +441,33 @@ async fn aborting_the_task_running_a_dispatch_completes_the_pair_as_cancelled() 
 
 #[tokio::test]
 async fn a_dispatch_future_dropped_by_select_completes_the_pair_on_an_mpsc_sink() {
-    let (started, dropped) = (Arc::new(Notify::new()), Arc::new(AtomicBool::new(false)));
-    let engine = engine_with(
-        Registry::builder()
-            .tool(hang(&started, &dropped))
-            .build()
-            .unwrap(),
-    );
-    let (tx, mut rx) = mpsc::channel::<Event>(8);
+    let (engine, started, dropped) = hang_engine();
+    let (tx, rx) = mpsc::channel::<Event>(8);
     let d = dispatcher(&engine, tx, "alice");
 
-    tokio::select! {
-        biased;
-        r = d.dispatch(ToolCall::new("hang", json!({})).with_id("h2")) => panic!("hang ended: {r:?}"),
-        () = started.notified() => {}
-    }
-    // The select! dropped the dispatch future.
+    let call = ToolCall::new("hang", json!({})).with_id("h2");
+    until_started(&mut pin!(d.dispatch(call)), &started).await;
+    // The dispatch future was dropped once its body started.
     assert!(dropped.load(SeqCst));
     assert_eq!(engine.active(), 0);
     drop(d);
-    let mut events = Vec::new();
-    while let Some(e) = rx.recv().await {
-        events.push(e);
-    }
+    let events = drain(rx).await;
     let done = pair(&events);
     assert_eq!((&*done.call_id, done.status), ("h2", Status::Cancelled));
 }
 
 #[tokio::test]
 async fn a_call_dropped_while_its_sink_is_full_still_gets_its_completion_later() {
-    let (started, dropped) = (Arc::new(Notify::new()), Arc::new(AtomicBool::new(false)));
-    let engine = engine_with(
-        Registry::builder()
-            .tool(hang(&started, &dropped))
-            .build()
-            .unwrap(),
-    );
+    let (engine, started, _) = hang_engine();
     // Room for tool_executing only; nobody drains until after the drop.
-    let (tx, mut rx) = mpsc::channel::<Event>(1);
+    let (tx, rx) = mpsc::channel::<Event>(1);
     let d = dispatcher(&engine, tx, "alice");
 
-    tokio::select! {
-        biased;
-        r = d.dispatch(ToolCall::new("hang", json!({})).with_id("h3")) => panic!("hang ended: {r:?}"),
-        () = started.notified() => {}
-    }
+    let call = ToolCall::new("hang", json!({})).with_id("h3");
+    until_started(&mut pin!(d.dispatch(call)), &started).await;
     assert_eq!(engine.active(), 0);
     drop(d);
-    let mut events = Vec::new();
-    while let Some(e) = rx.recv().await {
-        events.push(e);
-    }
+    let events = drain(rx).await;
     let done = pair(&events);
     assert_eq!((&*done.call_id, done.status), ("h3", Status::Cancelled));
     assert_eq!(engine.metrics().sink_failures, 0);
@@ -489,11 +493,7 @@ async fn a_call_dropped_while_waiting_for_a_slot_is_paired_as_cancelled() {
     // Boxed, so that `drop` really drops the futures.
     let mut first = Box::pin(d.dispatch(ToolCall::new("hang", json!({})).with_id("holder")));
     let mut second = Box::pin(d.dispatch(ToolCall::new("count", json!(1)).with_id("queued")));
-    tokio::select! {
-        biased;
-        r = &mut first => panic!("hang ended: {r:?}"),
-        () = started.notified() => {}
-    }
+    until_started(&mut first, &started).await;
     // `second` waits for alice's only slot; poll it once, then drop both.
     tokio::select! {
         biased;
@@ -544,11 +544,7 @@ async fn a_call_whose_timeout_passes_while_it_waits_for_a_slot_never_starts_its_
 
     let holder = ToolCall::new("hang", json!({})).with_timeout(Duration::from_secs(4));
     let mut first = Box::pin(d.dispatch(holder));
-    tokio::select! {
-        biased;
-        r = &mut first => panic!("hang ended: {r:?}"),
-        () = started.notified() => {}
-    }
+    until_started(&mut first, &started).await;
     // The queued call waits 4 s for alice's only slot; its own timeout is 3 s.
     let (first, second) = tokio::join!(first, d.dispatch(ToolCall::new("count", json!(1))));
     assert!(
@@ -1198,15 +1194,13 @@ async fn progress_into_a_full_sink_is_dropped_and_counted_without_blocking() {
         )
     };
     let engine = engine_with(Registry::builder().tool(chatty).build().unwrap());
-    let (tx, mut rx) = mpsc::channel::<Event>(1);
+    let (tx, rx) = mpsc::channel::<Event>(1);
     let d = dispatcher(&engine, tx, "alice");
 
     let call = tokio::spawn(async move { d.dispatch(ToolCall::new("chatty", json!({}))).await });
     reported.notified().await;
-    let mut kinds = Vec::new();
-    while let Some(e) = rx.recv().await {
-        kinds.push(e.kind());
-    }
+    let events = drain(rx).await;
+    let kinds: Vec<&str> = events.iter().map(Event::kind).collect();
     assert_eq!(kinds, ["tool_executing", "tool_completed"]);
     let out = call.await.unwrap().unwrap();
     assert_eq!(out.value, json!(false), "progress reported the drop");
@@ -1219,7 +1213,7 @@ async fn progress_into_a_full_sink_is_dropped_and_counted_without_blocking() {
 #[tokio::test]
 async fn agent_events_share_the_users_ordered_stream() {
     let engine = engine_with(Registry::builder().tool(echo()).build().unwrap());
-    let (tx, mut rx) = mpsc::channel::<Event>(16);
+    let (tx, rx) = mpsc::channel::<Event>(16);
     let d = dispatcher(&engine, tx, "alice");
 
     d.notify(AgentUpdate::Started(Some("on it".into())))
@@ -1239,10 +1233,7 @@ async fn agent_events_share_the_users_ordered_stream() {
         .unwrap();
     drop(d);
 
-    let mut events = Vec::new();
-    while let Some(e) = rx.recv().await {
-        events.push(e);
-    }
+    let events = drain(rx).await;
     let kinds: Vec<&str> = events.iter().map(Event::kind).collect();
     assert_eq!(
         kinds,
