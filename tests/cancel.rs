@@ -9,7 +9,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tool_dispatch::*;
 
 mod common;
-use common::{Handle, completed, hold, no_rate, quick, settle, user};
+use common::{Handle, completed, hold, no_rate, quick, recorded, settle, user};
 
 /// `hold` reports its start and waits for a permit of the gate (it ignores
 /// cancellation on purpose); `quick` returns at once; `polite` ends itself when told.
@@ -40,13 +40,8 @@ async fn cancel_user_ends_only_that_users_calls_and_counts_them() {
     let gate = Arc::new(Semaphore::new(0));
     let (tx, mut started) = mpsc::unbounded_channel();
     let engine = engine(&gate, tx);
-    let alice_sink = RecordingSink::new();
-    let bob_sink = RecordingSink::new();
-    let alice = engine
-        .dispatcher()
-        .sink(alice_sink.clone())
-        .user(user("alice"));
-    let bob = engine.dispatcher().sink(bob_sink.clone()).user(user("bob"));
+    let (alice, alice_sink) = recorded(&engine, user("alice"));
+    let (bob, bob_sink) = recorded(&engine, user("bob"));
 
     let mut alice_calls = Vec::new();
     for id in ["a1", "a2", "a3"] {

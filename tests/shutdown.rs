@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use tool_dispatch::*;
 
 mod common;
-use common::{Handle, completed, no_rate, quick, report_then_wait, settle, user};
+use common::{Handle, completed, no_rate, quick, recorded, report_then_wait, settle, user};
 
 /// `hold` waits for a permit of the gate named in its argument; `quick` returns at once.
 fn engine(
@@ -48,18 +48,9 @@ async fn shutdown_waits_the_grace_period_cancels_the_rest_and_reports_it() {
     let never = Arc::new(Semaphore::new(0)); // gate 1: never opened
     let (tx, mut started) = mpsc::unbounded_channel();
     let engine = engine([Arc::clone(&released), never], tx, 2);
-    let alice_sink = RecordingSink::new();
-    let bob_sink = RecordingSink::new();
-    let carol_sink = RecordingSink::new();
-    let alice = engine
-        .dispatcher()
-        .sink(alice_sink.clone())
-        .user(user("alice"));
-    let bob = engine.dispatcher().sink(bob_sink.clone()).user(user("bob"));
-    let carol = engine
-        .dispatcher()
-        .sink(carol_sink.clone())
-        .user(user("carol"));
+    let (alice, alice_sink) = recorded(&engine, user("alice"));
+    let (bob, bob_sink) = recorded(&engine, user("bob"));
+    let (carol, carol_sink) = recorded(&engine, user("carol"));
     // Carol has been here, but has nothing in flight at shutdown.
     carol
         .dispatch(ToolCall::new("quick", json!(1)))
@@ -139,11 +130,7 @@ async fn shutdown_waits_the_grace_period_cancels_the_rest_and_reports_it() {
 
     // After shutdown: nothing in flight, every new call refused with its events.
     assert_eq!(engine.active(), 0);
-    let dave_sink = RecordingSink::new();
-    let dave = engine
-        .dispatcher()
-        .sink(dave_sink.clone())
-        .user(user("dave"));
+    let (dave, dave_sink) = recorded(&engine, user("dave"));
     let err = dave
         .dispatch(ToolCall::new("hold", json!(["d1", 0])).with_id("d1"))
         .await

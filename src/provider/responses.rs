@@ -53,8 +53,9 @@ pub fn definitions(registry: &Registry) -> Vec<Value> {
 }
 
 /// Tool definitions with `"strict": true`, the schema rewritten by
-/// [`strict_schema`](super::openai::strict_schema) (see [`openai::definitions_strict`](super::openai::definitions_strict)
-/// for what that means for optional fields).
+/// [`strict_schema`](super::openai::strict_schema) (see
+/// [`openai::definitions_strict`](super::openai::definitions_strict) for what that
+/// means for optional fields).
 pub fn definitions_strict(registry: &Registry) -> Vec<Value> {
     function_definitions(registry, true, tool)
 }
