@@ -9,7 +9,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tool_dispatch::*;
 
 mod common;
-use common::{Handle, completed, hold, no_rate, quick, recorded, settle, user};
+use common::{Handle, completed, hold, hold_engine, recorded, settle, user};
 
 /// `hold` reports its start and waits for a permit of the gate (it ignores
 /// cancellation on purpose); `quick` returns at once; `polite` ends itself when told.
@@ -19,15 +19,7 @@ fn engine(gate: &Arc<Semaphore>, started: mpsc::UnboundedSender<String>) -> Engi
         started,
         ToolSettings::new().timeout(Duration::from_secs(3600)),
     );
-    let reg = Registry::builder()
-        .tool(hold)
-        .tool(quick())
-        .build()
-        .unwrap();
-    let limits = Limits::default()
-        .per_user(no_rate(3))
-        .max_wait(Duration::from_secs(60));
-    Engine::builder(reg).limits(limits).build()
+    hold_engine(hold, 3)
 }
 
 /// Spawns a `hold` call with id and tag `id`.

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use tool_dispatch::*;
 
 mod common;
-use common::{Handle, completed, no_rate, quick, recorded, report_then_wait, settle, user};
+use common::{Handle, completed, hold_engine, recorded, report_then_wait, settle, user};
 
 /// `hold` waits for a permit of the gate named in its argument; `quick` returns at once.
 fn engine(
@@ -26,15 +26,7 @@ fn engine(
         },
     )
     .settings(ToolSettings::new().timeout(Duration::from_secs(3600)));
-    let reg = Registry::builder()
-        .tool(hold)
-        .tool(quick())
-        .build()
-        .unwrap();
-    let limits = Limits::default()
-        .per_user(no_rate(per_user))
-        .max_wait(Duration::from_secs(60));
-    Engine::builder(reg).limits(limits).build()
+    hold_engine(hold, per_user)
 }
 
 /// Spawns a `hold` call with id and tag `id`, waiting on gate `gate`.

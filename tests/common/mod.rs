@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
@@ -87,6 +88,20 @@ pub fn quick() -> impl IntoTool {
     tool_fn("quick", "Returns at once.", |n: u64, _cx| async move {
         Ok::<_, ToolError>(n)
     })
+}
+
+/// An engine with `hold` and [`quick`], `per_user` concurrent calls a user, no rate
+/// limit, and a minute's wait for a slot.
+pub fn hold_engine(hold: impl IntoTool, per_user: usize) -> Engine {
+    let reg = Registry::builder()
+        .tool(hold)
+        .tool(quick())
+        .build()
+        .unwrap();
+    let limits = Limits::default()
+        .per_user(no_rate(per_user))
+        .max_wait(Duration::from_secs(60));
+    Engine::builder(reg).limits(limits).build()
 }
 
 /// Per-user limits of `concurrency` calls and no rate limit.
