@@ -95,7 +95,12 @@ fn current_thread(c: &mut Criterion) {
     g.finish();
     let m = engine.metrics();
     assert_eq!(m.active, 0);
-    assert!(m.cache_hits > 0, "the cache bench hit the cache");
+    // Only the first call of the cache bench may run the tool; every later one hits.
+    assert!(
+        m.cache_misses <= 1,
+        "the cache bench missed the cache {} times",
+        m.cache_misses
+    );
 }
 
 /// `iters` calls spread over `TASKS` tasks on 2 workers; criterion's per-iteration
