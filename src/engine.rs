@@ -1003,27 +1003,37 @@ impl<'a> Call<'a> {
         }
         // Concurrency: the user's own slots first, so one user's burst never holds
         // global slots while it waits for its own.
-        let user_state = Arc::clone(&self.user.state);
-        let _user_slot = match self
-            .slot(&user_state.slots, LimitScope::User, wait_until)
-            .await
-        {
+        // A free slot is taken at once; the waiting future is built only when needed.
+        let user: &'a WithUser = self.user;
+        let _user_slot = match user.state.slots.try_acquire() {
             Ok(p) => p,
-            Err(e) => return Err(self.reject(args, e).await),
+            Err(_) => match self
+                .slot(&user.state.slots, LimitScope::User, wait_until)
+                .await
+            {
+                Ok(p) => p,
+                Err(e) => return Err(self.reject(args, e).await),
+            },
         };
         let _tool_slot = match &entry.limiter {
-            Some(sem) => match self.slot(sem, LimitScope::Tool, wait_until).await {
+            Some(sem) => match sem.try_acquire() {
                 Ok(p) => Some(p),
-                Err(e) => return Err(self.reject(args, e).await),
+                Err(_) => match self.slot(sem, LimitScope::Tool, wait_until).await {
+                    Ok(p) => Some(p),
+                    Err(e) => return Err(self.reject(args, e).await),
+                },
             },
             None => None,
         };
-        let _global_slot = match self
-            .slot(&shared.global, LimitScope::Global, wait_until)
-            .await
-        {
+        let _global_slot = match shared.global.try_acquire() {
             Ok(p) => p,
-            Err(e) => return Err(self.reject(args, e).await),
+            Err(_) => match self
+                .slot(&shared.global, LimitScope::Global, wait_until)
+                .await
+            {
+                Ok(p) => p,
+                Err(e) => return Err(self.reject(args, e).await),
+            },
         };
         // Cache.
         let lookup = entry.settings.cache_ttl.and_then(|ttl| {
