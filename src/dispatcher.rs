@@ -274,15 +274,7 @@ impl<S, U> Dispatcher<S, U> {
                 Event::AgentError(e)
             }
         };
-        let sink = self.sink.sink();
-        let d = self.shared.config.delivery_timeout;
-        let r = match sink.try_send(event) {
-            Ok(()) => Ok(()),
-            Err(crate::sink::TrySendError::Closed(_)) => Err(SinkError::Closed),
-            Err(crate::sink::TrySendError::Full(ev)) => tokio::time::timeout(d, sink.send(ev))
-                .await
-                .unwrap_or(Err(SinkError::TimedOut(d))),
-        };
+        let r = self.shared.deliver(self.sink.sink(), event).await;
         if r.is_err() {
             self.shared.metrics.sink_failure();
         }

@@ -514,6 +514,47 @@ fn cut(s: &str, n: usize) -> String {
 }
 
 impl Shared {
+    /// Delivers at once if there is room, else waits up to the delivery timeout.
+    pub(crate) async fn deliver(
+        &self,
+        sink: &Arc<dyn EventSink>,
+        event: Event,
+    ) -> Result<(), SinkError> {
+        match sink.try_send(event) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Closed(_)) => Err(SinkError::Closed),
+            Err(TrySendError::Full(event)) => self.wait_send(sink, event).await,
+        }
+    }
+
+    /// Waits for room, up to the delivery timeout.
+    async fn wait_send(&self, sink: &Arc<dyn EventSink>, event: Event) -> Result<(), SinkError> {
+        let d = self.config.delivery_timeout;
+        tokio::time::timeout(d, sink.send(event))
+            .await
+            .unwrap_or(Err(SinkError::TimedOut(d)))
+    }
+
+    /// Events that cannot wait where they are (a dropped call, a full queue): a task
+    /// delivers them in order within the delivery timeout. A hand-off that does not
+    /// get through (no runtime, closed, still full) counts one sink failure.
+    fn hand_off(self: &Arc<Self>, sink: &Arc<dyn EventSink>, events: Vec<Event>) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            self.metrics.sink_failure();
+            tracing::warn!("events dropped: no runtime to deliver them on");
+            return;
+        };
+        let (sink, shared) = (Arc::clone(sink), Arc::clone(self));
+        rt.spawn(async move {
+            for ev in events {
+                if shared.wait_send(&sink, ev).await.is_err() {
+                    shared.metrics.sink_failure();
+                    return;
+                }
+            }
+        });
+    }
+
     pub(crate) fn root_child(&self) -> CancellationToken {
         self.root.child_token()
     }
@@ -781,17 +822,7 @@ impl<'a> Call<'a> {
 
     /// Delivers at once if there is room, else waits up to the delivery timeout.
     async fn deliver(&self, event: Event) -> Result<(), SinkError> {
-        match self.sink.try_send(event) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Closed(_)) => Err(SinkError::Closed),
-            Err(TrySendError::Full(event)) => {
-                let d = self.shared.config.delivery_timeout;
-                match tokio::time::timeout(d, self.sink.send(event)).await {
-                    Ok(r) => r,
-                    Err(_) => Err(SinkError::TimedOut(d)),
-                }
-            }
-        }
+        self.shared.deliver(self.sink, event).await
     }
 
     fn sink_failed(&self, what: &str, e: &SinkError) {
@@ -870,11 +901,7 @@ impl<'a> Call<'a> {
                     shared: self.shared,
                     event: Some(ev.clone()),
                 };
-                let d = self.shared.config.delivery_timeout;
-                let r = match tokio::time::timeout(d, self.sink.send(ev)).await {
-                    Ok(r) => r,
-                    Err(_) => Err(SinkError::TimedOut(d)),
-                };
+                let r = self.shared.wait_send(self.sink, ev).await;
                 unsent.event = None;
                 r
             }
@@ -1204,18 +1231,9 @@ struct Unsent<'a> {
 
 impl Drop for Unsent<'_> {
     fn drop(&mut self) {
-        let Some(ev) = self.event.take() else { return };
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            self.shared.metrics.sink_failure();
-            return;
-        };
-        let (sink, shared) = (Arc::clone(self.sink), Arc::clone(self.shared));
-        let d = shared.config.delivery_timeout;
-        rt.spawn(async move {
-            if !matches!(tokio::time::timeout(d, sink.send(ev)).await, Ok(Ok(()))) {
-                shared.metrics.sink_failure();
-            }
-        });
+        if let Some(ev) = self.event.take() {
+            self.shared.hand_off(self.sink, vec![ev]);
+        }
     }
 }
 
@@ -1253,21 +1271,7 @@ impl Drop for Call<'_> {
                 }
                 Err(TrySendError::Full(ev)) => {
                     let rest: Vec<Event> = std::iter::once(ev).chain(pending).collect();
-                    let Ok(rt) = tokio::runtime::Handle::try_current() else {
-                        self.sink_failed("tool_completed", &SinkError::Full);
-                        return;
-                    };
-                    let sink = Arc::clone(self.sink);
-                    let shared = Arc::clone(self.shared);
-                    let d = shared.config.delivery_timeout;
-                    rt.spawn(async move {
-                        for ev in rest {
-                            if !matches!(tokio::time::timeout(d, sink.send(ev)).await, Ok(Ok(()))) {
-                                shared.metrics.sink_failure();
-                                return;
-                            }
-                        }
-                    });
+                    self.shared.hand_off(self.sink, rest);
                     return;
                 }
             }
