@@ -2,6 +2,8 @@
 //! status it ended with; the counts match what the callers saw; nothing stays active;
 //! and every call id appears exactly twice in its user's stream, executing first.
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
@@ -15,17 +17,7 @@ const USERS: usize = 20;
 const CALLS_PER_USER: usize = 500;
 const PLANNED_PANIC: &str = "planned panic";
 
-/// xorshift64*: a small seeded generator, so a failing run can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-}
+use common::Rng;
 
 /// What a call is set up to do, and the status it must end with.
 const OUTCOMES: [Status; 8] = [

@@ -9,6 +9,8 @@
 //! across 1,000 users (`SOAK_CALLS`, `SOAK_USERS` override); the non-ignored
 //! `soak_short` runs 20,000 calls in a normal `cargo test`.
 
+mod common;
+
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Once};
 use std::time::Duration;
@@ -108,17 +110,7 @@ fn status_index(s: Status) -> u8 {
     Status::ALL.iter().position(|x| *x == s).unwrap_or(254) as u8
 }
 
-/// xorshift64*: deterministic per user.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
+use common::Rng;
 
 /// What one user's drainer found.
 #[derive(Default)]

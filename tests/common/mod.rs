@@ -1,5 +1,6 @@
-//! Helpers shared by the integration tests that hold tool bodies on a gate and read
-//! the events a call streams: `cancel`, `shutdown`, `limits`, `blocking`.
+//! Helpers shared by the integration tests: gates that hold tool bodies, readers of
+//! the events a call streams (`cancel`, `shutdown`, `limits`, `blocking`, `cache`),
+//! and the seeded generator of the randomised runs (`accounting`, `soak`).
 //!
 //! Included with `mod common;`; each test crate uses a subset, hence the
 //! `dead_code` allowance.
@@ -109,5 +110,18 @@ pub fn no_rate(concurrency: usize) -> UserLimits {
     UserLimits {
         concurrency,
         rate: None,
+    }
+}
+
+/// xorshift64*: a small seeded generator, so a failing randomised run can be replayed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next pseudo-random number.
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
 }
