@@ -193,7 +193,7 @@ impl Leader<'_> {
             key,
             Slot::Ready {
                 value,
-                expires: crate::limits::deadline(now, ttl),
+                expires: crate::time::deadline(now, ttl),
                 size,
                 seq,
             },

@@ -8,9 +8,11 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::engine::{Engine, Shared};
+use crate::delivery::{NotSent, Outbox, Role, Watch};
+use crate::engine::{Engine, Inner};
 use crate::error::DispatchError;
 use crate::event::{AgentEvent, AgentUpdate, Event, Timestamp};
+use crate::json::cut;
 use crate::sink::{EventSink, SinkError};
 use crate::state::{HasSink, HasUser, NoSink, NoUser, SinkUnset, UserUnset, WithSink, WithUser};
 use crate::tool::Tool;
@@ -112,7 +114,7 @@ pub struct ToolOutput<T = Value> {
 /// ```
 #[must_use = "a dispatcher does nothing until it dispatches"]
 pub struct Dispatcher<S = WithSink, U = WithUser> {
-    shared: Arc<Shared>,
+    inner: Arc<Inner>,
     sink: S,
     user: U,
 }
@@ -120,7 +122,7 @@ pub struct Dispatcher<S = WithSink, U = WithUser> {
 impl<S: Clone, U: Clone> Clone for Dispatcher<S, U> {
     fn clone(&self) -> Self {
         Dispatcher {
-            shared: Arc::clone(&self.shared),
+            inner: Arc::clone(&self.inner),
             sink: self.sink.clone(),
             user: self.user.clone(),
         }
@@ -137,9 +139,9 @@ impl<S: std::fmt::Debug, U: std::fmt::Debug> std::fmt::Debug for Dispatcher<S, U
 }
 
 impl Dispatcher<NoSink, NoUser> {
-    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+    pub(crate) fn new(inner: Arc<Inner>) -> Self {
         Dispatcher {
-            shared,
+            inner,
             sink: NoSink,
             user: NoUser,
         }
@@ -154,8 +156,8 @@ impl<S, U> Dispatcher<S, U> {
         S: SinkUnset,
     {
         Dispatcher {
-            shared: self.shared,
-            sink: WithSink(Arc::new(sink)),
+            sink: WithSink(self.inner.outbox(Arc::new(sink))),
+            inner: self.inner,
             user: self.user,
         }
     }
@@ -165,23 +167,16 @@ impl<S, U> Dispatcher<S, U> {
     where
         U: UserUnset,
     {
-        let ctx = user.into();
-        let shared = &self.shared;
-        let state = shared
-            .users
-            .bind(&ctx, &shared.config.limits.resolver, || shared.root_child());
         Dispatcher {
-            user: WithUser { ctx, state },
-            shared: self.shared,
+            user: self.inner.bind(user.into()),
+            inner: self.inner,
             sink: self.sink,
         }
     }
 
     /// The engine this dispatcher belongs to.
     pub fn engine(&self) -> Engine {
-        Engine {
-            shared: Arc::clone(&self.shared),
-        }
+        Engine::from_inner(Arc::clone(&self.inner))
     }
 
     /// The user this dispatcher acts for.
@@ -202,7 +197,7 @@ impl<S, U> Dispatcher<S, U> {
         S: HasSink,
         U: HasUser,
     {
-        self.shared
+        self.inner
             .dispatch_json(self.sink.sink(), self.user.user(), call)
             .await
     }
@@ -230,8 +225,8 @@ impl<S, U> Dispatcher<S, U> {
         U: HasUser,
     {
         TypedCall {
-            shared: &self.shared,
-            sink: self.sink.sink(),
+            inner: &self.inner,
+            outbox: self.sink.sink(),
             user: self.user.user(),
             input,
             id: None,
@@ -248,6 +243,7 @@ impl<S, U> Dispatcher<S, U> {
         U: HasUser,
     {
         let ctx = &self.user.user().ctx;
+        let max = self.inner.max_text();
         let mut e = AgentEvent {
             run_id: ctx.run_id.clone(),
             thread_id: ctx.thread_id.clone(),
@@ -258,35 +254,42 @@ impl<S, U> Dispatcher<S, U> {
         };
         let event = match update {
             AgentUpdate::Started(m) => {
-                e.message = m;
+                e.message = m.map(|m| cut(&m, max));
                 Event::AgentStarted(e)
             }
             AgentUpdate::Thinking(m) => {
-                e.message = Some(m);
+                e.message = Some(cut(&m, max));
                 Event::AgentThinking(e)
             }
-            AgentUpdate::Completed(r) => {
+            AgentUpdate::Completed(mut r) => {
+                // What the front end sees of the agent's result: redacted and cut,
+                // with nothing recursing over a value nested too deep.
+                self.inner.redaction().apply(&mut r, &[]);
                 e.result = Some(r);
                 Event::AgentCompleted(e)
             }
             AgentUpdate::Error(m) => {
-                e.message = Some(m);
+                e.message = Some(cut(&m, max));
                 Event::AgentError(e)
             }
         };
-        let r = self.shared.deliver(self.sink.sink(), event).await;
-        if r.is_err() {
-            self.shared.metrics.sink_failure();
+        match self
+            .sink
+            .sink()
+            .deliver(event, Role::Other, Watch::default(), &mut false)
+            .await
+        {
+            Ok(_) | Err(NotSent::Interrupted) => Ok(()),
+            Err(NotSent::Sink(e)) => Err(e),
         }
-        r
     }
 }
 
 /// A typed call in preparation; `.await` it. See [`Dispatcher::call`].
 #[must_use = "a call does nothing until it is awaited"]
 pub struct TypedCall<'a, T: Tool> {
-    shared: &'a Arc<Shared>,
-    sink: &'a Arc<dyn EventSink>,
+    inner: &'a Arc<Inner>,
+    outbox: &'a Arc<Outbox>,
     user: &'a WithUser,
     input: T::Input,
     id: Option<String>,
@@ -327,13 +330,13 @@ impl<'a, T: Tool> IntoFuture for TypedCall<'a, T> {
 
     fn into_future(self) -> Self::IntoFuture {
         let TypedCall {
-            shared,
-            sink,
+            inner,
+            outbox,
             user,
             input,
             id,
             timeout,
         } = self;
-        Box::pin(shared.dispatch_typed::<T>(sink, user, input, id, timeout))
+        Box::pin(inner.dispatch_typed::<T>(outbox, user, input, id, timeout))
     }
 }

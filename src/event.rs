@@ -268,9 +268,23 @@ impl Timestamp {
         Timestamp(SystemTime::now())
     }
 
-    /// This instant moved forward by `d`.
+    /// This instant moved forward by `d`; a `d` too large to represent gives the
+    /// latest instant this platform can (never a panic).
     pub fn after(self, d: Duration) -> Self {
-        Timestamp(self.0 + d)
+        if let Some(t) = self.0.checked_add(d) {
+            return Timestamp(t);
+        }
+        // Binary search for the largest addable duration.
+        let (mut lo, mut hi) = (Duration::ZERO, d);
+        while hi.saturating_sub(lo) > Duration::from_secs(1) {
+            let mid = lo + (hi - lo) / 2;
+            if self.0.checked_add(mid).is_some() {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        Timestamp(self.0 + lo)
     }
 
     /// The underlying system time.

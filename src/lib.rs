@@ -2,12 +2,16 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 
+mod blocking;
 pub mod cache;
+mod contain;
+mod delivery;
 pub mod dispatcher;
 pub mod engine;
 pub mod error;
 pub mod event;
 pub mod health;
+mod json;
 pub mod limits;
 pub mod metrics;
 pub mod policy;
@@ -16,6 +20,7 @@ pub mod redact;
 pub mod registry;
 pub mod sink;
 pub mod state;
+mod time;
 pub mod tool;
 pub mod user;
 

@@ -7,16 +7,19 @@
 //! (so tests run on a paused clock, no real sleeps), and it tells exactly when an idle
 //! user's state can be forgotten (its bucket is full again).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, RandomState};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::contain::panic_message;
 use crate::user::UserContext;
 
 /// A sustained rate with a burst allowance.
@@ -214,6 +217,9 @@ pub(crate) struct UserState {
     /// Behind an `Arc` so a call takes it with one reference-count increment; cloning
     /// the token itself locks its tree node (twice per call, with the drop).
     cancel: Mutex<Arc<CancellationToken>>,
+    /// Ids of this user's calls in flight that the caller chose (generated ids are
+    /// unique by construction): a second call may not reuse one while it runs.
+    ids: Mutex<HashSet<Arc<str>>>,
     pub(crate) active: AtomicUsize,
     pub(crate) finished: AtomicU64,
     pub(crate) failed: AtomicU64,
@@ -224,6 +230,39 @@ impl UserState {
     /// The token this user's calls watch; replaced each time it is cancelled.
     pub(crate) fn token(&self) -> Arc<CancellationToken> {
         Arc::clone(&self.cancel.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Claims `id` for a call in flight; `false` if a running call of this user has it.
+    pub(crate) fn claim_id(&self, id: &Arc<str>) -> bool {
+        let mut ids = self.ids.lock().unwrap_or_else(PoisonError::into_inner);
+        ids.insert(Arc::clone(id))
+    }
+
+    /// Frees an id claimed by [`claim_id`](Self::claim_id).
+    pub(crate) fn release_id(&self, id: &str) {
+        self.ids
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(id);
+    }
+
+    /// A state for a user outside the table (the health probe's own).
+    pub(crate) fn detached(
+        user_id: Arc<str>,
+        limits: UserLimits,
+        token: CancellationToken,
+    ) -> Self {
+        UserState {
+            user_id,
+            slots: Semaphore::new(limits.concurrency.clamp(1, Semaphore::MAX_PERMITS)),
+            rate: limits.rate.map(Gcra::new),
+            cancel: Mutex::new(Arc::new(token)),
+            ids: Mutex::default(),
+            active: AtomicUsize::new(0),
+            finished: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
+        }
     }
 
     /// Cancels the user's in-flight calls; later calls get a fresh token.
@@ -284,17 +323,13 @@ impl Users {
         if let Some(s) = shard.get(&ctx.user_id) {
             return Arc::clone(s);
         }
-        let limits = resolver(ctx);
-        let state = Arc::new(UserState {
-            user_id: ctx.user_id.clone(),
-            slots: Semaphore::new(limits.concurrency.clamp(1, Semaphore::MAX_PERMITS)),
-            rate: limits.rate.map(Gcra::new),
-            cancel: Mutex::new(Arc::new(token())),
-            active: AtomicUsize::new(0),
-            finished: AtomicU64::new(0),
-            failed: AtomicU64::new(0),
-            cancelled: AtomicU64::new(0),
+        // The resolver is the application's code: a panic in it gives this user the
+        // default limits rather than unwinding into the request.
+        let limits = catch_unwind(AssertUnwindSafe(|| resolver(ctx))).unwrap_or_else(|p| {
+            tracing::error!(panic = %panic_message(&*p), "the user-limit resolver panicked; default limits apply");
+            UserLimits::default()
         });
+        let state = Arc::new(UserState::detached(ctx.user_id.clone(), limits, token()));
         shard.insert(ctx.user_id.clone(), Arc::clone(&state));
         state
     }
@@ -354,26 +389,83 @@ impl Users {
     }
 }
 
-/// `start + d`, or a point about 30 years later when that would overflow: a huge
-/// timeout or wait means "no limit", never a panic.
-pub(crate) fn deadline(start: Instant, d: Duration) -> Instant {
-    start
-        .checked_add(d)
-        .or_else(|| start.checked_add(Duration::from_secs(86_400 * 365 * 30)))
-        .unwrap_or(start)
+/// Which concurrency slot a call asks for.
+pub(crate) enum Scope<'a> {
+    /// One of the user's own slots.
+    User(&'a UserState),
+    /// One of a tool's slots.
+    Tool(&'a Semaphore),
+    /// One of the engine-wide slots.
+    Global,
 }
 
-/// Takes a permit at once if one is free, else waits until `until`.
-pub(crate) async fn acquire_until(sem: &Semaphore, until: Instant) -> Option<SemaphorePermit<'_>> {
-    match sem.try_acquire() {
-        Ok(p) => Some(p),
-        Err(tokio::sync::TryAcquireError::Closed) => None,
-        Err(tokio::sync::TryAcquireError::NoPermits) => {
-            tokio::time::timeout_at(until, sem.acquire())
-                .await
-                .ok()?
-                .ok()
+/// A held slot; released when dropped.
+pub(crate) struct Permit<'a>(#[allow(dead_code)] SemaphorePermit<'a>);
+
+/// What the pipeline asks of its limits. [`LocalLimiter`] keeps them in this process;
+/// a limiter shared by several processes implements the same questions.
+pub(crate) trait Limiter: Send + Sync + 'static {
+    /// Admits one call of `user` at `now`, or says when one would be admitted.
+    fn rate(&self, user: &UserState, now: Instant) -> Result<(), Duration>;
+    /// A slot of `scope` if one is free now.
+    fn try_slot<'a>(&'a self, scope: &Scope<'a>) -> Option<Permit<'a>>;
+    /// A slot of `scope`, waiting until `until` at the most.
+    fn slot<'a>(&'a self, scope: Scope<'a>, until: Instant) -> BoxFuture<'a, Option<Permit<'a>>>;
+    /// Share of the engine-wide slots in use, `0.0..=1.0`.
+    fn saturation(&self) -> f64;
+}
+
+/// Limits kept in this process: GCRA buckets and semaphores.
+pub(crate) struct LocalLimiter {
+    global: Semaphore,
+    size: usize,
+    epoch: Instant,
+}
+
+impl LocalLimiter {
+    pub(crate) fn new(global: usize, epoch: Instant) -> Self {
+        LocalLimiter {
+            global: Semaphore::new(global),
+            size: global,
+            epoch,
         }
+    }
+
+    fn semaphore<'a>(&'a self, scope: &Scope<'a>) -> &'a Semaphore {
+        match scope {
+            Scope::User(u) => &u.slots,
+            Scope::Tool(s) => s,
+            Scope::Global => &self.global,
+        }
+    }
+}
+
+impl Limiter for LocalLimiter {
+    fn rate(&self, user: &UserState, now: Instant) -> Result<(), Duration> {
+        match &user.rate {
+            None => Ok(()),
+            Some(g) => {
+                let ns = now.saturating_duration_since(self.epoch).as_nanos();
+                g.check(u64::try_from(ns).unwrap_or(u64::MAX))
+            }
+        }
+    }
+
+    fn try_slot<'a>(&'a self, scope: &Scope<'a>) -> Option<Permit<'a>> {
+        self.semaphore(scope).try_acquire().ok().map(Permit)
+    }
+
+    fn slot<'a>(&'a self, scope: Scope<'a>, until: Instant) -> BoxFuture<'a, Option<Permit<'a>>> {
+        let sem = self.semaphore(&scope);
+        Box::pin(async move {
+            let p = tokio::time::timeout_at(until, sem.acquire()).await.ok()?;
+            p.ok().map(Permit)
+        })
+    }
+
+    fn saturation(&self) -> f64 {
+        let in_use = self.size - self.global.available_permits().min(self.size);
+        in_use as f64 / self.size as f64
     }
 }
 

@@ -49,9 +49,6 @@ pub(crate) struct ToolMetrics {
     latency: Histogram,
 }
 
-/// The tool index of the built-in health probe.
-pub(crate) const PROBE_INDEX: usize = usize::MAX;
-
 /// The engine's live counters.
 pub(crate) struct Metrics {
     by_status: [AtomicU64; Status::ALL.len()],
@@ -60,6 +57,8 @@ pub(crate) struct Metrics {
     progress_dropped: AtomicU64,
     cache_hits: AtomicU64,
     cache_misses: AtomicU64,
+    cache_skipped: AtomicU64,
+    unserializable_results: AtomicU64,
     tools: Box<[ToolMetrics]>,
 }
 
@@ -72,6 +71,8 @@ impl Metrics {
             progress_dropped: AtomicU64::new(0),
             cache_hits: AtomicU64::new(0),
             cache_misses: AtomicU64::new(0),
+            cache_skipped: AtomicU64::new(0),
+            unserializable_results: AtomicU64::new(0),
             tools: (0..tools)
                 .map(|_| ToolMetrics {
                     calls: AtomicU64::new(0),
@@ -86,13 +87,9 @@ impl Metrics {
         self.active.fetch_add(1, Relaxed);
     }
 
-    /// Records one ended call; returns the active count after it. The health probe
-    /// ([`PROBE_INDEX`]) is in flight like any call but is not counted as one, so
-    /// probing does not skew the totals.
+    /// Records one ended call; returns the active count after it.
     pub(crate) fn end(&self, status: Status, tool: Option<usize>, took: Duration) -> usize {
-        if tool != Some(PROBE_INDEX) {
-            self.by_status[status.index()].fetch_add(1, Relaxed);
-        }
+        self.by_status[status.index()].fetch_add(1, Relaxed);
         if let Some(t) = tool.and_then(|i| self.tools.get(i)) {
             t.calls.fetch_add(1, Relaxed);
             if status != Status::Success {
@@ -100,6 +97,12 @@ impl Metrics {
             }
             t.latency.record(took);
         }
+        self.active.fetch_sub(1, Relaxed) - 1
+    }
+
+    /// Ends a call that is in flight like any other but not counted as one (the
+    /// health probe); returns the active count after it.
+    pub(crate) fn end_uncounted(&self) -> usize {
         self.active.fetch_sub(1, Relaxed) - 1
     }
 
@@ -119,13 +122,22 @@ impl Metrics {
         self.progress_dropped.fetch_add(1, Relaxed);
     }
 
-    pub(crate) fn cache(&self, hit: bool) {
-        if hit {
-            &self.cache_hits
-        } else {
-            &self.cache_misses
-        }
-        .fetch_add(1, Relaxed);
+    pub(crate) fn cache_hit(&self) {
+        self.cache_hits.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn cache_miss(&self) {
+        self.cache_misses.fetch_add(1, Relaxed);
+    }
+
+    /// A result that was not cached because it does not survive a JSON round trip.
+    pub(crate) fn cache_skipped(&self) {
+        self.cache_skipped.fetch_add(1, Relaxed);
+    }
+
+    /// A result that could not be converted to JSON.
+    pub(crate) fn unserializable_result(&self) {
+        self.unserializable_results.fetch_add(1, Relaxed);
     }
 
     pub(crate) fn snapshot<'a>(
@@ -172,6 +184,8 @@ impl Metrics {
             progress_dropped: self.progress_dropped.load(Relaxed),
             cache_hits: self.cache_hits.load(Relaxed),
             cache_misses: self.cache_misses.load(Relaxed),
+            cache_skipped: self.cache_skipped.load(Relaxed),
+            unserializable_results: self.unserializable_results.load(Relaxed),
             cache_entries: 0,
             tools,
             active_users,
@@ -197,7 +211,8 @@ pub struct MetricsSnapshot {
     pub by_status: BTreeMap<&'static str, u64>,
     /// Calls in flight now.
     pub active: usize,
-    /// Events that could not be delivered (`tool_executing` or `tool_completed`).
+    /// Events that could not be delivered (`tool_executing`, `tool_completed`, agent
+    /// events), including those of a sink that panicked.
     pub sink_failures: u64,
     /// Progress updates dropped because the sink was full or closed.
     pub progress_dropped: u64,
@@ -206,6 +221,13 @@ pub struct MetricsSnapshot {
     /// Successful runs of cacheable tools: results computed rather than served from
     /// the cache (a failed run is neither a hit nor a miss).
     pub cache_misses: u64,
+    /// Results of cacheable tools that were not cached because they do not survive
+    /// a JSON round trip (a `NaN`, a map with non-string keys…).
+    pub cache_skipped: u64,
+    /// Results that could not be converted to JSON (nested too deep, a failing
+    /// `Serialize`): a typed call still returns its value and its event says why the
+    /// result is not shown; a call by name fails with `error`.
+    pub unserializable_results: u64,
     /// Entries in the result cache (ready or being computed).
     pub cache_entries: usize,
     /// Per tool, in registration order.

@@ -4,6 +4,8 @@
 
 use serde_json::Value;
 
+use crate::json::cut_text;
+
 /// The text that replaces a sensitive value in events.
 pub const REDACTED: &str = "[REDACTED]";
 
@@ -88,7 +90,8 @@ impl Redaction {
         self
     }
 
-    /// Strings longer than this many characters are cut in events (default 1024).
+    /// Strings longer than this many characters are cut in events (default 1024);
+    /// so are error and progress messages.
     pub fn max_string_len(mut self, n: usize) -> Self {
         self.max_string_len = n;
         self
@@ -106,7 +109,14 @@ impl Redaction {
         self
     }
 
-    fn is_sensitive(&self, key: &str, extra: &[String]) -> bool {
+    /// The longest text an event carries, in characters: strings in payloads, and
+    /// error and progress messages.
+    pub(crate) fn max_text(&self) -> usize {
+        self.max_string_len
+    }
+
+    /// Whether `key` is sensitive for every tool, or is one of `extra`.
+    pub(crate) fn is_sensitive(&self, key: &str, extra: &[String]) -> bool {
         self.sensitive.iter().any(|s| contains_folded(key, s))
             || extra.iter().any(|s| eq_folded(key, s))
     }
@@ -119,14 +129,18 @@ impl Redaction {
 
     fn walk(&self, value: &mut Value, extra: &[String], depth: usize) {
         if depth >= self.max_depth && matches!(value, Value::Object(_) | Value::Array(_)) {
-            *value = Value::from("[TRUNCATED: nested too deep]");
+            // The cut-off part may be deeper than a recursive drop can go.
+            let rest = std::mem::replace(value, Value::from("[TRUNCATED: nested too deep]"));
+            crate::json::drop_deep(rest);
             return;
         }
         match value {
-            Value::String(s) => truncate(s, self.max_string_len),
+            Value::String(s) => cut_text(s, self.max_string_len),
             Value::Array(items) => {
                 let len = items.len();
-                items.truncate(self.max_array_len);
+                for rest in items.drain(self.max_array_len.min(len)..) {
+                    crate::json::drop_deep(rest);
+                }
                 for v in items.iter_mut() {
                     self.walk(v, extra, depth + 1);
                 }
@@ -140,7 +154,7 @@ impl Redaction {
             Value::Object(map) => {
                 for (k, v) in map.iter_mut() {
                     if self.is_sensitive(k, extra) {
-                        *v = Value::from(REDACTED);
+                        crate::json::drop_deep(std::mem::replace(v, Value::from(REDACTED)));
                     } else {
                         self.walk(v, extra, depth + 1);
                     }
@@ -148,17 +162,6 @@ impl Redaction {
             }
             _ => {}
         }
-    }
-}
-
-fn truncate(s: &mut String, max_chars: usize) {
-    if s.len() <= max_chars {
-        return; // byte length bounds char count
-    }
-    if let Some((cut, _)) = s.char_indices().nth(max_chars) {
-        let dropped = s.len() - cut;
-        s.truncate(cut);
-        s.push_str(&format!("…[truncated {dropped} bytes]"));
     }
 }
 

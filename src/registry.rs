@@ -14,7 +14,7 @@ use tokio::sync::Semaphore;
 
 use crate::redact::normalize;
 use crate::state::{Frozen, Open, Unfrozen};
-use crate::tool::{BlockingFnTool, FnTool, Tool, ToolContext, ToolError, ToolSettings};
+use crate::tool::{BlockingFnTool, CallScope, FnTool, Tool, ToolContext, ToolError, ToolSettings};
 
 pub(crate) type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -44,38 +44,125 @@ pub struct ToolDefinition {
     pub input_schema: Value,
 }
 
-/// Where invalid arguments were found and what is wrong with them.
+/// Where invalid arguments were found and what serde said of them. serde's text may
+/// quote the offending value: it leaves this module only through
+/// [`safe_message`](InputError::safe_message).
 #[derive(Debug)]
 pub(crate) struct InputError {
     pub(crate) path: String,
-    pub(crate) message: String,
+    /// The object keys on the way to the offending value.
+    pub(crate) keys: Vec<String>,
+    message: String,
+}
+
+/// Longest invalid-input message passed on.
+const MAX_INPUT_MESSAGE: usize = 256;
+
+/// How serde names the kind of an unexpected value, before the value itself.
+const UNEXPECTED_KINDS: &[&str] = &[
+    "string",
+    "integer",
+    "floating point",
+    "boolean",
+    "character",
+    "byte array",
+    "unit value",
+    "unit variant",
+    "Option value",
+    "newtype struct",
+    "newtype variant",
+    "tuple variant",
+    "struct variant",
+    "sequence",
+    "map",
+    "enum",
+    "null",
+];
+
+impl InputError {
+    /// What is wrong, without the offending value: serde's `invalid type: string
+    /// "hunter2", expected u32` becomes `invalid type: string, expected u32`. Under a
+    /// sensitive key, a message serde did not write (a custom `Deserialize`) is
+    /// replaced whole, since it may say anything.
+    pub(crate) fn safe_message(&self, sensitive: bool) -> String {
+        let m = &self.message;
+        for prefix in ["invalid type: ", "invalid value: "] {
+            if let Some(rest) = m.strip_prefix(prefix)
+                && let Some(i) = rest.rfind(", expected ")
+            {
+                let expected = crate::json::cut(&rest[i + 2..], MAX_INPUT_MESSAGE);
+                return match UNEXPECTED_KINDS.iter().find(|k| rest.starts_with(**k)) {
+                    Some(kind) => format!("{prefix}{kind}, {expected}"),
+                    None => format!("{}, {expected}", prefix.trim_end_matches(": ")),
+                };
+            }
+        }
+        if let Some(rest) = m.strip_prefix("unknown variant ") {
+            let expected = rest.rfind(", expected ").map(|i| &rest[i + 2..]);
+            return match expected {
+                Some(e) => format!(
+                    "unknown variant, {}",
+                    crate::json::cut(e, MAX_INPUT_MESSAGE)
+                ),
+                None => "unknown variant".to_owned(),
+            };
+        }
+        let serdes_own = [
+            "missing field ",
+            "unknown field ",
+            "duplicate field ",
+            "invalid length ",
+        ];
+        if sensitive && !serdes_own.iter().any(|p| m.starts_with(p)) {
+            return "invalid value".to_owned();
+        }
+        crate::json::cut(m, MAX_INPUT_MESSAGE)
+    }
 }
 
 /// Deserializes from the borrowed value; only on failure runs again to find the path.
 pub(crate) fn parse_input<I: DeserializeOwned>(v: &Value) -> Result<I, InputError> {
-    I::deserialize(v).or_else(|first| {
-        match serde_path_to_error::deserialize::<_, I>(v) {
-            Ok(i) => Ok(i),
-            Err(e) => Err(InputError {
-                path: e.path().to_string(),
-                message: e.into_inner().to_string(),
-            }),
-        }
-        .map_err(|e: InputError| {
-            if e.message.is_empty() {
+    I::deserialize(v).or_else(|first| match serde_path_to_error::deserialize::<_, I>(v) {
+        Ok(i) => Ok(i),
+        Err(e) => {
+            let keys = e
+                .path()
+                .iter()
+                .filter_map(|s| match s {
+                    serde_path_to_error::Segment::Map { key } => Some(key.clone()),
+                    _ => None,
+                })
+                .collect();
+            let path = e.path().to_string();
+            let message = e.into_inner().to_string();
+            Err(if message.is_empty() {
                 InputError {
                     path: ".".into(),
+                    keys: Vec::new(),
                     message: first.to_string(),
                 }
             } else {
-                e
-            }
-        })
+                InputError {
+                    path,
+                    keys,
+                    message,
+                }
+            })
+        }
     })
 }
 
-pub(crate) fn to_json<O: serde::Serialize>(out: &O) -> Result<Value, ToolError> {
-    serde_json::to_value(out).map_err(|e| ToolError::new(format!("result is not JSON: {e}")))
+/// A result as JSON for the by-name path, where the JSON is the caller's value: one
+/// that cannot be made (nested too deep, a failing `Serialize`) is the call's error,
+/// and is counted.
+fn result_json<O: serde::Serialize>(out: &O, scope: &CallScope) -> Result<Value, ToolError> {
+    crate::json::to_value(out, scope.max_depth).map_err(|e| {
+        scope.outbox.metrics().unserializable_result();
+        ToolError::new(format!(
+            "the tool's result could not be converted to JSON: {}",
+            e.0
+        ))
+    })
 }
 
 /// The type-erased face of a tool: validate JSON arguments and start the body.
@@ -97,9 +184,10 @@ impl<T: Tool> Invoke for Typed<T> {
         cx: ToolContext,
     ) -> Result<BoxFut<'_, Result<Value, ToolError>>, InputError> {
         let input = parse_input::<T::Input>(args)?;
-        Ok(Box::pin(
-            async move { to_json(&self.0.call(input, cx).await?) },
-        ))
+        let scope = Arc::clone(&cx.scope);
+        Ok(Box::pin(async move {
+            result_json(&self.0.call(input, cx).await?, &scope)
+        }))
     }
     fn as_any(&self) -> &dyn Any {
         self
@@ -119,11 +207,12 @@ where
         cx: ToolContext,
     ) -> Result<BoxFut<'_, Result<Value, ToolError>>, InputError> {
         let input = parse_input::<I>(args)?;
+        let scope = Arc::clone(&cx.scope);
         // The closure is called when the body is first polled: after the policy, the
         // limits and `tool_executing`, and under the pipeline's panic isolation.
-        Ok(Box::pin(
-            async move { to_json(&(self.f)(input, cx).await?) },
-        ))
+        Ok(Box::pin(async move {
+            result_json(&(self.f)(input, cx).await?, &scope)
+        }))
     }
     fn as_any(&self) -> &dyn Any {
         self
@@ -144,10 +233,14 @@ where
         let input = parse_input::<I>(args)?;
         let f = Arc::clone(&self.f);
         Ok(Box::pin(async move {
-            let job = cx.shared.blocking.start(&cx);
+            let s = &cx.scope;
+            let job = s
+                .blocking
+                .start(&s.call_id, &s.tool_name, &s.user.user_id, s.timeout);
+            let scope = Arc::clone(s);
             let handle = tokio::task::spawn_blocking(move || {
                 let _job = job; // stays registered until the body really returns
-                f(input, cx).and_then(|o| to_json(&o))
+                f(input, cx).and_then(|o| result_json(&o, &scope))
             });
             match handle.await {
                 Ok(r) => r,
@@ -173,7 +266,40 @@ pub(crate) struct Entry {
 }
 
 /// What a tool turns into when registered.
-pub(crate) type Parts = (String, String, ToolSettings, Value, Box<dyn Invoke>);
+pub(crate) struct Parts {
+    pub(crate) name: String,
+    pub(crate) description: String,
+    pub(crate) settings: ToolSettings,
+    pub(crate) input_schema: Value,
+    pub(crate) invoker: Box<dyn Invoke>,
+}
+
+impl Entry {
+    /// The entry of a tool at `index` in its registry; `name` must be valid.
+    pub(crate) fn new(parts: Parts, index: usize) -> Entry {
+        let Parts {
+            name,
+            description,
+            mut settings,
+            input_schema,
+            invoker,
+        } = parts;
+        settings.sensitive = settings.sensitive.iter().map(|k| normalize(k)).collect();
+        let name: Arc<str> = Arc::from(name);
+        Entry {
+            limiter: settings.max_concurrency.map(Semaphore::new),
+            def: ToolDefinition {
+                name: name.to_string(),
+                description,
+                input_schema,
+            },
+            name,
+            settings,
+            invoker,
+            index,
+        }
+    }
+}
 
 #[allow(unreachable_pub, private_interfaces)] // sealed: public in a private module on purpose
 mod sealed {
@@ -196,6 +322,11 @@ mod sealed {
 )]
 pub trait IntoTool: sealed::Sealed {}
 
+/// The entry of `tool` at `index`, outside any registry (the engine's health probe).
+pub(crate) fn entry_of(tool: impl IntoTool, index: usize) -> Entry {
+    Entry::new(sealed::Sealed::into_parts(tool), index)
+}
+
 fn schema_of<I: schemars::JsonSchema>() -> Value {
     serde_json::to_value(schemars::schema_for!(I)).unwrap_or(Value::Null)
 }
@@ -204,15 +335,13 @@ impl<T: Tool> IntoTool for T {}
 #[allow(private_interfaces)]
 impl<T: Tool> sealed::Sealed for T {
     fn into_parts(self) -> Parts {
-        let (desc, settings) = (self.description().to_owned(), self.settings());
-        let schema = schema_of::<T::Input>();
-        (
-            T::NAME.to_owned(),
-            desc,
-            settings,
-            schema,
-            Box::new(Typed(self)),
-        )
+        Parts {
+            name: T::NAME.to_owned(),
+            description: self.description().to_owned(),
+            settings: self.settings(),
+            input_schema: schema_of::<T::Input>(),
+            invoker: Box::new(Typed(self)),
+        }
     }
 }
 
@@ -233,9 +362,13 @@ where
     O: serde::Serialize + Send + 'static,
 {
     fn into_parts(self) -> Parts {
-        let (name, desc) = (self.name.clone(), self.description.clone());
-        let settings = self.settings.clone();
-        (name, desc, settings, schema_of::<I>(), Box::new(self))
+        Parts {
+            name: self.name.clone(),
+            description: self.description.clone(),
+            settings: self.settings.clone(),
+            input_schema: schema_of::<I>(),
+            invoker: Box::new(self),
+        }
     }
 }
 
@@ -254,9 +387,13 @@ where
     O: serde::Serialize + Send + 'static,
 {
     fn into_parts(self) -> Parts {
-        let (name, desc) = (self.name.clone(), self.description.clone());
-        let settings = self.settings.clone();
-        (name, desc, settings, schema_of::<I>(), Box::new(self))
+        Parts {
+            name: self.name.clone(),
+            description: self.description.clone(),
+            settings: self.settings.clone(),
+            input_schema: schema_of::<I>(),
+            invoker: Box::new(self),
+        }
     }
 }
 
@@ -356,33 +493,19 @@ impl<S> Registry<S> {
     where
         S: Unfrozen,
     {
-        let (name, description, mut settings, input_schema, invoker) =
-            sealed::Sealed::into_parts(tool);
-        if !valid_name(&name) {
-            self.problems
-                .push(RegistryError::InvalidName(name.chars().take(80).collect()));
+        let parts = sealed::Sealed::into_parts(tool);
+        if !valid_name(&parts.name) {
+            let shown = parts.name.chars().take(80).collect();
+            self.problems.push(RegistryError::InvalidName(shown));
             return self;
         }
-        if self.index.contains_key(name.as_str()) {
-            self.problems.push(RegistryError::DuplicateName(name));
+        if self.index.contains_key(parts.name.as_str()) {
+            self.problems.push(RegistryError::DuplicateName(parts.name));
             return self;
         }
-        settings.sensitive = settings.sensitive.iter().map(|k| normalize(k)).collect();
-        let index = self.entries.len();
-        let name: Arc<str> = Arc::from(name);
-        self.index.insert(name.clone(), index);
-        self.entries.push(Arc::new(Entry {
-            limiter: settings.max_concurrency.map(Semaphore::new),
-            def: ToolDefinition {
-                name: name.to_string(),
-                description,
-                input_schema,
-            },
-            name,
-            settings,
-            invoker,
-            index,
-        }));
+        let entry = Entry::new(parts, self.entries.len());
+        self.index.insert(entry.name.clone(), entry.index);
+        self.entries.push(Arc::new(entry));
         self
     }
 }
@@ -420,10 +543,6 @@ impl Registry {
 
     pub(crate) fn get(&self, name: &str) -> Option<&Arc<Entry>> {
         self.index.get(name).map(|&i| &self.entries[i])
-    }
-
-    pub(crate) fn entries(&self) -> &[Arc<Entry>] {
-        &self.entries
     }
 
     /// The entry for tool type `T`, if it was registered as a `Tool`.

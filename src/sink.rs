@@ -72,6 +72,9 @@ pub enum SinkError {
     /// A custom sink failed.
     #[error("the event stream failed: {0}")]
     Failed(String),
+    /// The sink panicked; it is treated as closed from then on.
+    #[error("the event stream failed unexpectedly")]
+    Panicked,
 }
 
 impl From<TrySendError> for SinkError {

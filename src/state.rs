@@ -7,11 +7,11 @@
 
 use std::sync::Arc;
 
+use crate::delivery::Outbox;
 use crate::limits::UserState;
-use crate::sink::EventSink;
 use crate::user::UserContext;
 
-#[allow(unreachable_pub)] // sealed: public in a private module on purpose
+#[allow(unreachable_pub, private_interfaces)] // sealed: public in a private module on purpose
 mod sealed {
     use super::*;
 
@@ -26,7 +26,7 @@ mod sealed {
         note = "the typestate markers are sealed; only `.sink(..)` makes a `WithSink`"
     )]
     pub trait SinkAccess {
-        fn sink(&self) -> &Arc<dyn EventSink>;
+        fn sink(&self) -> &Arc<Outbox>;
     }
 
     #[diagnostic::on_unimplemented(
@@ -45,7 +45,7 @@ pub struct NoSink;
 
 /// A dispatcher bound to its user's event sink (type-erased).
 #[derive(Clone)]
-pub struct WithSink(pub(crate) Arc<dyn EventSink>);
+pub struct WithSink(pub(crate) Arc<Outbox>);
 
 /// A dispatcher with no user yet. Set one with `.user(..)`.
 #[derive(Debug, Clone, Copy)]
@@ -85,8 +85,9 @@ impl sealed::Sealed for WithUser {}
 impl sealed::Sealed for Open {}
 impl sealed::Sealed for Frozen {}
 
+#[allow(private_interfaces)] // sealed: the outbox never leaves the crate
 impl SinkAccess for WithSink {
-    fn sink(&self) -> &Arc<dyn EventSink> {
+    fn sink(&self) -> &Arc<Outbox> {
         &self.0
     }
 }

@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::marker::PhantomData;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use schemars::JsonSchema;
@@ -11,9 +11,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::Shared;
+use crate::blocking::BlockingJobs;
+use crate::delivery::Outbox;
 use crate::event::{Event, Timestamp, ToolProgress};
-use crate::sink::EventSink;
+use crate::json::cut;
 use crate::user::UserContext;
 
 /// A tool an LLM can call: typed input, typed output, one async body.
@@ -158,21 +159,41 @@ impl ToolSettings {
 /// progress reporter bound to this call and this user's sink.
 #[derive(Clone)]
 pub struct ToolContext {
+    pub(crate) scope: Arc<CallScope>,
+}
+
+/// One call as its tool sees it; shared by every clone of its [`ToolContext`].
+pub(crate) struct CallScope {
     pub(crate) user: Arc<UserContext>,
-    pub(crate) sink: Arc<dyn EventSink>,
+    pub(crate) outbox: Arc<Outbox>,
     pub(crate) call_id: Arc<str>,
     pub(crate) tool_name: Arc<str>,
     pub(crate) cancel: Arc<CancellationToken>,
-    pub(crate) shared: Arc<Shared>,
     pub(crate) timeout: Duration,
+    pub(crate) blocking: Arc<BlockingJobs>,
+    /// Longest text an event carries.
+    pub(crate) max_text: usize,
+    /// Deepest result accepted.
+    pub(crate) max_depth: usize,
+    /// Set when the call's `tool_completed` is sent or handed off; nothing of this
+    /// call is sent after it.
+    pub(crate) ended: Mutex<bool>,
+}
+
+impl CallScope {
+    /// Closes the call to progress: after this returns, no `tool_progress` of it is
+    /// sent, so its `tool_completed` is the last event of the call.
+    pub(crate) fn end(&self) {
+        *self.ended.lock().unwrap_or_else(PoisonError::into_inner) = true;
+    }
 }
 
 impl std::fmt::Debug for ToolContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ToolContext")
-            .field("user_id", &self.user.user_id)
-            .field("call_id", &self.call_id)
-            .field("tool_name", &self.tool_name)
+            .field("user_id", &self.scope.user.user_id)
+            .field("call_id", &self.scope.call_id)
+            .field("tool_name", &self.scope.tool_name)
             .finish_non_exhaustive()
     }
 }
@@ -180,39 +201,46 @@ impl std::fmt::Debug for ToolContext {
 impl ToolContext {
     /// The user this call runs for.
     pub fn user(&self) -> &UserContext {
-        &self.user
+        &self.scope.user
     }
 
     /// This call's id (the same as in its events).
     pub fn call_id(&self) -> &str {
-        &self.call_id
+        &self.scope.call_id
     }
 
     /// The tool's name.
     pub fn tool_name(&self) -> &str {
-        &self.tool_name
+        &self.scope.tool_name
     }
 
     /// The timeout that applies to this call (counted from dispatch).
     pub fn timeout(&self) -> Duration {
-        self.timeout
+        self.scope.timeout
     }
 
     /// Whether the call has been cancelled (by `cancel_user` or shutdown). Blocking
     /// tools should check this between steps.
     pub fn is_cancelled(&self) -> bool {
-        self.cancel.is_cancelled()
+        self.scope.cancel.is_cancelled()
     }
 
     /// Completes when the call is cancelled.
     pub async fn cancelled(&self) {
-        self.cancel.cancelled().await
+        self.scope.cancel.cancelled().await
     }
 
     /// Reports progress as a `tool_progress` event to this user's sink (an empty
-    /// message is sent as `null`). Never blocks: when the sink is full or closed the
-    /// update is dropped, counted, and `false` is returned.
+    /// message is sent as `null`; a long one is cut like every event text). Never
+    /// blocks: when the sink is full or closed, or the call has already completed,
+    /// the update is dropped, counted, and `false` is returned.
     pub fn progress(&self, fraction: f64, message: impl Into<String>) -> bool {
+        let s = &*self.scope;
+        let ended = s.ended.lock().unwrap_or_else(PoisonError::into_inner);
+        if *ended {
+            s.outbox.metrics().progress_dropped();
+            return false;
+        }
         let message: String = message.into();
         let fraction = if fraction.is_nan() {
             0.0
@@ -220,20 +248,17 @@ impl ToolContext {
             fraction.clamp(0.0, 1.0)
         };
         let event = Event::ToolProgress(ToolProgress {
-            call_id: self.call_id.clone(),
-            run_id: self.user.run_id.clone(),
-            thread_id: self.user.thread_id.clone(),
-            user_id: self.user.user_id.clone(),
-            tool_name: self.tool_name.clone(),
+            call_id: s.call_id.clone(),
+            run_id: s.user.run_id.clone(),
+            thread_id: s.user.thread_id.clone(),
+            user_id: s.user.user_id.clone(),
+            tool_name: s.tool_name.clone(),
             progress: fraction,
-            message: (!message.is_empty()).then_some(message),
+            message: (!message.is_empty()).then(|| cut(&message, s.max_text)),
             timestamp: Timestamp::now(),
         });
-        let ok = self.sink.try_send(event).is_ok();
-        if !ok {
-            self.shared.metrics.progress_dropped();
-        }
-        ok
+        // Sent while `ended` is held, so a completion cannot slip in before it.
+        s.outbox.offer(event)
     }
 }
 

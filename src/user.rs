@@ -136,6 +136,19 @@ impl UserContext {
         }
     }
 
+    /// The health probe's own user; it is never bound through the user table, so a
+    /// real user with the same id shares nothing with it.
+    pub(crate) fn probe() -> Self {
+        UserContext {
+            user_id: Arc::from("tool-dispatch-health-probe"),
+            thread_id: None,
+            run_id: None,
+            request_id: None,
+            scopes: BTreeSet::new(),
+            metadata: BTreeMap::new(),
+        }
+    }
+
     /// The user's identifier.
     pub fn user_id(&self) -> &str {
         &self.user_id

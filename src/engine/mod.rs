@@ -1,0 +1,306 @@
+//! The [`Engine`]: built once, shared by every request; it owns the registry, policy,
+//! limits, cache, supervisor and metrics, and runs every call through one pipeline.
+//!
+//! - `pipeline`: the call core (prepare → admit → announce → run → finish).
+//! - `shutdown`: `cancel_user` and `shutdown`.
+//! - `health`: the probe call and the health report.
+
+mod health;
+mod pipeline;
+mod shutdown;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::blocking::BlockingJobs;
+use crate::cache::{Cache, CacheConfig};
+use crate::delivery::Outbox;
+use crate::dispatcher::Dispatcher;
+use crate::json::{DEFAULT_MAX_DEPTH, MAX_DEPTH_LIMIT};
+use crate::limits::{Limiter, Limits, LocalLimiter, UserLimits, UserState, Users};
+use crate::metrics::{Metrics, MetricsSnapshot};
+use crate::policy::Policy;
+use crate::redact::Redaction;
+use crate::registry::{Entry, Registry, entry_of};
+use crate::sink::EventSink;
+use crate::state::{NoSink, NoUser, WithUser};
+use crate::tool::{ToolError, tool_fn};
+use crate::user::UserContext;
+
+pub use shutdown::{ShutdownReport, UserShutdown};
+
+/// Default tool timeout.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default bound on waiting for room in a full event queue.
+pub const DEFAULT_DELIVERY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default bound on JSON-text arguments.
+pub const DEFAULT_MAX_ARGUMENT_BYTES: usize = 1 << 20;
+/// Default bound on the events one sink holds back while it is full.
+pub const DEFAULT_DELIVERY_BACKLOG: usize = 64;
+
+pub(crate) struct Config {
+    default_timeout: Duration,
+    delivery_timeout: Duration,
+    delivery_backlog: usize,
+    max_argument_bytes: usize,
+    max_depth: usize,
+    redaction: Redaction,
+    limits: Limits,
+}
+
+/// The health probe: a tool outside the registry and a user outside the user table,
+/// so probing neither shows in the totals nor shares anybody's limits.
+struct Probe {
+    entry: Entry,
+    user: WithUser,
+}
+
+/// Everything an engine shares between requests. Its fields are private to the
+/// engine's modules; the rest of the crate uses the few methods below.
+pub(crate) struct Inner {
+    registry: Registry,
+    config: Config,
+    policy: Option<Arc<dyn Policy>>,
+    users: Users,
+    limiter: Box<dyn Limiter>,
+    cache: Cache,
+    metrics: Arc<Metrics>,
+    blocking: Arc<BlockingJobs>,
+    root: CancellationToken,
+    accepting: AtomicBool,
+    idle: Notify,
+    probe: Probe,
+    id_prefix: u32,
+    next_id: AtomicU64,
+}
+
+impl Inner {
+    /// The state of `ctx`'s user, bound for a dispatcher's life.
+    pub(crate) fn bind(&self, ctx: Arc<UserContext>) -> WithUser {
+        let state = self.users.bind(&ctx, &self.config.limits.resolver, || {
+            self.root.child_token()
+        });
+        WithUser { ctx, state }
+    }
+
+    /// The outbox a dispatcher delivers to `sink` through.
+    pub(crate) fn outbox(&self, sink: Arc<dyn EventSink>) -> Arc<Outbox> {
+        Arc::new(Outbox::new(
+            sink,
+            Arc::clone(&self.metrics),
+            self.config.delivery_timeout,
+            self.config.delivery_backlog,
+        ))
+    }
+
+    /// The longest text an event carries.
+    pub(crate) fn max_text(&self) -> usize {
+        self.config.redaction.max_text()
+    }
+
+    pub(crate) fn redaction(&self) -> &Redaction {
+        &self.config.redaction
+    }
+}
+
+/// The shared half: registry, policy, limits, cache, supervisor and metrics.
+///
+/// Cheap to clone (one `Arc`). Build it once at start-up, then take one
+/// [`Dispatcher`] per request with [`dispatcher`](Engine::dispatcher).
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("registry", &self.inner.registry)
+            .field("active", &self.inner.metrics.active())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builder for [`Engine`]; see [`Engine::builder`].
+#[must_use = "a builder does nothing until `.build()` is called"]
+pub struct EngineBuilder {
+    registry: Registry,
+    config: Config,
+    policy: Option<Arc<dyn Policy>>,
+    cache: CacheConfig,
+}
+
+impl std::fmt::Debug for EngineBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineBuilder").finish_non_exhaustive()
+    }
+}
+
+impl EngineBuilder {
+    /// Timeout for tools that set none (default 30 s).
+    pub fn default_timeout(mut self, d: Duration) -> Self {
+        self.config.default_timeout = d;
+        self
+    }
+
+    /// Concurrency and rate limits.
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.config.limits = limits;
+        self
+    }
+
+    /// Replaces the default [`ScopePolicy`](crate::ScopePolicy).
+    pub fn policy(mut self, policy: impl Policy) -> Self {
+        self.policy = Some(Arc::new(policy));
+        self
+    }
+
+    /// How event payloads are redacted and truncated.
+    pub fn redaction(mut self, r: Redaction) -> Self {
+        self.config.redaction = r;
+        self
+    }
+
+    /// How long an event may wait for room in a full sink (default 5 s). Past it the
+    /// event is not delivered: a `tool_executing` means the tool does not run.
+    pub fn delivery_timeout(mut self, d: Duration) -> Self {
+        self.config.delivery_timeout = d;
+        self
+    }
+
+    /// How many events one sink holds back, in order, while it is full (default 64,
+    /// at least 2). A call whose `tool_executing` went out may always add its
+    /// `tool_completed`, so the bound is this plus one per call in flight.
+    pub fn delivery_backlog(mut self, n: usize) -> Self {
+        self.config.delivery_backlog = n.max(2);
+        self
+    }
+
+    /// Largest JSON-text arguments accepted (default 1 MiB).
+    pub fn max_argument_bytes(mut self, n: usize) -> Self {
+        self.config.max_argument_bytes = n;
+        self
+    }
+
+    /// Deepest nesting of arrays and objects accepted in arguments, typed inputs and
+    /// results (default 128, as `serde_json` allows in text; at most 1024). Deeper
+    /// input ends `invalid_input`; nothing recurses over it.
+    pub fn max_depth(mut self, n: usize) -> Self {
+        self.config.max_depth = n.clamp(1, MAX_DEPTH_LIMIT);
+        self
+    }
+
+    /// Result cache bounds.
+    pub fn cache(mut self, c: CacheConfig) -> Self {
+        self.cache = c;
+        self
+    }
+
+    /// Builds the engine.
+    pub fn build(self) -> Engine {
+        let epoch = Instant::now();
+        let tools = self.registry.len();
+        let hasher = std::hash::RandomState::new();
+        let root = CancellationToken::new();
+        Engine {
+            inner: Arc::new(Inner {
+                limiter: Box::new(LocalLimiter::new(self.config.limits.global, epoch)),
+                users: Users::new(epoch),
+                probe: probe(tools, root.child_token()),
+                registry: self.registry,
+                config: self.config,
+                policy: self.policy,
+                cache: Cache::new(self.cache),
+                metrics: Arc::new(Metrics::new(tools)),
+                blocking: Arc::default(),
+                root,
+                accepting: AtomicBool::new(true),
+                idle: Notify::new(),
+                id_prefix: std::hash::BuildHasher::hash_one(&hasher, epoch) as u32,
+                next_id: AtomicU64::new(1),
+            }),
+        }
+    }
+}
+
+/// The probe's tool and user. The probe may run 4 at once and has no rate limit, so
+/// frequent probing cannot make a healthy engine look rate-limited.
+fn probe(index: usize, token: CancellationToken) -> Probe {
+    let tool = tool_fn(health::PROBE, "Health probe.", |n: u64, _cx| async move {
+        Ok::<_, ToolError>(n)
+    });
+    let limits = UserLimits {
+        concurrency: 4,
+        rate: None,
+    };
+    let ctx = Arc::new(UserContext::probe());
+    let state = Arc::new(UserState::detached(ctx.user_id.clone(), limits, token));
+    Probe {
+        entry: entry_of(tool, index),
+        user: WithUser { ctx, state },
+    }
+}
+
+impl Engine {
+    /// Starts an engine over `registry` with default limits (10 per user, 100 global,
+    /// 100 calls per minute per user), a 30 s timeout and the
+    /// [`ScopePolicy`](crate::ScopePolicy).
+    pub fn builder(registry: Registry) -> EngineBuilder {
+        EngineBuilder {
+            registry,
+            config: Config {
+                default_timeout: DEFAULT_TIMEOUT,
+                delivery_timeout: DEFAULT_DELIVERY_TIMEOUT,
+                delivery_backlog: DEFAULT_DELIVERY_BACKLOG,
+                max_argument_bytes: DEFAULT_MAX_ARGUMENT_BYTES,
+                max_depth: DEFAULT_MAX_DEPTH,
+                redaction: Redaction::default(),
+                limits: Limits::default(),
+            },
+            policy: None,
+            cache: CacheConfig::default(),
+        }
+    }
+
+    pub(crate) fn from_inner(inner: Arc<Inner>) -> Engine {
+        Engine { inner }
+    }
+
+    /// A new dispatcher with neither sink nor user; set both before dispatching.
+    pub fn dispatcher(&self) -> Dispatcher<NoSink, NoUser> {
+        Dispatcher::new(Arc::clone(&self.inner))
+    }
+
+    /// The tools.
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    /// Calls in flight.
+    pub fn active(&self) -> usize {
+        self.inner.metrics.active()
+    }
+
+    /// A copy of the counters.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        let s = &self.inner;
+        let users = s.users.all();
+        let mut m = s
+            .metrics
+            .snapshot(s.registry.names(), &users, s.users.len());
+        m.cache_entries = s.cache.len();
+        m
+    }
+
+    /// Forgets idle users (no dispatcher, no call in flight, rate bucket full) and
+    /// returns how many are still tracked. This also happens by itself as users come
+    /// and go.
+    pub fn sweep_idle_users(&self) -> usize {
+        self.inner.users.sweep()
+    }
+}
