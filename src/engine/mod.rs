@@ -5,8 +5,11 @@
 //! - `shutdown`: `cancel_user` and `shutdown`.
 //! - `health`: the probe call and the health report.
 
+mod codec;
+mod ending;
 mod health;
 mod pipeline;
+mod prepare;
 mod shutdown;
 
 use std::sync::Arc;

@@ -15,43 +15,37 @@
 //! slot is held while a call waits on its user's sink: one user's stuck socket can only
 //! hold that user's own slots. Whatever happens to the future, `Drop` completes the pair.
 
-use std::marker::PhantomData;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use serde::Serialize;
-use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 use super::Inner;
-use crate::cache::{Key, Lookup};
+use super::codec::{Codec, Ran, store};
+use super::ending::{Ending, Source, Unannounced};
+use super::prepare::{Prepared, Refusal};
+use crate::cache::{Key, Leader, Lookup};
 use crate::contain::{Contained, panic_message};
-use crate::delivery::{Delivered, NotSent, Outbox, Role, Watch};
-use crate::dispatcher::{Arguments, ToolCall, ToolOutput};
+use crate::delivery::Outbox;
+use crate::dispatcher::ToolOutput;
 use crate::error::{CancelReason, DispatchError, LimitScope};
-use crate::event::{Event, Status, Timestamp, ToolCompleted, ToolExecuting};
-use crate::json::{self, NotJson, cut, drop_deep, exceeds_depth};
+use crate::event::{Status, Timestamp};
+use crate::json::cut;
 use crate::limits::{Permit, Scope};
 use crate::policy::{Decision, PolicyError, PolicyRequest, ScopePolicy};
-use crate::registry::{Entry, InputError};
+use crate::registry::Entry;
 use crate::state::WithUser;
-use crate::tool::{CallScope, Tool, ToolContext, ToolError};
-use crate::user::MAX_ID_LEN;
-
-/// Longest unknown tool name repeated in events and errors.
-const MAX_NAME_SHOWN: usize = 128;
+use crate::tool::{CallScope, ToolError};
 
 /// How a call is admitted.
 #[derive(Clone, Copy)]
 pub(super) struct Admission {
     /// Whether the call counts in the metrics' totals.
-    counted: bool,
+    pub(super) counted: bool,
     /// Whether it may wait for a slot (up to the engine's `max_wait`).
-    may_wait: bool,
+    pub(super) may_wait: bool,
 }
 
 impl Admission {
@@ -67,49 +61,8 @@ impl Admission {
     };
 }
 
-/// How results travel: by name as JSON ([`Json`]), or typed ([`Typed`]).
-pub(super) trait Codec {
-    type Out: Send + 'static;
-    /// The result as JSON, for its event and the cache.
-    fn json(out: &Self::Out, max_depth: usize) -> Result<Value, NotJson>;
-    /// Whether `json` comes back as the same kind of result (else it is not cached).
-    fn round_trips(json: &Value) -> bool;
-    /// A cached result in this codec's type; `None` when it does not fit.
-    fn decode(cached: &Value) -> Option<Self::Out>;
-}
-
-pub(super) struct Json;
-
-impl Codec for Json {
-    type Out = Value;
-    fn json(out: &Value, _: usize) -> Result<Value, NotJson> {
-        Ok(out.clone()) // already bounded: made by `json::to_value`
-    }
-    fn round_trips(_: &Value) -> bool {
-        true
-    }
-    fn decode(cached: &Value) -> Option<Value> {
-        Some(cached.clone())
-    }
-}
-
-pub(super) struct Typed<O>(PhantomData<fn() -> O>);
-
-impl<O: Serialize + DeserializeOwned + Send + 'static> Codec for Typed<O> {
-    type Out = O;
-    fn json(out: &O, max_depth: usize) -> Result<Value, NotJson> {
-        json::to_value(out, max_depth)
-    }
-    fn round_trips(json: &Value) -> bool {
-        O::deserialize(json).is_ok()
-    }
-    fn decode(cached: &Value) -> Option<O> {
-        O::deserialize(cached).ok()
-    }
-}
-
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Phase {
+pub(super) enum Phase {
     /// Nothing sent yet.
     Fresh,
     /// `tool_executing` delivered.
@@ -120,420 +73,34 @@ enum Phase {
     Done,
 }
 
-/// A call that passed the synchronous checks: its tool, its arguments as the policy
-/// and the events see them, and its body (not started).
-struct Prepared<'a, F> {
-    entry: &'a Entry,
-    args: Value,
-    body: F,
-}
-
-/// A call refused before it runs: the error, and the arguments its events show.
-struct Refusal {
-    error: DispatchError,
-    shown: Value,
-}
-
-/// Why `tool_executing` did not go out as confirmed.
-enum Unannounced {
-    /// It is queued; the call stopped waiting (cancelled or out of time).
-    HandedOff,
-    /// The call was interrupted before it could even be queued.
-    NotQueued,
-    /// The sink refused it (counted).
-    Failed(crate::sink::SinkError),
-}
-
-/// How a call ends, for its `tool_completed`.
-enum Ending<'e> {
-    Success {
-        result: Value,
-        source: Source,
-        /// Why `result` is `null` although the call succeeded.
-        note: Option<String>,
-    },
-    Failure(&'e DispatchError),
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Source {
-    Ran,
-    Cache,
-}
-
-enum Ran<O> {
-    Fresh(O),
-    Cached(O, Arc<Value>),
-}
-
-/// Arguments after the depth check (a value too deep is already torn down).
-enum Args {
-    Value(Value),
-    Text(String),
-    TooDeep,
-}
-
-/// What a call is started with.
-struct Start<'a> {
-    entry: Option<&'a Entry>,
-    tool: Arc<str>,
-    id: Option<String>,
-    timeout: Option<Duration>,
-    admission: Admission,
-}
-
 /// One call in flight. Whatever happens to the future that owns it, its `Drop`
 /// completes the pair (as `cancelled`) if nothing else did.
 pub(super) struct InFlight<'a> {
-    inner: &'a Arc<Inner>,
-    outbox: &'a Arc<Outbox>,
-    user: &'a WithUser,
-    id: Arc<str>,
+    pub(super) inner: &'a Arc<Inner>,
+    pub(super) outbox: &'a Arc<Outbox>,
+    pub(super) user: &'a WithUser,
+    pub(super) id: Arc<str>,
     /// A caller-chosen id already used by a call in flight of this user.
-    duplicate: Option<String>,
-    claimed: bool,
-    tool: Arc<str>,
-    entry: Option<&'a Entry>,
-    admission: Admission,
-    token: Arc<CancellationToken>,
-    start: Instant,
-    timeout: Duration,
-    deadline: Instant,
-    wall: Timestamp,
-    phase: Phase,
+    pub(super) duplicate: Option<String>,
+    pub(super) claimed: bool,
+    pub(super) tool: Arc<str>,
+    pub(super) entry: Option<&'a Entry>,
+    pub(super) admission: Admission,
+    pub(super) token: Arc<CancellationToken>,
+    pub(super) start: Instant,
+    pub(super) timeout: Duration,
+    pub(super) deadline: Instant,
+    pub(super) wall: Timestamp,
+    pub(super) phase: Phase,
     /// `tool_executing` joined the outbox's backlog (so it will go out even if this
     /// call's future is dropped before the outbox answers).
-    opening_queued: bool,
-    scope: Option<Arc<CallScope>>,
-    span: tracing::Span,
-}
-
-impl Inner {
-    /// Dispatch by name with JSON arguments.
-    pub(crate) async fn dispatch_json(
-        self: &Arc<Self>,
-        outbox: &Arc<Outbox>,
-        user: &WithUser,
-        call: ToolCall,
-    ) -> Result<ToolOutput, DispatchError> {
-        let entry = self.registry.get(&call.name).map(|e| &**e);
-        self.run_json(outbox, user, entry, call, Admission::CALL)
-            .await
-    }
-
-    /// A call by name of `entry` (a registered tool, `None` for an unknown name, or
-    /// the health probe's).
-    pub(super) async fn run_json(
-        self: &Arc<Self>,
-        outbox: &Arc<Outbox>,
-        user: &WithUser,
-        entry: Option<&Entry>,
-        call: ToolCall,
-        admission: Admission,
-    ) -> Result<ToolOutput, DispatchError> {
-        let ToolCall {
-            id,
-            name,
-            arguments,
-            timeout,
-        } = call;
-        let tool = match entry {
-            Some(e) => Arc::clone(&e.name),
-            None => Arc::from(name.chars().take(MAX_NAME_SHOWN).collect::<String>()),
-        };
-        let start = Start {
-            entry,
-            tool,
-            id,
-            timeout,
-            admission,
-        };
-        let mut c = InFlight::new(self, outbox, user, start);
-        let span = c.span.clone();
-        async move {
-            match c.prepare_json(arguments) {
-                Ok(p) => c.execute::<Json, _>(p).await,
-                Err(r) => Err(c.refuse(r).await),
-            }
-        }
-        .instrument(span)
-        .await
-    }
-
-    /// Typed dispatch: no JSON round trip for the input.
-    pub(crate) async fn dispatch_typed<T: Tool>(
-        self: &Arc<Self>,
-        outbox: &Arc<Outbox>,
-        user: &WithUser,
-        input: T::Input,
-        id: Option<String>,
-        timeout: Option<Duration>,
-    ) -> Result<ToolOutput<T::Output>, DispatchError> {
-        let found = self.registry.typed::<T>();
-        let start = Start {
-            entry: found.map(|(e, _)| &**e),
-            tool: found.map_or_else(|| Arc::from(T::NAME), |(e, _)| Arc::clone(&e.name)),
-            id,
-            timeout,
-            admission: Admission::CALL,
-        };
-        let mut c = InFlight::new(self, outbox, user, start);
-        let span = c.span.clone();
-        async move {
-            match c.prepare_typed(found.map(|(_, t)| t), input) {
-                Ok(p) => c.execute::<Typed<T::Output>, _>(p).await,
-                Err(r) => Err(c.refuse(r).await),
-            }
-        }
-        .instrument(span)
-        .await
-    }
-
-    fn call_id(&self, given: Option<String>) -> (Arc<str>, Option<Arc<str>>) {
-        match given {
-            Some(id) if !id.trim().is_empty() && id.len() <= MAX_ID_LEN => {
-                let id: Arc<str> = Arc::from(id);
-                (Arc::clone(&id), Some(id))
-            }
-            _ => (self.generated_id(), None),
-        }
-    }
-
-    /// `call_{prefix:08x}{n:x}` without the formatting machinery (it is on every call).
-    fn generated_id(&self) -> Arc<str> {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let (prefix, n) = (self.id_prefix, self.next_id.fetch_add(1, Relaxed));
-        let mut buf = [0u8; 5 + 8 + 16];
-        buf[..5].copy_from_slice(b"call_");
-        for (i, b) in buf[5..13].iter_mut().enumerate() {
-            *b = HEX[((prefix >> (28 - 4 * i)) & 0xf) as usize];
-        }
-        let digits = (64 - n.leading_zeros() as usize).div_ceil(4).max(1);
-        for (i, b) in buf[13..13 + digits].iter_mut().enumerate() {
-            *b = HEX[((n >> (4 * (digits - 1 - i))) & 0xf) as usize];
-        }
-        match std::str::from_utf8(&buf[..13 + digits]) {
-            Ok(s) => Arc::from(s),
-            Err(_) => Arc::from(format!("call_{prefix:08x}{n:x}")), // unreachable: ASCII
-        }
-    }
+    pub(super) opening_queued: bool,
+    pub(super) scope: Option<Arc<CallScope>>,
+    pub(super) span: tracing::Span,
 }
 
 impl<'a> InFlight<'a> {
-    fn new(
-        inner: &'a Arc<Inner>,
-        outbox: &'a Arc<Outbox>,
-        user: &'a WithUser,
-        start: Start<'a>,
-    ) -> Self {
-        inner.metrics.start();
-        user.state.active.fetch_add(1, Relaxed);
-        let (mut id, given) = inner.call_id(start.id);
-        let (mut claimed, mut duplicate) = (false, None);
-        if let Some(given) = given {
-            if user.state.claim_id(&given) {
-                claimed = true;
-            } else {
-                duplicate = Some(cut(&given, 64));
-                id = inner.generated_id();
-            }
-        }
-        let timeout = start
-            .timeout
-            .or(start.entry.and_then(|e| e.settings.timeout))
-            .unwrap_or(inner.config.default_timeout);
-        let now = Instant::now();
-        let span = if start.admission.counted {
-            tracing::info_span!(
-                "execute_tool",
-                gen_ai.operation.name = "execute_tool",
-                gen_ai.tool.name = &*start.tool,
-                gen_ai.tool.call.id = &*id,
-                user_id = &*user.ctx.user_id,
-                status = tracing::field::Empty,
-                duration_ms = tracing::field::Empty,
-            )
-        } else {
-            tracing::Span::none()
-        };
-        InFlight {
-            inner,
-            outbox,
-            user,
-            id,
-            duplicate,
-            claimed,
-            tool: start.tool,
-            entry: start.entry,
-            admission: start.admission,
-            token: user.state.token(),
-            start: now,
-            timeout,
-            deadline: crate::time::deadline(now, timeout),
-            wall: Timestamp::now(),
-            phase: Phase::Fresh,
-            opening_queued: false,
-            scope: None,
-            span,
-        }
-    }
-
-    // ----------------------------------------------------------------- prepare
-
-    /// Checks that come before anything waits; the same for every kind of call.
-    fn refusal(&self, shown: impl FnOnce() -> Value) -> Option<Refusal> {
-        let error = if !self.inner.accepting.load(Relaxed) {
-            DispatchError::ShuttingDown
-        } else if self.entry.is_none() {
-            DispatchError::UnknownTool {
-                name: self.tool.to_string(),
-            }
-        } else if let Some(id) = &self.duplicate {
-            self.invalid(
-                ".",
-                format!("call id `{id}` is already used by a call in flight; ids must be unique"),
-            )
-        } else {
-            return None;
-        };
-        Some(Refusal {
-            error,
-            shown: shown(),
-        })
-    }
-
-    fn prepare_json(
-        &mut self,
-        arguments: Arguments,
-    ) -> Result<Prepared<'a, crate::registry::BoxFut<'a, Result<Value, ToolError>>>, Refusal> {
-        let max_depth = self.inner.config.max_depth;
-        let args = match arguments {
-            Arguments::Value(v) if exceeds_depth(&v, max_depth) => {
-                drop_deep(v);
-                Args::TooDeep
-            }
-            Arguments::Value(v) => Args::Value(v),
-            Arguments::Text(t) => Args::Text(t),
-        };
-        let max_bytes = self.inner.config.max_argument_bytes;
-        if let Some(r) = self.refusal(|| shown(&args, max_bytes)) {
-            return Err(r);
-        }
-        let too_deep = || format!("arguments are nested more than {max_depth} levels deep");
-        let args = match args {
-            Args::Value(v) => v,
-            Args::TooDeep => return Err(self.refuse_input(too_deep(), hidden("nested too deep"))),
-            Args::Text(t) if t.len() > max_bytes => {
-                let msg = format!(
-                    "arguments are {} bytes; at most {max_bytes} are accepted",
-                    t.len()
-                );
-                return Err(self.refuse_input(msg, hidden_text(&t)));
-            }
-            Args::Text(t) => match serde_json::from_str::<Value>(&t) {
-                Ok(v) if exceeds_depth(&v, max_depth) => {
-                    drop_deep(v);
-                    return Err(self.refuse_input(too_deep(), hidden_text(&t)));
-                }
-                Ok(v) => v,
-                Err(e) => {
-                    let msg = format!("arguments are not valid JSON: {e}");
-                    return Err(self.refuse_input(msg, hidden_text(&t)));
-                }
-            },
-        };
-        let Some(entry) = self.entry else {
-            unreachable!("refusal() returned None, so the tool is known")
-        };
-        let cx = self.context(entry);
-        match entry.invoker.invoke(&args, cx) {
-            Ok(body) => Ok(Prepared { entry, args, body }),
-            Err(e) => Err(Refusal {
-                error: self.invalid_input(entry, &e),
-                shown: args,
-            }),
-        }
-    }
-
-    fn prepare_typed<T: Tool>(
-        &mut self,
-        tool: Option<&'a T>,
-        input: T::Input,
-    ) -> Result<Prepared<'a, impl Future<Output = Result<T::Output, ToolError>> + Send + 'a>, Refusal>
-    {
-        // The events show the arguments: the one serialization a typed call pays for.
-        let args = json::to_value(&input, self.inner.config.max_depth);
-        let shown = || match &args {
-            Ok(v) => v.clone(),
-            Err(_) => hidden("not shown"),
-        };
-        if let Some(r) = self.refusal(shown) {
-            drop_input(input);
-            return Err(r);
-        }
-        let args = match args {
-            Ok(v) => v,
-            Err(e) => {
-                drop_input(input);
-                let msg = format!("the input cannot be shown as JSON: {}", e.0);
-                return Err(self.refuse_input(msg, hidden("not shown")));
-            }
-        };
-        let (Some(entry), Some(tool)) = (self.entry, tool) else {
-            unreachable!("refusal() returned None, so the tool is known")
-        };
-        let cx = self.context(entry);
-        // Called when first polled, so nothing of the tool runs before the policy,
-        // the limits and `tool_executing`, or outside panic isolation.
-        let body = async move { tool.call(input, cx).await };
-        Ok(Prepared { entry, args, body })
-    }
-
-    fn invalid(&self, path: &str, message: String) -> DispatchError {
-        DispatchError::InvalidInput {
-            tool: self.tool.to_string(),
-            path: path.to_owned(),
-            message,
-        }
-    }
-
-    fn refuse_input(&self, message: String, shown: Value) -> Refusal {
-        Refusal {
-            error: self.invalid(".", message),
-            shown,
-        }
-    }
-
-    /// An input error without the offending value when it sits under a sensitive key.
-    fn invalid_input(&self, entry: &Entry, e: &InputError) -> DispatchError {
-        let r = self.inner.redaction();
-        let sensitive = e
-            .keys
-            .iter()
-            .any(|k| r.is_sensitive(k, &entry.settings.sensitive));
-        self.invalid(&cut(&e.path, MAX_NAME_SHOWN), e.safe_message(sensitive))
-    }
-
-    fn context(&mut self, entry: &Entry) -> ToolContext {
-        let scope = Arc::new(CallScope {
-            user: Arc::clone(&self.user.ctx),
-            outbox: Arc::clone(self.outbox),
-            call_id: Arc::clone(&self.id),
-            tool_name: Arc::clone(&entry.name),
-            cancel: Arc::clone(&self.token),
-            timeout: self.timeout,
-            blocking: Arc::clone(&self.inner.blocking),
-            max_text: self.inner.max_text(),
-            max_depth: self.inner.config.max_depth,
-            ended: Default::default(),
-        });
-        self.scope = Some(Arc::clone(&scope));
-        ToolContext { scope }
-    }
-
-    // ----------------------------------------------------------------- execute
-
-    async fn execute<C, F>(
+    pub(super) async fn execute<C, F>(
         &mut self,
         p: Prepared<'a, F>,
     ) -> Result<ToolOutput<C::Out>, DispatchError>
@@ -573,7 +140,11 @@ impl<'a> InFlight<'a> {
     }
 
     /// Policy, rate, then one of the user's own slots.
-    async fn admit(&mut self, entry: &'a Entry, args: &Value) -> Result<Permit<'a>, DispatchError> {
+    pub(super) async fn admit(
+        &mut self,
+        entry: &'a Entry,
+        args: &Value,
+    ) -> Result<Permit<'a>, DispatchError> {
         let req = PolicyRequest {
             user: &self.user.ctx,
             tool: &entry.def,
@@ -610,7 +181,11 @@ impl<'a> InFlight<'a> {
         self.slot(Scope::User(&user.state), LimitScope::User).await
     }
 
-    fn denied(&self, entry: &Entry, decision: Result<Decision, PolicyError>) -> DispatchError {
+    pub(super) fn denied(
+        &self,
+        entry: &Entry,
+        decision: Result<Decision, PolicyError>,
+    ) -> DispatchError {
         let max = self.inner.max_text();
         let (missing_scopes, reason) = match decision {
             Ok(Decision::Deny {
@@ -632,7 +207,7 @@ impl<'a> InFlight<'a> {
 
     /// A slot of `scope`: at once if free, else waited for up to the engine's
     /// `max_wait` (the probe does not wait), the call's deadline and cancellation.
-    async fn slot(
+    pub(super) async fn slot(
         &mut self,
         scope: Scope<'a>,
         which: LimitScope,
@@ -665,7 +240,7 @@ impl<'a> InFlight<'a> {
         }
     }
 
-    async fn shared_slots(
+    pub(super) async fn shared_slots(
         &mut self,
         entry: &'a Entry,
     ) -> Result<(Option<Permit<'a>>, Permit<'a>), DispatchError> {
@@ -678,7 +253,7 @@ impl<'a> InFlight<'a> {
     }
 
     /// Why a call that was waiting stops: cancelled, or out of time.
-    fn interruption(&self) -> DispatchError {
+    pub(super) fn interruption(&self) -> DispatchError {
         if self.token.is_cancelled() {
             let reason = if self.inner.root.is_cancelled() {
                 CancelReason::Shutdown
@@ -696,14 +271,14 @@ impl<'a> InFlight<'a> {
 
     /// The body, or the cache: a hit, a follower of an identical running call, or
     /// the leader that will fill the entry.
-    async fn run_cached<C, F>(
+    pub(super) async fn run_cached<C, F>(
         &mut self,
         entry: &Entry,
         key: Option<(Key, Duration)>,
         body: F,
     ) -> (
         Result<Ran<C::Out>, DispatchError>,
-        Option<(crate::cache::Leader<'a>, Duration)>,
+        Option<(Leader<'a>, Duration)>,
     )
     where
         C: Codec,
@@ -742,7 +317,7 @@ impl<'a> InFlight<'a> {
     }
 
     /// Runs the body under its timeout, with panic isolation and cancellation.
-    async fn run<O>(
+    pub(super) async fn run<O>(
         &self,
         entry: &Entry,
         body: impl Future<Output = Result<Ran<O>, ToolError>>,
@@ -788,11 +363,11 @@ impl<'a> InFlight<'a> {
 
     /// Fills the cache, then delivers `tool_completed`; the caller gets its value
     /// whatever the event can show of it.
-    async fn finish<C: Codec>(
+    pub(super) async fn finish<C: Codec>(
         &mut self,
         entry: &Entry,
         ran: Result<Ran<C::Out>, DispatchError>,
-        leader: Option<(crate::cache::Leader<'a>, Duration)>,
+        leader: Option<(Leader<'a>, Duration)>,
     ) -> Result<ToolOutput<C::Out>, DispatchError> {
         let metrics = &self.inner.metrics;
         let (value, source, json) = match ran {
@@ -839,244 +414,4 @@ impl<'a> InFlight<'a> {
             cached: source == Source::Cache,
         })
     }
-
-    // ----------------------------------------------------------------- events
-
-    /// Sends `tool_executing`. If it cannot be delivered the tool must not run.
-    async fn announce(&mut self, parameters: Value) -> Result<(), Unannounced> {
-        let ev = self.executing(parameters);
-        let watch = Watch {
-            cancel: Some(&self.token),
-            deadline: Some(self.deadline),
-        };
-        let outbox = self.outbox;
-        match outbox
-            .deliver(ev, Role::Opens, watch, &mut self.opening_queued)
-            .await
-        {
-            Ok(Delivered::Sent) => {
-                self.phase = Phase::Announced;
-                Ok(())
-            }
-            Ok(Delivered::HandedOff) => {
-                self.phase = Phase::HandedOff;
-                Err(Unannounced::HandedOff)
-            }
-            Err(NotSent::Interrupted) => Err(Unannounced::NotQueued),
-            Err(NotSent::Sink(e)) => Err(Unannounced::Failed(e)),
-        }
-    }
-
-    /// The one place a call is refused: its pair with the error's status.
-    async fn refuse(&mut self, r: Refusal) -> DispatchError {
-        let announced = self.announce(r.shown).await;
-        self.end_with(r.error, announced).await
-    }
-
-    /// Ends the call with `err`, however far its `tool_executing` got. A refusal whose
-    /// `tool_executing` could not be delivered keeps its own status.
-    async fn end_with(
-        &mut self,
-        err: DispatchError,
-        announced: Result<(), Unannounced>,
-    ) -> DispatchError {
-        match announced {
-            Ok(()) | Err(Unannounced::HandedOff) => self.complete(Ending::Failure(&err)).await,
-            Err(Unannounced::NotQueued) => self.end_detached(&err),
-            Err(Unannounced::Failed(_)) => self.record(err.status()),
-        }
-        err
-    }
-
-    /// Sends `tool_completed` (counting first, so a slow sink cannot skew metrics).
-    /// A call that stops waiting (cancelled) leaves it queued: it still goes out.
-    async fn complete(&mut self, ending: Ending<'_>) {
-        let behind_opening =
-            self.phase == Phase::HandedOff || self.opening_queued && self.phase == Phase::Fresh;
-        let took = self.start.elapsed();
-        let ev = self.completed(&ending, took);
-        self.record(ending.status());
-        let watch = Watch {
-            cancel: Some(&self.token),
-            deadline: None,
-        };
-        let role = Role::Closes { behind_opening };
-        let mut queued = false;
-        let _ = self.outbox.deliver(ev, role, watch, &mut queued).await; // failures are counted there
-    }
-
-    /// Ends the call without waiting: its completion (and its `tool_executing`, if
-    /// that never went out) handed to the outbox.
-    fn end_detached(&mut self, err: &DispatchError) {
-        let phase = match self.phase {
-            Phase::Fresh if self.opening_queued => Phase::HandedOff,
-            p => p,
-        };
-        let took = self.start.elapsed();
-        let closing = self.completed(&Ending::Failure(err), took);
-        self.record(err.status());
-        let opening = (phase == Phase::Fresh).then(|| self.executing(Value::Null));
-        let role = Role::Closes {
-            behind_opening: phase == Phase::HandedOff,
-        };
-        self.outbox.hand_off(opening, closing, role);
-    }
-
-    /// Counts the ended call once, and closes it to progress.
-    fn record(&mut self, status: Status) {
-        if self.phase == Phase::Done {
-            return;
-        }
-        self.phase = Phase::Done;
-        let took = self.start.elapsed();
-        if let Some(scope) = &self.scope {
-            scope.end();
-        }
-        let s = &self.user.state;
-        if self.claimed {
-            s.release_id(&self.id);
-        }
-        if status != Status::Unavailable {
-            s.finished.fetch_add(1, Relaxed);
-        }
-        if status != Status::Success {
-            s.failed.fetch_add(1, Relaxed);
-        }
-        if status == Status::Cancelled {
-            s.cancelled.fetch_add(1, Relaxed);
-        }
-        s.active.fetch_sub(1, Relaxed);
-        let metrics = &self.inner.metrics;
-        let left = if self.admission.counted {
-            metrics.end(status, self.entry.map(|e| e.index), took)
-        } else {
-            metrics.end_uncounted()
-        };
-        if left == 0 && !self.inner.accepting.load(Relaxed) {
-            self.inner.idle.notify_waiters();
-        }
-        if !self.span.is_disabled() {
-            self.span.record("status", status.as_str());
-            self.span.record("duration_ms", took.as_secs_f64() * 1e3);
-        }
-    }
-
-    fn executing(&self, mut parameters: Value) -> Event {
-        let sensitive = self.entry.map_or(&[][..], |e| &e.settings.sensitive);
-        self.inner.redaction().apply(&mut parameters, sensitive);
-        let u = &self.user.ctx;
-        Event::ToolExecuting(ToolExecuting {
-            call_id: Arc::clone(&self.id),
-            run_id: u.run_id.clone(),
-            thread_id: u.thread_id.clone(),
-            user_id: Arc::clone(&u.user_id),
-            tool_name: Arc::clone(&self.tool),
-            parameters,
-            timestamp: self.wall,
-        })
-    }
-
-    fn completed(&self, ending: &Ending<'_>, took: Duration) -> Event {
-        let u = &self.user.ctx;
-        let max = self.inner.max_text();
-        let (result, error, cached) = match ending {
-            Ending::Success {
-                result,
-                source,
-                note,
-            } => (result.clone(), note.clone(), *source == Source::Cache),
-            Ending::Failure(e) => (Value::Null, Some(cut(&e.to_string(), max)), false),
-        };
-        Event::ToolCompleted(ToolCompleted {
-            call_id: Arc::clone(&self.id),
-            run_id: u.run_id.clone(),
-            thread_id: u.thread_id.clone(),
-            user_id: Arc::clone(&u.user_id),
-            tool_name: Arc::clone(&self.tool),
-            status: ending.status(),
-            duration_ms: took.as_secs_f64() * 1e3,
-            result,
-            error,
-            cached,
-            timestamp: self.wall.after(took),
-        })
-    }
-}
-
-impl Ending<'_> {
-    fn status(&self) -> Status {
-        match self {
-            Ending::Success { .. } => Status::Success,
-            Ending::Failure(e) => e.status(),
-        }
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        if self.phase == Phase::Done {
-            return;
-        }
-        // The caller dropped the future: complete the pair as cancelled, without
-        // waiting (the outbox queues what the sink cannot take now).
-        let err = DispatchError::Cancelled {
-            reason: CancelReason::Dropped,
-        };
-        self.end_detached(&err);
-    }
-}
-
-/// Stores a fresh result for the followers and later calls, if it survives a JSON
-/// round trip; otherwise the followers run the tool themselves, and it is counted.
-fn store<C: Codec>(
-    leader: crate::cache::Leader<'_>,
-    ttl: Duration,
-    json: Option<Value>,
-    metrics: &crate::metrics::Metrics,
-) {
-    match json {
-        Some(j) if C::round_trips(&j) => leader.complete(j, ttl, Instant::now()),
-        _ => metrics.cache_skipped(), // dropping the leader lets a follower run
-    }
-}
-
-/// A typed input that is refused is dropped here; a `Value` input without recursion.
-fn drop_input<I: 'static>(input: I) {
-    let mut slot = Some(input);
-    if let Some(v) = (&mut slot as &mut dyn std::any::Any).downcast_mut::<Option<Value>>()
-        && let Some(v) = v.take()
-    {
-        drop_deep(v);
-    }
-}
-
-/// Arguments as the events of a refused call show them: parsed, so redaction applies,
-/// when they are JSON text of a bounded size.
-fn shown(args: &Args, max_bytes: usize) -> Value {
-    match args {
-        Args::Value(v) => v.clone(),
-        Args::Text(t) if t.len() <= max_bytes => match serde_json::from_str::<Value>(t) {
-            Ok(v) if !exceeds_depth(&v, json::DEFAULT_MAX_DEPTH) => v,
-            Ok(v) => {
-                drop_deep(v);
-                hidden_text(t)
-            }
-            Err(_) => hidden_text(t),
-        },
-        Args::Text(t) => hidden_text(t),
-        Args::TooDeep => hidden("nested too deep"),
-    }
-}
-
-/// Arguments that cannot be redacted (not JSON, or too large to parse) are not
-/// shown in events: a secret in them could not be found.
-fn hidden_text(t: &str) -> Value {
-    Value::String(format!(
-        "[{} bytes of unparsed arguments, not shown]",
-        t.len()
-    ))
-}
-
-fn hidden(why: &str) -> Value {
-    Value::String(format!("[arguments {why}]"))
 }

@@ -1,0 +1,228 @@
+//! How a call ends: its `tool_executing` and `tool_completed`, counted once, whatever
+//! happens to it; and the `Drop` that completes the pair of a future dropped midway.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::pipeline::{InFlight, Phase};
+use super::prepare::Refusal;
+use crate::delivery::{Delivered, NotSent, Role, Watch};
+use crate::error::{CancelReason, DispatchError};
+use crate::event::{Event, Status, ToolCompleted, ToolExecuting};
+use crate::json::cut;
+use crate::sink::SinkError;
+
+/// Why `tool_executing` did not go out as confirmed.
+pub(super) enum Unannounced {
+    /// It is queued; the call stopped waiting (cancelled or out of time).
+    HandedOff,
+    /// The call was interrupted before it could even be queued.
+    NotQueued,
+    /// The sink refused it (counted).
+    Failed(SinkError),
+}
+
+/// How a call ends, for its `tool_completed`.
+pub(super) enum Ending<'e> {
+    Success {
+        result: Value,
+        source: Source,
+        /// Why `result` is `null` although the call succeeded.
+        note: Option<String>,
+    },
+    Failure(&'e DispatchError),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Source {
+    Ran,
+    Cache,
+}
+
+impl InFlight<'_> {
+    /// Sends `tool_executing`. If it cannot be delivered the tool must not run.
+    pub(super) async fn announce(&mut self, parameters: Value) -> Result<(), Unannounced> {
+        let ev = self.executing(parameters);
+        let watch = Watch {
+            cancel: Some(&self.token),
+            deadline: Some(self.deadline),
+        };
+        let outbox = self.outbox;
+        match outbox
+            .deliver(ev, Role::Opens, watch, &mut self.opening_queued)
+            .await
+        {
+            Ok(Delivered::Sent) => {
+                self.phase = Phase::Announced;
+                Ok(())
+            }
+            Ok(Delivered::HandedOff) => {
+                self.phase = Phase::HandedOff;
+                Err(Unannounced::HandedOff)
+            }
+            Err(NotSent::Interrupted) => Err(Unannounced::NotQueued),
+            Err(NotSent::Sink(e)) => Err(Unannounced::Failed(e)),
+        }
+    }
+
+    /// The one place a call is refused: its pair with the error's status.
+    pub(super) async fn refuse(&mut self, r: Refusal) -> DispatchError {
+        let announced = self.announce(r.shown).await;
+        self.end_with(r.error, announced).await
+    }
+
+    /// Ends the call with `err`, however far its `tool_executing` got. A refusal whose
+    /// `tool_executing` could not be delivered keeps its own status.
+    pub(super) async fn end_with(
+        &mut self,
+        err: DispatchError,
+        announced: Result<(), Unannounced>,
+    ) -> DispatchError {
+        match announced {
+            Ok(()) | Err(Unannounced::HandedOff) => self.complete(Ending::Failure(&err)).await,
+            Err(Unannounced::NotQueued) => self.end_detached(&err),
+            Err(Unannounced::Failed(_)) => self.record(err.status()),
+        }
+        err
+    }
+
+    /// Sends `tool_completed` (counting first, so a slow sink cannot skew metrics).
+    /// A call that stops waiting (cancelled) leaves it queued: it still goes out.
+    pub(super) async fn complete(&mut self, ending: Ending<'_>) {
+        let behind_opening =
+            self.phase == Phase::HandedOff || self.opening_queued && self.phase == Phase::Fresh;
+        let took = self.start.elapsed();
+        let ev = self.completed(&ending, took);
+        self.record(ending.status());
+        let watch = Watch {
+            cancel: Some(&self.token),
+            deadline: None,
+        };
+        let role = Role::Closes { behind_opening };
+        let mut queued = false;
+        let _ = self.outbox.deliver(ev, role, watch, &mut queued).await; // failures are counted there
+    }
+
+    /// Ends the call without waiting: its completion (and its `tool_executing`, if
+    /// that never went out) handed to the outbox.
+    pub(super) fn end_detached(&mut self, err: &DispatchError) {
+        let phase = match self.phase {
+            Phase::Fresh if self.opening_queued => Phase::HandedOff,
+            p => p,
+        };
+        let took = self.start.elapsed();
+        let closing = self.completed(&Ending::Failure(err), took);
+        self.record(err.status());
+        let opening = (phase == Phase::Fresh).then(|| self.executing(Value::Null));
+        let role = Role::Closes {
+            behind_opening: phase == Phase::HandedOff,
+        };
+        self.outbox.hand_off(opening, closing, role);
+    }
+
+    /// Counts the ended call once, and closes it to progress.
+    pub(super) fn record(&mut self, status: Status) {
+        if self.phase == Phase::Done {
+            return;
+        }
+        self.phase = Phase::Done;
+        let took = self.start.elapsed();
+        if let Some(scope) = &self.scope {
+            scope.end();
+        }
+        let s = &self.user.state;
+        if self.claimed {
+            s.release_id(&self.id);
+        }
+        if status != Status::Unavailable {
+            s.finished.fetch_add(1, Relaxed);
+        }
+        if status != Status::Success {
+            s.failed.fetch_add(1, Relaxed);
+        }
+        if status == Status::Cancelled {
+            s.cancelled.fetch_add(1, Relaxed);
+        }
+        s.active.fetch_sub(1, Relaxed);
+        let metrics = &self.inner.metrics;
+        let left = if self.admission.counted {
+            metrics.end(status, self.entry.map(|e| e.index), took)
+        } else {
+            metrics.end_uncounted()
+        };
+        if left == 0 && !self.inner.accepting.load(Relaxed) {
+            self.inner.idle.notify_waiters();
+        }
+        if !self.span.is_disabled() {
+            self.span.record("status", status.as_str());
+            self.span.record("duration_ms", took.as_secs_f64() * 1e3);
+        }
+    }
+
+    pub(super) fn executing(&self, mut parameters: Value) -> Event {
+        let sensitive = self.entry.map_or(&[][..], |e| &e.settings.sensitive);
+        self.inner.redaction().apply(&mut parameters, sensitive);
+        let u = &self.user.ctx;
+        Event::ToolExecuting(ToolExecuting {
+            call_id: Arc::clone(&self.id),
+            run_id: u.run_id.clone(),
+            thread_id: u.thread_id.clone(),
+            user_id: Arc::clone(&u.user_id),
+            tool_name: Arc::clone(&self.tool),
+            parameters,
+            timestamp: self.wall,
+        })
+    }
+
+    pub(super) fn completed(&self, ending: &Ending<'_>, took: Duration) -> Event {
+        let u = &self.user.ctx;
+        let max = self.inner.max_text();
+        let (result, error, cached) = match ending {
+            Ending::Success {
+                result,
+                source,
+                note,
+            } => (result.clone(), note.clone(), *source == Source::Cache),
+            Ending::Failure(e) => (Value::Null, Some(cut(&e.to_string(), max)), false),
+        };
+        Event::ToolCompleted(ToolCompleted {
+            call_id: Arc::clone(&self.id),
+            run_id: u.run_id.clone(),
+            thread_id: u.thread_id.clone(),
+            user_id: Arc::clone(&u.user_id),
+            tool_name: Arc::clone(&self.tool),
+            status: ending.status(),
+            duration_ms: took.as_secs_f64() * 1e3,
+            result,
+            error,
+            cached,
+            timestamp: self.wall.after(took),
+        })
+    }
+}
+
+impl Ending<'_> {
+    pub(super) fn status(&self) -> Status {
+        match self {
+            Ending::Success { .. } => Status::Success,
+            Ending::Failure(e) => e.status(),
+        }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.phase == Phase::Done {
+            return;
+        }
+        // The caller dropped the future: complete the pair as cancelled, without
+        // waiting (the outbox queues what the sink cannot take now).
+        let err = DispatchError::Cancelled {
+            reason: CancelReason::Dropped,
+        };
+        self.end_detached(&err);
+    }
+}
