@@ -75,6 +75,7 @@ pub fn definitions(registry: &Registry) -> Vec<Value> {
 /// skipped; a string `content` has no calls. A `tool_use` needs `id` and `name`;
 /// its `input` is checked at dispatch (a missing one ends `invalid_input`).
 pub fn parse_calls(payload: &Value) -> Result<Vec<ToolCall>, ProviderError> {
+    R.bounded(payload)?;
     let (content, path) = match payload {
         Value::Object(o) => (R.field(o, "$", "content")?, "$.content"),
         _ => (payload, "$"),

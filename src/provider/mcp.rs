@@ -78,6 +78,7 @@ pub fn list_tools(registry: &Registry) -> Value {
 /// arguments that do not fit the tool end `invalid_input` at dispatch. The call gets
 /// a fresh engine-made id (JSON-RPC ids repeat across sessions).
 pub fn parse_call(request: &Value) -> Result<(Value, ToolCall), ProviderError> {
+    R.bounded(request)?;
     let o = R.object(request, "$")?;
     let version = R.string(o, "$", "jsonrpc")?;
     if version != "2.0" {
@@ -153,7 +154,7 @@ pub fn error_response(id: &Value, error: &ProviderError) -> Value {
         ProviderError::WrongType { path, .. }
         | ProviderError::MissingField { path, .. }
         | ProviderError::UnexpectedValue { path, .. } => path.as_str(),
-        ProviderError::UnsupportedSchema { .. } => "",
+        ProviderError::UnsupportedSchema { .. } | ProviderError::NestedTooDeep { .. } => "",
     };
     let missing_params = matches!(
         error,

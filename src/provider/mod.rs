@@ -82,6 +82,16 @@ pub enum ProviderError {
         /// What was found (cut to 64 characters).
         found: String,
     },
+    /// The payload nests arrays and objects deeper than `limit` levels (the bound
+    /// `serde_json` puts on text; a payload built in memory can exceed it). Checked
+    /// before anything walks or copies it.
+    #[error("{format}: the payload is nested more than {limit} levels deep")]
+    NestedTooDeep {
+        /// The provider format.
+        format: &'static str,
+        /// The deepest nesting accepted.
+        limit: usize,
+    },
     /// A tool's input schema is not an object schema, so providers reject it.
     #[error("tool `{tool}` cannot be offered to a provider: {reason}")]
     UnsupportedSchema {
@@ -253,6 +263,19 @@ pub(crate) struct Reader {
 }
 
 impl Reader {
+    /// Refuses a payload nested deeper than `serde_json` parses text, before any
+    /// part of it is walked or copied.
+    pub(crate) fn bounded(self, payload: &Value) -> Result<(), ProviderError> {
+        let limit = crate::json::DEFAULT_MAX_DEPTH;
+        if crate::json::exceeds_depth(payload, limit) {
+            return Err(ProviderError::NestedTooDeep {
+                format: self.format,
+                limit,
+            });
+        }
+        Ok(())
+    }
+
     pub(crate) fn object<'a>(
         self,
         v: &'a Value,

@@ -247,6 +247,7 @@ fn make_nullable(v: &mut Value) {
 /// come (text, or an object from OpenAI-compatible servers that send one) and checked
 /// at dispatch.
 pub fn parse_calls(payload: &Value) -> Result<Vec<ToolCall>, ProviderError> {
+    R.bounded(payload)?;
     let (message, path) = match payload {
         Value::Array(_) => return parse_tool_calls(payload, "$"),
         Value::Object(o) if o.contains_key("choices") => {

@@ -77,6 +77,7 @@ fn tool(name: &str, description: &str, parameters: Value, strict: bool) -> Value
 /// skipped. A `function_call` needs `call_id` and `name`; its `arguments` text is
 /// checked at dispatch.
 pub fn parse_calls(payload: &Value) -> Result<Vec<ToolCall>, ProviderError> {
+    R.bounded(payload)?;
     let (items, path) = match payload {
         Value::Object(o) if o.contains_key("output") => (R.field(o, "$", "output")?, "$.output"),
         Value::Object(o) if o.contains_key("type") => {

@@ -125,3 +125,126 @@ impl Rng {
         self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
 }
+
+// ------------------------------------------------------------------ hostile code
+
+/// Runs the test `name` of this test binary in a child process and checks that it
+/// passed, so a stack overflow or an abort fails that test instead of killing the run.
+/// Returns `true` in the child, where the caller runs the test's body.
+pub fn in_child(name: &str) -> bool {
+    if std::env::var("TOOL_DISPATCH_CHILD").as_deref() == Ok(name) {
+        return true;
+    }
+    let exe = std::env::current_exe().expect("the test binary");
+    let out = std::process::Command::new(exe)
+        .args([name, "--exact", "--nocapture", "--test-threads", "1"])
+        .env("TOOL_DISPATCH_CHILD", name)
+        .output()
+        .expect("start the child test process");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "{name} failed in its child process ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    false
+}
+
+/// A sink whose `try_send` and `send` panic, counting how often they were called.
+#[derive(Clone, Default)]
+pub struct PanickingSink {
+    pub calls: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl EventSink for PanickingSink {
+    fn try_send(&self, _: Event) -> Result<(), TrySendError> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        panic!("sink try_send exploded");
+    }
+
+    fn send(&self, _: Event) -> SendFuture<'_> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        panic!("sink send exploded");
+    }
+}
+
+/// A sink that is always full and whose `send` never completes (a socket nobody reads).
+#[derive(Clone, Default)]
+pub struct StuckSink;
+
+impl EventSink for StuckSink {
+    fn try_send(&self, e: Event) -> Result<(), TrySendError> {
+        Err(TrySendError::Full(e))
+    }
+
+    fn send(&self, _: Event) -> SendFuture<'_> {
+        Box::pin(std::future::pending())
+    }
+}
+
+/// A sink whose `send` is not cancel-safe, like `SinkExt::send` on a split WebSocket:
+/// it puts the frame on the wire, then awaits a flush that `flush` permits one at a
+/// time. `try_send` always answers `Full`, so every event goes through `send`.
+#[derive(Clone)]
+pub struct FlushingSink {
+    pub wire: Arc<std::sync::Mutex<Vec<Event>>>,
+    pub flush: Arc<Semaphore>,
+}
+
+impl FlushingSink {
+    pub fn new() -> Self {
+        FlushingSink {
+            wire: Arc::default(),
+            flush: Arc::new(Semaphore::new(0)),
+        }
+    }
+
+    pub fn wire(&self) -> Vec<Event> {
+        self.wire.lock().unwrap().clone()
+    }
+}
+
+impl EventSink for FlushingSink {
+    fn try_send(&self, e: Event) -> Result<(), TrySendError> {
+        Err(TrySendError::Full(e))
+    }
+
+    fn send(&self, e: Event) -> SendFuture<'_> {
+        Box::pin(async move {
+            self.wire.lock().unwrap().push(e); // on the wire before the await
+            self.flush
+                .acquire()
+                .await
+                .map_err(|_| SinkError::Closed)?
+                .forget();
+            Ok(())
+        })
+    }
+}
+
+/// Events of `call_id` in `events`, by kind, in order.
+pub fn kinds_of(events: &[Event], call_id: &str) -> Vec<&'static str> {
+    events
+        .iter()
+        .filter(|e| e.call_id() == Some(call_id))
+        .map(Event::kind)
+        .collect()
+}
+
+/// Checks every call in `events` has exactly `[tool_executing, (progress…), tool_completed]`.
+pub fn assert_paired(events: &[Event]) {
+    let mut ids: Vec<&str> = events.iter().filter_map(Event::call_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    for id in ids {
+        let k = kinds_of(events, id);
+        assert!(
+            k.len() >= 2
+                && k[0] == "tool_executing"
+                && k[k.len() - 1] == "tool_completed"
+                && k[1..k.len() - 1].iter().all(|x| *x == "tool_progress"),
+            "{id}: {k:?}"
+        );
+    }
+}
