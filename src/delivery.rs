@@ -313,7 +313,8 @@ impl Outbox {
             // Both must fit: the completion may exceed the bound once its opening is in.
             if let Err((_, e)) = self.push(queued(ev), false) {
                 let e = e.unwrap_or(SinkError::Full);
-                return self.failed(Role::Opens, &e);
+                self.failed(Role::Opens, &e);
+                return self.failed(role, &e); // its completion is not sent alone
             }
         }
         if let Some(ev) = closing

@@ -241,6 +241,83 @@ async fn a_stuck_socket_of_one_user_never_delays_another() {
     drop(alice_rx);
 }
 
+/// Alice's socket is never read and she has three calls in flight; bob shares a tool
+/// limit (`tool`) or the global limit (`global`) of 2 with her. Bob's calls finish at
+/// once, while all of alice's still wait on her own sink: none of them holds a shared
+/// slot while it waits.
+async fn stuck_user_holds_no_shared_slot(tool_limit: Option<usize>, global: usize) {
+    let mut settings = tool_dispatch::ToolSettings::new();
+    if let Some(n) = tool_limit {
+        settings = settings.max_concurrency(n);
+    }
+    let whoami = tool_fn("whoami", "Who am I?", |i: WhoIn, cx| async move {
+        Ok::<_, ToolError>(WhoOut {
+            user: cx.user().user_id().to_owned(),
+            call: cx.call_id().to_owned(),
+            n: i.n,
+        })
+    })
+    .settings(settings);
+    let reg = Registry::builder().tool(whoami).build().unwrap();
+    let per_user = UserLimits {
+        concurrency: 10,
+        rate: None,
+    };
+    let engine = Engine::builder(reg)
+        .limits(Limits::default().global(global).per_user(per_user))
+        .build();
+    let (alice_tx, alice_rx) = mpsc::channel::<Event>(1);
+    let alice = engine.dispatcher().sink(alice_tx).user(ctx("alice"));
+    let alice_calls: Vec<_> = (0..3)
+        .map(|n| {
+            let alice = alice.clone();
+            tokio::spawn(async move {
+                alice
+                    .dispatch(ToolCall::new("whoami", json!({ "n": n })))
+                    .await
+            })
+        })
+        .collect();
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        alice_calls.iter().all(|c| !c.is_finished()),
+        "alice's calls wait on her sink"
+    );
+    let bob_sink = RecordingSink::new();
+    let bob = engine.dispatcher().sink(bob_sink.clone()).user(ctx("bob"));
+    let t0 = tokio::time::Instant::now();
+    for n in 0..10 {
+        let out = bob
+            .dispatch(ToolCall::new("whoami", json!({ "n": n })))
+            .await
+            .unwrap();
+        assert_eq!(out.value["user"], "bob");
+    }
+    assert_eq!(t0.elapsed(), Duration::ZERO, "bob never waited for a slot");
+    assert_eq!(bob_sink.len(), 20);
+    assert!(alice_calls.iter().all(|c| !c.is_finished()));
+    // Alice's calls end by her own delivery timeout, each with an answer.
+    for c in alice_calls {
+        let _ = c.await.unwrap();
+    }
+    let m = engine.metrics();
+    assert_eq!(m.active, 0);
+    assert_eq!(m.total, 13);
+    drop(alice_rx);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stuck_socket_holds_no_per_tool_slot_another_user_needs() {
+    stuck_user_holds_no_shared_slot(Some(2), 100).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stuck_socket_holds_no_global_slot_another_user_needs() {
+    stuck_user_holds_no_shared_slot(None, 2).await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn cancelling_or_saturating_one_user_leaves_another_untouched() {
     let started = Arc::new(Notify::new());

@@ -13,6 +13,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tool_dispatch::event::ToolCompleted;
 use tool_dispatch::registry::IntoTool;
+use tool_dispatch::sink::{SendFuture, TrySendError};
 use tool_dispatch::*;
 
 /// A spawned dispatch.
@@ -247,4 +248,9 @@ pub fn assert_paired(events: &[Event]) {
             "{id}: {k:?}"
         );
     }
+}
+
+/// Polls `f` once, from the calling task, and says whether it finished.
+pub async fn poll_once<F: std::future::Future + Unpin>(f: &mut F) -> std::task::Poll<F::Output> {
+    std::future::poll_fn(|cx| std::task::Poll::Ready(std::pin::Pin::new(&mut *f).poll(cx))).await
 }
