@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::delivery::{NotSent, Outbox, Role, Watch};
-use crate::engine::{Engine, Inner};
+use crate::engine::{Engine, Inner, Occurrence};
 use crate::error::DispatchError;
 use crate::event::{AgentEvent, AgentUpdate, Event, Timestamp};
 use crate::json::cut;
@@ -197,13 +197,19 @@ impl<S, U> Dispatcher<S, U> {
         S: HasSink,
         U: HasUser,
     {
+        let (outbox, user) = (self.sink.sink(), self.user.user());
         self.inner
-            .dispatch_json(self.sink.sink(), self.user.user(), call)
+            .dispatch_json(outbox, user, call, Occurrence::First)
             .await
     }
 
     /// Runs a batch of calls (a model's parallel tool calls) concurrently in the
     /// caller's task, and returns their results in call order.
+    ///
+    /// Call ids must be unique: a call whose id an earlier call of the batch has, or
+    /// that a call of this user still in flight has, is not run; it ends
+    /// `invalid_input` under a fresh id (its events are distinguishable on the wire),
+    /// and its result still comes back in its place.
     pub async fn dispatch_all(
         &self,
         calls: impl IntoIterator<Item = ToolCall>,
@@ -212,7 +218,18 @@ impl<S, U> Dispatcher<S, U> {
         S: HasSink,
         U: HasUser,
     {
-        futures_util::future::join_all(calls.into_iter().map(|c| self.dispatch(c))).await
+        let (outbox, user) = (self.sink.sink(), self.user.user());
+        let mut seen = std::collections::HashSet::new();
+        let calls = calls.into_iter().map(|c| {
+            let repeat = c.id.as_ref().is_some_and(|id| !seen.insert(id.clone()));
+            let occurrence = if repeat {
+                Occurrence::Repeat
+            } else {
+                Occurrence::First
+            };
+            self.inner.dispatch_json(outbox, user, c, occurrence)
+        });
+        futures_util::future::join_all(calls).await
     }
 
     /// A typed call of tool `T`: no JSON round trip for the input, a typed output.

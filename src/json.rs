@@ -39,6 +39,18 @@ pub(crate) fn drop_deep(v: Value) {
     }
 }
 
+/// Drops `v`; when it is a `serde_json::Value`, without recursion. For values of a
+/// caller's or a tool's type that the library refuses (a typed input, a result that
+/// could not be serialized), which may be nested arbitrarily deep.
+pub(crate) fn drop_any<T: 'static>(v: T) {
+    let mut slot = Some(v);
+    if let Some(v) = (&mut slot as &mut dyn std::any::Any).downcast_mut::<Option<Value>>()
+        && let Some(v) = v.take()
+    {
+        drop_deep(v);
+    }
+}
+
 /// A value that cannot be shown as JSON.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct NotJson(pub(crate) String);

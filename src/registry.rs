@@ -155,14 +155,21 @@ pub(crate) fn parse_input<I: DeserializeOwned>(v: &Value) -> Result<I, InputErro
 /// A result as JSON for the by-name path, where the JSON is the caller's value: one
 /// that cannot be made (nested too deep, a failing `Serialize`) is the call's error,
 /// and is counted.
-fn result_json<O: serde::Serialize>(out: &O, scope: &CallScope) -> Result<Value, ToolError> {
-    crate::json::to_value(out, scope.max_depth).map_err(|e| {
-        scope.outbox.metrics().unserializable_result();
-        ToolError::new(format!(
-            "the tool's result could not be converted to JSON: {}",
-            e.0
-        ))
-    })
+fn result_json<O: serde::Serialize + 'static>(
+    out: O,
+    scope: &CallScope,
+) -> Result<Value, ToolError> {
+    match crate::json::to_value(&out, scope.max_depth) {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            crate::json::drop_any(out); // it may be nested too deep to drop recursively
+            scope.outbox.metrics().unserializable_result();
+            Err(ToolError::new(format!(
+                "the tool's result could not be converted to JSON: {}",
+                e.0
+            )))
+        }
+    }
 }
 
 /// The type-erased face of a tool: validate JSON arguments and start the body.
@@ -186,7 +193,7 @@ impl<T: Tool> Invoke for Typed<T> {
         let input = parse_input::<T::Input>(args)?;
         let scope = Arc::clone(&cx.scope);
         Ok(Box::pin(async move {
-            result_json(&self.0.call(input, cx).await?, &scope)
+            result_json(self.0.call(input, cx).await?, &scope)
         }))
     }
     fn as_any(&self) -> &dyn Any {
@@ -211,7 +218,7 @@ where
         // The closure is called when the body is first polled: after the policy, the
         // limits and `tool_executing`, and under the pipeline's panic isolation.
         Ok(Box::pin(async move {
-            result_json(&(self.f)(input, cx).await?, &scope)
+            result_json((self.f)(input, cx).await?, &scope)
         }))
     }
     fn as_any(&self) -> &dyn Any {
@@ -240,7 +247,7 @@ where
             let scope = Arc::clone(s);
             let handle = tokio::task::spawn_blocking(move || {
                 let _job = job; // stays registered until the body really returns
-                f(input, cx).and_then(|o| result_json(&o, &scope))
+                f(input, cx).and_then(|o| result_json(o, &scope))
             });
             match handle.await {
                 Ok(r) => r,

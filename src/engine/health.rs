@@ -8,6 +8,7 @@ use tokio::time::Instant;
 
 use super::Engine;
 use super::pipeline::Admission;
+use super::prepare::{Occurrence, Start};
 use crate::dispatcher::ToolCall;
 use crate::error::DispatchError;
 use crate::health::{Health, HealthStatus};
@@ -40,15 +41,13 @@ impl Engine {
             let call =
                 ToolCall::new(PROBE, serde_json::Value::from(7u64)).with_timeout(PROBE_TIMEOUT);
             let started = Instant::now();
-            let r = s
-                .run_json(
-                    &outbox,
-                    &probe.user,
-                    Some(&probe.entry),
-                    call,
-                    Admission::PROBE,
-                )
-                .await;
+            let start = Start::json(
+                Some(&probe.entry),
+                &call,
+                Occurrence::First,
+                Admission::PROBE,
+            );
+            let r = s.run_json(&outbox, &probe.user, start, call).await;
             match r {
                 Ok(out) => {
                     probe_latency_ms = Some(started.elapsed().as_secs_f64() * 1e3);

@@ -35,6 +35,7 @@ use crate::state::{NoSink, NoUser, WithUser};
 use crate::tool::{ToolError, tool_fn};
 use crate::user::UserContext;
 
+pub(crate) use prepare::Occurrence;
 pub use shutdown::{ShutdownReport, UserShutdown};
 
 /// Default tool timeout.

@@ -50,11 +50,46 @@ pub(super) enum Args {
 
 /// What a call is started with.
 pub(super) struct Start<'a> {
+    pub(super) occurrence: Occurrence,
     pub(super) entry: Option<&'a Entry>,
     pub(super) tool: Arc<str>,
     pub(super) id: Option<String>,
     pub(super) timeout: Option<Duration>,
     pub(super) admission: Admission,
+}
+
+/// Whether a call's id appeared before in the same batch. A batch's calls run
+/// concurrently, but one may end before the next starts; a repeated id is refused
+/// whatever the timing, so the front end never sees two calls under one id.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Occurrence {
+    /// The id's first use.
+    First,
+    /// The id was used by an earlier call of the same batch.
+    Repeat,
+}
+
+impl<'a> Start<'a> {
+    /// How a call by name of `entry` starts (`None`: no tool has its name).
+    pub(super) fn json(
+        entry: Option<&'a Entry>,
+        call: &ToolCall,
+        occurrence: Occurrence,
+        admission: Admission,
+    ) -> Self {
+        let tool = match entry {
+            Some(e) => Arc::clone(&e.name),
+            None => Arc::from(call.name.chars().take(MAX_NAME_SHOWN).collect::<String>()),
+        };
+        Start {
+            occurrence,
+            entry,
+            tool,
+            id: call.id.clone(),
+            timeout: call.timeout,
+            admission,
+        }
+    }
 }
 
 impl Inner {
@@ -64,10 +99,11 @@ impl Inner {
         outbox: &Arc<Outbox>,
         user: &WithUser,
         call: ToolCall,
+        occurrence: Occurrence,
     ) -> Result<ToolOutput, DispatchError> {
         let entry = self.registry.get(&call.name).map(|e| &**e);
-        self.run_json(outbox, user, entry, call, Admission::CALL)
-            .await
+        let start = Start::json(entry, &call, occurrence, Admission::CALL);
+        self.run_json(outbox, user, start, call).await
     }
 
     /// A call by name of `entry` (a registered tool, `None` for an unknown name, or
@@ -76,27 +112,10 @@ impl Inner {
         self: &Arc<Self>,
         outbox: &Arc<Outbox>,
         user: &WithUser,
-        entry: Option<&Entry>,
+        start: Start<'_>,
         call: ToolCall,
-        admission: Admission,
     ) -> Result<ToolOutput, DispatchError> {
-        let ToolCall {
-            id,
-            name,
-            arguments,
-            timeout,
-        } = call;
-        let tool = match entry {
-            Some(e) => Arc::clone(&e.name),
-            None => Arc::from(name.chars().take(MAX_NAME_SHOWN).collect::<String>()),
-        };
-        let start = Start {
-            entry,
-            tool,
-            id,
-            timeout,
-            admission,
-        };
+        let arguments = call.arguments;
         let mut c = InFlight::new(self, outbox, user, start);
         let span = c.span.clone();
         async move {
@@ -120,6 +139,7 @@ impl Inner {
     ) -> Result<ToolOutput<T::Output>, DispatchError> {
         let found = self.registry.typed::<T>();
         let start = Start {
+            occurrence: Occurrence::First,
             entry: found.map(|(e, _)| &**e),
             tool: found.map_or_else(|| Arc::from(T::NAME), |(e, _)| Arc::clone(&e.name)),
             id,
@@ -180,7 +200,7 @@ impl<'a> InFlight<'a> {
         let (mut id, given) = inner.call_id(start.id);
         let (mut claimed, mut duplicate) = (false, None);
         if let Some(given) = given {
-            if user.state.claim_id(&given) {
+            if start.occurrence == Occurrence::First && user.state.claim_id(&given) {
                 claimed = true;
             } else {
                 duplicate = Some(cut(&given, 64));
@@ -315,13 +335,13 @@ impl<'a> InFlight<'a> {
             Err(_) => hidden("not shown"),
         };
         if let Some(r) = self.refusal(shown) {
-            drop_input(input);
+            json::drop_any(input);
             return Err(r);
         }
         let args = match args {
             Ok(v) => v,
             Err(e) => {
-                drop_input(input);
+                json::drop_any(input);
                 let msg = format!("the input cannot be shown as JSON: {}", e.0);
                 return Err(self.refuse_input(msg, hidden("not shown")));
             }
@@ -376,16 +396,6 @@ impl<'a> InFlight<'a> {
         });
         self.scope = Some(Arc::clone(&scope));
         ToolContext { scope }
-    }
-}
-
-/// A typed input that is refused is dropped here; a `Value` input without recursion.
-pub(super) fn drop_input<I: 'static>(input: I) {
-    let mut slot = Some(input);
-    if let Some(v) = (&mut slot as &mut dyn std::any::Any).downcast_mut::<Option<Value>>()
-        && let Some(v) = v.take()
-    {
-        drop_deep(v);
     }
 }
 

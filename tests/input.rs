@@ -1,0 +1,484 @@
+//! Hostile input: values nested 100,000 deep, megabytes of text in every text field,
+//! secrets in the wrong type, reused call ids, absurd durations. Each is a typed error
+//! or a bounded event, never a panic, an abort or a leak of what redaction hides.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tool_dispatch::*;
+
+const DEEP: usize = 100_000;
+
+/// `[[[…]]]`, `depth` levels, built without recursion.
+fn nested(depth: usize) -> Value {
+    let mut v = Value::Null;
+    for _ in 0..depth {
+        v = Value::Array(vec![v]);
+    }
+    v
+}
+
+/// `{"a":{"a":…}}`, `depth` levels.
+fn nested_objects(depth: usize) -> Value {
+    let mut v = Value::Null;
+    for _ in 0..depth {
+        let mut m = serde_json::Map::new();
+        m.insert("a".into(), v);
+        v = Value::Object(m);
+    }
+    v
+}
+
+/// Drops a deep value without recursion (the test's own; serde_json's drop recurses).
+fn drop_flat(v: Value) {
+    let mut stack = vec![v];
+    while let Some(mut v) = stack.pop() {
+        match &mut v {
+            Value::Array(a) => stack.append(a),
+            Value::Object(m) => stack.extend(std::mem::take(m).into_iter().map(|(_, v)| v)),
+            _ => {}
+        }
+    }
+}
+
+fn echo() -> impl tool_dispatch::registry::IntoTool {
+    tool_fn("echo", "Returns its input.", |v: Value, _cx| async move {
+        Ok::<_, ToolError>(v)
+    })
+}
+
+fn engine_with(reg: Registry) -> Engine {
+    Engine::builder(reg)
+        .limits(Limits::default().per_user(no_rate(10)))
+        .build()
+}
+
+// ------------------------------------------------------------ nesting depth
+
+#[tokio::test]
+async fn arguments_nested_100000_deep_are_invalid_input_at_every_entry_point() {
+    if !in_child("arguments_nested_100000_deep_are_invalid_input_at_every_entry_point") {
+        return;
+    }
+    let engine = engine_with(Registry::builder().tool(echo()).build().unwrap());
+    let (d, sink) = recorded(&engine, user("alice"));
+    for (tool, deep) in [
+        ("echo", nested(DEEP)),
+        ("echo", nested_objects(DEEP)),
+        ("no_such_tool", nested(DEEP)),
+        ("echo", nested(129)),
+    ] {
+        let err = d.dispatch(ToolCall::new(tool, deep)).await.unwrap_err();
+        match (tool, &err) {
+            ("echo", DispatchError::InvalidInput { message, .. }) => {
+                assert_eq!(message, "arguments are nested more than 128 levels deep")
+            }
+            ("no_such_tool", DispatchError::UnknownTool { .. }) => {}
+            _ => panic!("{tool}: {err:?}"),
+        }
+    }
+    // 128 levels are fine.
+    let ok = d
+        .dispatch(ToolCall::new("echo", nested(128)))
+        .await
+        .unwrap();
+    drop_flat(ok.value);
+    assert_paired(&sink.events());
+    for e in sink.events() {
+        if let Event::ToolExecuting(ex) = e
+            && ex.parameters.is_string()
+        {
+            assert_eq!(ex.parameters, "[arguments nested too deep]");
+        }
+    }
+
+    // Typed: a `Value` input, and a result nested too deep.
+    struct Deep;
+    impl Tool for Deep {
+        const NAME: &'static str = "deep";
+        type Input = Value;
+        type Output = Value;
+        fn description(&self) -> &str {
+            "Returns a value nested 100,000 deep."
+        }
+        async fn call(&self, _: Value, _: ToolContext) -> Result<Value, ToolError> {
+            Ok(nested(DEEP))
+        }
+    }
+    let engine = engine_with(Registry::builder().tool(Deep).build().unwrap());
+    let (d, sink) = recorded(&engine, user("alice"));
+    let err = d.call::<Deep>(nested(DEEP)).await.unwrap_err();
+    assert_eq!(err.status(), Status::InvalidInput);
+    // The typed caller gets its value; the event says why it is not shown.
+    let out = d.call::<Deep>(json!(1)).id("t2").await.unwrap();
+    drop_flat(out.value);
+    let done = completed(&sink, "t2");
+    assert_eq!(done.status, Status::Success);
+    assert_eq!(done.result, Value::Null);
+    assert!(done.error.unwrap().contains("cannot be shown"));
+    // By name there is no value without JSON: the call fails, counted.
+    let err = d
+        .dispatch(ToolCall::new("deep", json!(1)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Status::Error);
+    assert_eq!(engine.metrics().unserializable_results, 2);
+
+    // Agent events and provider payloads.
+    let r = d.notify(AgentUpdate::Completed(nested(DEEP))).await;
+    assert!(r.is_ok());
+    // Built by hand: `json!` would serialize the deep value recursively.
+    let mut function = json!({"name": "echo"});
+    function["arguments"] = nested(DEEP);
+    let mut call = json!({"id": "c", "type": "function"});
+    call["function"] = function;
+    let payload = json!({ "tool_calls": [] });
+    let mut payload = payload;
+    payload["tool_calls"] = Value::Array(vec![call]);
+    let err = tool_dispatch::provider::openai::parse_calls(&payload).unwrap_err();
+    assert!(
+        err.to_string().contains("nested more than 128 levels"),
+        "{err}"
+    );
+    let (deep, deep_objects) = (nested(DEEP), nested_objects(DEEP));
+    let err = tool_dispatch::provider::anthropic::parse_calls(&deep).unwrap_err();
+    assert!(err.to_string().contains("nested more than 128"), "{err}");
+    let err = tool_dispatch::provider::responses::parse_calls(&deep).unwrap_err();
+    assert!(err.to_string().contains("nested more than 128"), "{err}");
+    let err = tool_dispatch::provider::mcp::parse_call(&deep_objects).unwrap_err();
+    assert!(err.to_string().contains("nested more than 128"), "{err}");
+    for v in [payload, deep, deep_objects] {
+        drop_flat(v);
+    }
+    assert_eq!(engine.active(), 0);
+}
+
+#[tokio::test]
+async fn a_lower_depth_limit_applies_to_text_arguments_too() {
+    let reg = Registry::builder().tool(echo()).build().unwrap();
+    let engine = Engine::builder(reg).max_depth(3).build();
+    let (d, _) = recorded(&engine, user("alice"));
+    let err = d
+        .dispatch(ToolCall::from_text("echo", "[[[[1]]]]"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid arguments for `echo` at `.`: arguments are nested more than 3 levels deep"
+    );
+    let ok = d.dispatch(ToolCall::from_text("echo", "[[[1]]]")).await;
+    assert_eq!(ok.unwrap().value, json!([[[1]]]));
+}
+
+// ------------------------------------------------------------ secrets in error text
+
+#[derive(Deserialize, Serialize, JsonSchema)]
+#[allow(dead_code)]
+struct LoginIn {
+    user: String,
+    pin: u32,
+    password: u64,
+    nested: Option<Inner>,
+    mode: Option<Mode>,
+}
+
+#[derive(Deserialize, Serialize, JsonSchema)]
+#[allow(dead_code)]
+struct Inner {
+    api_key: bool,
+    credentials: Vec<u8>,
+}
+
+#[derive(Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+enum Mode {
+    Fast,
+    Slow,
+}
+
+#[tokio::test]
+async fn invalid_input_never_repeats_a_value_that_redaction_hides() {
+    let login = tool_fn("login", "Logs in.", |_: LoginIn, _cx| async move {
+        Ok::<_, ToolError>(true)
+    })
+    .settings(ToolSettings::new().sensitive("pin"));
+    let engine = engine_with(Registry::builder().tool(login).build().unwrap());
+    let (d, sink) = recorded(&engine, user("alice"));
+    let secret = "SECRET-PIN-7391";
+    let base = json!({"user": "a", "pin": 1, "password": 2, "nested": null, "mode": null});
+    let mut cases = Vec::new();
+    for (path, bad) in [
+        ("/pin", json!(secret)),
+        (
+            "/pin",
+            json!(format!("{secret}\", expected u32, invalid type: string \"")),
+        ),
+        ("/password", json!(secret)),
+        ("/password", json!(-7391.5)),
+        ("/nested", json!({"api_key": secret, "credentials": []})),
+        ("/nested", json!({"api_key": true, "credentials": [secret]})),
+        ("/nested", json!({"api_key": true, "credentials": secret})),
+        ("/mode", json!("TURBO")),
+    ] {
+        let mut args = base.clone();
+        *args.pointer_mut(path).unwrap() = bad;
+        cases.push(args);
+    }
+    for args in cases {
+        let err = d
+            .dispatch(ToolCall::new("login", args.clone()))
+            .await
+            .unwrap_err();
+        assert_eq!(err.status(), Status::InvalidInput, "{args}");
+        assert!(!err.to_string().contains("SECRET"), "{err}");
+        assert!(!err.to_string().contains("7391"), "{err}");
+        // The same call as JSON text, as OpenAI sends it.
+        let err = d
+            .dispatch(ToolCall::from_text("login", args.to_string()))
+            .await
+            .unwrap_err();
+        assert!(!err.to_string().contains("SECRET"), "{err}");
+    }
+    let wire = serde_json::to_string(&sink.events()).unwrap();
+    assert!(
+        !wire.contains("SECRET") && !wire.contains("7391"),
+        "a secret reached the wire"
+    );
+    // What stays: where, and what was expected.
+    let mut args = base.clone();
+    args["pin"] = json!(secret);
+    let err = d.dispatch(ToolCall::new("login", args)).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid arguments for `login` at `pin`: invalid type: string, expected u32"
+    );
+}
+
+// ------------------------------------------------------------ megabytes of text
+
+#[tokio::test]
+async fn every_text_field_of_every_event_is_cut_and_the_callers_value_stays_whole() {
+    const BIG: usize = 8 << 20;
+    let big = || "E".repeat(BIG);
+    let loud = tool_fn(
+        "loud",
+        "Fails loudly.",
+        move |kind: String, cx| async move {
+            match kind.as_str() {
+                "error" => Err(ToolError::new("E".repeat(BIG))),
+                "progress" => {
+                    cx.progress(0.5, "P".repeat(BIG));
+                    Ok("P".to_owned())
+                }
+                _ => Ok("R".repeat(BIG)),
+            }
+        },
+    );
+    let count = tool_fn("count", "Takes a number.", |n: u64, _cx| async move {
+        Ok::<_, ToolError>(n)
+    });
+    struct Picky;
+    impl Policy for Picky {
+        fn check<'a>(
+            &'a self,
+            req: tool_dispatch::policy::PolicyRequest<'a>,
+        ) -> tool_dispatch::policy::PolicyFuture<'a> {
+            let deny = req.arguments == &json!("deny");
+            Box::pin(async move {
+                Ok(if deny {
+                    Decision::deny("D".repeat(8 << 20))
+                } else {
+                    Decision::Allow
+                })
+            })
+        }
+    }
+    let reg = Registry::builder().tool(loud).tool(count).build().unwrap();
+    let engine = Engine::builder(reg)
+        .limits(Limits::default().per_user(no_rate(10)))
+        .policy(Picky)
+        .build();
+    let (d, sink) = recorded(&engine, user("alice"));
+    let e = d
+        .dispatch(ToolCall::new("loud", json!("error")))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().len() < 2048, "the model's text is cut too");
+    d.dispatch(ToolCall::new("loud", json!("progress")))
+        .await
+        .unwrap();
+    let out = d
+        .dispatch(ToolCall::new("loud", json!("result")))
+        .await
+        .unwrap();
+    assert_eq!(
+        out.value.as_str().unwrap().len(),
+        BIG,
+        "the caller's value is whole"
+    );
+    let e = d
+        .dispatch(ToolCall::new("count", json!(big())))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().len() < 2048);
+    let e = d
+        .dispatch(ToolCall::new("loud", json!("deny")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Status::Denied);
+    assert!(e.to_string().len() < 2048);
+    let e = d
+        .dispatch(ToolCall::new(big(), json!(big())))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Status::UnknownTool);
+    d.notify(AgentUpdate::Thinking(big())).await.unwrap();
+    d.notify(AgentUpdate::Error(big())).await.unwrap();
+    d.notify(AgentUpdate::Completed(json!({ "answer": big() })))
+        .await
+        .unwrap();
+    let events = sink.events();
+    assert_eq!(events.len(), 6 * 2 + 1 + 3);
+    for e in &events {
+        let text = serde_json::to_string(e).unwrap();
+        assert!(text.len() < 8 * 1024, "{}: {} bytes", e.kind(), text.len());
+    }
+}
+
+// ------------------------------------------------------------ call ids
+
+#[tokio::test]
+async fn a_call_id_in_flight_is_not_reused_in_a_batch_or_across_calls() {
+    let (gate, started) = (
+        std::sync::Arc::new(tokio::sync::Semaphore::new(0)),
+        tokio::sync::mpsc::unbounded_channel(),
+    );
+    let (started_tx, mut started_rx) = started;
+    let engine = hold_engine(hold(&gate, started_tx, ToolSettings::new()), 10);
+    let (d, sink) = recorded(&engine, user("alice"));
+    // The first call is released only once it runs: whatever the timing, the
+    // repeats are refused because the batch repeats the id.
+    let release = {
+        let gate = std::sync::Arc::clone(&gate);
+        tokio::spawn(async move {
+            started_rx.recv().await;
+            gate.add_permits(1);
+            started_rx
+        })
+    };
+    let results = d
+        .dispatch_all((0..3).map(|i| ToolCall::new("hold", json!(format!("t{i}"))).with_id("dup")))
+        .await;
+    assert_eq!(results[0].as_ref().unwrap().value, json!("t0"));
+    assert_eq!(&*results[0].as_ref().unwrap().call_id, "dup");
+    for r in &results[1..] {
+        let e = r.as_ref().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid arguments for `hold` at `.`: call id `dup` is already used by a call in flight; ids must be unique"
+        );
+    }
+    let mut started_rx = release.await.unwrap();
+    // Three distinguishable pairs on the wire: `dup` and two fresh ids.
+    let events = sink.take();
+    assert_paired(&events);
+    let mut ids: Vec<&str> = events.iter().filter_map(Event::call_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 3, "{ids:?}");
+    assert_eq!(ids.iter().filter(|i| **i == "dup").count(), 1);
+
+    // Across calls: while `x` runs, a second `x` is refused; after it ends, reuse is fine.
+    let (d2, _) = recorded(&engine, user("alice"));
+    let first = spawn(&d, ToolCall::new("hold", json!("first")).with_id("x"));
+    assert_eq!(started_rx.recv().await.unwrap(), "first");
+    let err = d2
+        .dispatch(ToolCall::new("quick", json!(1)).with_id("x"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Status::InvalidInput);
+    // Another user may use the same id.
+    let (bob, _) = recorded(&engine, user("bob"));
+    assert!(
+        bob.dispatch(ToolCall::new("quick", json!(1)).with_id("x"))
+            .await
+            .is_ok()
+    );
+    gate.add_permits(1);
+    assert_eq!(first.await.unwrap().unwrap().value, json!("first"));
+    assert!(
+        d2.dispatch(ToolCall::new("quick", json!(1)).with_id("x"))
+            .await
+            .is_ok()
+    );
+}
+
+#[tokio::test]
+async fn absurd_call_ids_are_replaced_by_fresh_ones() {
+    let engine = engine_with(Registry::builder().tool(echo()).build().unwrap());
+    let (d, sink) = recorded(&engine, user("alice"));
+    for id in [
+        "".to_owned(),
+        "   ".to_owned(),
+        "x".repeat(10_000),
+        "\u{0}".repeat(300),
+    ] {
+        let out = d
+            .dispatch(ToolCall::new("echo", json!(1)).with_id(id.clone()))
+            .await
+            .unwrap();
+        assert!(
+            out.call_id.starts_with("call_"),
+            "{id:?} -> {}",
+            out.call_id
+        );
+    }
+    assert_paired(&sink.events());
+}
+
+// ------------------------------------------------------------ durations
+
+#[tokio::test(start_paused = true)]
+async fn durations_of_zero_and_max_are_accepted_everywhere_without_a_panic() {
+    let t = tool_dispatch::event::Timestamp::now();
+    assert!(t.after(Duration::MAX) >= t);
+    assert!(t.after(Duration::ZERO) == t);
+    let _ = Rate::new(u32::MAX, Duration::MAX).interval();
+    let _ = Rate::new(0, Duration::ZERO).burst(0).interval();
+    for d in [Duration::ZERO, Duration::from_nanos(1), Duration::MAX] {
+        let reg = Registry::builder()
+            .tool(echo())
+            .tool(quick())
+            .build()
+            .unwrap();
+        let limits = Limits::default().max_wait(d).per_user(UserLimits {
+            concurrency: 1,
+            rate: Some(Rate::new(1, d)),
+        });
+        let engine = Engine::builder(reg)
+            .limits(limits)
+            .default_timeout(d)
+            .delivery_timeout(d)
+            .cache(CacheConfig::default())
+            .build();
+        let (dsp, sink) = recorded(&engine, user("alice"));
+        let r = dsp
+            .dispatch(ToolCall::new("echo", json!(1)).with_timeout(d))
+            .await;
+        // A ready tool finishes even under a zero timeout (it is polled before the clock).
+        assert!(
+            r.is_ok() || r.as_ref().unwrap_err().status() == Status::Timeout,
+            "{r:?}"
+        );
+        let _ = dsp.dispatch(ToolCall::new("quick", json!(2))).await;
+        assert_paired(&sink.events());
+        let report = engine.shutdown(d.min(Duration::from_secs(1))).await;
+        assert_eq!(report.still_active, 0);
+        assert_eq!(engine.active(), 0);
+    }
+}
