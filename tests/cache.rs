@@ -507,3 +507,110 @@ async fn a_huge_ttl_means_forever_not_a_panic() {
     assert!(is_cached(&d, "lookup", json!(1)).await);
     assert_eq!(runs.load(SeqCst), 1);
 }
+
+/// A typed, cacheable tool whose output does not survive JSON: `NaN` becomes `null`,
+/// and an asymmetric serde rename writes a field under a name it cannot read back.
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct Odd {
+    #[serde(rename(serialize = "written", deserialize = "read"))]
+    x: u8,
+}
+
+struct Lossy(Arc<AtomicUsize>);
+
+impl Tool for Lossy {
+    const NAME: &'static str = "lossy";
+    type Input = u8;
+    type Output = (f64, Option<Odd>);
+    fn description(&self) -> &str {
+        "Returns values JSON cannot carry back."
+    }
+    fn settings(&self) -> ToolSettings {
+        ToolSettings::new().cache(Duration::from_secs(60))
+    }
+    async fn call(&self, kind: u8, _: ToolContext) -> Result<Self::Output, ToolError> {
+        self.0.fetch_add(1, SeqCst);
+        Ok(match kind {
+            0 => (f64::NAN, None),
+            1 => (f64::INFINITY, None),
+            2 => (1.0, Some(Odd { x: 2 })),
+            _ => (1.5, None),
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_result_that_does_not_round_trip_is_not_cached_and_never_fails_a_later_call() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let reg = Registry::builder()
+        .tool(Lossy(Arc::clone(&runs)))
+        .build()
+        .unwrap();
+    let engine = Engine::builder(reg).limits(no_rate(10)).build();
+    let (d, sink) = dispatcher(&engine, "alice");
+    for kind in [0u8, 1, 2] {
+        for _ in 0..2 {
+            let out = d.call::<Lossy>(kind).await.unwrap();
+            assert!(!out.cached);
+            match kind {
+                0 => assert!(out.value.0.is_nan()),
+                1 => assert!(out.value.0.is_infinite()),
+                _ => assert_eq!(out.value.1, Some(Odd { x: 2 })),
+            }
+        }
+    }
+    assert_eq!(runs.load(SeqCst), 6, "each ran again rather than failing");
+    // A value that does round-trip is cached as before.
+    d.call::<Lossy>(3).await.unwrap();
+    assert!(d.call::<Lossy>(3).await.unwrap().cached);
+    let m = engine.metrics();
+    assert_eq!(m.cache_skipped, 6);
+    assert_eq!((m.count(Status::Success), m.cache_hits), (8, 1));
+    assert_paired(&sink);
+}
+
+#[tokio::test(start_paused = true)]
+async fn followers_of_a_leader_whose_result_cannot_be_cached_run_the_tool_themselves() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(Semaphore::new(0));
+    struct Slow(Arc<AtomicUsize>, Arc<Semaphore>);
+    impl Tool for Slow {
+        const NAME: &'static str = "slow_nan";
+        type Input = u8;
+        type Output = f64;
+        fn description(&self) -> &str {
+            "NaN, slowly."
+        }
+        fn settings(&self) -> ToolSettings {
+            ToolSettings::new().cache(Duration::from_secs(60))
+        }
+        async fn call(&self, _: u8, _: ToolContext) -> Result<f64, ToolError> {
+            self.0.fetch_add(1, SeqCst);
+            self.1.acquire().await.map_err(ToolError::from)?.forget();
+            Ok(f64::NAN)
+        }
+    }
+    let reg = Registry::builder()
+        .tool(Slow(Arc::clone(&runs), Arc::clone(&gate)))
+        .build()
+        .unwrap();
+    let engine = Engine::builder(reg).limits(no_rate(10)).build();
+    let (d, _) = dispatcher(&engine, "alice");
+    let calls: Vec<_> = (0..3)
+        .map(|_| {
+            let d = d.clone();
+            tokio::spawn(async move { d.call::<Slow>(1).await })
+        })
+        .collect();
+    common::settle().await;
+    assert_eq!(runs.load(SeqCst), 1, "one leader, two followers");
+    gate.add_permits(3);
+    for c in calls {
+        assert!(c.await.unwrap().unwrap().value.is_nan());
+    }
+    assert!(
+        runs.load(SeqCst) >= 2,
+        "a follower took over instead of failing"
+    );
+    assert_eq!(engine.metrics().count(Status::Success), 3);
+}

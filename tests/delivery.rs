@@ -378,3 +378,42 @@ async fn a_context_kept_by_a_spawned_task_reports_nothing_after_the_call_ended()
     assert_eq!(m.progress_dropped, 1);
     let _ = AtomicUsize::new(0);
 }
+
+#[tokio::test]
+async fn calls_dropped_across_many_stuck_sinks_cost_one_task_per_sink_at_most() {
+    let reg = Registry::builder().tool(echo()).build().unwrap();
+    let engine = Engine::builder(reg)
+        .limits(Limits::default().per_user(no_rate(1000)))
+        .delivery_timeout(Duration::from_secs(3600))
+        .delivery_backlog(8)
+        .build();
+    let base = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
+    let users: Vec<Dispatcher> = (0..10)
+        .map(|u| {
+            engine
+                .dispatcher()
+                .sink(StuckSink)
+                .user(user(&format!("u{u}")))
+        })
+        .collect();
+    for i in 0..5_000u64 {
+        let d = &users[(i % 10) as usize];
+        let mut fut = Box::pin(d.dispatch(ToolCall::new("echo", json!(i))));
+        assert!(poll_once(&mut fut).await.is_pending());
+    }
+    let tasks = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
+    assert!(tasks <= base + 10, "{tasks} tasks for 10 sinks");
+    let m = engine.metrics();
+    assert_eq!((m.count(Status::Cancelled), m.active), (5_000, 0));
+    // Each sink holds back at most its backlog plus one completion per call that
+    // was announced; everything else was counted as not delivered.
+    assert!(
+        m.sink_failures >= 2 * 5_000 - 10 * (8 + 8),
+        "{}",
+        m.sink_failures
+    );
+}

@@ -492,3 +492,69 @@ async fn long_strings_are_truncated_in_events_but_never_in_the_callers_value() {
         json!({"city": "Pari…[truncated 1 bytes]", "api_key": "[REDACTED]"})
     );
 }
+
+/// A result whose `Serialize` fails (a map keyed by something JSON cannot key by).
+#[derive(Debug, PartialEq, Deserialize)]
+struct Unshowable(u8);
+
+impl Serialize for Unshowable {
+    fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        Err(serde::ser::Error::custom(
+            "this value refuses to be serialized",
+        ))
+    }
+}
+
+struct Opaque;
+
+impl Tool for Opaque {
+    const NAME: &'static str = "opaque";
+    type Input = u8;
+    type Output = Unshowable;
+    fn description(&self) -> &str {
+        "Returns a value that cannot be shown."
+    }
+    async fn call(&self, n: u8, _: ToolContext) -> Result<Unshowable, ToolError> {
+        Ok(Unshowable(n))
+    }
+}
+
+#[tokio::test]
+async fn an_output_that_fails_to_serialize_is_said_so_never_a_silent_null() {
+    let engine = Engine::builder(Registry::builder().tool(Opaque).build().unwrap()).build();
+    let (d, sink) = bind(&engine);
+    // Typed: the caller gets its value; the event and the metrics say why there is
+    // no result to show.
+    let out = d.call::<Opaque>(5).id("t1").await.unwrap();
+    assert_eq!(out.value, Unshowable(5));
+    // By name the JSON is the value: there is none, so the call fails, and says so.
+    let err = d
+        .dispatch(ToolCall::new("opaque", json!(5)).with_id("n1"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Status::Error);
+    assert!(
+        err.to_string().contains("could not be converted to JSON"),
+        "{err}"
+    );
+    let events = sink.events();
+    let done: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::ToolCompleted(c) => Some(c),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        (done[0].status, &done[0].result),
+        (Status::Success, &Value::Null)
+    );
+    assert_eq!(
+        done[0].error.as_deref(),
+        Some("the result cannot be shown: this value refuses to be serialized")
+    );
+    assert_eq!(done[1].status, Status::Error);
+    let m = engine.metrics();
+    assert_eq!(m.unserializable_results, 2);
+    assert_eq!((m.count(Status::Success), m.count(Status::Error)), (1, 1));
+}

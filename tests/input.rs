@@ -259,6 +259,83 @@ async fn invalid_input_never_repeats_a_value_that_redaction_hides() {
     );
 }
 
+/// A `Deserialize` that quotes what it was given in its error, as custom ones do.
+#[derive(Debug)]
+struct Echoing;
+
+impl<'de> Deserialize<'de> for Echoing {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Err(serde::de::Error::custom(format!(
+            "`{s}` is not a valid token"
+        )))
+    }
+}
+
+impl Serialize for Echoing {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("")
+    }
+}
+
+impl JsonSchema for Echoing {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Echoing".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({"type": "string"})
+    }
+}
+
+#[derive(Deserialize, Serialize, JsonSchema)]
+#[allow(dead_code)]
+struct TokenIn {
+    session_token: Echoing,
+}
+
+#[derive(Deserialize, Serialize, JsonSchema)]
+#[allow(dead_code)]
+struct NoteIn {
+    note: Echoing,
+}
+
+#[tokio::test]
+async fn a_custom_deserializer_quoting_a_sensitive_value_is_not_passed_on() {
+    let auth = tool_fn("auth", "Checks a token.", |_: TokenIn, _cx| async move {
+        Ok::<_, ToolError>(true)
+    });
+    let note = tool_fn("note", "Takes a note.", |_: NoteIn, _cx| async move {
+        Ok::<_, ToolError>(true)
+    });
+    let engine = engine_with(Registry::builder().tool(auth).tool(note).build().unwrap());
+    let (d, sink) = recorded(&engine, user("alice"));
+    let err = d
+        .dispatch(ToolCall::new(
+            "auth",
+            json!({"session_token": "tok-SECRET-1"}),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid arguments for `auth` at `session_token`: invalid value"
+    );
+    // Under a key that is not sensitive the tool's own message stays, cut to a bound.
+    let long = "n".repeat(100_000);
+    let err = d
+        .dispatch(ToolCall::new("note", json!({ "note": long })))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("invalid arguments for `note` at `note`: `nnn")
+    );
+    assert!(err.to_string().len() < 1024);
+    let wire = serde_json::to_string(&sink.events()).unwrap();
+    assert!(!wire.contains("SECRET"));
+    assert!(wire.len() < 16 * 1024);
+}
+
 // ------------------------------------------------------------ megabytes of text
 
 #[tokio::test]
