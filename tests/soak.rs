@@ -1,6 +1,7 @@
 //! Soak with faults: many calls across many users, with tool errors, timeouts,
 //! panics, denials, rate limits, invalid input, unknown tools, dropped futures,
-//! `cancel_user` and sinks closed mid-run. Afterwards every invariant holds: the
+//! `cancel_user`, sinks closed mid-run, sinks that panic mid-run and sinks whose
+//! `send` never completes. Afterwards every invariant holds: the
 //! pairing of every call id on sinks that stayed open (with the status the caller
 //! saw), no event on another user's sink, accounting, no call left active, tracked
 //! users bounded, and peak memory bounded.
@@ -100,7 +101,65 @@ fn engine() -> Engine {
             concurrency: 4,
             rate: (u.metadata("tier") == Some("tight")).then(|| Rate::per_second(2_000).burst(4)),
         });
-    Engine::builder(reg).limits(limits).build()
+    // A short delivery timeout: the stuck sinks' events give up quickly.
+    Engine::builder(reg)
+        .limits(limits)
+        .delivery_timeout(Duration::from_millis(20))
+        .build()
+}
+
+/// How a user's sink misbehaves after its first `after` events.
+#[derive(Clone, Copy, PartialEq)]
+enum Fault {
+    /// `try_send` and `send` panic.
+    Panics,
+    /// Always full, and `send` never completes.
+    Stuck,
+}
+
+/// A user's bounded channel that turns faulty after `after` events.
+struct Faulty {
+    tx: mpsc::Sender<Event>,
+    fault: Fault,
+    after: usize,
+    seen: AtomicUsize,
+}
+
+impl Faulty {
+    fn broken(&self) -> bool {
+        self.seen.fetch_add(1, Relaxed) >= self.after
+    }
+}
+
+impl tool_dispatch::EventSink for Faulty {
+    fn try_send(&self, e: Event) -> Result<(), tool_dispatch::sink::TrySendError> {
+        use tool_dispatch::sink::TrySendError;
+        if self.broken() {
+            match self.fault {
+                Fault::Panics => std::panic::panic_any(PANIC_TEXT),
+                Fault::Stuck => return Err(TrySendError::Full(e)),
+            }
+        }
+        self.tx.try_send(e).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(e) => TrySendError::Full(e),
+            mpsc::error::TrySendError::Closed(e) => TrySendError::Closed(e),
+        })
+    }
+
+    fn send(&self, e: Event) -> tool_dispatch::sink::SendFuture<'_> {
+        if self.broken() {
+            match self.fault {
+                Fault::Panics => std::panic::panic_any(PANIC_TEXT),
+                Fault::Stuck => return Box::pin(std::future::pending()),
+            }
+        }
+        Box::pin(async move {
+            self.tx
+                .send(e)
+                .await
+                .map_err(|_| tool_dispatch::SinkError::Closed)
+        })
+    }
 }
 
 /// Marks a call whose future the caller dropped.
@@ -120,6 +179,8 @@ struct Drained {
     foreign: usize,
     out_of_order: usize,
     closed_early: bool,
+    /// The sink turned faulty: events stop, pairing is not checked.
+    faulty: bool,
 }
 
 #[derive(Default)]
@@ -127,6 +188,7 @@ struct Report {
     calls: u64,
     checked_users: usize,
     closed_users: usize,
+    faulty_users: usize,
     cancel_hits: usize,
 }
 
@@ -166,12 +228,19 @@ async fn soak(total: usize, users: usize) -> Report {
     for u in 0..users {
         let mut rng = Rng(0x1234_5678_9abc_def1 ^ ((u as u64 + 1) * 0x9e37_79b9));
         let close_after = (u % 13 == 0).then(|| (rng.next() % (per_user as u64 * 2)) as usize);
+        let fault = match u % 17 {
+            5 => Some(Fault::Panics),
+            11 => Some(Fault::Stuck),
+            _ => None,
+        };
+        let fault_after = (rng.next() % (per_user as u64 * 2)) as usize;
         let (tx, mut rx) = mpsc::channel::<Event>(16);
         let me = format!("soak-{u}");
         let drainer = {
             let me = me.clone();
             tokio::spawn(async move {
                 let mut d = Drained {
+                    faulty: fault.is_some(),
                     state: vec![0; per_user],
                     ..Drained::default()
                 };
@@ -216,10 +285,19 @@ async fn soak(total: usize, users: usize) -> Report {
         if u % 10 == 0 {
             ctx = ctx.metadata("tier", "tight");
         }
-        let d = engine
-            .dispatcher()
-            .sink(tx)
-            .user(ctx.build().expect("valid user"));
+        let ctx = ctx.build().expect("valid user");
+        let d = match fault {
+            None => engine.dispatcher().sink(tx).user(ctx),
+            Some(fault) => engine
+                .dispatcher()
+                .sink(Faulty {
+                    tx,
+                    fault,
+                    after: fault_after,
+                    seen: AtomicUsize::new(0),
+                })
+                .user(ctx),
+        };
         tasks.push(tokio::spawn(async move {
             // What the caller saw, per call: 2 + status index.
             let mut expected = vec![0u8; per_user];
@@ -277,7 +355,9 @@ async fn soak(total: usize, users: usize) -> Report {
         if drained.foreign > 0 {
             failures.push(format!("user {u}: {} foreign events", drained.foreign));
         }
-        if drained.closed_early {
+        if drained.faulty {
+            report.faulty_users += 1;
+        } else if drained.closed_early {
             report.closed_users += 1;
         } else {
             report.checked_users += 1;
@@ -339,11 +419,19 @@ async fn soak(total: usize, users: usize) -> Report {
     ] {
         assert!(m.count(s) > 0, "no call ended {s}: {:?}", m.by_status);
     }
-    assert!(report.closed_users > 0 && report.checked_users > 0);
+    assert!(report.closed_users > 0 && report.checked_users > 0 && report.faulty_users > 0);
+    assert!(
+        m.count(Status::Undelivered) > 0,
+        "the faulty sinks refused events"
+    );
     let hwm_mib = vm_kib("VmHWM:") / 1024;
     println!(
-        "soak: {} calls, {users} users ({} with pairing checked, {} sinks closed mid-run), cancel_user hit {} calls, tracked users after sweep {tracked}, peak RSS {hwm_mib} MiB",
-        report.calls, report.checked_users, report.closed_users, report.cancel_hits
+        "soak: {} calls, {users} users ({} with pairing checked, {} sinks closed mid-run, {} sinks panicking or stuck), cancel_user hit {} calls, tracked users after sweep {tracked}, peak RSS {hwm_mib} MiB",
+        report.calls,
+        report.checked_users,
+        report.closed_users,
+        report.faulty_users,
+        report.cancel_hits
     );
     println!(
         "soak: by status {:?}, sink failures {}",
