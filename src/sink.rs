@@ -18,8 +18,14 @@ pub type SendFuture<'a> = Pin<Box<dyn Future<Output = Result<(), SinkError>> + S
 /// Object safe; the dispatcher stores it as `Arc<dyn EventSink>`. Implementations must
 /// be bounded: [`try_send`](EventSink::try_send) answers at once (`Full` when the
 /// consumer is behind), and [`send`](EventSink::send) may wait for room. The pipeline
-/// tries `try_send` first and waits (bounded by the engine's delivery timeout) only
-/// when the queue is full.
+/// tries `try_send` first; when the sink is full, the event joins the dispatcher's
+/// bounded, ordered backlog, whose one task calls `send` within the engine's delivery
+/// timeout.
+///
+/// What the library promises a sink: `send` need not be cancel-safe (a started `send`
+/// runs to its end or to the delivery timeout, and an event is never sent twice); a
+/// panic in `try_send` or `send` never unwinds through the library: it is counted as
+/// a failed delivery, and that dispatcher does not call the sink again.
 ///
 /// ```
 /// use tool_dispatch::{Event, EventSink};
