@@ -12,7 +12,10 @@
 //! whose `tool_executing` went out (at most one per call in flight, so a call that
 //! opened its pair can always close it). Progress never queues: it is sent at once or
 //! dropped and counted. A sink that panics is caught, counted, and treated as closed
-//! from then on, so it is never called again, from a destructor or anywhere else.
+//! from then on, so it is never called again, from a destructor or anywhere else. A
+//! sink that let a `send` run out of delivery time is *stalled*: until it takes an
+//! event again, an event that finds it full fails at once, so one stuck socket costs
+//! its user one delivery timeout, not one per call.
 
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -42,6 +45,10 @@ pub(crate) struct Outbox {
     queued: AtomicUsize,
     /// The sink panicked once; it is not called again.
     broken: AtomicBool,
+    /// The last `send` ran out of delivery time and nothing has gone through since:
+    /// until the sink takes an event again, one that finds it full fails at once
+    /// instead of making its call wait another delivery timeout.
+    stalled: AtomicBool,
     backlog: Mutex<Backlog>,
     room: Notify,
 }
@@ -141,6 +148,7 @@ impl Outbox {
             capacity: capacity.max(2),
             queued: AtomicUsize::new(0),
             broken: AtomicBool::new(false),
+            stalled: AtomicBool::new(false),
             backlog: Mutex::default(),
             room: Notify::new(),
         }
@@ -253,6 +261,9 @@ impl Outbox {
         if self.broken.load(Ordering::Acquire) {
             return Err((item, Some(SinkError::Panicked)));
         }
+        if self.stalled.load(Ordering::Acquire) {
+            return Err((item, Some(SinkError::TimedOut(self.timeout))));
+        }
         let mut b = self.lock();
         if !may_exceed && b.items.len() >= self.capacity {
             return Err((item, None));
@@ -343,7 +354,12 @@ impl Outbox {
         #[allow(clippy::result_large_err)]
         let attempt = || self.sink.try_send(event);
         match catch_unwind(AssertUnwindSafe(attempt)) {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(())) => {
+                if self.stalled.load(Ordering::Relaxed) {
+                    self.stalled.store(false, Ordering::Release);
+                }
+                Ok(())
+            }
             Ok(Err(TrySendError::Full(ev))) => Err(Refused::Full(ev)),
             Ok(Err(TrySendError::Closed(_))) => Err(Refused::Gone(SinkError::Closed)),
             Err(p) => Err(Refused::Gone(self.poisoned(p))),
@@ -363,9 +379,17 @@ impl Outbox {
             Err(p) => return Err(self.poisoned(p)),
         };
         match tokio::time::timeout_at(by, Contained::new(send)).await {
-            Err(_) => Err(SinkError::TimedOut(self.timeout)),
+            Err(_) => {
+                self.stalled.store(true, Ordering::Release);
+                Err(SinkError::TimedOut(self.timeout))
+            }
             Ok(Err(p)) => Err(self.poisoned(p)),
-            Ok(Ok(r)) => r,
+            Ok(Ok(r)) => {
+                if r.is_ok() {
+                    self.stalled.store(false, Ordering::Release);
+                }
+                r
+            }
         }
     }
 

@@ -417,3 +417,43 @@ async fn calls_dropped_across_many_stuck_sinks_cost_one_task_per_sink_at_most() 
         m.sink_failures
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_sink_costs_its_user_one_delivery_timeout_not_one_per_call() {
+    let reg = Registry::builder().tool(echo()).build().unwrap();
+    let engine = Engine::builder(reg)
+        .limits(open_limits())
+        .delivery_timeout(Duration::from_secs(5))
+        .build();
+    let (tx, mut rx) = mpsc::channel::<Event>(1);
+    let d = engine.dispatcher().sink(tx).user(user("alice"));
+    // The first call fills the queue with its tool_executing; its completion waits.
+    let first = d.dispatch(ToolCall::new("echo", json!(0)));
+    let t0 = tokio::time::Instant::now();
+    assert!(first.await.is_ok(), "the result is not lost");
+    assert_eq!(t0.elapsed(), Duration::from_secs(5), "one delivery timeout");
+    // Now the sink is stalled: the next calls fail at once instead of waiting.
+    let t1 = tokio::time::Instant::now();
+    for i in 1..=3 {
+        let err = d
+            .dispatch(ToolCall::new("echo", json!(i)))
+            .await
+            .unwrap_err();
+        assert_eq!(err.status(), Status::Undelivered);
+    }
+    assert_eq!(t1.elapsed(), Duration::ZERO);
+    // Once the consumer reads again, delivery resumes.
+    assert!(rx.recv().await.is_some());
+    assert_eq!(
+        d.dispatch(ToolCall::new("echo", json!(9)))
+            .await
+            .unwrap()
+            .value,
+        json!(9)
+    );
+    let m = engine.metrics();
+    assert_eq!(
+        (m.count(Status::Success), m.count(Status::Undelivered)),
+        (2, 3)
+    );
+}
