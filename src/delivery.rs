@@ -129,6 +129,16 @@ pub(crate) enum NotSent {
     Interrupted,
 }
 
+/// What [`Outbox::send_now`] did.
+pub(crate) enum Now {
+    /// The sink took it.
+    Sent,
+    /// It has to wait: pass it to [`Outbox::deliver`].
+    Wait(Event),
+    /// The sink refused it for good (closed, panicked); counted.
+    Failed(SinkError),
+}
+
 enum Refused {
     Full(Event),
     Gone(SinkError),
@@ -162,8 +172,32 @@ impl Outbox {
         self.backlog.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Delivers `event`: at once if the sink has room and nothing is queued, else
-    /// through the backlog, waiting for room and then for the answer under `watch`.
+    /// Sends `event` at once if the sink has room and nothing is queued before it
+    /// (the path of almost every event); otherwise hands it back for
+    /// [`deliver`](Self::deliver). A refusal is counted.
+    #[inline]
+    pub(crate) fn send_now(&self, event: Event, role: Role) -> Now {
+        if matches!(
+            role,
+            Role::Closes {
+                behind_opening: true
+            }
+        ) || self.queued.load(Ordering::Acquire) != 0
+        {
+            return Now::Wait(event);
+        }
+        match self.try_send(event) {
+            Ok(()) => Now::Sent,
+            Err(Refused::Full(ev)) => Now::Wait(ev),
+            Err(Refused::Gone(e)) => {
+                self.failed(role, &e);
+                Now::Failed(e)
+            }
+        }
+    }
+
+    /// Delivers `event` through the backlog (after [`send_now`](Self::send_now) handed
+    /// it back): waits for room, then for the backlog's answer, under `watch`.
     /// `queued` is set the moment the event joins the backlog, so a caller whose
     /// future is dropped while it waits knows the event will still go out.
     pub(crate) async fn deliver(
@@ -173,24 +207,6 @@ impl Outbox {
         watch: Watch<'_>,
         queued: &mut bool,
     ) -> Result<Delivered, NotSent> {
-        let behind = matches!(
-            role,
-            Role::Closes {
-                behind_opening: true
-            }
-        );
-        let event = if !behind && self.queued.load(Ordering::Acquire) == 0 {
-            match self.try_send(event) {
-                Ok(()) => return Ok(Delivered::Sent),
-                Err(Refused::Full(ev)) => ev,
-                Err(Refused::Gone(e)) => {
-                    self.failed(role, &e);
-                    return Err(NotSent::Sink(e));
-                }
-            }
-        } else {
-            event
-        };
         let (tx, rx) = oneshot::channel();
         let queued_by = self.enqueue(event, role, tx, watch).await?;
         *queued = true;
@@ -347,6 +363,7 @@ impl Outbox {
 
     /// `try_send` with the sink's panics caught.
     #[allow(clippy::result_large_err)] // the event comes back so it can be queued
+    #[inline]
     fn try_send(&self, event: Event) -> Result<(), Refused> {
         if self.broken.load(Ordering::Acquire) {
             return Err(Refused::Gone(SinkError::Panicked));

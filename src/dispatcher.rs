@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::delivery::{NotSent, Outbox, Role, Watch};
+use crate::delivery::{NotSent, Now, Outbox, Role, Watch};
 use crate::engine::{Engine, Inner, Occurrence};
 use crate::error::DispatchError;
 use crate::event::{AgentEvent, AgentUpdate, Event, Timestamp};
@@ -290,9 +290,13 @@ impl<S, U> Dispatcher<S, U> {
                 Event::AgentError(e)
             }
         };
-        match self
-            .sink
-            .sink()
+        let outbox = self.sink.sink();
+        let event = match outbox.send_now(event, Role::Other) {
+            Now::Sent => return Ok(()),
+            Now::Failed(e) => return Err(e),
+            Now::Wait(event) => event,
+        };
+        match outbox
             .deliver(event, Role::Other, Watch::default(), &mut false)
             .await
         {

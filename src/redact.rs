@@ -40,6 +40,8 @@ pub const DEFAULT_SENSITIVE: &[&str] = &[
 #[derive(Debug, Clone)]
 pub struct Redaction {
     sensitive: Vec<String>,
+    /// Length of the shortest fragment in `sensitive`.
+    shortest: usize,
     max_string_len: usize,
     max_array_len: usize,
     max_depth: usize,
@@ -48,6 +50,7 @@ pub struct Redaction {
 impl Default for Redaction {
     fn default() -> Self {
         Redaction {
+            shortest: DEFAULT_SENSITIVE.iter().map(|s| s.len()).min().unwrap_or(0),
             sensitive: DEFAULT_SENSITIVE.iter().map(|s| s.to_string()).collect(),
             max_string_len: 1024,
             max_array_len: 100,
@@ -86,7 +89,9 @@ fn eq_folded(key: &str, normalized: &str) -> bool {
 impl Redaction {
     /// Adds a sensitive key fragment for every tool.
     pub fn sensitive(mut self, key: &str) -> Self {
-        self.sensitive.push(normalize(key));
+        let key = normalize(key);
+        self.shortest = self.shortest.min(key.len());
+        self.sensitive.push(key);
         self
     }
 
@@ -117,6 +122,9 @@ impl Redaction {
 
     /// Whether `key` is sensitive for every tool, or is one of `extra`.
     pub(crate) fn is_sensitive(&self, key: &str, extra: &[String]) -> bool {
+        if key.len() < self.shortest && extra.is_empty() {
+            return false; // shorter than every fragment: contains none of them
+        }
         self.sensitive.iter().any(|s| contains_folded(key, s))
             || extra.iter().any(|s| eq_folded(key, s))
     }

@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::pipeline::{InFlight, Phase};
 use super::prepare::Refusal;
-use crate::delivery::{Delivered, NotSent, Role, Watch};
+use crate::delivery::{Delivered, NotSent, Now, Role, Watch};
 use crate::error::{CancelReason, DispatchError};
 use crate::event::{Event, Status, ToolCompleted, ToolExecuting};
 use crate::json::cut;
@@ -23,7 +23,12 @@ pub(super) enum Unannounced {
     NotQueued,
     /// The sink refused it (counted).
     Failed(SinkError),
+    /// The sink is full: it must wait in the backlog.
+    Waiting(Event),
 }
+
+/// A `tool_completed` the sink could not take at once.
+pub(super) struct Pending(Event, Role);
 
 /// How a call ends, for its `tool_completed`.
 pub(super) enum Ending<'e> {
@@ -43,9 +48,29 @@ pub(super) enum Source {
 }
 
 impl InFlight<'_> {
-    /// Sends `tool_executing`. If it cannot be delivered the tool must not run.
-    pub(super) async fn announce(&mut self, parameters: Value) -> Result<(), Unannounced> {
-        let ev = self.executing(parameters);
+    /// Sends `tool_executing` if the sink takes it now; otherwise hands it back as
+    /// [`Unannounced::Waiting`] for [`announce`](Self::announce). If it cannot be
+    /// delivered the tool must not run.
+    #[inline]
+    #[allow(clippy::result_large_err)] // the event comes back to wait in the backlog
+    pub(super) fn announce_now(&mut self, parameters: Value) -> Result<(), Unannounced> {
+        match self
+            .outbox
+            .send_now(self.executing(parameters), Role::Opens)
+        {
+            Now::Sent => {
+                self.phase = Phase::Announced;
+                Ok(())
+            }
+            Now::Failed(e) => Err(Unannounced::Failed(e)),
+            Now::Wait(ev) => Err(Unannounced::Waiting(ev)),
+        }
+    }
+
+    /// Sends `tool_executing` through the backlog, waiting under the call's deadline
+    /// and cancellation.
+    pub(super) async fn announce(&mut self, ev: Event) -> Result<(), Unannounced> {
+        self.waited = true;
         let watch = Watch {
             cancel: Some(&self.token),
             deadline: Some(self.deadline),
@@ -70,7 +95,10 @@ impl InFlight<'_> {
 
     /// The one place a call is refused: its pair with the error's status.
     pub(super) async fn refuse(&mut self, r: Refusal) -> DispatchError {
-        let announced = self.announce(r.shown).await;
+        let announced = match self.announce_now(r.shown) {
+            Err(Unannounced::Waiting(ev)) => self.announce(ev).await,
+            other => other,
+        };
         self.end_with(r.error, announced).await
     }
 
@@ -84,7 +112,9 @@ impl InFlight<'_> {
         match announced {
             Ok(()) | Err(Unannounced::HandedOff) => self.complete(Ending::Failure(&err)).await,
             Err(Unannounced::NotQueued) => self.end_detached(&err),
-            Err(Unannounced::Failed(_)) => self.record(err.status()),
+            Err(Unannounced::Failed(_) | Unannounced::Waiting(_)) => {
+                self.record(err.status(), self.start.elapsed())
+            }
         }
         err
     }
@@ -92,16 +122,35 @@ impl InFlight<'_> {
     /// Sends `tool_completed` (counting first, so a slow sink cannot skew metrics).
     /// A call that stops waiting (cancelled) leaves it queued: it still goes out.
     pub(super) async fn complete(&mut self, ending: Ending<'_>) {
+        if let Some(pending) = self.complete_now(ending) {
+            self.complete_later(pending).await;
+        }
+    }
+
+    /// Counts the call and sends its `tool_completed` if the sink takes it now;
+    /// otherwise returns it for [`complete_later`](Self::complete_later).
+    #[inline]
+    pub(super) fn complete_now(&mut self, ending: Ending<'_>) -> Option<Pending> {
         let behind_opening =
             self.phase == Phase::HandedOff || self.opening_queued && self.phase == Phase::Fresh;
         let took = self.start.elapsed();
-        let ev = self.completed(&ending, took);
-        self.record(ending.status());
+        let status = ending.status();
+        let ev = self.completed(ending, took);
+        self.record(status, took);
+        let role = Role::Closes { behind_opening };
+        match self.outbox.send_now(ev, role) {
+            Now::Wait(ev) => Some(Pending(ev, role)),
+            Now::Sent | Now::Failed(_) => None, // a refusal is counted
+        }
+    }
+
+    /// Delivers a `tool_completed` the sink could not take at once. A call that stops
+    /// waiting (cancelled) leaves it queued: it still goes out.
+    pub(super) async fn complete_later(&mut self, Pending(ev, role): Pending) {
         let watch = Watch {
             cancel: Some(&self.token),
             deadline: None,
         };
-        let role = Role::Closes { behind_opening };
         let mut queued = false;
         let _ = self.outbox.deliver(ev, role, watch, &mut queued).await; // failures are counted there
     }
@@ -114,8 +163,8 @@ impl InFlight<'_> {
             p => p,
         };
         let took = self.start.elapsed();
-        let closing = self.completed(&Ending::Failure(err), took);
-        self.record(err.status());
+        let closing = self.completed(Ending::Failure(err), took);
+        self.record(err.status(), took);
         let opening = (phase == Phase::Fresh).then(|| self.executing(Value::Null));
         let role = Role::Closes {
             behind_opening: phase == Phase::HandedOff,
@@ -124,12 +173,11 @@ impl InFlight<'_> {
     }
 
     /// Counts the ended call once, and closes it to progress.
-    pub(super) fn record(&mut self, status: Status) {
+    pub(super) fn record(&mut self, status: Status, took: Duration) {
         if self.phase == Phase::Done {
             return;
         }
         self.phase = Phase::Done;
-        let took = self.start.elapsed();
         if let Some(scope) = &self.scope {
             scope.end();
         }
@@ -162,6 +210,7 @@ impl InFlight<'_> {
         }
     }
 
+    #[inline]
     pub(super) fn executing(&self, mut parameters: Value) -> Event {
         let sensitive = self.entry.map_or(&[][..], |e| &e.settings.sensitive);
         self.inner.redaction().apply(&mut parameters, sensitive);
@@ -177,15 +226,17 @@ impl InFlight<'_> {
         })
     }
 
-    pub(super) fn completed(&self, ending: &Ending<'_>, took: Duration) -> Event {
+    #[inline]
+    pub(super) fn completed(&self, ending: Ending<'_>, took: Duration) -> Event {
         let u = &self.user.ctx;
         let max = self.inner.max_text();
+        let status = ending.status();
         let (result, error, cached) = match ending {
             Ending::Success {
                 result,
                 source,
                 note,
-            } => (result.clone(), note.clone(), *source == Source::Cache),
+            } => (result, note, source == Source::Cache),
             Ending::Failure(e) => (Value::Null, Some(cut(&e.to_string(), max)), false),
         };
         Event::ToolCompleted(ToolCompleted {
@@ -194,7 +245,7 @@ impl InFlight<'_> {
             thread_id: u.thread_id.clone(),
             user_id: Arc::clone(&u.user_id),
             tool_name: Arc::clone(&self.tool),
-            status: ending.status(),
+            status,
             duration_ms: took.as_secs_f64() * 1e3,
             result,
             error,

@@ -41,13 +41,13 @@ impl Engine {
             let call =
                 ToolCall::new(PROBE, serde_json::Value::from(7u64)).with_timeout(PROBE_TIMEOUT);
             let started = Instant::now();
-            let start = Start::json(
+            let (start, arguments) = Start::json(
                 Some(&probe.entry),
-                &call,
+                call,
                 Occurrence::First,
                 Admission::PROBE,
             );
-            let r = s.run_json(&outbox, &probe.user, start, call).await;
+            let r = s.run_json(&outbox, &probe.user, start, arguments).await;
             match r {
                 Ok(out) => {
                     probe_latency_ms = Some(started.elapsed().as_secs_f64() * 1e3);

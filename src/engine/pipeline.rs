@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Inner;
 use super::codec::{Codec, Ran, store};
-use super::ending::{Ending, Source, Unannounced};
+use super::ending::{Ending, Pending, Source, Unannounced};
 use super::prepare::{Prepared, Refusal};
 use crate::cache::{Key, Leader, Lookup};
 use crate::contain::{Contained, panic_message};
@@ -92,6 +92,9 @@ pub(super) struct InFlight<'a> {
     pub(super) deadline: Instant,
     pub(super) wall: Timestamp,
     pub(super) phase: Phase,
+    /// The call waited somewhere (a slot, room in its sink, a policy that was not
+    /// ready): its deadline may have passed before the body starts.
+    pub(super) waited: bool,
     /// `tool_executing` joined the outbox's backlog (so it will go out even if this
     /// call's future is dropped before the outbox answers).
     pub(super) opening_queued: bool,
@@ -108,77 +111,129 @@ impl<'a> InFlight<'a> {
         C: Codec,
         F: Future<Output = Result<C::Out, ToolError>> + Send,
     {
+        // Each step answers at once when nothing has to wait (the common case) and
+        // awaits only when something does; those waits are boxed, so the future of a
+        // call that waits for nothing stays small.
         let Prepared { entry, args, body } = p;
-        let own_slot = match self.admit(entry, &args).await {
+        let decided = match self.policy_now(entry, &args) {
+            Some(d) => d,
+            None => Box::pin(self.ask_policy(entry, &args)).await,
+        };
+        let user: &'a WithUser = self.user;
+        let own_slot = match decided.and_then(|()| self.rate()) {
+            Ok(()) => match self.slot_now(Scope::User(&user.state)) {
+                Ok(p) => Ok(p),
+                Err(scope) => Box::pin(self.wait_slot(scope, LimitScope::User)).await,
+            },
+            Err(e) => Err(e),
+        };
+        let own_slot = match own_slot {
             Ok(p) => p,
-            Err(error) => return Err(self.refuse(Refusal { error, shown: args }).await),
+            Err(error) => return Err(Box::pin(self.refuse(Refusal { error, shown: args })).await),
         };
         let key = entry.settings.cache_ttl.and_then(|ttl| {
             let user =
                 (!entry.settings.user_independent).then(|| Arc::clone(&self.user.ctx.user_id));
             Key::new(user, entry.index, &args).map(|k| (k, ttl))
         });
-        if let Err(u) = self.announce(args).await {
+        let announced = match self.announce_now(args) {
+            Ok(()) => Ok(()),
+            Err(Unannounced::Waiting(ev)) => Box::pin(self.announce(ev)).await,
+            Err(u) => Err(u),
+        };
+        if let Err(u) = announced {
             let error = match u {
                 Unannounced::Failed(e) => {
-                    self.record(Status::Undelivered);
+                    self.record(Status::Undelivered, self.start.elapsed());
                     return Err(DispatchError::Sink(e));
                 }
                 _ => self.interruption(),
             };
-            return Err(self.end_with(error, Err(u)).await);
+            return Err(Box::pin(self.end_with(error, Err(u))).await);
         }
-        let shared = match self.shared_slots(entry).await {
-            Ok(s) => s,
-            Err(e) => return Err(self.end_with(e, Ok(())).await),
+        let shared = match self.shared_slots_now(entry) {
+            Ok(s) => Ok(s),
+            Err(()) => Box::pin(self.shared_slots(entry)).await,
         };
-        let (ran, leader) = self.run_cached::<C, F>(entry, key, body).await;
+        let shared = match shared {
+            Ok(s) => s,
+            Err(e) => return Err(Box::pin(self.end_with(e, Ok(()))).await),
+        };
+        let (ran, leader) = match key {
+            None => (
+                self.run(entry, async move { body.await.map(Ran::Fresh) })
+                    .await,
+                None,
+            ),
+            Some(key) => Box::pin(self.run_cached::<C, F>(entry, key, body)).await,
+        };
         drop(shared); // released before the completion waits on the user's sink
-        let out = self.finish::<C>(entry, ran, leader).await;
+        let (out, pending) = self.finish::<C>(entry, ran, leader);
+        if let Some(p) = pending {
+            Box::pin(self.complete_later(p)).await;
+        }
         drop(own_slot);
         out
     }
 
-    /// Policy, rate, then one of the user's own slots.
-    pub(super) async fn admit(
-        &mut self,
-        entry: &'a Entry,
-        args: &Value,
-    ) -> Result<Permit<'a>, DispatchError> {
+    /// The decision when it needs no waiting: the default [`ScopePolicy`]. `None`
+    /// when a custom policy must be asked.
+    fn policy_now(&self, entry: &Entry, args: &Value) -> Option<Result<(), DispatchError>> {
+        if self.inner.policy.is_some() {
+            return None;
+        }
         let req = PolicyRequest {
             user: &self.user.ctx,
             tool: &entry.def,
             settings: &entry.settings,
             arguments: args,
         };
-        let decision = match &self.inner.policy {
-            None => Ok(ScopePolicy::decide(&req)),
-            Some(p) => {
-                let check = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| p.check(req)));
-                let Ok(fut) = check else {
-                    return Err(self.denied(entry, Err(PolicyError("the policy panicked".into()))));
-                };
-                let waited = tokio::select! {
-                    biased;
-                    () = self.token.cancelled() => None,
-                    () = tokio::time::sleep_until(self.deadline) => None,
-                    r = Contained::new(fut) => Some(r),
-                };
-                match waited {
-                    None => return Err(self.interruption()),
-                    Some(Ok(d)) => d,
-                    Some(Err(_)) => Err(PolicyError("the policy panicked".into())),
-                }
-            }
+        match ScopePolicy::decide(&req) {
+            Decision::Allow => Some(Ok(())),
+            d => Some(Err(self.denied(entry, Ok(d)))),
+        }
+    }
+
+    /// Asks the custom policy, under the call's deadline and cancellation; a policy
+    /// that errs or panics denies (fails closed).
+    async fn ask_policy(&mut self, entry: &Entry, args: &Value) -> Result<(), DispatchError> {
+        let Some(policy) = &self.inner.policy else {
+            return Ok(());
         };
-        if !matches!(decision, Ok(Decision::Allow)) {
-            return Err(self.denied(entry, decision));
+        let req = PolicyRequest {
+            user: &self.user.ctx,
+            tool: &entry.def,
+            settings: &entry.settings,
+            arguments: args,
+        };
+        let panicked = || Err(PolicyError("the policy panicked".into()));
+        let check = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| policy.check(req)));
+        let Ok(fut) = check else {
+            return Err(self.denied(entry, panicked()));
+        };
+        self.waited = true;
+        let answer = tokio::select! {
+            biased;
+            () = self.token.cancelled() => None,
+            () = tokio::time::sleep_until(self.deadline) => None,
+            r = Contained::new(fut) => Some(r),
+        };
+        let decision = match answer {
+            None => return Err(self.interruption()),
+            Some(Ok(d)) => d,
+            Some(Err(_)) => panicked(),
+        };
+        match decision {
+            Ok(Decision::Allow) => Ok(()),
+            d => Err(self.denied(entry, d)),
         }
-        if let Err(retry_after) = self.inner.limiter.rate(&self.user.state, self.start) {
-            return Err(DispatchError::RateLimited { retry_after });
-        }
-        let user: &'a WithUser = self.user;
-        self.slot(Scope::User(&user.state), LimitScope::User).await
+    }
+
+    fn rate(&self) -> Result<(), DispatchError> {
+        self.inner
+            .limiter
+            .rate(&self.user.state, self.start)
+            .map_err(|retry_after| DispatchError::RateLimited { retry_after })
     }
 
     pub(super) fn denied(
@@ -205,18 +260,22 @@ impl<'a> InFlight<'a> {
         }
     }
 
-    /// A slot of `scope`: at once if free, else waited for up to the engine's
-    /// `max_wait` (the probe does not wait), the call's deadline and cancellation.
-    pub(super) async fn slot(
+    /// A slot of `scope` if one is free now; the scope back when it must be waited for.
+    fn slot_now(&self, scope: Scope<'a>) -> Result<Permit<'a>, Scope<'a>> {
+        let inner: &'a Arc<Inner> = self.inner;
+        inner.limiter.try_slot(&scope).ok_or(scope)
+    }
+
+    /// Waits for a slot up to the engine's `max_wait` (the probe does not wait), the
+    /// call's deadline and its cancellation.
+    async fn wait_slot(
         &mut self,
         scope: Scope<'a>,
         which: LimitScope,
     ) -> Result<Permit<'a>, DispatchError> {
         let inner: &'a Arc<Inner> = self.inner;
         let limiter = &*inner.limiter;
-        if let Some(p) = limiter.try_slot(&scope) {
-            return Ok(p);
-        }
+        self.waited = true;
         let until = if self.admission.may_wait {
             let bound = crate::time::deadline(self.start, self.inner.config.limits.max_wait);
             bound.min(self.deadline)
@@ -240,15 +299,32 @@ impl<'a> InFlight<'a> {
         }
     }
 
-    pub(super) async fn shared_slots(
+    /// The tool's and the global slot, if both are free now.
+    fn shared_slots_now(&self, entry: &'a Entry) -> Result<(Option<Permit<'a>>, Permit<'a>), ()> {
+        let tool = match &entry.limiter {
+            Some(sem) => Some(self.slot_now(Scope::Tool(sem)).map_err(drop)?),
+            None => None,
+        };
+        let global = self.slot_now(Scope::Global).map_err(drop)?;
+        Ok((tool, global))
+    }
+
+    /// The tool's and the global slot, waiting for them.
+    async fn shared_slots(
         &mut self,
         entry: &'a Entry,
     ) -> Result<(Option<Permit<'a>>, Permit<'a>), DispatchError> {
         let tool = match &entry.limiter {
-            Some(sem) => Some(self.slot(Scope::Tool(sem), LimitScope::Tool).await?),
+            Some(sem) => Some(match self.slot_now(Scope::Tool(sem)) {
+                Ok(p) => p,
+                Err(scope) => self.wait_slot(scope, LimitScope::Tool).await?,
+            }),
             None => None,
         };
-        let global = self.slot(Scope::Global, LimitScope::Global).await?;
+        let global = match self.slot_now(Scope::Global) {
+            Ok(p) => p,
+            Err(scope) => self.wait_slot(scope, LimitScope::Global).await?,
+        };
         Ok((tool, global))
     }
 
@@ -274,7 +350,7 @@ impl<'a> InFlight<'a> {
     pub(super) async fn run_cached<C, F>(
         &mut self,
         entry: &Entry,
-        key: Option<(Key, Duration)>,
+        (key, ttl): (Key, Duration),
         body: F,
     ) -> (
         Result<Ran<C::Out>, DispatchError>,
@@ -287,9 +363,6 @@ impl<'a> InFlight<'a> {
         let inner: &'a Arc<Inner> = self.inner;
         let cache = &inner.cache;
         let fresh = |body: F| async move { body.await.map(Ran::Fresh) };
-        let Some((key, ttl)) = key else {
-            return (self.run(entry, fresh(body)).await, None);
-        };
         match cache.lookup(key, self.start) {
             Lookup::Hit(v) => match C::decode(&v) {
                 Some(o) => (Ok(Ran::Cached(o, v)), None),
@@ -324,7 +397,7 @@ impl<'a> InFlight<'a> {
     ) -> Result<Ran<O>, DispatchError> {
         // The timeout counts from dispatch: a call that spent it waiting must not
         // start its body at all.
-        if self.token.is_cancelled() || Instant::now() >= self.deadline {
+        if self.token.is_cancelled() || (self.waited && Instant::now() >= self.deadline) {
             return Err(self.interruption());
         }
         // Cancellation is checked before every poll of the body, as a biased select
@@ -361,17 +434,20 @@ impl<'a> InFlight<'a> {
         }
     }
 
-    /// Fills the cache, then delivers `tool_completed`; the caller gets its value
-    /// whatever the event can show of it.
-    pub(super) async fn finish<C: Codec>(
+    /// Fills the cache, then sends `tool_completed` (or returns it, when the sink
+    /// must be waited for); the caller gets its value whatever the event can show.
+    pub(super) fn finish<C: Codec>(
         &mut self,
         entry: &Entry,
         ran: Result<Ran<C::Out>, DispatchError>,
         leader: Option<(Leader<'a>, Duration)>,
-    ) -> Result<ToolOutput<C::Out>, DispatchError> {
+    ) -> (Result<ToolOutput<C::Out>, DispatchError>, Option<Pending>) {
         let metrics = &self.inner.metrics;
         let (value, source, json) = match ran {
-            Err(e) => return Err(self.end_with(e, Ok(())).await),
+            Err(e) => {
+                let pending = self.complete_now(Ending::Failure(&e));
+                return (Err(e), pending);
+            }
             Ok(Ran::Fresh(o)) => {
                 if entry.settings.cache_ttl.is_some() {
                     metrics.cache_miss();
@@ -402,16 +478,16 @@ impl<'a> InFlight<'a> {
                 )
             }
         };
-        self.complete(Ending::Success {
+        let pending = self.complete_now(Ending::Success {
             result,
             source,
             note,
-        })
-        .await;
-        Ok(ToolOutput {
+        });
+        let out = ToolOutput {
             call_id: Arc::clone(&self.id),
             value,
             cached: source == Source::Cache,
-        })
+        };
+        (Ok(out), pending)
     }
 }

@@ -70,25 +70,33 @@ pub(crate) enum Occurrence {
 }
 
 impl<'a> Start<'a> {
-    /// How a call by name of `entry` starts (`None`: no tool has its name).
+    /// How a call by name of `entry` starts (`None`: no tool has its name), and its
+    /// arguments.
     pub(super) fn json(
         entry: Option<&'a Entry>,
-        call: &ToolCall,
+        call: ToolCall,
         occurrence: Occurrence,
         admission: Admission,
-    ) -> Self {
+    ) -> (Self, Arguments) {
+        let ToolCall {
+            id,
+            name,
+            arguments,
+            timeout,
+        } = call;
         let tool = match entry {
             Some(e) => Arc::clone(&e.name),
-            None => Arc::from(call.name.chars().take(MAX_NAME_SHOWN).collect::<String>()),
+            None => Arc::from(name.chars().take(MAX_NAME_SHOWN).collect::<String>()),
         };
-        Start {
+        let start = Start {
             occurrence,
             entry,
             tool,
-            id: call.id.clone(),
-            timeout: call.timeout,
+            id,
+            timeout,
             admission,
-        }
+        };
+        (start, arguments)
     }
 }
 
@@ -102,8 +110,8 @@ impl Inner {
         occurrence: Occurrence,
     ) -> Result<ToolOutput, DispatchError> {
         let entry = self.registry.get(&call.name).map(|e| &**e);
-        let start = Start::json(entry, &call, occurrence, Admission::CALL);
-        self.run_json(outbox, user, start, call).await
+        let (start, arguments) = Start::json(entry, call, occurrence, Admission::CALL);
+        self.run_json(outbox, user, start, arguments).await
     }
 
     /// A call by name of `entry` (a registered tool, `None` for an unknown name, or
@@ -113,15 +121,14 @@ impl Inner {
         outbox: &Arc<Outbox>,
         user: &WithUser,
         start: Start<'_>,
-        call: ToolCall,
+        arguments: Arguments,
     ) -> Result<ToolOutput, DispatchError> {
-        let arguments = call.arguments;
         let mut c = InFlight::new(self, outbox, user, start);
         let span = c.span.clone();
         async move {
             match c.prepare_json(arguments) {
                 Ok(p) => c.execute::<Json, _>(p).await,
-                Err(r) => Err(c.refuse(r).await),
+                Err(r) => Err(Box::pin(c.refuse(r)).await),
             }
         }
         .instrument(span)
@@ -151,7 +158,7 @@ impl Inner {
         async move {
             match c.prepare_typed(found.map(|(_, t)| t), input) {
                 Ok(p) => c.execute::<Typed<T::Output>, _>(p).await,
-                Err(r) => Err(c.refuse(r).await),
+                Err(r) => Err(Box::pin(c.refuse(r)).await),
             }
         }
         .instrument(span)
@@ -241,6 +248,7 @@ impl<'a> InFlight<'a> {
             deadline: crate::time::deadline(now, timeout),
             wall: Timestamp::now(),
             phase: Phase::Fresh,
+            waited: false,
             opening_queued: false,
             scope: None,
             span,
