@@ -28,6 +28,7 @@ use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::blocking::BlockingJobs;
 use crate::contain::{Contained, Panic, panic_message};
 use crate::event::Event;
 use crate::metrics::Metrics;
@@ -38,6 +39,7 @@ use crate::time::deadline;
 pub(crate) struct Outbox {
     sink: Arc<dyn EventSink>,
     metrics: Arc<Metrics>,
+    blocking: Arc<BlockingJobs>,
     timeout: Duration,
     capacity: usize,
     /// Events queued and not yet answered (the one being sent included). While it is
@@ -147,13 +149,14 @@ enum Refused {
 impl Outbox {
     pub(crate) fn new(
         sink: Arc<dyn EventSink>,
-        metrics: Arc<Metrics>,
+        (metrics, blocking): (Arc<Metrics>, Arc<BlockingJobs>),
         timeout: Duration,
         capacity: usize,
     ) -> Self {
         Outbox {
             sink,
             metrics,
+            blocking,
             timeout,
             capacity: capacity.max(2),
             queued: AtomicUsize::new(0),
@@ -166,6 +169,11 @@ impl Outbox {
 
     pub(crate) fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// The engine's list of blocking bodies, for the calls made through this outbox.
+    pub(crate) fn blocking(&self) -> &Arc<BlockingJobs> {
+        &self.blocking
     }
 
     fn lock(&self) -> MutexGuard<'_, Backlog> {

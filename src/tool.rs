@@ -3,7 +3,8 @@
 
 use std::future::Future;
 use std::marker::PhantomData;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use schemars::JsonSchema;
@@ -11,7 +12,6 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
-use crate::blocking::BlockingJobs;
 use crate::delivery::Outbox;
 use crate::event::{Event, Timestamp, ToolProgress};
 use crate::json::cut;
@@ -170,21 +170,47 @@ pub(crate) struct CallScope {
     pub(crate) tool_name: Arc<str>,
     pub(crate) cancel: Arc<CancellationToken>,
     pub(crate) timeout: Duration,
-    pub(crate) blocking: Arc<BlockingJobs>,
     /// Longest text an event carries.
     pub(crate) max_text: usize,
     /// Deepest result accepted.
     pub(crate) max_depth: usize,
-    /// Set when the call's `tool_completed` is sent or handed off; nothing of this
-    /// call is sent after it.
-    pub(crate) ended: Mutex<bool>,
+    /// Closed when the call's `tool_completed` is sent or handed off: nothing of
+    /// this call is sent after it.
+    pub(crate) gate: Gate,
+}
+
+/// Bit 0: the call has ended. The rest: progress reports being sent right now.
+/// `end` waits for those (they never wait themselves), so none can follow it.
+#[derive(Default)]
+pub(crate) struct Gate(AtomicUsize);
+
+const ENDED: usize = 1;
+const SENDER: usize = 2;
+
+impl Gate {
+    /// Runs `send` unless the call has ended; `None` if it has.
+    fn pass<R>(&self, send: impl FnOnce() -> R) -> Option<R> {
+        let before = self.0.fetch_add(SENDER, Ordering::AcqRel);
+        let r = (before & ENDED == 0).then(send);
+        self.0.fetch_sub(SENDER, Ordering::AcqRel);
+        r
+    }
+
+    /// Closes the gate, once every report already passing it is through.
+    fn close(&self) {
+        if self.0.fetch_or(ENDED, Ordering::AcqRel) >= SENDER {
+            while self.0.load(Ordering::Acquire) >= SENDER {
+                std::thread::yield_now(); // a report is inside `try_send`, which never waits
+            }
+        }
+    }
 }
 
 impl CallScope {
     /// Closes the call to progress: after this returns, no `tool_progress` of it is
     /// sent, so its `tool_completed` is the last event of the call.
     pub(crate) fn end(&self) {
-        *self.ended.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        self.gate.close();
     }
 }
 
@@ -236,11 +262,6 @@ impl ToolContext {
     /// the update is dropped, counted, and `false` is returned.
     pub fn progress(&self, fraction: f64, message: impl Into<String>) -> bool {
         let s = &*self.scope;
-        let ended = s.ended.lock().unwrap_or_else(PoisonError::into_inner);
-        if *ended {
-            s.outbox.metrics().progress_dropped();
-            return false;
-        }
         let message: String = message.into();
         let fraction = if fraction.is_nan() {
             0.0
@@ -257,8 +278,14 @@ impl ToolContext {
             message: (!message.is_empty()).then(|| cut(&message, s.max_text)),
             timestamp: Timestamp::now(),
         });
-        // Sent while `ended` is held, so a completion cannot slip in before it.
-        s.outbox.offer(event)
+        // Through the gate, so the call's completion cannot slip in before it.
+        match s.gate.pass(|| s.outbox.offer(event)) {
+            Some(sent) => sent,
+            None => {
+                s.outbox.metrics().progress_dropped();
+                false
+            }
+        }
     }
 }
 

@@ -72,7 +72,7 @@ impl InFlight<'_> {
     pub(super) async fn announce(&mut self, ev: Event) -> Result<(), Unannounced> {
         self.waited = true;
         let watch = Watch {
-            cancel: Some(&self.token),
+            cancel: Some(&self.scope.cancel),
             deadline: Some(self.deadline),
         };
         let outbox = self.outbox;
@@ -148,7 +148,7 @@ impl InFlight<'_> {
     /// waiting (cancelled) leaves it queued: it still goes out.
     pub(super) async fn complete_later(&mut self, Pending(ev, role): Pending) {
         let watch = Watch {
-            cancel: Some(&self.token),
+            cancel: Some(&self.scope.cancel),
             deadline: None,
         };
         let mut queued = false;
@@ -178,12 +178,10 @@ impl InFlight<'_> {
             return;
         }
         self.phase = Phase::Done;
-        if let Some(scope) = &self.scope {
-            scope.end();
-        }
+        self.scope.end();
         let s = &self.user.state;
         if self.claimed {
-            s.release_id(&self.id);
+            s.release_id(&self.scope.call_id);
         }
         if status != Status::Unavailable {
             s.finished.fetch_add(1, Relaxed);
@@ -216,11 +214,11 @@ impl InFlight<'_> {
         self.inner.redaction().apply(&mut parameters, sensitive);
         let u = &self.user.ctx;
         Event::ToolExecuting(ToolExecuting {
-            call_id: Arc::clone(&self.id),
+            call_id: Arc::clone(&self.scope.call_id),
             run_id: u.run_id.clone(),
             thread_id: u.thread_id.clone(),
             user_id: Arc::clone(&u.user_id),
-            tool_name: Arc::clone(&self.tool),
+            tool_name: Arc::clone(&self.scope.tool_name),
             parameters,
             timestamp: self.wall,
         })
@@ -240,11 +238,11 @@ impl InFlight<'_> {
             Ending::Failure(e) => (Value::Null, Some(cut(&e.to_string(), max)), false),
         };
         Event::ToolCompleted(ToolCompleted {
-            call_id: Arc::clone(&self.id),
+            call_id: Arc::clone(&self.scope.call_id),
             run_id: u.run_id.clone(),
             thread_id: u.thread_id.clone(),
             user_id: Arc::clone(&u.user_id),
-            tool_name: Arc::clone(&self.tool),
+            tool_name: Arc::clone(&self.scope.tool_name),
             status,
             duration_ms: took.as_secs_f64() * 1e3,
             result,

@@ -96,7 +96,7 @@ impl Inner {
     pub(crate) fn outbox(&self, sink: Arc<dyn EventSink>) -> Arc<Outbox> {
         Arc::new(Outbox::new(
             sink,
-            Arc::clone(&self.metrics),
+            (Arc::clone(&self.metrics), Arc::clone(&self.blocking)),
             self.config.delivery_timeout,
             self.config.delivery_backlog,
         ))

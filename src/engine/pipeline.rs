@@ -20,7 +20,6 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use super::Inner;
 use super::codec::{Codec, Ran, store};
@@ -79,14 +78,11 @@ pub(super) struct InFlight<'a> {
     pub(super) inner: &'a Arc<Inner>,
     pub(super) outbox: &'a Arc<Outbox>,
     pub(super) user: &'a WithUser,
-    pub(super) id: Arc<str>,
     /// A caller-chosen id already used by a call in flight of this user.
     pub(super) duplicate: Option<String>,
     pub(super) claimed: bool,
-    pub(super) tool: Arc<str>,
     pub(super) entry: Option<&'a Entry>,
     pub(super) admission: Admission,
-    pub(super) token: Arc<CancellationToken>,
     pub(super) start: Instant,
     pub(super) timeout: Duration,
     pub(super) deadline: Instant,
@@ -98,7 +94,8 @@ pub(super) struct InFlight<'a> {
     /// `tool_executing` joined the outbox's backlog (so it will go out even if this
     /// call's future is dropped before the outbox answers).
     pub(super) opening_queued: bool,
-    pub(super) scope: Option<Arc<CallScope>>,
+    /// The call's identity, cancellation and progress gate, shared with its tool.
+    pub(super) scope: Arc<CallScope>,
     pub(super) span: tracing::Span,
 }
 
@@ -214,7 +211,7 @@ impl<'a> InFlight<'a> {
         self.waited = true;
         let answer = tokio::select! {
             biased;
-            () = self.token.cancelled() => None,
+            () = self.scope.cancel.cancelled() => None,
             () = tokio::time::sleep_until(self.deadline) => None,
             r = Contained::new(fut) => Some(r),
         };
@@ -249,7 +246,7 @@ impl<'a> InFlight<'a> {
             }) => (missing_scopes, reason.map(|r| cut(&r, max))),
             Ok(Decision::Allow) => (Vec::new(), None),
             Err(e) => {
-                tracing::warn!(call_id = %self.id, error = %e, "policy error; call denied");
+                tracing::warn!(call_id = %self.scope.call_id, error = %e, "policy error; call denied");
                 (Vec::new(), Some("permission check failed".to_owned()))
             }
         };
@@ -284,7 +281,7 @@ impl<'a> InFlight<'a> {
         };
         let got = tokio::select! {
             biased;
-            () = self.token.cancelled() => return Err(self.interruption()),
+            () = self.scope.cancel.cancelled() => return Err(self.interruption()),
             p = limiter.slot(scope, until) => p,
         };
         match got {
@@ -330,7 +327,7 @@ impl<'a> InFlight<'a> {
 
     /// Why a call that was waiting stops: cancelled, or out of time.
     pub(super) fn interruption(&self) -> DispatchError {
-        if self.token.is_cancelled() {
+        if self.scope.cancel.is_cancelled() {
             let reason = if self.inner.root.is_cancelled() {
                 CancelReason::Shutdown
             } else {
@@ -339,7 +336,7 @@ impl<'a> InFlight<'a> {
             DispatchError::Cancelled { reason }
         } else {
             DispatchError::Timeout {
-                tool: self.tool.to_string(),
+                tool: self.scope.tool_name.to_string(),
                 after: self.timeout,
             }
         }
@@ -397,7 +394,7 @@ impl<'a> InFlight<'a> {
     ) -> Result<Ran<O>, DispatchError> {
         // The timeout counts from dispatch: a call that spent it waiting must not
         // start its body at all.
-        if self.token.is_cancelled() || (self.waited && Instant::now() >= self.deadline) {
+        if self.scope.cancel.is_cancelled() || (self.waited && Instant::now() >= self.deadline) {
             return Err(self.interruption());
         }
         // Cancellation is checked before every poll of the body, as a biased select
@@ -410,7 +407,7 @@ impl<'a> InFlight<'a> {
             std::task::Poll::Ready(r) => r,
             std::task::Poll::Pending => tokio::select! {
                 biased;
-                () = self.token.cancelled() => return Err(self.interruption()),
+                () = self.scope.cancel.cancelled() => return Err(self.interruption()),
                 r = &mut body => r,
             },
         };
@@ -419,7 +416,7 @@ impl<'a> InFlight<'a> {
             Err(_) => Err(self.interruption()),
             Ok(Err(panic)) => {
                 let detail = panic_message(&*panic);
-                tracing::error!(call_id = %self.id, tool = %entry.name, panic = %detail, "tool panicked");
+                tracing::error!(call_id = %self.scope.call_id, tool = %entry.name, panic = %detail, "tool panicked");
                 Err(DispatchError::Panicked {
                     tool: entry.name.to_string(),
                     detail,
@@ -484,7 +481,7 @@ impl<'a> InFlight<'a> {
             note,
         });
         let out = ToolOutput {
-            call_id: Arc::clone(&self.id),
+            call_id: Arc::clone(&self.scope.call_id),
             value,
             cached: source == Source::Cache,
         };

@@ -232,17 +232,25 @@ impl<'a> InFlight<'a> {
         } else {
             tracing::Span::none()
         };
+        let scope = Arc::new(CallScope {
+            user: Arc::clone(&user.ctx),
+            outbox: Arc::clone(outbox),
+            call_id: id,
+            tool_name: start.tool,
+            cancel: user.state.token(),
+            timeout,
+            max_text: inner.max_text(),
+            max_depth: inner.config.max_depth,
+            gate: Default::default(),
+        });
         InFlight {
             inner,
             outbox,
             user,
-            id,
             duplicate,
             claimed,
-            tool: start.tool,
             entry: start.entry,
             admission: start.admission,
-            token: user.state.token(),
             start: now,
             timeout,
             deadline: crate::time::deadline(now, timeout),
@@ -250,7 +258,7 @@ impl<'a> InFlight<'a> {
             phase: Phase::Fresh,
             waited: false,
             opening_queued: false,
-            scope: None,
+            scope,
             span,
         }
     }
@@ -261,7 +269,7 @@ impl<'a> InFlight<'a> {
             DispatchError::ShuttingDown
         } else if self.entry.is_none() {
             DispatchError::UnknownTool {
-                name: self.tool.to_string(),
+                name: self.scope.tool_name.to_string(),
             }
         } else if let Some(id) = &self.duplicate {
             self.invalid(
@@ -320,7 +328,7 @@ impl<'a> InFlight<'a> {
         let Some(entry) = self.entry else {
             unreachable!("refusal() returned None, so the tool is known")
         };
-        let cx = self.context(entry);
+        let cx = self.context();
         match entry.invoker.invoke(&args, cx) {
             Ok(body) => Ok(Prepared { entry, args, body }),
             Err(e) => Err(Refusal {
@@ -357,7 +365,7 @@ impl<'a> InFlight<'a> {
         let (Some(entry), Some(tool)) = (self.entry, tool) else {
             unreachable!("refusal() returned None, so the tool is known")
         };
-        let cx = self.context(entry);
+        let cx = self.context();
         // Called when first polled, so nothing of the tool runs before the policy,
         // the limits and `tool_executing`, or outside panic isolation.
         let body = async move { tool.call(input, cx).await };
@@ -366,7 +374,7 @@ impl<'a> InFlight<'a> {
 
     pub(super) fn invalid(&self, path: &str, message: String) -> DispatchError {
         DispatchError::InvalidInput {
-            tool: self.tool.to_string(),
+            tool: self.scope.tool_name.to_string(),
             path: path.to_owned(),
             message,
         }
@@ -389,21 +397,11 @@ impl<'a> InFlight<'a> {
         self.invalid(&cut(&e.path, MAX_NAME_SHOWN), e.safe_message(sensitive))
     }
 
-    pub(super) fn context(&mut self, entry: &Entry) -> ToolContext {
-        let scope = Arc::new(CallScope {
-            user: Arc::clone(&self.user.ctx),
-            outbox: Arc::clone(self.outbox),
-            call_id: Arc::clone(&self.id),
-            tool_name: Arc::clone(&entry.name),
-            cancel: Arc::clone(&self.token),
-            timeout: self.timeout,
-            blocking: Arc::clone(&self.inner.blocking),
-            max_text: self.inner.max_text(),
-            max_depth: self.inner.config.max_depth,
-            ended: Default::default(),
-        });
-        self.scope = Some(Arc::clone(&scope));
-        ToolContext { scope }
+    /// What the tool sees of this call.
+    pub(super) fn context(&self) -> ToolContext {
+        ToolContext {
+            scope: Arc::clone(&self.scope),
+        }
     }
 }
 
