@@ -455,7 +455,10 @@ async fn handle(
         "call_ids": call_ids,
         "results": rendered,
     });
-    let delivered = sink.send_json(msg, server.result_timeout).await.is_ok();
+    let delivered = sink
+        .send_outbound(Outbound::Json(msg), server.result_timeout)
+        .await
+        .is_ok();
     server.log(ServerLog::MessageDone {
         user_id: d.user_context().user_id().to_owned(),
         call_ids,
@@ -475,7 +478,9 @@ async fn connection(server: Server, user: UserContext, socket: WebSocket) {
     let d = server.engine.dispatcher().sink(sink.clone()).user(user);
     let running = AtomicUsize::new(0);
     let tools: Vec<&str> = server.engine.registry().names().collect();
-    let _ = sink.try_send_json(json!({"type": "ready", "user_id": user_id, "tools": tools}));
+    let _ = sink.try_send_outbound(Outbound::Json(
+        json!({"type": "ready", "user_id": user_id, "tools": tools}),
+    ));
     server.log(ServerLog::Connected {
         user_id: user_id.clone(),
     });
@@ -494,11 +499,11 @@ async fn connection(server: Server, user: UserContext, socket: WebSocket) {
                         in_flight.push(handle(&server, &d, &sink, &running, format, calls));
                     }
                     Err(e) => {
-                        let _ = sink.try_send_json(error_message(format!("malformed message: {e}")));
+                        let _ = sink.try_send_outbound(Outbound::Json(error_message(format!("malformed message: {e}"))));
                     }
                 },
                 Some(Ok(Message::Binary(_))) => {
-                    let _ = sink.try_send_json(error_message("binary messages are not accepted; send JSON text"));
+                    let _ = sink.try_send_outbound(Outbound::Json(error_message("binary messages are not accepted; send JSON text")));
                 }
                 Some(Ok(_)) => {} // ping/pong: answered by the WebSocket layer
                 // The stream cannot be read further. An oversized message is the
@@ -521,7 +526,7 @@ async fn connection(server: Server, user: UserContext, socket: WebSocket) {
     }
     drop(in_flight);
     if let Some(why) = refused {
-        let _ = sink.try_send_json(error_message(why.clone()));
+        let _ = sink.try_send_outbound(Outbound::Json(error_message(why.clone())));
         let _ = sink.try_send_outbound(Outbound::Close {
             code: 1009,
             reason: why,

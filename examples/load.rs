@@ -23,9 +23,10 @@ use std::time::{Duration, Instant};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
+use tool_dispatch::event::{Event, Status};
 use tool_dispatch::{
-    Engine, Event, EventSink, Limits, Registry, Status, Tool, ToolContext, ToolError, UserContext,
-    UserLimits, sink::TrySendError,
+    Engine, EventSink, Limits, Registry, Tool, ToolContext, ToolError, TrySendError, UserContext,
+    UserLimits,
 };
 
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]

@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
-use tool_dispatch::{Dispatcher, Engine, Event, Registry, ToolCall};
+use tool_dispatch::event::Event;
+use tool_dispatch::{Dispatcher, Engine, Registry, ToolCall};
 use tower::Service;
 
 #[path = "../benches/common/baseline.rs"]
@@ -244,7 +245,7 @@ fn main() {
         let m = engine.metrics();
         assert_eq!(
             m.total,
-            m.count(tool_dispatch::Status::Success),
+            m.count(tool_dispatch::event::Status::Success),
             "every call succeeded"
         );
         assert_eq!(m.active, 0, "no call left active");

@@ -12,9 +12,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::mpsc;
+use tool_dispatch::event::Event;
 use tool_dispatch::{
-    Engine, Event, Registry, Tool, ToolCall, ToolContext, ToolError, ToolSettings, UserContext,
-    tool_fn,
+    Engine, Registry, Tool, ToolCall, ToolContext, ToolError, ToolSettings, UserContext, tool_fn,
 };
 
 #[derive(Deserialize, Serialize, JsonSchema)]
@@ -130,10 +130,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "# total={} success={} denied={} invalid_input={} timeout={} active={}",
         m.total,
-        m.count(tool_dispatch::Status::Success),
-        m.count(tool_dispatch::Status::Denied),
-        m.count(tool_dispatch::Status::InvalidInput),
-        m.count(tool_dispatch::Status::Timeout),
+        m.count(tool_dispatch::event::Status::Success),
+        m.count(tool_dispatch::event::Status::Denied),
+        m.count(tool_dispatch::event::Status::InvalidInput),
+        m.count(tool_dispatch::event::Status::Timeout),
         m.active
     );
     Ok(())

@@ -50,7 +50,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::event::Event;
-use crate::sink::{EventSink, SendFuture, SinkError, TrySendError};
+use futures_util::future::BoxFuture;
+
+use crate::sink::{EventSink, SinkError, TrySendError};
 
 /// The incoming half of a split socket: a `Stream` of
 /// `Result<Message, axum::Error>`.
@@ -187,33 +189,6 @@ pub fn split_socket(
 }
 
 impl WsSink {
-    /// Queues a JSON message behind the events already queued, without waiting.
-    ///
-    /// ```no_run
-    /// # fn f(sink: &tool_dispatch::axum::WsSink) {
-    /// let r = sink.try_send_json(serde_json::json!({"type": "error", "error": "bad"}));
-    /// # let _ = r;
-    /// # }
-    /// ```
-    pub fn try_send_json(&self, value: Value) -> Result<(), SinkError> {
-        self.try_send_outbound(Outbound::Json(value))
-    }
-
-    /// Queues a JSON message, waiting at most `wait` for room.
-    ///
-    /// ```no_run
-    /// # async fn f(sink: &tool_dispatch::axum::WsSink) {
-    /// use std::time::Duration;
-    /// let msg = serde_json::json!({"type": "results", "results": []});
-    /// if let Err(e) = sink.send_json(msg, Duration::from_secs(5)).await {
-    ///     eprintln!("results not delivered: {e}");
-    /// }
-    /// # }
-    /// ```
-    pub async fn send_json(&self, value: Value, wait: Duration) -> Result<(), SinkError> {
-        self.send_outbound(Outbound::Json(value), wait).await
-    }
-
     /// Queues any [`Outbound`] frame without waiting.
     ///
     /// ```no_run
@@ -322,7 +297,7 @@ impl EventSink for WsSink {
             })
     }
 
-    fn send(&self, event: Event) -> SendFuture<'_> {
+    fn send(&self, event: Event) -> BoxFuture<'_, Result<(), SinkError>> {
         Box::pin(async move {
             if self.closed.is_cancelled() {
                 return Err(SinkError::Closed);
@@ -467,10 +442,13 @@ mod tests {
         let (s, mut rx) = sink(1);
         s.try_send(event()).unwrap();
         assert!(matches!(s.try_send(event()), Err(TrySendError::Full(_))));
-        assert_eq!(s.try_send_json(Value::Null), Err(SinkError::Full));
+        assert_eq!(
+            s.try_send_outbound(Outbound::Json(Value::Null)),
+            Err(SinkError::Full)
+        );
         let wait = Duration::from_millis(1);
         assert_eq!(
-            s.send_json(Value::Null, wait).await,
+            s.send_outbound(Outbound::Json(Value::Null), wait).await,
             Err(SinkError::TimedOut(wait))
         );
         assert!(matches!(rx.recv().await, Some(Outbound::Event(_))));
@@ -478,7 +456,10 @@ mod tests {
         assert!(s.is_closed());
         assert!(matches!(s.try_send(event()), Err(TrySendError::Closed(_))));
         assert_eq!(s.send(event()).await, Err(SinkError::Closed));
-        assert_eq!(s.try_send_json(Value::Null), Err(SinkError::Closed));
+        assert_eq!(
+            s.try_send_outbound(Outbound::Json(Value::Null)),
+            Err(SinkError::Closed)
+        );
     }
 
     #[tokio::test]

@@ -1,13 +1,13 @@
 //! The [`Dispatcher`]: one per request, bound to one user and one event sink for
-//! life; and the calls it takes ([`ToolCall`], typed calls, batches).
+//! life; and the calls it takes (by name, typed, batches).
 
-use std::future::{Future, IntoFuture};
-use std::pin::Pin;
+use std::future::IntoFuture;
+
+use futures_util::future::BoxFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::Value;
-
+use crate::call::{ToolCall, ToolOutput};
 use crate::delivery::{NotSent, Now, Outbox, Role, Watch};
 use crate::engine::{Engine, Inner, Occurrence};
 use crate::error::DispatchError;
@@ -17,86 +17,6 @@ use crate::sink::{EventSink, SinkError};
 use crate::state::{HasSink, HasUser, NoSink, NoUser, SinkUnset, UserUnset, WithSink, WithUser};
 use crate::tool::Tool;
 use crate::user::UserContext;
-
-/// A tool call's arguments: a JSON value, or JSON text as a model sent it (which may
-/// not be valid JSON; that is reported as invalid input, never a panic).
-#[derive(Debug, Clone, PartialEq)]
-pub enum Arguments {
-    /// Parsed arguments.
-    Value(Value),
-    /// Arguments as JSON text.
-    Text(String),
-}
-
-impl From<Value> for Arguments {
-    fn from(v: Value) -> Self {
-        Arguments::Value(v)
-    }
-}
-
-/// A call by name, as a model emits it.
-///
-/// ```
-/// use serde_json::json;
-/// use tool_dispatch::ToolCall;
-/// let call = ToolCall::new("get_weather", json!({"city": "Paris"})).with_id("call_abc");
-/// let from_text = ToolCall::from_text("get_weather", r#"{"city": "Paris"}"#);
-/// # let _ = (call, from_text);
-/// ```
-#[derive(Debug, Clone, PartialEq)]
-pub struct ToolCall {
-    /// The model's id for the call, used as the events' `call_id`. A fresh unique
-    /// id is made when it is `None` (or empty, or over 256 bytes).
-    pub id: Option<String>,
-    /// The tool's name.
-    pub name: String,
-    /// The arguments.
-    pub arguments: Arguments,
-    /// A timeout for this call only, replacing the tool's.
-    pub timeout: Option<Duration>,
-}
-
-impl ToolCall {
-    /// A call with parsed arguments.
-    pub fn new(name: impl Into<String>, arguments: impl Into<Arguments>) -> Self {
-        ToolCall {
-            id: None,
-            name: name.into(),
-            arguments: arguments.into(),
-            timeout: None,
-        }
-    }
-
-    /// A call whose arguments are JSON text (OpenAI sends them so).
-    pub fn from_text(name: impl Into<String>, arguments: impl Into<String>) -> Self {
-        Self::new(name, Arguments::Text(arguments.into()))
-    }
-
-    /// Sets the call id.
-    #[must_use]
-    pub fn with_id(mut self, id: impl Into<String>) -> Self {
-        self.id = Some(id.into());
-        self
-    }
-
-    /// Sets a timeout for this call only.
-    #[must_use]
-    pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = Some(timeout);
-        self
-    }
-}
-
-/// A successful call's result.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ToolOutput<T = Value> {
-    /// The call's id (as in its events).
-    pub call_id: Arc<str>,
-    /// The tool's result, unaltered (never redacted or truncated).
-    pub value: T,
-    /// Whether it came from the result cache rather than a run of the tool.
-    pub cached: bool,
-}
 
 /// Runs tool calls for one user, streaming every step to that user's sink.
 ///
@@ -138,10 +58,11 @@ impl<S: std::fmt::Debug, U: std::fmt::Debug> std::fmt::Debug for Dispatcher<S, U
     }
 }
 
-impl Dispatcher<NoSink, NoUser> {
-    pub(crate) fn new(inner: Arc<Inner>) -> Self {
+impl Engine {
+    /// A new dispatcher with neither sink nor user; set both before dispatching.
+    pub fn dispatcher(&self) -> Dispatcher<NoSink, NoUser> {
         Dispatcher {
-            inner,
+            inner: Arc::clone(self.inner()),
             sink: NoSink,
             user: NoUser,
         }
@@ -174,11 +95,6 @@ impl<S, U> Dispatcher<S, U> {
         }
     }
 
-    /// The engine this dispatcher belongs to.
-    pub fn engine(&self) -> Engine {
-        Engine::from_inner(Arc::clone(&self.inner))
-    }
-
     /// The user this dispatcher acts for.
     pub fn user_context(&self) -> &UserContext
     where
@@ -192,15 +108,20 @@ impl<S, U> Dispatcher<S, U> {
     /// Emits exactly one `tool_executing` and one `tool_completed` for it, whatever
     /// happens; errors come back as a [`DispatchError`] whose status the completed
     /// event also carries.
-    pub async fn dispatch(&self, call: ToolCall) -> Result<ToolOutput, DispatchError>
+    ///
+    /// (The future is boxed so that its type names neither typestate parameter: a
+    /// dispatcher missing its sink and its user gets exactly one error for each.)
+    #[must_use = "a dispatch does nothing until it is awaited"]
+    pub fn dispatch(&self, call: ToolCall) -> BoxFuture<'_, Result<ToolOutput, DispatchError>>
     where
         S: HasSink,
         U: HasUser,
     {
         let (outbox, user) = (self.sink.sink(), self.user.user());
-        self.inner
-            .dispatch_json(outbox, user, call, Occurrence::First)
-            .await
+        Box::pin(
+            self.inner
+                .dispatch_json(outbox, user, call, Occurrence::First),
+        )
     }
 
     /// Runs a batch of calls (a model's parallel tool calls) concurrently in the
@@ -210,10 +131,11 @@ impl<S, U> Dispatcher<S, U> {
     /// that a call of this user still in flight has, is not run; it ends
     /// `invalid_input` under a fresh id (its events are distinguishable on the wire),
     /// and its result still comes back in its place.
-    pub async fn dispatch_all(
+    #[must_use = "a dispatch does nothing until it is awaited"]
+    pub fn dispatch_all(
         &self,
         calls: impl IntoIterator<Item = ToolCall>,
-    ) -> Vec<Result<ToolOutput, DispatchError>>
+    ) -> BoxFuture<'_, Vec<Result<ToolOutput, DispatchError>>>
     where
         S: HasSink,
         U: HasUser,
@@ -229,7 +151,7 @@ impl<S, U> Dispatcher<S, U> {
             };
             self.inner.dispatch_json(outbox, user, c, occurrence)
         });
-        futures_util::future::join_all(calls).await
+        Box::pin(futures_util::future::join_all(calls.collect::<Vec<_>>()))
     }
 
     /// A typed call of tool `T`: no JSON round trip for the input, a typed output.
@@ -254,7 +176,8 @@ impl<S, U> Dispatcher<S, U> {
     /// Pushes an agent lifecycle event (`agent_started`, `agent_thinking`,
     /// `agent_completed`, `agent_error`) into the same ordered stream as the tool
     /// events, under the same delivery rules: an error when it cannot be delivered.
-    pub async fn notify(&self, update: AgentUpdate) -> Result<(), SinkError>
+    #[must_use = "a notification does nothing until it is awaited"]
+    pub fn notify(&self, update: AgentUpdate) -> BoxFuture<'_, Result<(), SinkError>>
     where
         S: HasSink,
         U: HasUser,
@@ -291,18 +214,20 @@ impl<S, U> Dispatcher<S, U> {
             }
         };
         let outbox = self.sink.sink();
-        let event = match outbox.send_now(event, Role::Other) {
-            Now::Sent => return Ok(()),
-            Now::Failed(e) => return Err(e),
-            Now::Wait(event) => event,
-        };
-        match outbox
-            .deliver(event, Role::Other, Watch::default(), &mut false)
-            .await
-        {
-            Ok(_) | Err(NotSent::Interrupted) => Ok(()),
-            Err(NotSent::Sink(e)) => Err(e),
-        }
+        Box::pin(async move {
+            let event = match outbox.send_now(event, Role::Other) {
+                Now::Sent => return Ok(()),
+                Now::Failed(e) => return Err(e),
+                Now::Wait(event) => event,
+            };
+            match outbox
+                .deliver(event, Role::Other, Watch::default(), &mut false)
+                .await
+            {
+                Ok(_) | Err(NotSent::Interrupted) => Ok(()),
+                Err(NotSent::Sink(e)) => Err(e),
+            }
+        })
     }
 }
 
@@ -329,25 +254,21 @@ impl<T: Tool> std::fmt::Debug for TypedCall<'_, T> {
 
 impl<'a, T: Tool> TypedCall<'a, T> {
     /// Sets the call id (the model's tool-call id).
-    pub fn id(mut self, id: impl Into<String>) -> Self {
+    pub fn with_id(mut self, id: impl Into<String>) -> Self {
         self.id = Some(id.into());
         self
     }
 
     /// Sets a timeout for this call only.
-    pub fn timeout(mut self, timeout: Duration) -> Self {
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self
     }
 }
 
-/// The future of a typed call.
-pub type TypedCallFuture<'a, O> =
-    Pin<Box<dyn Future<Output = Result<ToolOutput<O>, DispatchError>> + Send + 'a>>;
-
 impl<'a, T: Tool> IntoFuture for TypedCall<'a, T> {
     type Output = Result<ToolOutput<T::Output>, DispatchError>;
-    type IntoFuture = TypedCallFuture<'a, T::Output>;
+    type IntoFuture = BoxFuture<'a, Result<ToolOutput<T::Output>, DispatchError>>;
 
     fn into_future(self) -> Self::IntoFuture {
         let TypedCall {

@@ -56,7 +56,8 @@ impl std::fmt::Display for CancelReason {
 /// payloads), and [`is_retryable`](Self::is_retryable) says whether trying again can help.
 ///
 /// ```
-/// use tool_dispatch::{DispatchError, Status};
+/// use tool_dispatch::{DispatchError};
+/// use tool_dispatch::event::{Status};
 /// let e = DispatchError::UnknownTool { name: "get_wether".into() };
 /// assert_eq!(e.status(), Status::UnknownTool);
 /// assert!(!e.is_retryable());
@@ -86,7 +87,7 @@ pub enum DispatchError {
         "permission denied for `{tool}`{}",
         missing_text(missing_scopes, reason)
     )]
-    PermissionDenied {
+    Denied {
         /// The tool.
         tool: String,
         /// Scopes the user lacks (empty when a custom policy denied).
@@ -142,10 +143,10 @@ pub enum DispatchError {
     },
     /// The engine is shutting down and accepts no new calls.
     #[error("the service is shutting down; no new calls are accepted")]
-    ShuttingDown,
+    Unavailable,
     /// `tool_executing` could not be delivered, so the tool was not run.
     #[error("the user's event stream is unavailable; the tool was not run")]
-    Sink(#[source] SinkError),
+    Undelivered(#[source] SinkError),
 }
 
 fn missing_text(missing: &[String], reason: &Option<String>) -> String {
@@ -162,15 +163,15 @@ impl DispatchError {
         match self {
             DispatchError::UnknownTool { .. } => Status::UnknownTool,
             DispatchError::InvalidInput { .. } => Status::InvalidInput,
-            DispatchError::PermissionDenied { .. } => Status::Denied,
+            DispatchError::Denied { .. } => Status::Denied,
             DispatchError::RateLimited { .. } => Status::RateLimited,
             DispatchError::Busy { .. } => Status::Busy,
             DispatchError::Timeout { .. } => Status::Timeout,
-            DispatchError::ToolFailed { .. } => Status::Error,
+            DispatchError::ToolFailed { .. } => Status::ToolFailed,
             DispatchError::Panicked { .. } => Status::Panicked,
             DispatchError::Cancelled { .. } => Status::Cancelled,
-            DispatchError::ShuttingDown => Status::Unavailable,
-            DispatchError::Sink(_) => Status::Undelivered,
+            DispatchError::Unavailable => Status::Unavailable,
+            DispatchError::Undelivered(_) => Status::Undelivered,
         }
     }
 

@@ -188,8 +188,9 @@ pub enum AgentUpdate {
 pub enum Status {
     /// The tool returned a result.
     Success,
-    /// The tool returned an error.
-    Error,
+    /// The tool returned an error (wire name `error`).
+    #[serde(rename = "error")]
+    ToolFailed,
     /// The arguments did not fit the tool's input type.
     InvalidInput,
     /// No tool has that name.
@@ -216,7 +217,7 @@ impl Status {
     /// Every status, in the order metrics report them.
     pub const ALL: [Status; 12] = [
         Status::Success,
-        Status::Error,
+        Status::ToolFailed,
         Status::InvalidInput,
         Status::UnknownTool,
         Status::Denied,
@@ -233,7 +234,7 @@ impl Status {
     pub fn as_str(self) -> &'static str {
         match self {
             Status::Success => "success",
-            Status::Error => "error",
+            Status::ToolFailed => "error",
             Status::InvalidInput => "invalid_input",
             Status::UnknownTool => "unknown_tool",
             Status::Denied => "denied",

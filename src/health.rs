@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-pub use crate::blocking::StuckCall;
+use crate::blocking::StuckCall;
 
 /// Overall state reported by [`Engine::health`](crate::Engine::health).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

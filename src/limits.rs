@@ -98,7 +98,7 @@ impl Default for UserLimits {
 /// Maps a user to their limits (a plan tier, a role…). Called when a user's state is
 /// created; an idle user's state is forgotten, so a changed tier applies from the next
 /// time they come back.
-pub type UserLimitResolver = Arc<dyn Fn(&UserContext) -> UserLimits + Send + Sync>;
+pub(crate) type UserLimitResolver = Arc<dyn Fn(&UserContext) -> UserLimits + Send + Sync>;
 
 /// Engine-wide limits.
 ///

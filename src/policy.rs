@@ -4,8 +4,7 @@
 //! requires. A custom [`Policy`] replaces it and may be async. Whatever a policy does
 //! wrong (returns an error, panics) denies the call: the pipeline fails closed.
 
-use std::future::Future;
-use std::pin::Pin;
+use futures_util::future::BoxFuture;
 
 use serde_json::Value;
 
@@ -56,17 +55,13 @@ impl Decision {
 #[error("permission check failed: {0}")]
 pub struct PolicyError(pub String);
 
-/// The future a [`Policy`] returns.
-pub type PolicyFuture<'a> =
-    Pin<Box<dyn Future<Output = Result<Decision, PolicyError>> + Send + 'a>>;
-
 /// A permission policy; replaces [`ScopePolicy`] when set on the engine.
 ///
 /// ```
-/// use tool_dispatch::policy::{Decision, Policy, PolicyFuture, PolicyRequest, ScopePolicy};
+/// use tool_dispatch::{BoxFuture, Decision, Policy, PolicyError, PolicyRequest, ScopePolicy};
 /// struct NoDeletesOnFriday;
 /// impl Policy for NoDeletesOnFriday {
-///     fn check<'a>(&'a self, req: PolicyRequest<'a>) -> PolicyFuture<'a> {
+///     fn check<'a>(&'a self, req: PolicyRequest<'a>) -> BoxFuture<'a, Result<Decision, PolicyError>> {
 ///         Box::pin(async move {
 ///             if req.tool.name.starts_with("delete") && req.user.metadata("weekday") == Some("fri") {
 ///                 return Ok(Decision::deny("no deletes on Friday"));
@@ -78,7 +73,7 @@ pub type PolicyFuture<'a> =
 /// ```
 pub trait Policy: Send + Sync + 'static {
     /// Decides one call.
-    fn check<'a>(&'a self, req: PolicyRequest<'a>) -> PolicyFuture<'a>;
+    fn check<'a>(&'a self, req: PolicyRequest<'a>) -> BoxFuture<'a, Result<Decision, PolicyError>>;
 }
 
 /// The default policy: every scope the tool requires must be granted to the user.
@@ -107,7 +102,7 @@ impl ScopePolicy {
 }
 
 impl Policy for ScopePolicy {
-    fn check<'a>(&'a self, req: PolicyRequest<'a>) -> PolicyFuture<'a> {
+    fn check<'a>(&'a self, req: PolicyRequest<'a>) -> BoxFuture<'a, Result<Decision, PolicyError>> {
         Box::pin(std::future::ready(Ok(Self::decide(&req))))
     }
 }

@@ -11,7 +11,7 @@ pub const REDACTED: &str = "[REDACTED]";
 
 /// Key fragments treated as sensitive by default (matched case-insensitively,
 /// anywhere in the key, `-` and `_` treated alike).
-pub const DEFAULT_SENSITIVE: &[&str] = &[
+const DEFAULT_SENSITIVE: &[&str] = &[
     "api_key",
     "apikey",
     "password",

@@ -4,19 +4,15 @@ use std::any::Any;
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::BuildHasherDefault;
-use std::marker::PhantomData;
-use std::pin::Pin;
 use std::sync::Arc;
 
+use futures_util::future::BoxFuture;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::sync::Semaphore;
 
 use crate::redact::normalize;
-use crate::state::{Frozen, Open, Unfrozen};
 use crate::tool::{BlockingFnTool, CallScope, FnTool, Tool, ToolContext, ToolError, ToolSettings};
-
-pub(crate) type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Longest accepted tool name (the limit OpenAI and Anthropic put on function names).
 pub const MAX_TOOL_NAME_LEN: usize = 64;
@@ -178,7 +174,7 @@ pub(crate) trait Invoke: Send + Sync + 'static {
         &self,
         args: &Value,
         cx: ToolContext,
-    ) -> Result<BoxFut<'_, Result<Value, ToolError>>, InputError>;
+    ) -> Result<BoxFuture<'_, Result<Value, ToolError>>, InputError>;
     fn as_any(&self) -> &dyn Any;
 }
 
@@ -189,7 +185,7 @@ impl<T: Tool> Invoke for Typed<T> {
         &self,
         args: &Value,
         cx: ToolContext,
-    ) -> Result<BoxFut<'_, Result<Value, ToolError>>, InputError> {
+    ) -> Result<BoxFuture<'_, Result<Value, ToolError>>, InputError> {
         let input = parse_input::<T::Input>(args)?;
         let scope = Arc::clone(&cx.scope);
         Ok(Box::pin(async move {
@@ -212,7 +208,7 @@ where
         &self,
         args: &Value,
         cx: ToolContext,
-    ) -> Result<BoxFut<'_, Result<Value, ToolError>>, InputError> {
+    ) -> Result<BoxFuture<'_, Result<Value, ToolError>>, InputError> {
         let input = parse_input::<I>(args)?;
         let scope = Arc::clone(&cx.scope);
         // The closure is called when the body is first polled: after the policy, the
@@ -236,7 +232,7 @@ where
         &self,
         args: &Value,
         cx: ToolContext,
-    ) -> Result<BoxFut<'_, Result<Value, ToolError>>, InputError> {
+    ) -> Result<BoxFuture<'_, Result<Value, ToolError>>, InputError> {
         let input = parse_input::<I>(args)?;
         let f = Arc::clone(&self.f);
         Ok(Box::pin(async move {
@@ -322,13 +318,16 @@ mod sealed {
 }
 
 /// Anything that can be added to a registry: a [`Tool`], a [`tool_fn`](crate::tool_fn)
-/// or a [`blocking_fn`](crate::blocking_fn). Sealed.
+/// or a [`blocking_fn`](crate::blocking_fn). Sealed: one blanket impl covers every
+/// kind, and the sealed trait's message explains a type that is none of them.
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not a tool",
     label = "expected a `Tool`, a `tool_fn(..)` or a `blocking_fn(..)`",
     note = "implement `tool_dispatch::Tool` for it, or wrap a closure with `tool_fn`"
 )]
 pub trait IntoTool: sealed::Sealed {}
+
+impl<T: sealed::Sealed> IntoTool for T {}
 
 /// The entry of `tool` at `index`, outside any registry (the engine's health probe).
 pub(crate) fn entry_of(tool: impl IntoTool, index: usize) -> Entry {
@@ -339,7 +338,6 @@ fn schema_of<I: schemars::JsonSchema>() -> Value {
     serde_json::to_value(schemars::schema_for!(I)).unwrap_or(Value::Null)
 }
 
-impl<T: Tool> IntoTool for T {}
 #[allow(private_interfaces)]
 impl<T: Tool> sealed::Sealed for T {
     fn into_parts(self) -> Parts {
@@ -353,14 +351,6 @@ impl<T: Tool> sealed::Sealed for T {
     }
 }
 
-impl<F, Fut, I, O> IntoTool for FnTool<F, I, O>
-where
-    F: Fn(I, ToolContext) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<O, ToolError>> + Send + 'static,
-    I: DeserializeOwned + schemars::JsonSchema + Send + 'static,
-    O: serde::Serialize + Send + 'static,
-{
-}
 #[allow(private_interfaces)]
 impl<F, Fut, I, O> sealed::Sealed for FnTool<F, I, O>
 where
@@ -380,13 +370,6 @@ where
     }
 }
 
-impl<F, I, O> IntoTool for BlockingFnTool<F, I, O>
-where
-    F: Fn(I, ToolContext) -> Result<O, ToolError> + Send + Sync + 'static,
-    I: DeserializeOwned + schemars::JsonSchema + Send + 'static,
-    O: serde::Serialize + Send + 'static,
-{
-}
 #[allow(private_interfaces)]
 impl<F, I, O> sealed::Sealed for BlockingFnTool<F, I, O>
 where
@@ -440,9 +423,8 @@ fn valid_name(name: &str) -> bool {
 /// The tools an engine can run, by name. Immutable once built, so lookups take no
 /// lock; an [`Engine`](crate::Engine) shares it with every request.
 ///
-/// `Registry::builder()` is a `Registry<Open>`; [`build`](Registry::build) checks the
-/// names and freezes it into a plain `Registry`. Adding a tool to a built registry is a
-/// compile error:
+/// [`Registry::builder`] collects the tools; [`build`](RegistryBuilder::build) checks
+/// their names and makes the `Registry`, which has no way to add a tool:
 ///
 /// ```compile_fail
 /// # use tool_dispatch::{tool_fn, Registry, ToolError};
@@ -450,14 +432,12 @@ fn valid_name(name: &str) -> bool {
 /// let registry = registry.tool(tool_fn("late", "", |x: u8, _| async move { Ok::<_, ToolError>(x) }));
 /// # Ok::<(), tool_dispatch::RegistryError>(())
 /// ```
-pub struct Registry<S = Frozen> {
+pub struct Registry {
     entries: Vec<Arc<Entry>>,
     index: HashMap<Arc<str>, usize, BuildHasherDefault<NameHasher>>,
-    problems: Vec<RegistryError>,
-    _state: PhantomData<S>,
 }
 
-impl<S> std::fmt::Debug for Registry<S> {
+impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Registry")
             .field(
@@ -468,53 +448,62 @@ impl<S> std::fmt::Debug for Registry<S> {
     }
 }
 
-impl Registry<Open> {
-    /// An empty, open registry.
-    #[must_use = "a registry builder does nothing until `.build()` is called"]
-    pub fn builder() -> Registry<Open> {
-        Registry {
-            entries: Vec::new(),
-            index: HashMap::default(),
-            problems: Vec::new(),
-            _state: PhantomData,
-        }
-    }
+/// Collects tools for a [`Registry`]; see [`Registry::builder`].
+#[must_use = "a registry builder does nothing until `.build()` is called"]
+pub struct RegistryBuilder {
+    registry: Registry,
+    problems: Vec<RegistryError>,
+}
 
-    /// Checks names (valid, unique) and freezes the registry.
-    pub fn build(self) -> Result<Registry, RegistryError> {
-        if let Some(p) = self.problems.into_iter().next() {
-            return Err(p);
-        }
-        Ok(Registry {
-            entries: self.entries,
-            index: self.index,
-            problems: Vec::new(),
-            _state: PhantomData,
-        })
+impl std::fmt::Debug for RegistryBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("RegistryBuilder")
+            .field(&self.registry)
+            .finish()
     }
 }
 
-impl<S> Registry<S> {
-    /// Adds a tool. Only an open registry (`Registry::builder()`) takes tools.
-    #[must_use = "a registry builder does nothing until `.build()` is called"]
-    pub fn tool(mut self, tool: impl IntoTool) -> Self
-    where
-        S: Unfrozen,
-    {
+impl Registry {
+    /// Starts an empty registry.
+    pub fn builder() -> RegistryBuilder {
+        RegistryBuilder {
+            registry: Registry {
+                entries: Vec::new(),
+                index: HashMap::default(),
+            },
+            problems: Vec::new(),
+        }
+    }
+}
+
+impl RegistryBuilder {
+    /// Adds a tool: a [`Tool`], a [`tool_fn`](crate::tool_fn) or a
+    /// [`blocking_fn`](crate::blocking_fn).
+    pub fn tool(mut self, tool: impl IntoTool) -> Self {
         let parts = sealed::Sealed::into_parts(tool);
         if !valid_name(&parts.name) {
             let shown = parts.name.chars().take(80).collect();
             self.problems.push(RegistryError::InvalidName(shown));
             return self;
         }
-        if self.index.contains_key(parts.name.as_str()) {
+        let r = &mut self.registry;
+        if r.index.contains_key(parts.name.as_str()) {
             self.problems.push(RegistryError::DuplicateName(parts.name));
             return self;
         }
-        let entry = Entry::new(parts, self.entries.len());
-        self.index.insert(entry.name.clone(), entry.index);
-        self.entries.push(Arc::new(entry));
+        let entry = Entry::new(parts, r.entries.len());
+        r.index.insert(entry.name.clone(), entry.index);
+        r.entries.push(Arc::new(entry));
         self
+    }
+
+    /// Checks the names (valid, unique) and makes the registry; the first problem
+    /// found is the error.
+    pub fn build(self) -> Result<Registry, RegistryError> {
+        match self.problems.into_iter().next() {
+            Some(p) => Err(p),
+            None => Ok(self.registry),
+        }
     }
 }
 

@@ -1,17 +1,13 @@
 //! Where a user's events go: the [`EventSink`] trait, its implementation for a bounded
 //! tokio channel (the WebSocket writer-task pattern) and a [`RecordingSink`] for tests.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use tokio::sync::mpsc;
 
 use crate::event::Event;
-
-/// The future returned by [`EventSink::send`].
-pub type SendFuture<'a> = Pin<Box<dyn Future<Output = Result<(), SinkError>> + Send + 'a>>;
 
 /// The receiving end of one user's event stream.
 ///
@@ -28,7 +24,8 @@ pub type SendFuture<'a> = Pin<Box<dyn Future<Output = Result<(), SinkError>> + S
 /// a failed delivery, and that dispatcher does not call the sink again.
 ///
 /// ```
-/// use tool_dispatch::{Event, EventSink};
+/// use tool_dispatch::{EventSink};
+/// use tool_dispatch::event::{Event};
 /// let (tx, mut rx) = tokio::sync::mpsc::channel::<Event>(64);
 /// fn takes_sink(_: impl EventSink) {}
 /// takes_sink(tx); // a bounded Sender<Event> is a sink
@@ -36,7 +33,7 @@ pub type SendFuture<'a> = Pin<Box<dyn Future<Output = Result<(), SinkError>> + S
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not an event sink",
     label = "this does not implement `EventSink`",
-    note = "pass a `tokio::sync::mpsc::Sender<tool_dispatch::Event>` (drained by the WebSocket writer task) or implement `tool_dispatch::EventSink`; a sink must be `Send + Sync + 'static`"
+    note = "pass a `tokio::sync::mpsc::Sender<tool_dispatch::event::Event>` (drained by the WebSocket writer task) or implement `tool_dispatch::EventSink`; a sink must be `Send + Sync + 'static`"
 )]
 pub trait EventSink: Send + Sync + 'static {
     /// Delivers `event` without waiting, or hands it back.
@@ -47,7 +44,7 @@ pub trait EventSink: Send + Sync + 'static {
 
     /// Delivers `event`, waiting for room if the queue is full. The default waits for
     /// nothing: it is `try_send`.
-    fn send(&self, event: Event) -> SendFuture<'_> {
+    fn send(&self, event: Event) -> BoxFuture<'_, Result<(), SinkError>> {
         let r = self.try_send(event).map_err(SinkError::from);
         Box::pin(std::future::ready(r))
     }
@@ -100,7 +97,7 @@ impl EventSink for mpsc::Sender<Event> {
         })
     }
 
-    fn send(&self, event: Event) -> SendFuture<'_> {
+    fn send(&self, event: Event) -> BoxFuture<'_, Result<(), SinkError>> {
         Box::pin(async move {
             mpsc::Sender::send(self, event)
                 .await
@@ -114,7 +111,7 @@ impl<T: EventSink + ?Sized> EventSink for Arc<T> {
         (**self).try_send(event)
     }
 
-    fn send(&self, event: Event) -> SendFuture<'_> {
+    fn send(&self, event: Event) -> BoxFuture<'_, Result<(), SinkError>> {
         (**self).send(event)
     }
 }

@@ -1,5 +1,5 @@
 //! Typestate markers. Their paths are what compiler errors show, so they read as
-//! sentences: `Dispatcher<NoSink, WithUser>`, `Registry<Frozen>`.
+//! sentences: `Dispatcher<NoSink, WithUser>`.
 //!
 //! Every trait here is sealed: only this crate implements them. Each carries a
 //! `#[diagnostic::on_unimplemented]` message, and the bound sits on the method that
@@ -17,7 +17,7 @@ mod sealed {
 
     #[diagnostic::on_unimplemented(
         message = "`{Self}` is not a tool-dispatch state marker",
-        note = "the typestate markers are sealed: only tool-dispatch implements them; dispatchers come from `engine.dispatcher().sink(..).user(..)`, registries from `Registry::builder()`"
+        note = "the typestate markers are sealed: only tool-dispatch implements them; dispatchers come from `engine.dispatcher().sink(..).user(..)`"
     )]
     pub trait Sealed {}
 
@@ -58,14 +58,6 @@ pub struct WithUser {
     pub(crate) state: Arc<UserState>,
 }
 
-/// An open registry: tools may still be added.
-#[derive(Debug, Clone, Copy)]
-pub struct Open;
-
-/// A built registry: immutable, shared by every request.
-#[derive(Debug, Clone, Copy)]
-pub struct Frozen;
-
 impl std::fmt::Debug for WithSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("WithSink")
@@ -82,8 +74,6 @@ impl sealed::Sealed for NoSink {}
 impl sealed::Sealed for WithSink {}
 impl sealed::Sealed for NoUser {}
 impl sealed::Sealed for WithUser {}
-impl sealed::Sealed for Open {}
-impl sealed::Sealed for Frozen {}
 
 #[allow(private_interfaces)] // sealed: the outbox never leaves the crate
 impl SinkAccess for WithSink {
@@ -133,12 +123,3 @@ impl SinkUnset for NoSink {}
 )]
 pub trait UserUnset: sealed::Sealed {}
 impl UserUnset for NoUser {}
-
-/// Implemented by [`Open`] only: tools may still be added.
-#[diagnostic::on_unimplemented(
-    message = "this registry is frozen: tools can only be added before `.build()`",
-    label = "a built registry is immutable and shared by every request",
-    note = "add every tool to `Registry::builder()` before calling `.build()`"
-)]
-pub trait Unfrozen: sealed::Sealed {}
-impl Unfrozen for Open {}

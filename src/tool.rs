@@ -82,7 +82,7 @@ pub trait Tool: Send + Sync + 'static {
 ///     .scope("files:read")
 ///     .sensitive("password")
 ///     .cache(Duration::from_secs(60));
-/// assert_eq!(s.timeout_value(), Some(Duration::from_secs(5)));
+/// assert_eq!(s.call_timeout(), Some(Duration::from_secs(5)));
 /// ```
 #[derive(Debug, Clone, Default)]
 #[must_use]
@@ -139,19 +139,37 @@ impl ToolSettings {
         self
     }
 
-    /// The timeout set here, if any.
-    pub fn timeout_value(&self) -> Option<Duration> {
+    // Getters: the setters above are builder methods of the same names, so each
+    // getter names what it returns.
+
+    /// The timeout set by [`timeout`](Self::timeout), if any.
+    pub fn call_timeout(&self) -> Option<Duration> {
         self.timeout
     }
 
-    /// The scopes required.
-    pub fn scopes(&self) -> &[String] {
+    /// The scopes added by [`scope`](Self::scope).
+    pub fn required_scopes(&self) -> &[String] {
         &self.scopes
     }
 
-    /// The cache time-to-live, if the tool is cacheable.
+    /// The argument names added by [`sensitive`](Self::sensitive).
+    pub fn sensitive_keys(&self) -> &[String] {
+        &self.sensitive
+    }
+
+    /// The time-to-live set by [`cache`](Self::cache), if the tool is cacheable.
     pub fn cache_ttl(&self) -> Option<Duration> {
         self.cache_ttl
+    }
+
+    /// Whether [`user_independent`](Self::user_independent) was set.
+    pub fn is_user_independent(&self) -> bool {
+        self.user_independent
+    }
+
+    /// The limit set by [`max_concurrency`](Self::max_concurrency), if any.
+    pub fn concurrency_limit(&self) -> Option<usize> {
+        self.max_concurrency
     }
 }
 
@@ -358,16 +376,6 @@ pub struct BlockingFnTool<F, I, O> {
     _types: PhantomData<fn(I) -> O>,
 }
 
-macro_rules! settings_methods {
-    () => {
-        /// Replaces the tool's settings.
-        pub fn settings(mut self, settings: ToolSettings) -> Self {
-            self.settings = settings;
-            self
-        }
-    };
-}
-
 impl<F, I, O> std::fmt::Debug for FnTool<F, I, O> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FnTool")
@@ -385,11 +393,19 @@ impl<F, I, O> std::fmt::Debug for BlockingFnTool<F, I, O> {
 }
 
 impl<F, I, O> FnTool<F, I, O> {
-    settings_methods!();
+    /// Replaces the tool's settings.
+    pub fn settings(mut self, settings: ToolSettings) -> Self {
+        self.settings = settings;
+        self
+    }
 }
 
 impl<F, I, O> BlockingFnTool<F, I, O> {
-    settings_methods!();
+    /// Replaces the tool's settings.
+    pub fn settings(mut self, settings: ToolSettings) -> Self {
+        self.settings = settings;
+        self
+    }
 }
 
 /// Makes a tool from an async closure, for small tools.

@@ -8,9 +8,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use serde_json::json;
+use tool_dispatch::event::{Event, Status};
 use tool_dispatch::{
-    Engine, Event, Limits, RecordingSink, Registry, Status, ToolCall, ToolError, ToolSettings,
-    UserContext, UserLimits, tool_fn,
+    Engine, Limits, RecordingSink, Registry, ToolCall, ToolError, ToolSettings, UserContext,
+    UserLimits, tool_fn,
 };
 
 const USERS: usize = 20;
@@ -22,7 +23,7 @@ use common::Rng;
 /// What a call is set up to do, and the status it must end with.
 const OUTCOMES: [Status; 8] = [
     Status::Success,
-    Status::Error,
+    Status::ToolFailed,
     Status::InvalidInput,
     Status::UnknownTool,
     Status::Denied,
@@ -80,7 +81,7 @@ fn registry() -> Registry {
 fn call_for(status: Status, n: u64) -> ToolCall {
     match status {
         Status::Success => ToolCall::new("ok", json!(n)),
-        Status::Error => ToolCall::new("fail", json!(n)),
+        Status::ToolFailed => ToolCall::new("fail", json!(n)),
         Status::InvalidInput => ToolCall::new("ok", json!({"not": "a number"})),
         Status::UnknownTool => ToolCall::new("no_such_tool", json!(n)),
         Status::Denied => ToolCall::new("admin", json!(n)),

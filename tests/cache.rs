@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use tool_dispatch::event::ToolCompleted;
+use tool_dispatch::event::{Event, Status};
 use tool_dispatch::*;
 
 mod common;
@@ -28,7 +29,7 @@ fn lookup(
     name: &str,
     runs: &Arc<AtomicUsize>,
     settings: ToolSettings,
-) -> impl tool_dispatch::registry::IntoTool {
+) -> impl tool_dispatch::IntoTool {
     let runs = Arc::clone(runs);
     tool_fn(
         name.to_owned(),
@@ -355,7 +356,7 @@ async fn a_failing_leader_does_not_poison_the_key() {
     let batch = d.dispatch_all((0..5).map(|_| ToolCall::new("flaky", json!(1))));
     let (results, ()) = tokio::join!(batch, release_after_one_run(&runs, &gate));
     let err = results[0].as_ref().unwrap_err();
-    assert_eq!(err.status(), Status::Error);
+    assert_eq!(err.status(), Status::ToolFailed);
     assert!(err.is_retryable());
     for r in &results[1..] {
         assert_eq!(r.as_ref().unwrap().value, json!(2));
@@ -369,7 +370,10 @@ async fn a_failing_leader_does_not_poison_the_key() {
     assert_paired_per_call(&sink, 5);
     let m = engine.metrics();
     assert_eq!((m.cache_hits, m.cache_misses), (3, 1));
-    assert_eq!((m.count(Status::Error), m.count(Status::Success)), (1, 4));
+    assert_eq!(
+        (m.count(Status::ToolFailed), m.count(Status::Success)),
+        (1, 4)
+    );
 
     // Afterwards the key works normally: a hit.
     let before = runs.load(SeqCst);

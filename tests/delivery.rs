@@ -12,9 +12,10 @@ use std::time::Duration;
 use common::*;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
+use tool_dispatch::event::{AgentUpdate, Event, Status};
 use tool_dispatch::*;
 
-fn echo() -> impl tool_dispatch::registry::IntoTool {
+fn echo() -> impl tool_dispatch::IntoTool {
     tool_fn("echo", "Returns its input.", |v: Value, _cx| async move {
         Ok::<_, ToolError>(v)
     })
@@ -44,7 +45,7 @@ async fn a_panicking_sink_costs_its_own_call_and_is_never_called_again() {
         .await
         .unwrap_err();
     assert!(
-        matches!(err, DispatchError::Sink(SinkError::Panicked)),
+        matches!(err, DispatchError::Undelivered(SinkError::Panicked)),
         "{err:?}"
     );
     assert_eq!(err.status(), Status::Undelivered);
@@ -94,7 +95,7 @@ struct PanicsAfterFirst {
 }
 
 impl EventSink for PanicsAfterFirst {
-    fn try_send(&self, e: Event) -> Result<(), tool_dispatch::sink::TrySendError> {
+    fn try_send(&self, e: Event) -> Result<(), tool_dispatch::TrySendError> {
         let mut t = self.taken.lock().unwrap();
         if t.is_empty() {
             t.push(e);

@@ -12,9 +12,10 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tool_dispatch::event::Timestamp;
+use tool_dispatch::event::{AgentUpdate, Event, Status};
 use tool_dispatch::{
-    AgentUpdate, Dispatcher, Engine, Event, RecordingSink, Redaction, Registry, Status, Tool,
-    ToolCall, ToolContext, ToolError, ToolSettings, UserContext, tool_fn,
+    Dispatcher, Engine, RecordingSink, Redaction, Registry, Tool, ToolCall, ToolContext, ToolError,
+    ToolSettings, UserContext, tool_fn,
 };
 
 const GOLDEN_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/events");
@@ -143,7 +144,7 @@ async fn produce() -> Vec<(&'static str, Event)> {
         .dispatch(ToolCall::new("get_weather", args))
         .await
         .unwrap_err();
-    assert_eq!(err.status(), Status::Error);
+    assert_eq!(err.status(), Status::ToolFailed);
     d.notify(AgentUpdate::Error(
         "The weather service is unavailable".into(),
     ))
@@ -525,14 +526,14 @@ async fn an_output_that_fails_to_serialize_is_said_so_never_a_silent_null() {
     let (d, sink) = bind(&engine);
     // Typed: the caller gets its value; the event and the metrics say why there is
     // no result to show.
-    let out = d.call::<Opaque>(5).id("t1").await.unwrap();
+    let out = d.call::<Opaque>(5).with_id("t1").await.unwrap();
     assert_eq!(out.value, Unshowable(5));
     // By name the JSON is the value: there is none, so the call fails, and says so.
     let err = d
         .dispatch(ToolCall::new("opaque", json!(5)).with_id("n1"))
         .await
         .unwrap_err();
-    assert_eq!(err.status(), Status::Error);
+    assert_eq!(err.status(), Status::ToolFailed);
     assert!(
         err.to_string().contains("could not be converted to JSON"),
         "{err}"
@@ -553,8 +554,11 @@ async fn an_output_that_fails_to_serialize_is_said_so_never_a_silent_null() {
         done[0].error.as_deref(),
         Some("the result cannot be shown: this value refuses to be serialized")
     );
-    assert_eq!(done[1].status, Status::Error);
+    assert_eq!(done[1].status, Status::ToolFailed);
     let m = engine.metrics();
     assert_eq!(m.unserializable_results, 2);
-    assert_eq!((m.count(Status::Success), m.count(Status::Error)), (1, 1));
+    assert_eq!(
+        (m.count(Status::Success), m.count(Status::ToolFailed)),
+        (1, 1)
+    );
 }

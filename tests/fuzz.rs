@@ -10,10 +10,11 @@ use std::collections::BTreeMap;
 use proptest::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use tool_dispatch::event::{Event, Status};
 use tool_dispatch::provider::{anthropic, mcp, openai, responses};
 use tool_dispatch::{
-    DispatchError, Engine, Event, Limits, RecordingSink, Registry, Status, ToolCall, ToolError,
-    ToolOutput, UserContext, UserLimits, tool_fn,
+    DispatchError, Engine, Limits, RecordingSink, Registry, ToolCall, ToolError, ToolOutput,
+    UserContext, UserLimits, tool_fn,
 };
 
 #[derive(Debug, Deserialize, Serialize, schemars::JsonSchema)]

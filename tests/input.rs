@@ -10,6 +10,7 @@ use common::*;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use tool_dispatch::event::{AgentUpdate, Event, Status};
 use tool_dispatch::*;
 
 const DEEP: usize = 100_000;
@@ -46,7 +47,7 @@ fn drop_flat(v: Value) {
     }
 }
 
-fn echo() -> impl tool_dispatch::registry::IntoTool {
+fn echo() -> impl tool_dispatch::IntoTool {
     tool_fn("echo", "Returns its input.", |v: Value, _cx| async move {
         Ok::<_, ToolError>(v)
     })
@@ -115,7 +116,7 @@ async fn arguments_nested_100000_deep_are_invalid_input_at_every_entry_point() {
     let err = d.call::<Deep>(nested(DEEP)).await.unwrap_err();
     assert_eq!(err.status(), Status::InvalidInput);
     // The typed caller gets its value; the event says why it is not shown.
-    let out = d.call::<Deep>(json!(1)).id("t2").await.unwrap();
+    let out = d.call::<Deep>(json!(1)).with_id("t2").await.unwrap();
     drop_flat(out.value);
     let done = completed(&sink, "t2");
     assert_eq!(done.status, Status::Success);
@@ -126,7 +127,7 @@ async fn arguments_nested_100000_deep_are_invalid_input_at_every_entry_point() {
         .dispatch(ToolCall::new("deep", json!(1)))
         .await
         .unwrap_err();
-    assert_eq!(err.status(), Status::Error);
+    assert_eq!(err.status(), Status::ToolFailed);
     assert_eq!(engine.metrics().unserializable_results, 2);
 
     // Agent events and provider payloads.
@@ -363,8 +364,8 @@ async fn every_text_field_of_every_event_is_cut_and_the_callers_value_stays_whol
     impl Policy for Picky {
         fn check<'a>(
             &'a self,
-            req: tool_dispatch::policy::PolicyRequest<'a>,
-        ) -> tool_dispatch::policy::PolicyFuture<'a> {
+            req: tool_dispatch::PolicyRequest<'a>,
+        ) -> tool_dispatch::BoxFuture<'a, Result<Decision, PolicyError>> {
             let deny = req.arguments == &json!("deny");
             Box::pin(async move {
                 Ok(if deny {

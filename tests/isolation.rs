@@ -11,9 +11,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::{Barrier, Notify, mpsc};
 use tokio::task::JoinHandle;
+use tool_dispatch::event::{Event, Status};
 use tool_dispatch::{
-    CancelReason, DispatchError, Engine, Event, LimitScope, Limits, RecordingSink, Registry,
-    Status, ToolCall, ToolError, UserContext, UserLimits, tool_fn,
+    CancelReason, DispatchError, Engine, LimitScope, Limits, RecordingSink, Registry, ToolCall,
+    ToolError, UserContext, UserLimits, tool_fn,
 };
 
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]

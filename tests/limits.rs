@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use tokio::sync::{Semaphore, mpsc};
+use tool_dispatch::event::Status;
 use tool_dispatch::*;
 
 mod common;

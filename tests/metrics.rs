@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use tool_dispatch::event::{Event, Status};
 use tool_dispatch::*;
 
 /// The tests of this file run one at a time: tracing caches, per call site, whether
@@ -211,7 +212,7 @@ async fn metrics_stay_consistent_after_100k_mixed_calls() {
     assert_eq!(seen.events_by_status, seen.by_status);
     for status in [
         Status::Success,
-        Status::Error,
+        Status::ToolFailed,
         Status::InvalidInput,
         Status::UnknownTool,
         Status::RateLimited,

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::json;
+use tool_dispatch::event::Status;
 use tool_dispatch::*;
 
 /// Panics when dropped, after counting the drop.
@@ -22,7 +23,7 @@ impl Drop for Booby {
     }
 }
 
-fn trapped(drops: &Arc<AtomicUsize>) -> impl tool_dispatch::registry::IntoTool {
+fn trapped(drops: &Arc<AtomicUsize>) -> impl tool_dispatch::IntoTool {
     let drops = Arc::clone(drops);
     tool_fn(
         "trapped",

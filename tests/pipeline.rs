@@ -11,12 +11,13 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::{Barrier, Notify, mpsc};
+use tool_dispatch::event::{AgentUpdate, Event, Status};
 use tool_dispatch::event::{ToolCompleted, ToolProgress};
-use tool_dispatch::policy::{PolicyError, PolicyFuture, PolicyRequest};
+use tool_dispatch::{BoxFuture, PolicyError, PolicyRequest};
 use tool_dispatch::{
-    AgentUpdate, CancelReason, Decision, DispatchError, Dispatcher, Engine, Event, EventSink,
-    Limits, Policy, RecordingSink, Registry, SinkError, Status, Tool, ToolCall, ToolContext,
-    ToolError, ToolOutput, ToolSettings, UserContext, UserContextError, UserLimits, tool_fn,
+    CancelReason, Decision, DispatchError, Dispatcher, Engine, EventSink, Limits, Policy,
+    RecordingSink, Registry, SinkError, Tool, ToolCall, ToolContext, ToolError, ToolOutput,
+    ToolSettings, UserContext, UserContextError, UserLimits, tool_fn,
 };
 
 // ---------------------------------------------------------------- helpers
@@ -55,7 +56,7 @@ impl Drop for DropFlag {
     }
 }
 
-fn echo() -> impl tool_dispatch::registry::IntoTool {
+fn echo() -> impl tool_dispatch::IntoTool {
     tool_fn("echo", "Returns its input.", |v: Value, _cx| async move {
         Ok::<_, ToolError>(v)
     })
@@ -66,7 +67,7 @@ fn counting(
     name: &str,
     runs: &Arc<AtomicUsize>,
     settings: ToolSettings,
-) -> impl tool_dispatch::registry::IntoTool {
+) -> impl tool_dispatch::IntoTool {
     let runs = Arc::clone(runs);
     tool_fn(name, "Counts its runs.", move |v: Value, _cx| {
         runs.fetch_add(1, SeqCst);
@@ -214,7 +215,7 @@ async fn a_per_call_timeout_replaces_the_tools_by_name_and_typed() {
     assert_eq!(d.dispatch(call).await.unwrap().value["slept_ms"], 3000);
     let typed = d
         .call::<Sleep>(SleepIn { ms: 3000 })
-        .timeout(Duration::from_secs(5));
+        .with_timeout(Duration::from_secs(5));
     assert_eq!(typed.await.unwrap().value.slept_ms, 3000);
 
     // Shorter than the tool's 1 s: a 500 ms body times out after 100 ms.
@@ -227,7 +228,7 @@ async fn a_per_call_timeout_replaces_the_tools_by_name_and_typed() {
     );
     let err = d
         .call::<Sleep>(SleepIn { ms: 500 })
-        .timeout(short)
+        .with_timeout(short)
         .await
         .unwrap_err();
     assert!(
@@ -270,7 +271,11 @@ async fn a_typed_call_uses_its_id_and_returns_the_typed_output() {
     let sink = RecordingSink::new();
     let d = dispatcher(&engine, sink.clone(), "alice");
 
-    let out = d.call::<Sleep>(SleepIn { ms: 10 }).id("x").await.unwrap();
+    let out = d
+        .call::<Sleep>(SleepIn { ms: 10 })
+        .with_id("x")
+        .await
+        .unwrap();
     assert_eq!(&*out.call_id, "x");
     assert!(!out.cached);
     assert_eq!(
@@ -354,10 +359,7 @@ async fn a_panicking_tool_reports_panicked_and_the_next_call_succeeds() {
 
 /// A tool that says when its body starts, then never ends; `dropped` turns true when
 /// its future is dropped.
-fn hang(
-    started: &Arc<Notify>,
-    dropped: &Arc<AtomicBool>,
-) -> impl tool_dispatch::registry::IntoTool {
+fn hang(started: &Arc<Notify>, dropped: &Arc<AtomicBool>) -> impl tool_dispatch::IntoTool {
     let (started, dropped) = (Arc::clone(started), Arc::clone(dropped));
     tool_fn("hang", "Never ends.", move |_: Value, _cx| {
         let started = Arc::clone(&started);
@@ -582,7 +584,7 @@ async fn a_sink_closed_before_the_call_means_the_tool_never_runs() {
         .await
         .unwrap_err();
     assert!(
-        matches!(err, DispatchError::Sink(SinkError::Closed)),
+        matches!(err, DispatchError::Undelivered(SinkError::Closed)),
         "{err:?}"
     );
     assert!(sink.is_empty());
@@ -596,7 +598,7 @@ async fn a_sink_closed_before_the_call_means_the_tool_never_runs() {
         .await
         .unwrap_err();
     assert!(
-        matches!(err, DispatchError::Sink(SinkError::Closed)),
+        matches!(err, DispatchError::Undelivered(SinkError::Closed)),
         "{err:?}"
     );
     let typed_err = d
@@ -879,7 +881,7 @@ async fn a_user_missing_a_scope_is_denied_naming_it_and_the_body_never_runs() {
         .unwrap_err();
     assert_eq!(
         err,
-        DispatchError::PermissionDenied {
+        DispatchError::Denied {
             tool: "write_file".into(),
             missing_scopes: vec!["files:write".into()],
             reason: None,
@@ -913,7 +915,7 @@ async fn a_user_missing_a_scope_is_denied_naming_it_and_the_body_never_runs() {
 struct TierPolicy;
 
 impl Policy for TierPolicy {
-    fn check<'a>(&'a self, req: PolicyRequest<'a>) -> PolicyFuture<'a> {
+    fn check<'a>(&'a self, req: PolicyRequest<'a>) -> BoxFuture<'a, Result<Decision, PolicyError>> {
         Box::pin(async move {
             tokio::task::yield_now().await;
             match req.user.metadata("tier") {
@@ -930,7 +932,10 @@ impl Policy for TierPolicy {
 struct PanicsEagerly;
 
 impl Policy for PanicsEagerly {
-    fn check<'a>(&'a self, _req: PolicyRequest<'a>) -> PolicyFuture<'a> {
+    fn check<'a>(
+        &'a self,
+        _req: PolicyRequest<'a>,
+    ) -> BoxFuture<'a, Result<Decision, PolicyError>> {
         panic!("policy bug, eagerly")
     }
 }
@@ -975,7 +980,7 @@ async fn a_custom_async_policy_replaces_the_default_and_fails_closed() {
         .unwrap_err();
     assert_eq!(
         err,
-        DispatchError::PermissionDenied {
+        DispatchError::Denied {
             tool: "admin".into(),
             missing_scopes: vec![],
             reason: Some("a pro plan is required".into()),
@@ -990,7 +995,7 @@ async fn a_custom_async_policy_replaces_the_default_and_fails_closed() {
             .await
             .unwrap_err();
         assert!(
-            matches!(err, DispatchError::PermissionDenied { .. }),
+            matches!(err, DispatchError::Denied { .. }),
             "{tier}: {err:?}"
         );
         assert!(!err.to_string().contains("database"), "{err}");
@@ -1004,10 +1009,7 @@ async fn a_custom_async_policy_replaces_the_default_and_fails_closed() {
         .dispatch(ToolCall::new("admin", json!(1)))
         .await
         .unwrap_err();
-    assert!(
-        matches!(err, DispatchError::PermissionDenied { .. }),
-        "{err:?}"
-    );
+    assert!(matches!(err, DispatchError::Denied { .. }), "{err:?}");
     assert_eq!(pair(&sink.take()).status, Status::Denied);
 
     assert_eq!(runs.load(SeqCst), 1, "only the pro call ran");

@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::json;
-use tool_dispatch::policy::{PolicyFuture, PolicyRequest};
+use tool_dispatch::event::Status;
 use tool_dispatch::*;
+use tool_dispatch::{BoxFuture, PolicyRequest};
 
 /// Never answers.
 struct Silent {
@@ -18,7 +19,7 @@ struct Silent {
 }
 
 impl Policy for Silent {
-    fn check<'a>(&'a self, _: PolicyRequest<'a>) -> PolicyFuture<'a> {
+    fn check<'a>(&'a self, _: PolicyRequest<'a>) -> BoxFuture<'a, Result<Decision, PolicyError>> {
         self.asked.fetch_add(1, SeqCst);
         Box::pin(std::future::pending())
     }
@@ -115,7 +116,7 @@ async fn shutdown_ends_calls_waiting_on_the_policy_and_reports_them() {
 struct LateThenPanics;
 
 impl Policy for LateThenPanics {
-    fn check<'a>(&'a self, req: PolicyRequest<'a>) -> PolicyFuture<'a> {
+    fn check<'a>(&'a self, req: PolicyRequest<'a>) -> BoxFuture<'a, Result<Decision, PolicyError>> {
         Box::pin(async move {
             if req.arguments == &json!("slow") {
                 tokio::time::sleep(Duration::from_secs(3600)).await;

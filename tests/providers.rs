@@ -12,10 +12,11 @@ use proptest::prelude::*;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use tool_dispatch::event::{Event, Status};
 use tool_dispatch::provider::{self, ProviderError, anthropic, mcp, openai, responses};
 use tool_dispatch::{
-    Arguments, DispatchError, Dispatcher, Engine, Event, RecordingSink, Registry, Status, ToolCall,
-    ToolError, ToolOutput, UserContext, tool_fn,
+    Arguments, DispatchError, Dispatcher, Engine, RecordingSink, Registry, ToolCall, ToolError,
+    ToolOutput, UserContext, tool_fn,
 };
 
 // ---------------------------------------------------------------- the tools
@@ -241,7 +242,7 @@ const EXPECTED_STATUSES: [Status; 6] = [
     Status::Success,
     Status::InvalidInput,
     Status::UnknownTool,
-    Status::Error,
+    Status::ToolFailed,
     Status::InvalidInput,
 ];
 
@@ -736,7 +737,7 @@ fn results_are_text_and_errors_use_the_shared_message() {
     let e = DispatchError::RateLimited {
         retry_after: std::time::Duration::from_millis(1500),
     };
-    let msg = provider::error_text(&e);
+    let msg = e.to_string();
     assert_eq!(msg, "rate limit reached; retry after 1.5s");
     let err = [Err(e.clone())];
     assert_eq!(text(anthropic::render_results(&call, &err)), msg.as_str());

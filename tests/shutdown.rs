@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
+use tool_dispatch::event::Status;
 use tool_dispatch::*;
 
 mod common;
@@ -71,7 +72,7 @@ async fn shutdown_waits_the_grace_period_cancels_the_rest_and_reports_it() {
         .dispatch(ToolCall::new("quick", json!(2)).with_id("late"))
         .await
         .unwrap_err();
-    assert_eq!(err, DispatchError::ShuttingDown);
+    assert_eq!(err, DispatchError::Unavailable);
     let done = completed(&carol_sink, "late");
     assert_eq!(done.status, Status::Unavailable);
     assert_eq!(done.status.as_str(), "unavailable");
@@ -79,7 +80,7 @@ async fn shutdown_waits_the_grace_period_cancels_the_rest_and_reports_it() {
         .dispatch(ToolCall::new("quick", json!(3)).with_id("a-late"))
         .await
         .unwrap_err();
-    assert_eq!(err, DispatchError::ShuttingDown);
+    assert_eq!(err, DispatchError::Unavailable);
     assert_eq!(completed(&alice_sink, "a-late").status, Status::Unavailable);
 
     // a1 finishes within the grace period; a3 then takes its slot and hangs.
@@ -127,7 +128,7 @@ async fn shutdown_waits_the_grace_period_cancels_the_rest_and_reports_it() {
         .dispatch(ToolCall::new("hold", json!(["d1", 0])).with_id("d1"))
         .await
         .unwrap_err();
-    assert_eq!(err, DispatchError::ShuttingDown);
+    assert_eq!(err, DispatchError::Unavailable);
     assert!(!err.is_retryable());
     assert_eq!(completed(&dave_sink, "d1").status, Status::Unavailable);
     assert!(

@@ -19,9 +19,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::mpsc;
+use tool_dispatch::event::{Event, Status};
 use tool_dispatch::{
-    Engine, Event, Limits, Rate, Registry, Status, ToolCall, ToolError, ToolSettings, UserContext,
-    UserLimits, tool_fn,
+    Engine, Limits, Rate, Registry, ToolCall, ToolError, ToolSettings, UserContext, UserLimits,
+    tool_fn,
 };
 
 const PANIC_TEXT: &str = "soak: deliberate panic";
@@ -132,8 +133,8 @@ impl Faulty {
 }
 
 impl tool_dispatch::EventSink for Faulty {
-    fn try_send(&self, e: Event) -> Result<(), tool_dispatch::sink::TrySendError> {
-        use tool_dispatch::sink::TrySendError;
+    fn try_send(&self, e: Event) -> Result<(), tool_dispatch::TrySendError> {
+        use tool_dispatch::TrySendError;
         if self.broken() {
             match self.fault {
                 Fault::Panics => std::panic::panic_any(PANIC_TEXT),
@@ -146,7 +147,7 @@ impl tool_dispatch::EventSink for Faulty {
         })
     }
 
-    fn send(&self, e: Event) -> tool_dispatch::sink::SendFuture<'_> {
+    fn send(&self, e: Event) -> tool_dispatch::BoxFuture<'_, Result<(), tool_dispatch::SinkError>> {
         if self.broken() {
             match self.fault {
                 Fault::Panics => std::panic::panic_any(PANIC_TEXT),
@@ -408,7 +409,7 @@ async fn soak(total: usize, users: usize) -> Report {
     // Every fault really happened (a soak that silently did nothing fails here).
     for s in [
         Status::Success,
-        Status::Error,
+        Status::ToolFailed,
         Status::Panicked,
         Status::Timeout,
         Status::Denied,

@@ -21,8 +21,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
+use tool_dispatch::event::Event;
 use tool_dispatch::{
-    Dispatcher, Engine, Event, Limits, Rate, Tool, ToolCall, ToolContext, ToolError, UserContext,
+    Dispatcher, Engine, Limits, Rate, Tool, ToolCall, ToolContext, ToolError, UserContext,
     UserLimits,
 };
 use tower::{Service, ServiceBuilder, ServiceExt};

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use super::Engine;
 use super::pipeline::Admission;
 use super::prepare::{Occurrence, Start};
-use crate::dispatcher::ToolCall;
+use crate::call::ToolCall;
 use crate::error::DispatchError;
 use crate::health::{Health, HealthStatus};
 use crate::sink::RecordingSink;

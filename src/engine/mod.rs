@@ -23,7 +23,6 @@ use tokio_util::sync::CancellationToken;
 use crate::blocking::BlockingJobs;
 use crate::cache::{Cache, CacheConfig};
 use crate::delivery::Outbox;
-use crate::dispatcher::Dispatcher;
 use crate::json::{DEFAULT_MAX_DEPTH, MAX_DEPTH_LIMIT};
 use crate::limits::{Limiter, Limits, LocalLimiter, UserLimits, UserState, Users};
 use crate::metrics::{Metrics, MetricsSnapshot};
@@ -31,7 +30,7 @@ use crate::policy::Policy;
 use crate::redact::Redaction;
 use crate::registry::{Entry, Registry, entry_of};
 use crate::sink::EventSink;
-use crate::state::{NoSink, NoUser, WithUser};
+use crate::state::WithUser;
 use crate::tool::{ToolError, tool_fn};
 use crate::user::UserContext;
 
@@ -39,13 +38,13 @@ pub(crate) use prepare::Occurrence;
 pub use shutdown::{ShutdownReport, UserShutdown};
 
 /// Default tool timeout.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default bound on waiting for room in a full event queue.
-pub const DEFAULT_DELIVERY_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_DELIVERY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default bound on JSON-text arguments.
-pub const DEFAULT_MAX_ARGUMENT_BYTES: usize = 1 << 20;
+const DEFAULT_MAX_ARGUMENT_BYTES: usize = 1 << 20;
 /// Default bound on the events one sink holds back while it is full.
-pub const DEFAULT_DELIVERY_BACKLOG: usize = 64;
+const DEFAULT_DELIVERY_BACKLOG: usize = 64;
 
 pub(crate) struct Config {
     default_timeout: Duration,
@@ -271,13 +270,8 @@ impl Engine {
         }
     }
 
-    pub(crate) fn from_inner(inner: Arc<Inner>) -> Engine {
-        Engine { inner }
-    }
-
-    /// A new dispatcher with neither sink nor user; set both before dispatching.
-    pub fn dispatcher(&self) -> Dispatcher<NoSink, NoUser> {
-        Dispatcher::new(Arc::clone(&self.inner))
+    pub(crate) fn inner(&self) -> &Arc<Inner> {
+        &self.inner
     }
 
     /// The tools.

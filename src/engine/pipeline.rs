@@ -26,9 +26,9 @@ use super::codec::{Codec, Ran, store};
 use super::ending::{Ending, Pending, Source, Unannounced};
 use super::prepare::{Prepared, Refusal};
 use crate::cache::{Key, Leader, Lookup};
+use crate::call::ToolOutput;
 use crate::contain::{Contained, panic_message};
 use crate::delivery::Outbox;
-use crate::dispatcher::ToolOutput;
 use crate::error::{CancelReason, DispatchError, LimitScope};
 use crate::event::{Status, Timestamp};
 use crate::json::cut;
@@ -142,7 +142,7 @@ impl<'a> InFlight<'a> {
             let error = match u {
                 Unannounced::Failed(e) => {
                     self.record(Status::Undelivered, self.start.elapsed());
-                    return Err(DispatchError::Sink(e));
+                    return Err(DispatchError::Undelivered(e));
                 }
                 _ => self.interruption(),
             };
@@ -250,7 +250,7 @@ impl<'a> InFlight<'a> {
                 (Vec::new(), Some("permission check failed".to_owned()))
             }
         };
-        DispatchError::PermissionDenied {
+        DispatchError::Denied {
             tool: entry.name.to_string(),
             missing_scopes,
             reason,

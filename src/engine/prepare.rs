@@ -14,8 +14,8 @@ use tracing::Instrument;
 use super::Inner;
 use super::codec::{Json, Typed};
 use super::pipeline::{Admission, InFlight, Phase};
+use crate::call::{Arguments, ToolCall, ToolOutput};
 use crate::delivery::Outbox;
-use crate::dispatcher::{Arguments, ToolCall, ToolOutput};
 use crate::error::DispatchError;
 use crate::event::Timestamp;
 use crate::json::{self, cut, drop_deep, exceeds_depth};
@@ -266,7 +266,7 @@ impl<'a> InFlight<'a> {
     /// Checks that come before anything waits; the same for every kind of call.
     pub(super) fn refusal(&self, shown: impl FnOnce() -> Value) -> Option<Refusal> {
         let error = if !self.inner.accepting.load(Relaxed) {
-            DispatchError::ShuttingDown
+            DispatchError::Unavailable
         } else if self.entry.is_none() {
             DispatchError::UnknownTool {
                 name: self.scope.tool_name.to_string(),
@@ -288,7 +288,8 @@ impl<'a> InFlight<'a> {
     pub(super) fn prepare_json(
         &mut self,
         arguments: Arguments,
-    ) -> Result<Prepared<'a, crate::registry::BoxFut<'a, Result<Value, ToolError>>>, Refusal> {
+    ) -> Result<Prepared<'a, futures_util::future::BoxFuture<'a, Result<Value, ToolError>>>, Refusal>
+    {
         let max_depth = self.inner.config.max_depth;
         let args = match arguments {
             Arguments::Value(v) if exceeds_depth(&v, max_depth) => {

@@ -55,11 +55,11 @@ impl Engine {
         n
     }
 
-    /// Stops accepting calls (new ones end with [`DispatchError::ShuttingDown`], with
+    /// Stops accepting calls (new ones end with [`DispatchError::Unavailable`], with
     /// their paired events), waits up to `grace` for calls in flight, cancels the rest,
     /// and reports what happened.
     ///
-    /// [`DispatchError::ShuttingDown`]: crate::DispatchError::ShuttingDown
+    /// [`DispatchError::Unavailable`]: crate::DispatchError::Unavailable
     pub async fn shutdown(&self, grace: Duration) -> ShutdownReport {
         let s = &self.inner;
         s.accepting.store(false, Relaxed);

@@ -43,7 +43,7 @@
 use serde_json::{Value, json};
 
 use crate::event::ToolProgress;
-use crate::provider::{ProviderError, Reader, error_text, input_schema, output_text};
+use crate::provider::{ProviderError, Reader, input_schema, output_text};
 use crate::{DispatchError, Registry, ToolCall, ToolOutput};
 
 const R: Reader = Reader { format: "mcp" };
@@ -133,12 +133,12 @@ pub fn render_result(id: &Value, result: &Result<ToolOutput, DispatchError>) -> 
             return rpc_error(
                 id,
                 INVALID_PARAMS,
-                &error_text(e),
+                &e.to_string(),
                 Some(json!({"status": e.status()})),
             );
         }
         Err(e) => json!({
-            "content": [{ "type": "text", "text": error_text(e) }],
+            "content": [{ "type": "text", "text": e.to_string() }],
             "isError": true,
         }),
     };

@@ -18,7 +18,7 @@
 //!   whose dispatch ends `invalid_input`, and the error goes back to the model in-band
 //!   like any other failed call. An agent loop never crashes on a bad call.
 //! * Every call gets exactly one result, in call order. A failed call's result is
-//!   [`error_text`] (the [`DispatchError`]'s safe, model-facing message), marked as an
+//!   the [`DispatchError`]'s `Display` (its safe, model-facing message), marked as an
 //!   error the way the format allows (`"Error: …"` text for OpenAI, `is_error` for
 //!   Anthropic, `isError` for MCP).
 //! * A result that is not a string is sent as its JSON text.
@@ -37,7 +37,7 @@ pub mod responses;
 
 use serde_json::{Map, Value};
 
-use crate::dispatcher::ToolOutput;
+use crate::call::ToolOutput;
 use crate::error::DispatchError;
 use crate::registry::{Registry, ToolDefinition};
 
@@ -100,18 +100,6 @@ pub enum ProviderError {
         /// What is wrong with its input schema.
         reason: &'static str,
     },
-}
-
-/// The one model-facing text for a failed call (the [`DispatchError`]'s `Display`),
-/// shared by all formats. It never contains internals or panic payloads.
-///
-/// ```
-/// use tool_dispatch::{DispatchError, provider};
-/// let e = DispatchError::UnknownTool { name: "get_wether".into() };
-/// assert_eq!(provider::error_text(&e), "unknown tool `get_wether`");
-/// ```
-pub fn error_text(e: &DispatchError) -> String {
-    e.to_string()
 }
 
 /// A tool's input schema as providers get it: `$schema` and the root `title` (the
@@ -183,7 +171,7 @@ pub(crate) fn output_text(value: &Value) -> String {
 pub(crate) fn result_text(result: Option<&Result<ToolOutput, DispatchError>>) -> (String, bool) {
     match result {
         Some(Ok(out)) => (output_text(&out.value), false),
-        Some(Err(e)) => (error_text(e), true),
+        Some(Err(e)) => (e.to_string(), true),
         None => (MISSING_RESULT.to_owned(), true),
     }
 }

@@ -11,10 +11,11 @@ use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
+use tool_dispatch::IntoTool;
+use tool_dispatch::event::Event;
 use tool_dispatch::event::ToolCompleted;
-use tool_dispatch::registry::IntoTool;
-use tool_dispatch::sink::{SendFuture, TrySendError};
 use tool_dispatch::*;
+use tool_dispatch::{BoxFuture, TrySendError};
 
 /// A spawned dispatch.
 pub type Handle = JoinHandle<Result<ToolOutput, DispatchError>>;
@@ -164,7 +165,7 @@ impl EventSink for PanickingSink {
         panic!("sink try_send exploded");
     }
 
-    fn send(&self, _: Event) -> SendFuture<'_> {
+    fn send(&self, _: Event) -> BoxFuture<'_, Result<(), SinkError>> {
         self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         panic!("sink send exploded");
     }
@@ -179,7 +180,7 @@ impl EventSink for StuckSink {
         Err(TrySendError::Full(e))
     }
 
-    fn send(&self, _: Event) -> SendFuture<'_> {
+    fn send(&self, _: Event) -> BoxFuture<'_, Result<(), SinkError>> {
         Box::pin(std::future::pending())
     }
 }
@@ -211,7 +212,7 @@ impl EventSink for FlushingSink {
         Err(TrySendError::Full(e))
     }
 
-    fn send(&self, e: Event) -> SendFuture<'_> {
+    fn send(&self, e: Event) -> BoxFuture<'_, Result<(), SinkError>> {
         Box::pin(async move {
             self.wire.lock().unwrap().push(e); // on the wire before the await
             self.flush

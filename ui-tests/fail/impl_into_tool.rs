@@ -1,6 +1,6 @@
 // expected: `Forged` is not a tool
 // Implementing the sealed `IntoTool` trait by hand instead of `Tool`.
-use tool_dispatch::registry::IntoTool;
+use tool_dispatch::IntoTool;
 
 struct Forged;
 

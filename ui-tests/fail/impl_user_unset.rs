@@ -1,6 +1,6 @@
 // expected: `Forged` is not a tool-dispatch state marker
 // Implementing the sealed marker trait `UserUnset` outside the crate, to forge a state.
-use tool_dispatch::state::UserUnset;
+use tool_dispatch::UserUnset;
 
 struct Forged;
 

@@ -1,6 +1,7 @@
 // expected: this dispatcher has no event sink: call `.sink(..)` before dispatching
 // An agent lifecycle event before `.sink(..)`.
-use tool_dispatch::{AgentUpdate, Engine, Registry, UserContext};
+use tool_dispatch::{Engine, Registry, UserContext};
+use tool_dispatch::event::{AgentUpdate};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {

@@ -1,6 +1,7 @@
 // expected: this dispatcher has no user: call `.user(..)` before dispatching
 // An agent lifecycle event before `.user(..)`.
-use tool_dispatch::{AgentUpdate, Engine, RecordingSink, Registry};
+use tool_dispatch::{Engine, RecordingSink, Registry};
+use tool_dispatch::event::{AgentUpdate};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {

@@ -2,8 +2,9 @@
 // A sink holding an `Rc` cannot be an `EventSink`: a sink must be `Send + Sync`.
 use std::cell::RefCell;
 use std::rc::Rc;
-use tool_dispatch::sink::TrySendError;
-use tool_dispatch::{Event, EventSink};
+use tool_dispatch::TrySendError;
+use tool_dispatch::{EventSink};
+use tool_dispatch::event::{Event};
 
 struct RcSink(Rc<RefCell<Vec<Event>>>);
 

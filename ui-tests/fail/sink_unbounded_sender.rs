@@ -1,6 +1,7 @@
-// expected: `UnboundedSender<tool_dispatch::Event>` is not an event sink
+// expected: `UnboundedSender<tool_dispatch::event::Event>` is not an event sink
 // An unbounded channel is not a sink: a slow consumer would grow memory without limit.
-use tool_dispatch::{Engine, Event, Registry};
+use tool_dispatch::{Engine, Registry};
+use tool_dispatch::event::{Event};
 
 fn main() {
     let engine = Engine::builder(Registry::builder().build().unwrap()).build();

@@ -1,7 +1,8 @@
 // Twin of fail/impl_has_user.rs: the marker is used as a bound, never implemented;
 // only the builder produces a state that satisfies it.
-use tool_dispatch::state::{HasSink, HasUser};
-use tool_dispatch::{AgentUpdate, Dispatcher, Engine, RecordingSink, Registry, UserContext};
+use tool_dispatch::{HasSink, HasUser};
+use tool_dispatch::{Dispatcher, Engine, RecordingSink, Registry, UserContext};
+use tool_dispatch::event::{AgentUpdate};
 
 async fn announce<S: HasSink, U: HasUser>(d: &Dispatcher<S, U>) {
     d.notify(AgentUpdate::Started(None)).await.unwrap();

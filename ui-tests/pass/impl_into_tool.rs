@@ -1,5 +1,5 @@
 // Twin of fail/impl_into_tool.rs: implement `Tool`; `IntoTool` comes with it.
-use tool_dispatch::registry::IntoTool;
+use tool_dispatch::IntoTool;
 use tool_dispatch::{Registry, Tool, ToolContext, ToolError};
 
 struct Real;

@@ -1,5 +1,5 @@
 // Twin of fail/impl_sealed_directly.rs: the public states come from the crate.
-use tool_dispatch::state::{Frozen, Open};
+use tool_dispatch::{Frozen, Open};
 use tool_dispatch::{NoSink, NoUser};
 
 fn main() {

@@ -1,5 +1,5 @@
 // Twin of fail/impl_sink_unset.rs: the marker is used as a bound, never implemented.
-use tool_dispatch::state::SinkUnset;
+use tool_dispatch::SinkUnset;
 use tool_dispatch::{Dispatcher, Engine, RecordingSink, Registry, WithSink};
 
 fn attach<S: SinkUnset, U>(d: Dispatcher<S, U>, sink: RecordingSink) -> Dispatcher<WithSink, U> {

@@ -1,5 +1,5 @@
 // Twin of fail/impl_user_unset.rs: the marker is used as a bound, never implemented.
-use tool_dispatch::state::UserUnset;
+use tool_dispatch::UserUnset;
 use tool_dispatch::{Dispatcher, Engine, Registry, UserContext, WithUser};
 
 fn bind<S, U: UserUnset>(d: Dispatcher<S, U>, user: UserContext) -> Dispatcher<S, WithUser> {

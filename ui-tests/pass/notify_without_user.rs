@@ -1,5 +1,6 @@
 // Twin of fail/notify_without_user.rs: the user is set, so notifying compiles.
-use tool_dispatch::{AgentUpdate, Engine, RecordingSink, Registry, UserContext};
+use tool_dispatch::{Engine, RecordingSink, Registry, UserContext};
+use tool_dispatch::event::{AgentUpdate};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {

@@ -1,7 +1,8 @@
 // Twin of fail/sink_not_send_sync.rs: `Arc<Mutex<..>>` makes the sink `Send + Sync`.
 use std::sync::{Arc, Mutex};
-use tool_dispatch::sink::TrySendError;
-use tool_dispatch::{AgentUpdate, Engine, Event, EventSink, Registry, UserContext};
+use tool_dispatch::TrySendError;
+use tool_dispatch::{Engine, EventSink, Registry, UserContext};
+use tool_dispatch::event::{AgentUpdate, Event};
 
 #[derive(Clone)]
 struct SharedSink(Arc<Mutex<Vec<Event>>>);

@@ -1,5 +1,6 @@
 // Twin of fail/sink_string_sender.rs: a channel of `Event`, not of `String`, drained by the writer task.
-use tool_dispatch::{AgentUpdate, Engine, Event, Registry, UserContext};
+use tool_dispatch::{Engine, Registry, UserContext};
+use tool_dispatch::event::{AgentUpdate, Event};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {

@@ -1,5 +1,6 @@
 // Twin of fail/sink_unbounded_sender.rs: a bounded channel, drained by the writer task.
-use tool_dispatch::{AgentUpdate, Engine, Event, Registry, UserContext};
+use tool_dispatch::{Engine, Registry, UserContext};
+use tool_dispatch::event::{AgentUpdate, Event};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {

@@ -1,6 +1,7 @@
 // Twin of fail/unused_dispatcher_builder.rs: the dispatcher is kept and used.
 #![deny(unused_must_use)]
-use tool_dispatch::{AgentUpdate, Engine, RecordingSink, Registry, UserContext};
+use tool_dispatch::{Engine, RecordingSink, Registry, UserContext};
+use tool_dispatch::event::{AgentUpdate};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
