@@ -111,7 +111,6 @@ impl<S, U> Dispatcher<S, U> {
     ///
     /// (The future is boxed so that its type names neither typestate parameter: a
     /// dispatcher missing its sink and its user gets exactly one error for each.)
-    #[must_use = "a dispatch does nothing until it is awaited"]
     pub fn dispatch(&self, call: ToolCall) -> BoxFuture<'_, Result<ToolOutput, DispatchError>>
     where
         S: HasSink,
@@ -131,7 +130,6 @@ impl<S, U> Dispatcher<S, U> {
     /// that a call of this user still in flight has, is not run; it ends
     /// `invalid_input` under a fresh id (its events are distinguishable on the wire),
     /// and its result still comes back in its place.
-    #[must_use = "a dispatch does nothing until it is awaited"]
     pub fn dispatch_all(
         &self,
         calls: impl IntoIterator<Item = ToolCall>,
@@ -176,7 +174,6 @@ impl<S, U> Dispatcher<S, U> {
     /// Pushes an agent lifecycle event (`agent_started`, `agent_thinking`,
     /// `agent_completed`, `agent_error`) into the same ordered stream as the tool
     /// events, under the same delivery rules: an error when it cannot be delivered.
-    #[must_use = "a notification does nothing until it is awaited"]
     pub fn notify(&self, update: AgentUpdate) -> BoxFuture<'_, Result<(), SinkError>>
     where
         S: HasSink,

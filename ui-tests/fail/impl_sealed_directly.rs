@@ -1,6 +1,6 @@
-// expected: module `sealed` is private
+// expected: module `state` is private
 // Reaching for the private supertrait that seals the state markers.
-use tool_dispatch::sealed::Sealed;
+use tool_dispatch::state::sealed::Sealed;
 
 struct Forged;
 

@@ -1,4 +1,4 @@
-// expected: this registry is frozen: tools can only be added before `.build()`
+// expected: no method named `tool` found for struct `Registry`
 // Adding a tool after `.build()`: the registry is already shared by every request.
 use tool_dispatch::{Registry, ToolError, tool_fn};
 
