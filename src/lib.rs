@@ -2,17 +2,20 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 
-// Module floors: a module imports only modules on floors below its own, so the crate
-// reads bottom-up and has no import cycle (`docs/ARCHITECTURE.md` says more).
+// Module floors: a module uses only modules on floors below its own, so the crate reads
+// bottom-up and has no import cycle. `tests/architecture.rs` checks this list against
+// the sources; `docs/ARCHITECTURE.md` says what each floor is for.
 //
-//  1. call, event, json, time, user, contain   what a call and its events are made of
-//  2. sink, error, redact, cache, limits, metrics, blocking
-//  3. delivery                                   the one way an event reaches a sink
-//  4. tool, health
-//  5. registry, policy, state
-//  6. engine/{mod, prepare, pipeline, ending, codec, shutdown, health}
-//  7. dispatcher
-//  8. provider/*, axum                           adapters: they use floors 1–5 and 7
+// floor 1: call event json time user contain blocking
+// floor 2: sink cache limits redact
+// floor 3: error metrics
+// floor 4: delivery
+// floor 5: tool state health
+// floor 6: registry
+// floor 7: policy
+// floor 8: engine
+// floor 9: dispatcher
+// floor 10: provider axum
 
 mod blocking;
 mod cache;

@@ -1,0 +1,87 @@
+//! The module floors written at the top of `src/lib.rs` hold: every module uses only
+//! modules on lower floors (so there is no import cycle), and every module has a floor.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+fn floors() -> BTreeMap<String, usize> {
+    let lib = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/lib.rs"))
+        .expect("src/lib.rs");
+    let mut out = BTreeMap::new();
+    for line in lib.lines() {
+        let Some(rest) = line.strip_prefix("// floor ") else {
+            continue;
+        };
+        let (n, names) = rest.split_once(':').expect("`// floor N: modules`");
+        let n: usize = n.trim().parse().expect("a floor number");
+        for m in names.split_whitespace() {
+            assert!(out.insert(m.to_owned(), n).is_none(), "{m} has two floors");
+        }
+    }
+    assert!(out.len() > 10, "the floors list is missing from src/lib.rs");
+    out
+}
+
+/// The crate's modules (`src/x.rs` or `src/x/…`), and the `crate::y` paths each uses
+/// outside its unit tests. Intra-doc links to items (`crate::Engine`) are not modules.
+fn uses() -> BTreeMap<String, Vec<String>> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut stack = vec![src.clone()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("src") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let rel = path.strip_prefix(&src).expect("under src");
+            let top = rel
+                .components()
+                .next()
+                .expect("a component")
+                .as_os_str()
+                .to_string_lossy()
+                .trim_end_matches(".rs")
+                .to_owned();
+            if top == "lib" {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).expect("source");
+            let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+            let used = out.entry(top.clone()).or_default();
+            for (i, _) in code.match_indices("crate::") {
+                let name: String = code[i + 7..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                    .collect();
+                let next = code[i + 7 + name.len()..].chars().next();
+                if !name.is_empty() && next == Some(':') && name != top {
+                    used.push(name);
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn every_module_uses_only_modules_on_lower_floors() {
+    let floors = floors();
+    let uses = uses();
+    for (module, used) in &uses {
+        let Some(&own) = floors.get(module) else {
+            panic!("module `{module}` has no floor in src/lib.rs");
+        };
+        for u in used {
+            let Some(&theirs) = floors.get(u) else {
+                panic!("`{module}` uses `{u}`, which has no floor");
+            };
+            assert!(
+                theirs < own,
+                "`{module}` (floor {own}) uses `{u}` (floor {theirs}): not below it"
+            );
+        }
+    }
+    assert!(uses.contains_key("engine") && uses["engine"].contains(&"registry".to_owned()));
+}
