@@ -224,11 +224,11 @@ fn main() {
         let sink = tower_sink();
         let fut = d.dispatch(ToolCall::new("noop", json!({ "n": 0 })));
         println!(
-            "sizes: dispatch future {} B, Event {} B",
-            std::mem::size_of_val(&fut),
+            "sizes: dispatch future {} B (boxed), Event {} B",
+            std::mem::size_of_val(&*fut),
             std::mem::size_of::<Event>()
         );
-        drop(fut);
+        fut.await.expect("noop succeeds"); // a dropped dispatch is a cancelled call
         // Warm-up round (allocator, caches, channel blocks).
         for v in VARIANTS {
             run(v, a.calls.min(5_000), &d, &mut svc, &sink).await;

@@ -23,8 +23,9 @@ pub(super) enum Unannounced {
     NotQueued,
     /// The sink refused it (counted).
     Failed(SinkError),
-    /// The sink is full: it must wait in the backlog.
-    Waiting(Event),
+    /// The sink is full: it must wait in the backlog (boxed: this is the slow path,
+    /// and the call's future stays small).
+    Waiting(Box<Event>),
 }
 
 /// A `tool_completed` the sink could not take at once.
@@ -52,7 +53,6 @@ impl InFlight<'_> {
     /// [`Unannounced::Waiting`] for [`announce`](Self::announce). If it cannot be
     /// delivered the tool must not run.
     #[inline]
-    #[allow(clippy::result_large_err)] // the event comes back to wait in the backlog
     pub(super) fn announce_now(&mut self, parameters: Value) -> Result<(), Unannounced> {
         match self
             .outbox
@@ -63,7 +63,7 @@ impl InFlight<'_> {
                 Ok(())
             }
             Now::Failed(e) => Err(Unannounced::Failed(e)),
-            Now::Wait(ev) => Err(Unannounced::Waiting(ev)),
+            Now::Wait(ev) => Err(Unannounced::Waiting(Box::new(ev))),
         }
     }
 
@@ -96,7 +96,7 @@ impl InFlight<'_> {
     /// The one place a call is refused: its pair with the error's status.
     pub(super) async fn refuse(&mut self, r: Refusal) -> DispatchError {
         let announced = match self.announce_now(r.shown) {
-            Err(Unannounced::Waiting(ev)) => self.announce(ev).await,
+            Err(Unannounced::Waiting(ev)) => self.announce(*ev).await,
             other => other,
         };
         self.end_with(r.error, announced).await

@@ -111,50 +111,59 @@ impl<'a> InFlight<'a> {
         // Each step answers at once when nothing has to wait (the common case) and
         // awaits only when something does; those waits are boxed, so the future of a
         // call that waits for nothing stays small.
+        // Blocks keep each step's temporaries out of the later steps' state.
         let Prepared { entry, args, body } = p;
-        let decided = match self.policy_now(entry, &args) {
-            Some(d) => d,
-            None => Box::pin(self.ask_policy(entry, &args)).await,
-        };
         let user: &'a WithUser = self.user;
-        let own_slot = match decided.and_then(|()| self.rate()) {
-            Ok(()) => match self.slot_now(Scope::User(&user.state)) {
-                Ok(p) => Ok(p),
-                Err(scope) => Box::pin(self.wait_slot(scope, LimitScope::User)).await,
-            },
-            Err(e) => Err(e),
-        };
-        let own_slot = match own_slot {
-            Ok(p) => p,
-            Err(error) => return Err(Box::pin(self.refuse(Refusal { error, shown: args })).await),
+        let own_slot = {
+            let decided = match self.policy_now(entry, &args) {
+                Some(d) => d,
+                None => Box::pin(self.ask_policy(entry, &args)).await,
+            };
+            let slot = match decided.and_then(|()| self.rate()) {
+                Ok(()) => match self.slot_now(Scope::User(&user.state)) {
+                    Ok(p) => Ok(p),
+                    Err(scope) => Box::pin(self.wait_slot(scope, LimitScope::User)).await,
+                },
+                Err(e) => Err(e),
+            };
+            match slot {
+                Ok(p) => p,
+                Err(error) => {
+                    return Err(Box::pin(self.refuse(Refusal { error, shown: args })).await);
+                }
+            }
         };
         let key = entry.settings.cache_ttl.and_then(|ttl| {
             let user =
                 (!entry.settings.user_independent).then(|| Arc::clone(&self.user.ctx.user_id));
             Key::new(user, entry.index, &args).map(|k| (k, ttl))
         });
-        let announced = match self.announce_now(args) {
-            Ok(()) => Ok(()),
-            Err(Unannounced::Waiting(ev)) => Box::pin(self.announce(ev)).await,
-            Err(u) => Err(u),
-        };
-        if let Err(u) = announced {
-            let error = match u {
-                Unannounced::Failed(e) => {
-                    self.record(Status::Undelivered, self.start.elapsed());
-                    return Err(DispatchError::Undelivered(e));
-                }
-                _ => self.interruption(),
+        {
+            let announced = match self.announce_now(args) {
+                Ok(()) => Ok(()),
+                Err(Unannounced::Waiting(ev)) => Box::pin(self.announce(*ev)).await,
+                Err(u) => Err(u),
             };
-            return Err(Box::pin(self.end_with(error, Err(u))).await);
+            if let Err(u) = announced {
+                let error = match u {
+                    Unannounced::Failed(e) => {
+                        self.record(Status::Undelivered, self.start.elapsed());
+                        return Err(DispatchError::Undelivered(e));
+                    }
+                    _ => self.interruption(),
+                };
+                return Err(Box::pin(self.end_with(error, Err(u))).await);
+            }
         }
-        let shared = match self.shared_slots_now(entry) {
-            Ok(s) => Ok(s),
-            Err(()) => Box::pin(self.shared_slots(entry)).await,
-        };
-        let shared = match shared {
-            Ok(s) => s,
-            Err(e) => return Err(Box::pin(self.end_with(e, Ok(()))).await),
+        let shared = {
+            let shared = match self.shared_slots_now(entry) {
+                Ok(s) => Ok(s),
+                Err(()) => Box::pin(self.shared_slots(entry)).await,
+            };
+            match shared {
+                Ok(s) => s,
+                Err(e) => return Err(Box::pin(self.end_with(e, Ok(()))).await),
+            }
         };
         let (ran, leader) = match key {
             None => (
@@ -397,24 +406,21 @@ impl<'a> InFlight<'a> {
         if self.scope.cancel.is_cancelled() || (self.waited && Instant::now() >= self.deadline) {
             return Err(self.interruption());
         }
-        // Cancellation is checked before every poll of the body, as a biased select
-        // would; but its waiter is registered only when the body does not finish in
-        // its first poll, which spares a ready tool two lock round trips.
-        let body = tokio::time::timeout_at(self.deadline, Contained::new(body));
-        let mut body = std::pin::pin!(body);
+        // The body's first poll needs neither a timer nor a cancellation waiter: most
+        // tools finish in it. Only a body that does not gets them (boxed, so the
+        // future of a call that waits for nothing stays small).
+        let mut body = std::pin::pin!(Contained::new(body));
         let first = std::future::poll_fn(|cx| std::task::Poll::Ready(body.as_mut().poll(cx))).await;
         let r = match first {
             std::task::Poll::Ready(r) => r,
-            std::task::Poll::Pending => tokio::select! {
-                biased;
-                () = self.scope.cancel.cancelled() => return Err(self.interruption()),
-                r = &mut body => r,
+            std::task::Poll::Pending => match Box::pin(self.wait_body(body.as_mut())).await {
+                Some(r) => r,
+                None => return Err(self.interruption()),
             },
         };
         let max = self.inner.max_text();
         match r {
-            Err(_) => Err(self.interruption()),
-            Ok(Err(panic)) => {
+            Err(panic) => {
                 let detail = panic_message(&*panic);
                 tracing::error!(call_id = %self.scope.call_id, tool = %entry.name, panic = %detail, "tool panicked");
                 Err(DispatchError::Panicked {
@@ -422,12 +428,23 @@ impl<'a> InFlight<'a> {
                     detail,
                 })
             }
-            Ok(Ok(Err(e))) => Err(DispatchError::ToolFailed {
+            Ok(Err(e)) => Err(DispatchError::ToolFailed {
                 tool: entry.name.to_string(),
                 retryable: e.is_retryable(),
                 message: cut(e.message(), max),
             }),
-            Ok(Ok(Ok(ran))) => Ok(ran),
+            Ok(Ok(ran)) => Ok(ran),
+        }
+    }
+
+    /// The rest of a body that did not finish in its first poll: until it does, its
+    /// deadline passes or the call is cancelled (`None`; the body is then dropped,
+    /// still inside its containment).
+    async fn wait_body<F: Future>(&self, body: std::pin::Pin<&mut F>) -> Option<F::Output> {
+        tokio::select! {
+            biased;
+            () = self.scope.cancel.cancelled() => None,
+            r = tokio::time::timeout_at(self.deadline, body) => r.ok(),
         }
     }
 

@@ -102,48 +102,53 @@ impl<'a> Start<'a> {
 
 impl Inner {
     /// Dispatch by name with JSON arguments.
-    pub(crate) async fn dispatch_json(
-        self: &Arc<Self>,
-        outbox: &Arc<Outbox>,
-        user: &WithUser,
+    ///
+    /// The call starts here, not at the first poll: it is counted in flight at once,
+    /// and dropping the future unpolled completes its pair as `cancelled`. (These are
+    /// plain functions returning a future, so that a caller's future holds the call's
+    /// state once rather than once per layer.)
+    pub(crate) fn dispatch_json<'a>(
+        self: &'a Arc<Self>,
+        outbox: &'a Arc<Outbox>,
+        user: &'a WithUser,
         call: ToolCall,
         occurrence: Occurrence,
-    ) -> Result<ToolOutput, DispatchError> {
+    ) -> impl Future<Output = Result<ToolOutput, DispatchError>> + Send + 'a {
         let entry = self.registry.get(&call.name).map(|e| &**e);
         let (start, arguments) = Start::json(entry, call, occurrence, Admission::CALL);
-        self.run_json(outbox, user, start, arguments).await
+        self.run_json(outbox, user, start, arguments)
     }
 
     /// A call by name of `entry` (a registered tool, `None` for an unknown name, or
     /// the health probe's).
-    pub(super) async fn run_json(
-        self: &Arc<Self>,
-        outbox: &Arc<Outbox>,
-        user: &WithUser,
-        start: Start<'_>,
+    pub(super) fn run_json<'a>(
+        self: &'a Arc<Self>,
+        outbox: &'a Arc<Outbox>,
+        user: &'a WithUser,
+        start: Start<'a>,
         arguments: Arguments,
-    ) -> Result<ToolOutput, DispatchError> {
+    ) -> impl Future<Output = Result<ToolOutput, DispatchError>> + Send + 'a {
         let mut c = InFlight::new(self, outbox, user, start);
         let span = c.span.clone();
         async move {
-            match c.prepare_json(arguments) {
-                Ok(p) => c.execute::<Json, _>(p).await,
-                Err(r) => Err(Box::pin(c.refuse(r)).await),
-            }
+            let p = match c.prepare_json(arguments) {
+                Ok(p) => p,
+                Err(r) => return Err(Box::pin(c.refuse(r)).await),
+            };
+            c.execute::<Json, _>(p).await
         }
         .instrument(span)
-        .await
     }
 
     /// Typed dispatch: no JSON round trip for the input.
-    pub(crate) async fn dispatch_typed<T: Tool>(
-        self: &Arc<Self>,
-        outbox: &Arc<Outbox>,
-        user: &WithUser,
+    pub(crate) fn dispatch_typed<'a, T: Tool>(
+        self: &'a Arc<Self>,
+        outbox: &'a Arc<Outbox>,
+        user: &'a WithUser,
         input: T::Input,
         id: Option<String>,
         timeout: Option<Duration>,
-    ) -> Result<ToolOutput<T::Output>, DispatchError> {
+    ) -> impl Future<Output = Result<ToolOutput<T::Output>, DispatchError>> + Send + 'a {
         let found = self.registry.typed::<T>();
         let start = Start {
             occurrence: Occurrence::First,
@@ -156,13 +161,13 @@ impl Inner {
         let mut c = InFlight::new(self, outbox, user, start);
         let span = c.span.clone();
         async move {
-            match c.prepare_typed(found.map(|(_, t)| t), input) {
-                Ok(p) => c.execute::<Typed<T::Output>, _>(p).await,
-                Err(r) => Err(Box::pin(c.refuse(r)).await),
-            }
+            let p = match c.prepare_typed(found.map(|(_, t)| t), input) {
+                Ok(p) => p,
+                Err(r) => return Err(Box::pin(c.refuse(r)).await),
+            };
+            c.execute::<Typed<T::Output>, _>(p).await
         }
         .instrument(span)
-        .await
     }
 
     pub(super) fn call_id(&self, given: Option<String>) -> (Arc<str>, Option<Arc<str>>) {
