@@ -272,6 +272,21 @@ mod tests {
         ));
         assert!(matches!(err(" alice"), UserContextError::Malformed { .. }));
         assert!(matches!(err("al\nice"), UserContextError::Malformed { .. }));
+        // Every id field is checked and named; real ids that merely contain a
+        // placeholder word are fine.
+        assert!(matches!(
+            UserContext::builder("a").request_id("default").build(),
+            Err(UserContextError::Placeholder {
+                field: "request_id",
+                ..
+            })
+        ));
+        let ok = UserContext::builder("alice")
+            .thread_id("default-thread-7")
+            .run_id("run_null_1")
+            .build()
+            .unwrap();
+        assert_eq!(ok.run_id(), Some("run_null_1"));
         let e = UserContext::builder("alice")
             .run_id("none")
             .build()

@@ -1,16 +1,18 @@
 //! `Engine::cancel_user`: ends every in-flight call of one user (running or waiting
 //! for a slot), each with a `cancelled` event, and touches no other user.
 
-use std::sync::Arc;
-use std::time::Duration;
-
-use serde_json::json;
-use tokio::sync::{Semaphore, mpsc};
-use tool_dispatch::event::Status;
-use tool_dispatch::*;
-
 mod common;
-use common::{Handle, completed, hold, hold_engine, recorded, settle, user};
+
+use common::*;
+use serde_json::{Value, json};
+use std::pin::pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::time::Duration;
+use tokio::sync::{Notify, Semaphore, mpsc};
+use tool_dispatch::event::{Event, Status};
+use tool_dispatch::*;
 
 /// `hold` reports its start and waits for a permit of the gate (it ignores
 /// cancellation on purpose); `quick` returns at once; `polite` ends itself when told.
@@ -183,4 +185,203 @@ async fn a_cooperative_tool_observes_the_cancellation() {
         })
     ));
     assert_eq!(seen.recv().await, Some(true));
+}
+
+// ---------------------------------------------------------------- dropped futures
+
+/// A tool that says when its body starts, then never ends; `dropped` turns true when
+/// its future is dropped.
+fn hang(started: &Arc<Notify>, dropped: &Arc<AtomicBool>) -> impl tool_dispatch::IntoTool {
+    let (started, dropped) = (Arc::clone(started), Arc::clone(dropped));
+    tool_fn("hang", "Never ends.", move |_: Value, _cx| {
+        let started = Arc::clone(&started);
+        let guard = DropFlag(Arc::clone(&dropped));
+        async move {
+            let _guard = guard;
+            started.notify_one();
+            std::future::pending::<()>().await;
+            Ok::<_, ToolError>(())
+        }
+    })
+}
+
+/// An engine with only [`hang`], and the flags it reports through.
+fn hang_engine() -> (Engine, Arc<Notify>, Arc<AtomicBool>) {
+    let (started, dropped) = (Arc::new(Notify::new()), Arc::new(AtomicBool::new(false)));
+    let engine = plain_engine(
+        Registry::builder()
+            .tool(hang(&started, &dropped))
+            .build()
+            .unwrap(),
+    );
+    (engine, started, dropped)
+}
+
+/// Polls `call` until the tool body says it started; panics if the call ends first.
+async fn until_started<F>(call: &mut F, started: &Notify)
+where
+    F: Future<Output = Result<ToolOutput, DispatchError>> + Unpin,
+{
+    tokio::select! {
+        biased;
+        r = call => panic!("hang ended: {r:?}"),
+        () = started.notified() => {}
+    }
+}
+
+#[tokio::test]
+async fn aborting_the_task_running_a_dispatch_completes_the_pair_as_cancelled() {
+    let (engine, started, dropped) = hang_engine();
+    let sink = RecordingSink::new();
+    let d = dispatcher(&engine, sink.clone(), "alice");
+
+    let task = {
+        let d = d.clone();
+        tokio::spawn(async move {
+            d.dispatch(ToolCall::new("hang", json!({})).with_id("h1"))
+                .await
+        })
+    };
+    started.notified().await;
+    assert_eq!(engine.active(), 1);
+    assert_eq!(sink.len(), 1, "tool_executing is out while the body runs");
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+
+    assert!(
+        dropped.load(SeqCst),
+        "the tool body was dropped with the call"
+    );
+    assert_eq!(engine.active(), 0);
+    let done = pair(&sink.take());
+    assert_eq!(&*done.call_id, "h1");
+    assert_eq!(done.status, Status::Cancelled);
+    let expected = DispatchError::Cancelled {
+        reason: CancelReason::Dropped,
+    };
+    assert_eq!(done.error.as_deref(), Some(expected.to_string().as_str()));
+    let m = engine.metrics();
+    assert_eq!((m.total, m.count(Status::Cancelled), m.active), (1, 1, 0));
+}
+
+#[tokio::test]
+async fn a_dispatch_future_dropped_by_select_completes_the_pair_on_an_mpsc_sink() {
+    let (engine, started, dropped) = hang_engine();
+    let (tx, rx) = mpsc::channel::<Event>(8);
+    let d = dispatcher(&engine, tx, "alice");
+
+    let call = ToolCall::new("hang", json!({})).with_id("h2");
+    until_started(&mut pin!(d.dispatch(call)), &started).await;
+    // The dispatch future was dropped once its body started.
+    assert!(dropped.load(SeqCst));
+    assert_eq!(engine.active(), 0);
+    drop(d);
+    let events = drain(rx).await;
+    let done = pair(&events);
+    assert_eq!((&*done.call_id, done.status), ("h2", Status::Cancelled));
+}
+
+#[tokio::test]
+async fn a_call_dropped_while_its_sink_is_full_still_gets_its_completion_later() {
+    let (engine, started, _) = hang_engine();
+    // Room for tool_executing only; nobody drains until after the drop.
+    let (tx, rx) = mpsc::channel::<Event>(1);
+    let d = dispatcher(&engine, tx, "alice");
+
+    let call = ToolCall::new("hang", json!({})).with_id("h3");
+    until_started(&mut pin!(d.dispatch(call)), &started).await;
+    assert_eq!(engine.active(), 0);
+    drop(d);
+    let events = drain(rx).await;
+    let done = pair(&events);
+    assert_eq!((&*done.call_id, done.status), ("h3", Status::Cancelled));
+    assert_eq!(engine.metrics().sink_failures, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_dropped_while_waiting_for_a_slot_is_paired_as_cancelled() {
+    let (started, dropped) = (Arc::new(Notify::new()), Arc::new(AtomicBool::new(false)));
+    let runs = Arc::new(AtomicUsize::new(0));
+    let limits = Limits::default().per_user(UserLimits {
+        concurrency: 1,
+        rate: None,
+    });
+    let registry = Registry::builder()
+        .tool(hang(&started, &dropped))
+        .tool(counting("count", &runs, ToolSettings::new()))
+        .build()
+        .unwrap();
+    let engine = Engine::builder(registry).limits(limits).build();
+    let sink = RecordingSink::new();
+    let d = dispatcher(&engine, sink.clone(), "alice");
+
+    // Boxed, so that `drop` really drops the futures.
+    let mut first = Box::pin(d.dispatch(ToolCall::new("hang", json!({})).with_id("holder")));
+    let mut second = Box::pin(d.dispatch(ToolCall::new("count", json!(1)).with_id("queued")));
+    until_started(&mut first, &started).await;
+    // `second` waits for alice's only slot; poll it once, then drop both.
+    tokio::select! {
+        biased;
+        r = &mut second => panic!("got a slot: {r:?}"),
+        () = std::future::ready(()) => {}
+    }
+    assert_eq!(engine.active(), 2);
+    drop(second);
+    drop(first);
+    assert_eq!(engine.active(), 0);
+    assert_eq!(runs.load(SeqCst), 0);
+
+    let events = sink.take();
+    let by_id = |id: &str| -> Vec<Event> {
+        events
+            .iter()
+            .filter(|e| e.call_id() == Some(id))
+            .cloned()
+            .collect()
+    };
+    assert_eq!(pair(&by_id("holder")).status, Status::Cancelled);
+    assert_eq!(pair(&by_id("queued")).status, Status::Cancelled);
+    assert_eq!(events.len(), 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_whose_timeout_passes_while_it_waits_for_a_slot_never_starts_its_body() {
+    let (started, dropped) = (Arc::new(Notify::new()), Arc::new(AtomicBool::new(false)));
+    let runs = Arc::new(AtomicUsize::new(0));
+    let limits = Limits::default()
+        .per_user(UserLimits {
+            concurrency: 1,
+            rate: None,
+        })
+        .max_wait(Duration::from_secs(60));
+    let registry = Registry::builder()
+        .tool(hang(&started, &dropped))
+        .tool(counting(
+            "count",
+            &runs,
+            ToolSettings::new().timeout(Duration::from_secs(3)),
+        ))
+        .build()
+        .unwrap();
+    let engine = Engine::builder(registry).limits(limits).build();
+    let sink = RecordingSink::new();
+    let d = dispatcher(&engine, sink.clone(), "alice");
+
+    let holder = ToolCall::new("hang", json!({})).with_timeout(Duration::from_secs(4));
+    let mut first = Box::pin(d.dispatch(holder));
+    until_started(&mut first, &started).await;
+    // The queued call waits 4 s for alice's only slot; its own timeout is 3 s.
+    let (first, second) = tokio::join!(first, d.dispatch(ToolCall::new("count", json!(1))));
+    assert!(
+        matches!(first, Err(DispatchError::Timeout { .. })),
+        "{first:?}"
+    );
+    let err = second.expect_err("the queued call timed out while waiting");
+    assert!(matches!(err, DispatchError::Timeout { after, .. } if after == Duration::from_secs(3)));
+    assert_eq!(
+        runs.load(SeqCst),
+        0,
+        "the body must not start after its deadline"
+    );
+    assert_eq!(engine.active(), 0);
 }

@@ -5,21 +5,15 @@
 
 mod common;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
-use std::time::Duration;
-
 use common::*;
-use serde_json::{Value, json};
+use serde_json::json;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tool_dispatch::event::{AgentUpdate, Event, Status};
 use tool_dispatch::*;
-
-fn echo() -> impl tool_dispatch::IntoTool {
-    tool_fn("echo", "Returns its input.", |v: Value, _cx| async move {
-        Ok::<_, ToolError>(v)
-    })
-}
 
 fn open_limits() -> Limits {
     Limits::default().per_user(no_rate(10))
@@ -457,4 +451,119 @@ async fn a_stalled_sink_costs_its_user_one_delivery_timeout_not_one_per_call() {
         (m.count(Status::Success), m.count(Status::Undelivered)),
         (2, 3)
     );
+}
+
+// ---------------------------------------------------------------- sink failures
+
+#[tokio::test]
+async fn a_sink_closed_before_the_call_means_the_tool_never_runs() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let engine = plain_engine(
+        Registry::builder()
+            .tool(counting("count", &runs, ToolSettings::new()))
+            .build()
+            .unwrap(),
+    );
+
+    // A recording sink closed on purpose.
+    let sink = RecordingSink::new();
+    sink.close();
+    let d = dispatcher(&engine, sink.clone(), "alice");
+    let err = d
+        .dispatch(ToolCall::new("count", json!(1)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, DispatchError::Undelivered(SinkError::Closed)),
+        "{err:?}"
+    );
+    assert!(sink.is_empty());
+
+    // An mpsc sink whose receiver (the WebSocket writer) is gone.
+    let (tx, rx) = mpsc::channel::<Event>(8);
+    drop(rx);
+    let d = dispatcher(&engine, tx, "bob");
+    let err = d
+        .dispatch(ToolCall::new("count", json!(1)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, DispatchError::Undelivered(SinkError::Closed)),
+        "{err:?}"
+    );
+    let typed_err = d
+        .notify(AgentUpdate::Thinking("hm".into()))
+        .await
+        .unwrap_err();
+    assert_eq!(typed_err, SinkError::Closed);
+
+    assert_eq!(runs.load(SeqCst), 0, "the body never ran");
+    let m = engine.metrics();
+    assert_eq!(m.count(Status::Undelivered), 2);
+    assert_eq!((m.total, m.active), (2, 0));
+    assert_eq!(m.sink_failures, 3, "two tool_executing and one agent event");
+}
+
+#[tokio::test]
+async fn a_sink_closed_after_tool_executing_still_returns_the_result_and_counts_the_failure() {
+    let sink = RecordingSink::new();
+    let closer = {
+        let sink = sink.clone();
+        tool_fn(
+            "closer",
+            "Closes the sink, then answers.",
+            move |n: u32, _cx| {
+                sink.close();
+                async move { Ok::<_, ToolError>(n * 2) }
+            },
+        )
+    };
+    // The same with an mpsc sink: the writer task goes away mid-call.
+    let receiver: Arc<Mutex<Option<mpsc::Receiver<Event>>>> = Arc::default();
+    let hangup = {
+        let receiver = Arc::clone(&receiver);
+        tool_fn(
+            "hangup",
+            "Drops the receiver, then answers.",
+            move |n: u32, _cx| {
+                let rx = receiver.lock().unwrap().take();
+                async move {
+                    let mut rx = rx.ok_or_else(|| ToolError::new("no receiver"))?;
+                    let first = rx.try_recv().map_err(|e| ToolError::new(e.to_string()))?;
+                    drop(rx);
+                    Ok::<_, ToolError>((first.kind(), n + 1))
+                }
+            },
+        )
+    };
+    let registry = Registry::builder()
+        .tool(closer)
+        .tool(hangup)
+        .build()
+        .unwrap();
+    let engine = plain_engine(registry);
+
+    let d = dispatcher(&engine, sink.clone(), "alice");
+    let out = d
+        .dispatch(ToolCall::new("closer", json!(21)))
+        .await
+        .unwrap();
+    assert_eq!(out.value, json!(42));
+    let events = sink.events();
+    assert_eq!(events.len(), 1);
+    assert!(matches!(events[0], Event::ToolExecuting(_)));
+
+    let (tx, rx) = mpsc::channel::<Event>(8);
+    *receiver.lock().unwrap() = Some(rx);
+    let d = dispatcher(&engine, tx, "bob");
+    let out = d.dispatch(ToolCall::new("hangup", json!(1))).await.unwrap();
+    assert_eq!(out.value, json!(["tool_executing", 2]));
+
+    let m = engine.metrics();
+    assert_eq!(m.count(Status::Success), 2);
+    assert_eq!(
+        m.sink_failures, 2,
+        "both undelivered tool_completed are counted"
+    );
+    assert_eq!(m.active, 0);
 }

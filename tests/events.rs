@@ -6,13 +6,16 @@
 //! wire format, rewrite them with `TOOL_DISPATCH_BLESS=1 cargo test --test events`
 //! and review the diff: the DESIGN.md checks below still have to pass.
 
-use std::time::Duration;
+mod common;
 
+use common::*;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use tool_dispatch::event::Timestamp;
-use tool_dispatch::event::{AgentUpdate, Event, Status};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{Notify, mpsc};
+use tool_dispatch::event::{AgentUpdate, Event, Status, Timestamp, ToolProgress};
 use tool_dispatch::{
     Dispatcher, Engine, RecordingSink, Redaction, Registry, Tool, ToolCall, ToolContext, ToolError,
     ToolSettings, UserContext, tool_fn,
@@ -561,4 +564,190 @@ async fn an_output_that_fails_to_serialize_is_said_so_never_a_silent_null() {
         (m.count(Status::Success), m.count(Status::ToolFailed)),
         (1, 1)
     );
+}
+
+// ---------------------------------------------------------------- progress
+
+#[tokio::test]
+async fn progress_reaches_only_this_users_sink_between_executing_and_completed() {
+    let steps = tool_fn(
+        "steps",
+        "Reports progress.",
+        |n: u32, cx: ToolContext| async move {
+            assert!(cx.progress(0.25, "fetching"));
+            tokio::task::yield_now().await;
+            assert!(cx.progress(7.0, ""));
+            assert!(cx.progress(f64::NAN, "odd"));
+            Ok::<_, ToolError>(n)
+        },
+    );
+    let engine = plain_engine(
+        Registry::builder()
+            .tool(steps)
+            .tool(echo())
+            .build()
+            .unwrap(),
+    );
+    let (alice_sink, bob_sink) = (RecordingSink::new(), RecordingSink::new());
+    let alice = dispatcher(&engine, alice_sink.clone(), "alice");
+    let bob = dispatcher(&engine, bob_sink.clone(), "bob");
+
+    let (a, b, c) = tokio::join!(
+        alice.dispatch(ToolCall::new("steps", json!(1)).with_id("a1")),
+        bob.dispatch(ToolCall::new("echo", json!(2)).with_id("b1")),
+        bob.dispatch(ToolCall::new("steps", json!(3)).with_id("b2")),
+    );
+    assert_eq!(
+        (a.unwrap().value, b.unwrap().value, c.unwrap().value),
+        (json!(1), json!(2), json!(3))
+    );
+
+    let events = alice_sink.take();
+    let kinds: Vec<&str> = events.iter().map(Event::kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            "tool_executing",
+            "tool_progress",
+            "tool_progress",
+            "tool_progress",
+            "tool_completed"
+        ]
+    );
+    assert!(
+        events
+            .iter()
+            .all(|e| e.call_id() == Some("a1") && e.user_id() == "alice")
+    );
+    let progress: Vec<(f64, Option<String>)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::ToolProgress(ToolProgress {
+                progress, message, ..
+            }) => Some((*progress, message.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        progress,
+        [
+            (0.25, Some("fetching".into())),
+            (1.0, None),
+            (0.0, Some("odd".into()))
+        ]
+    );
+    let Event::ToolProgress(p) = &events[1] else {
+        unreachable!()
+    };
+    assert_eq!(
+        (&*p.tool_name, p.run_id.as_deref()),
+        ("steps", Some("run_alice"))
+    );
+
+    // Bob's sink has his own events only, each call's progress inside its own pair.
+    let bob_events = bob_sink.take();
+    assert!(bob_events.iter().all(|e| e.user_id() == "bob"));
+    assert_eq!(bob_events.len(), 2 + 5);
+    for id in ["b1", "b2"] {
+        let mine: Vec<&str> = bob_events
+            .iter()
+            .filter(|e| e.call_id() == Some(id))
+            .map(Event::kind)
+            .collect();
+        assert_eq!(mine.first(), Some(&"tool_executing"), "{id}");
+        assert_eq!(mine.last(), Some(&"tool_completed"), "{id}");
+    }
+    assert_eq!(engine.metrics().progress_dropped, 0);
+}
+
+#[tokio::test]
+async fn progress_into_a_full_sink_is_dropped_and_counted_without_blocking() {
+    let reported = Arc::new(Notify::new());
+    let chatty = {
+        let reported = Arc::clone(&reported);
+        tool_fn(
+            "chatty",
+            "Reports into a full sink.",
+            move |_: Value, cx: ToolContext| {
+                let reported = Arc::clone(&reported);
+                async move {
+                    // The queue holds tool_executing and nobody reads it yet: a
+                    // blocking progress would hang here forever.
+                    let delivered = cx.progress(0.5, "half");
+                    reported.notify_one();
+                    Ok::<_, ToolError>(delivered)
+                }
+            },
+        )
+    };
+    let engine = plain_engine(Registry::builder().tool(chatty).build().unwrap());
+    let (tx, rx) = mpsc::channel::<Event>(1);
+    let d = dispatcher(&engine, tx, "alice");
+
+    let call = tokio::spawn(async move { d.dispatch(ToolCall::new("chatty", json!({}))).await });
+    reported.notified().await;
+    let events = drain(rx).await;
+    let kinds: Vec<&str> = events.iter().map(Event::kind).collect();
+    assert_eq!(kinds, ["tool_executing", "tool_completed"]);
+    let out = call.await.unwrap().unwrap();
+    assert_eq!(out.value, json!(false), "progress reported the drop");
+    let m = engine.metrics();
+    assert_eq!((m.progress_dropped, m.sink_failures), (1, 0));
+}
+
+// ---------------------------------------------------------------- agent events
+
+#[tokio::test]
+async fn agent_events_share_the_users_ordered_stream() {
+    let engine = plain_engine(Registry::builder().tool(echo()).build().unwrap());
+    let (tx, rx) = mpsc::channel::<Event>(16);
+    let d = dispatcher(&engine, tx, "alice");
+
+    d.notify(AgentUpdate::Started(Some("on it".into())))
+        .await
+        .unwrap();
+    d.notify(AgentUpdate::Thinking("looking up the weather".into()))
+        .await
+        .unwrap();
+    d.dispatch(ToolCall::new("echo", json!(1)).with_id("c1"))
+        .await
+        .unwrap();
+    d.notify(AgentUpdate::Error("upstream hiccup".into()))
+        .await
+        .unwrap();
+    d.notify(AgentUpdate::Completed(json!({"answer": 42})))
+        .await
+        .unwrap();
+    drop(d);
+
+    let events = drain(rx).await;
+    let kinds: Vec<&str> = events.iter().map(Event::kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            "agent_started",
+            "agent_thinking",
+            "tool_executing",
+            "tool_completed",
+            "agent_error",
+            "agent_completed"
+        ]
+    );
+    for e in &events {
+        assert_eq!(e.user_id(), "alice");
+        let json = serde_json::to_value(e).unwrap();
+        assert_eq!(
+            (&json["run_id"], &json["thread_id"]),
+            (&json!("run_alice"), &json!("t_1"))
+        );
+    }
+    let Event::AgentCompleted(done) = &events[5] else {
+        unreachable!()
+    };
+    assert_eq!(done.result, Some(json!({"answer": 42})));
+    let Event::AgentThinking(thinking) = &events[1] else {
+        unreachable!()
+    };
+    assert_eq!(thinking.message.as_deref(), Some("looking up the weather"));
+    assert_eq!(engine.metrics().total, 1, "agent events are not tool calls");
 }

@@ -1,17 +1,16 @@
 //! `Engine::health`: a real probe through the pipeline; healthy when idle, degraded
 //! when the global limit is saturated, unhealthy after shutdown; serializable.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::user;
 use serde_json::json;
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 use tool_dispatch::*;
-
-fn user(id: &str) -> UserContext {
-    UserContext::builder(id).build().expect("valid user id")
-}
 
 /// `wait` reports its start, then waits for the test's `Notify`.
 fn engine(release: &Arc<Notify>, started: mpsc::UnboundedSender<()>, limits: Limits) -> Engine {

@@ -4,12 +4,15 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering::SeqCst;
+use std::time::Duration;
+use tool_dispatch::PolicyError;
 use tool_dispatch::event::{AgentUpdate, Event, Status};
 use tool_dispatch::*;
 
@@ -45,12 +48,6 @@ fn drop_flat(v: Value) {
             _ => {}
         }
     }
-}
-
-fn echo() -> impl tool_dispatch::IntoTool {
-    tool_fn("echo", "Returns its input.", |v: Value, _cx| async move {
-        Ok::<_, ToolError>(v)
-    })
 }
 
 fn engine_with(reg: Registry) -> Engine {
@@ -559,4 +556,183 @@ async fn durations_of_zero_and_max_are_accepted_everywhere_without_a_panic() {
         assert_eq!(report.still_active, 0);
         assert_eq!(engine.active(), 0);
     }
+}
+
+// ---------------------------------------------------------------- invalid input
+
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct Forecast {
+    city: String,
+    days: u8,
+    #[serde(default)]
+    options: Option<Options>,
+}
+
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct Options {
+    units: String,
+}
+
+#[tokio::test]
+async fn invalid_arguments_are_an_invalid_input_error_naming_the_field_and_the_body_never_runs() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let forecast = {
+        let runs = Arc::clone(&runs);
+        tool_fn("forecast", "Forecast.", move |f: Forecast, _cx| {
+            runs.fetch_add(1, SeqCst);
+            async move { Ok::<_, ToolError>(f.days) }
+        })
+    };
+    let engine = plain_engine(Registry::builder().tool(forecast).build().unwrap());
+    let sink = RecordingSink::new();
+    let d = dispatcher(&engine, sink.clone(), "alice");
+
+    let cases: Vec<(&str, ToolCall, &str)> = vec![
+        (
+            "wrong type",
+            ToolCall::new("forecast", json!({"city": "Paris", "days": "three"})),
+            "days",
+        ),
+        (
+            "missing field",
+            ToolCall::new("forecast", json!({"city": "Paris"})),
+            "days",
+        ),
+        (
+            "unknown field",
+            ToolCall::new(
+                "forecast",
+                json!({"city": "Paris", "days": 2, "country": "FR"}),
+            ),
+            "country",
+        ),
+        (
+            "nested wrong type",
+            ToolCall::new(
+                "forecast",
+                json!({"city": "Paris", "days": 2, "options": {"units": 5}}),
+            ),
+            "options.units",
+        ),
+        (
+            "out of range",
+            ToolCall::new("forecast", json!({"city": "Paris", "days": 300})),
+            "days",
+        ),
+        (
+            "not JSON",
+            ToolCall::from_text("forecast", r#"{"city": "Paris", "days": "#),
+            "not valid JSON",
+        ),
+        (
+            "not an object",
+            ToolCall::from_text("forecast", "[1, 2]"),
+            "",
+        ),
+    ];
+    for (what, call, names) in cases {
+        let err = d.dispatch(call.with_id(what)).await.unwrap_err();
+        let DispatchError::InvalidInput {
+            tool,
+            path,
+            message,
+        } = &err
+        else {
+            panic!("{what}: {err:?}");
+        };
+        assert_eq!(tool, "forecast", "{what}");
+        assert!(
+            path.contains(names) || message.contains(names),
+            "{what}: `{names}` not in path `{path}` or message `{message}`"
+        );
+        assert!(err.to_string().contains(path.as_str()), "{what}: {err}");
+        assert!(!err.is_retryable());
+        let done = pair(&sink.take());
+        assert_eq!((&*done.call_id, done.status), (what, Status::InvalidInput));
+        assert_eq!(done.error, Some(err.to_string()));
+    }
+    // Where the path points at a field, it is that field's path.
+    let err = d
+        .dispatch(ToolCall::new(
+            "forecast",
+            json!({"city": "Paris", "days": "three"}),
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, DispatchError::InvalidInput { path, .. } if path == "days"),
+        "{err:?}"
+    );
+    let err = d
+        .dispatch(ToolCall::new(
+            "forecast",
+            json!({"city": "P", "days": 1, "options": {"units": 5}}),
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, DispatchError::InvalidInput { path, .. } if path == "options.units"),
+        "{err:?}"
+    );
+
+    assert_eq!(runs.load(SeqCst), 0, "the body never ran");
+    let m = engine.metrics();
+    assert_eq!((m.count(Status::InvalidInput), m.total), (9, 9));
+
+    // And valid arguments do run it.
+    let ok = d
+        .dispatch(ToolCall::from_text(
+            "forecast",
+            r#"{"city": "Paris", "days": 3}"#,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(ok.value, json!(3));
+    assert_eq!(runs.load(SeqCst), 1);
+}
+
+// ---------------------------------------------------------------- unknown tools
+
+#[tokio::test]
+async fn an_unknown_tool_is_its_own_error_with_both_events() {
+    let engine = plain_engine(Registry::builder().tool(echo()).build().unwrap());
+    let sink = RecordingSink::new();
+    let d = dispatcher(&engine, sink.clone(), "alice");
+
+    let err = d
+        .dispatch(ToolCall::new("get_wether", json!({"city": "Paris"})).with_id("u1"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        DispatchError::UnknownTool {
+            name: "get_wether".into()
+        }
+    );
+    assert_eq!(err.status(), Status::UnknownTool);
+    let events = sink.take();
+    let done = pair(&events);
+    let Event::ToolExecuting(ex) = &events[0] else {
+        unreachable!()
+    };
+    assert_eq!((&*ex.call_id, &*ex.tool_name), ("u1", "get_wether"));
+    assert_eq!(ex.parameters, json!({"city": "Paris"}));
+    assert_eq!(done.status, Status::UnknownTool);
+    assert_eq!(done.error.as_deref(), Some("unknown tool `get_wether`"));
+
+    // An absurd name is cut, never a panic.
+    let long = "x".repeat(10_000);
+    let err = d
+        .dispatch(ToolCall::new(long, json!(null)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, DispatchError::UnknownTool { name } if name.len() <= 128),
+        "{err:?}"
+    );
+    assert_eq!(pair(&sink.take()).status, Status::UnknownTool);
+    let m = engine.metrics();
+    assert_eq!((m.count(Status::UnknownTool), m.total, m.active), (2, 2, 0));
 }

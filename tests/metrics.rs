@@ -2,10 +2,13 @@
 //! cancellations, timeouts, errors), and each call gets one tracing span with the
 //! OpenTelemetry GenAI field names.
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::user;
 use serde_json::{Value, json};
 use tool_dispatch::event::{Event, Status};
 use tool_dispatch::*;
@@ -14,10 +17,6 @@ use tool_dispatch::*;
 /// any subscriber is interested, and a call site first reached on another thread
 /// while the capturing subscriber is being installed can miss it.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn user(id: &str) -> UserContext {
-    UserContext::builder(id).build().expect("valid user id")
-}
 
 const USERS: usize = 20;
 const CALLS_PER_USER_PER_ROUND: usize = 10;

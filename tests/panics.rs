@@ -4,12 +4,12 @@
 
 mod common;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
-use std::time::Duration;
-
 use common::*;
 use serde_json::json;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering::SeqCst;
+use std::time::Duration;
 use tool_dispatch::event::Status;
 use tool_dispatch::*;
 
@@ -104,4 +104,54 @@ async fn a_body_that_panics_while_dropped_by_cancel_or_by_the_caller_is_containe
     }
     let m = engine.metrics();
     assert_eq!((m.count(Status::Cancelled), m.active), (3, 0));
+}
+
+// ---------------------------------------------------------------- panics
+
+#[tokio::test]
+async fn a_panicking_tool_reports_panicked_and_the_next_call_succeeds() {
+    let boom = tool_fn(
+        "boom",
+        "Panics on request.",
+        |explode: bool, _cx| async move {
+            if explode {
+                panic!("internal detail: db password is hunter2");
+            }
+            Ok::<_, ToolError>("fine")
+        },
+    );
+    let engine = plain_engine(Registry::builder().tool(boom).build().unwrap());
+    let sink = RecordingSink::new();
+    let d = dispatcher(&engine, sink.clone(), "alice");
+
+    let err = d
+        .dispatch(ToolCall::new("boom", json!(true)))
+        .await
+        .unwrap_err();
+    let DispatchError::Panicked { tool, detail } = &err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(tool, "boom");
+    assert!(detail.contains("hunter2"), "the payload is kept for logs");
+    assert!(
+        !err.to_string().contains("hunter2"),
+        "but not shown to the model"
+    );
+    assert!(!err.is_retryable());
+    let done = pair(&sink.take());
+    assert_eq!(done.status, Status::Panicked);
+    assert!(!done.error.unwrap().contains("hunter2"));
+
+    let ok = d
+        .dispatch(ToolCall::new("boom", json!(false)))
+        .await
+        .unwrap();
+    assert_eq!(ok.value, json!("fine"));
+    assert_eq!(pair(&sink.take()).status, Status::Success);
+    let m = engine.metrics();
+    assert_eq!(
+        (m.count(Status::Panicked), m.count(Status::Success)),
+        (1, 1)
+    );
+    assert_eq!(m.active, 0);
 }

@@ -3,15 +3,15 @@
 
 mod common;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
-use std::time::Duration;
-
 use common::*;
 use serde_json::json;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering::SeqCst;
+use std::time::Duration;
 use tool_dispatch::event::Status;
 use tool_dispatch::*;
-use tool_dispatch::{BoxFuture, PolicyRequest};
+use tool_dispatch::{BoxFuture, PolicyError, PolicyRequest};
 
 /// Never answers.
 struct Silent {
@@ -167,4 +167,167 @@ async fn a_policy_that_panics_late_or_answers_after_the_deadline_costs_only_its_
     assert_eq!(completed(&sink, "slow").status, Status::Timeout);
     assert_eq!(completed(&sink, "drop").status, Status::Cancelled);
     assert_eq!(engine.active(), 0);
+}
+
+// ---------------------------------------------------------------- permissions
+
+#[tokio::test]
+async fn a_user_missing_a_scope_is_denied_naming_it_and_the_body_never_runs() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let write = counting(
+        "write_file",
+        &runs,
+        ToolSettings::new().scope("files:read").scope("files:write"),
+    );
+    let engine = plain_engine(Registry::builder().tool(write).build().unwrap());
+    let sink = RecordingSink::new();
+    let reader = UserContext::builder("alice")
+        .scope("files:read")
+        .build()
+        .unwrap();
+    let d = engine.dispatcher().sink(sink.clone()).user(reader);
+
+    let err = d
+        .dispatch(ToolCall::new("write_file", json!("x")))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        DispatchError::Denied {
+            tool: "write_file".into(),
+            missing_scopes: vec!["files:write".into()],
+            reason: None,
+        }
+    );
+    assert!(err.to_string().contains("files:write"), "{err}");
+    assert!(!err.to_string().contains("files:read"), "{err}");
+    let done = pair(&sink.take());
+    assert_eq!(done.status, Status::Denied);
+    assert_eq!(runs.load(SeqCst), 0);
+    let m = engine.metrics();
+    assert_eq!((m.by_status["denied"], m.total), (1, 1));
+
+    // Holding both scopes, the same call runs.
+    let writer = UserContext::builder("bob")
+        .scopes(["files:read", "files:write"])
+        .build()
+        .unwrap();
+    let d = engine.dispatcher().user(writer).sink(sink.clone());
+    assert_eq!(
+        d.dispatch(ToolCall::new("write_file", json!("x")))
+            .await
+            .unwrap()
+            .value,
+        "x"
+    );
+    assert_eq!(runs.load(SeqCst), 1);
+}
+
+/// Allows `pro` users, whatever scopes the tool asks for; awaits before deciding.
+struct TierPolicy;
+
+impl Policy for TierPolicy {
+    fn check<'a>(&'a self, req: PolicyRequest<'a>) -> BoxFuture<'a, Result<Decision, PolicyError>> {
+        Box::pin(async move {
+            tokio::task::yield_now().await;
+            match req.user.metadata("tier") {
+                Some("pro") => Ok(Decision::Allow),
+                Some("broken") => Err(PolicyError("the plans database is down".into())),
+                Some("explode") => panic!("policy bug"),
+                _ => Ok(Decision::deny("a pro plan is required")),
+            }
+        })
+    }
+}
+
+/// Panics before returning its future.
+struct PanicsEagerly;
+
+impl Policy for PanicsEagerly {
+    fn check<'a>(
+        &'a self,
+        _req: PolicyRequest<'a>,
+    ) -> BoxFuture<'a, Result<Decision, PolicyError>> {
+        panic!("policy bug, eagerly")
+    }
+}
+
+#[tokio::test]
+async fn a_custom_async_policy_replaces_the_default_and_fails_closed() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let admin = || counting("admin", &runs, ToolSettings::new().scope("admin"));
+    let engine = Engine::builder(Registry::builder().tool(admin()).build().unwrap())
+        .policy(TierPolicy)
+        .build();
+    let with_tier = |id: &str, tier: &str, sink: &RecordingSink| {
+        let ctx = UserContext::builder(id)
+            .metadata("tier", tier)
+            .scope("admin")
+            .build()
+            .unwrap();
+        engine.dispatcher().sink(sink.clone()).user(ctx)
+    };
+    let sink = RecordingSink::new();
+
+    // A pro user without the tool's scope is allowed: the default policy is replaced.
+    let pro = engine.dispatcher().sink(sink.clone()).user(
+        UserContext::builder("pro")
+            .metadata("tier", "pro")
+            .build()
+            .unwrap(),
+    );
+    assert_eq!(
+        pro.dispatch(ToolCall::new("admin", json!(1)))
+            .await
+            .unwrap()
+            .value,
+        1
+    );
+    assert_eq!(pair(&sink.take()).status, Status::Success);
+
+    // A free user holding the scope is denied with the policy's reason.
+    let err = with_tier("free", "free", &sink)
+        .dispatch(ToolCall::new("admin", json!(1)))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        DispatchError::Denied {
+            tool: "admin".into(),
+            missing_scopes: vec![],
+            reason: Some("a pro plan is required".into()),
+        }
+    );
+    assert_eq!(pair(&sink.take()).status, Status::Denied);
+
+    // A policy error and a panicking policy deny, without leaking their details.
+    for tier in ["broken", "explode"] {
+        let err = with_tier(tier, tier, &sink)
+            .dispatch(ToolCall::new("admin", json!(1)))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, DispatchError::Denied { .. }),
+            "{tier}: {err:?}"
+        );
+        assert!(!err.to_string().contains("database"), "{err}");
+        assert_eq!(pair(&sink.take()).status, Status::Denied);
+    }
+    let eager = Engine::builder(Registry::builder().tool(admin()).build().unwrap())
+        .policy(PanicsEagerly)
+        .build();
+    let d = eager
+        .dispatcher()
+        .sink(sink.clone())
+        .user(user_in_run("alice"));
+    let err = d
+        .dispatch(ToolCall::new("admin", json!(1)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DispatchError::Denied { .. }), "{err:?}");
+    assert_eq!(pair(&sink.take()).status, Status::Denied);
+
+    assert_eq!(runs.load(SeqCst), 1, "only the pro call ran");
+    assert_eq!(engine.metrics().count(Status::Denied), 3);
+    assert_eq!(eager.metrics().count(Status::Denied), 1);
 }

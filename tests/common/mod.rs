@@ -255,3 +255,82 @@ pub fn assert_paired(events: &[Event]) {
 pub async fn poll_once<F: std::future::Future + Unpin>(f: &mut F) -> std::task::Poll<F::Output> {
     std::future::poll_fn(|cx| std::task::Poll::Ready(std::pin::Pin::new(&mut *f).poll(cx))).await
 }
+
+// ------------------------------------------------------------------ shared fixtures
+
+/// A user context with a thread (`t_1`) and a run (`run_<id>`).
+pub fn user_in_run(id: &str) -> UserContext {
+    UserContext::builder(id)
+        .thread_id("t_1")
+        .run_id(format!("run_{id}"))
+        .build()
+        .expect("valid user")
+}
+
+/// A dispatcher on `engine` for [`user_in_run`]`(id)`, streaming to `sink`.
+pub fn dispatcher(engine: &Engine, sink: impl EventSink, id: &str) -> Dispatcher {
+    engine.dispatcher().sink(sink).user(user_in_run(id))
+}
+
+/// An engine with default settings over `registry`.
+pub fn plain_engine(registry: Registry) -> Engine {
+    Engine::builder(registry).build()
+}
+
+/// Asserts `events` is exactly one `tool_executing` then one `tool_completed` with
+/// the same call id, and returns the completion.
+#[track_caller]
+pub fn pair(events: &[Event]) -> ToolCompleted {
+    assert_eq!(events.len(), 2, "expected one pair: {events:?}");
+    let (Event::ToolExecuting(ex), Event::ToolCompleted(done)) = (&events[0], &events[1]) else {
+        panic!("expected tool_executing then tool_completed: {events:?}");
+    };
+    assert_eq!(ex.call_id, done.call_id);
+    assert_eq!(ex.tool_name, done.tool_name);
+    done.clone()
+}
+
+/// Sets a flag when dropped: proves a tool body's future was dropped.
+pub struct DropFlag(pub Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// `echo`: returns its input, whatever it is.
+pub fn echo() -> impl IntoTool {
+    tool_fn(
+        "echo",
+        "Returns its input.",
+        |v: serde_json::Value, _cx| async move { Ok::<_, ToolError>(v) },
+    )
+}
+
+/// A tool named `name` that counts how many times its body ran.
+pub fn counting(
+    name: &str,
+    runs: &Arc<std::sync::atomic::AtomicUsize>,
+    settings: ToolSettings,
+) -> impl IntoTool {
+    let runs = Arc::clone(runs);
+    tool_fn(
+        name,
+        "Counts its runs.",
+        move |v: serde_json::Value, _cx| {
+            runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move { Ok::<_, ToolError>(v) }
+        },
+    )
+    .settings(settings)
+}
+
+/// Every event of a channel until it closes, in order.
+pub async fn drain(mut rx: mpsc::Receiver<Event>) -> Vec<Event> {
+    let mut events = Vec::new();
+    while let Some(e) = rx.recv().await {
+        events.push(e);
+    }
+    events
+}
