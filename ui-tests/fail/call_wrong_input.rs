@@ -1,27 +1,9 @@
 // expected: mismatched types
 // A typed call whose input is not the tool's `Input` type.
-use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
-use tool_dispatch::{Engine, RecordingSink, Registry, Tool, ToolContext, ToolError, UserContext};
-
-#[derive(Deserialize, Serialize, JsonSchema)]
-struct EchoIn {
-    text: String,
-}
-
-struct Echo;
-
-impl Tool for Echo {
-    const NAME: &'static str = "echo";
-    type Input = EchoIn;
-    type Output = String;
-    fn description(&self) -> &str {
-        "Echoes its input."
-    }
-    async fn call(&self, input: EchoIn, _cx: ToolContext) -> Result<String, ToolError> {
-        Ok(input.text)
-    }
-}
+#[path = "../common/echo.rs"]
+mod echo;
+use echo::Echo;
+use tool_dispatch::{Engine, RecordingSink, Registry, UserContext};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {

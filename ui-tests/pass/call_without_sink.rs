@@ -1,26 +1,8 @@
 // Twin of fail/call_without_sink.rs: the sink is set, so the typed call compiles.
-use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
-use tool_dispatch::{Engine, RecordingSink, Registry, Tool, ToolContext, ToolError, UserContext};
-
-#[derive(Deserialize, Serialize, JsonSchema)]
-struct EchoIn {
-    text: String,
-}
-
-struct Echo;
-
-impl Tool for Echo {
-    const NAME: &'static str = "echo";
-    type Input = EchoIn;
-    type Output = String;
-    fn description(&self) -> &str {
-        "Echoes its input."
-    }
-    async fn call(&self, input: EchoIn, _cx: ToolContext) -> Result<String, ToolError> {
-        Ok(input.text)
-    }
-}
+#[path = "../common/echo.rs"]
+mod echo;
+use echo::{Echo, EchoIn};
+use tool_dispatch::{Engine, RecordingSink, Registry, UserContext};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {

@@ -1,27 +1,9 @@
 // Twin of fail/unused_typed_call.rs: the typed call is awaited.
 #![deny(unused_must_use)]
-use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
-use tool_dispatch::{Engine, RecordingSink, Registry, Tool, ToolContext, ToolError, UserContext};
-
-#[derive(Deserialize, Serialize, JsonSchema)]
-struct EchoIn {
-    text: String,
-}
-
-struct Echo;
-
-impl Tool for Echo {
-    const NAME: &'static str = "echo";
-    type Input = EchoIn;
-    type Output = String;
-    fn description(&self) -> &str {
-        "Echoes its input."
-    }
-    async fn call(&self, input: EchoIn, _cx: ToolContext) -> Result<String, ToolError> {
-        Ok(input.text)
-    }
-}
+#[path = "../common/echo.rs"]
+mod echo;
+use echo::{Echo, EchoIn};
+use tool_dispatch::{Engine, RecordingSink, Registry, UserContext};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
