@@ -77,7 +77,8 @@ impl Rate {
     }
 }
 
-/// The limits that apply to one user; what a [`UserLimitResolver`] returns.
+/// The limits that apply to one user; what the resolver given to
+/// [`Limits::per_user_with`] returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UserLimits {
     /// Concurrent calls of this user (default 10).

@@ -114,7 +114,7 @@ impl Inner {
 /// The shared half: registry, policy, limits, cache, supervisor and metrics.
 ///
 /// Cheap to clone (one `Arc`). Build it once at start-up, then take one
-/// [`Dispatcher`] per request with [`dispatcher`](Engine::dispatcher).
+/// [`Dispatcher`](crate::Dispatcher) per request with [`dispatcher`](Engine::dispatcher).
 #[derive(Clone)]
 pub struct Engine {
     inner: Arc<Inner>,
