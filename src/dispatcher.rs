@@ -107,7 +107,8 @@ impl<S, U> Dispatcher<S, U> {
     ///
     /// Emits exactly one `tool_executing` and one `tool_completed` for it, whatever
     /// happens; errors come back as a [`DispatchError`] whose status the completed
-    /// event also carries.
+    /// event also carries. The call starts when this is called: a future dropped
+    /// before it is polled is a cancelled call, with its pair.
     ///
     /// (The future is boxed so that its type names neither typestate parameter: a
     /// dispatcher missing its sink and its user gets exactly one error for each.)

@@ -385,3 +385,16 @@ async fn a_call_whose_timeout_passes_while_it_waits_for_a_slot_never_starts_its_
     );
     assert_eq!(engine.active(), 0);
 }
+
+#[tokio::test]
+async fn a_dispatch_dropped_before_its_first_poll_is_a_cancelled_call_with_its_pair() {
+    let engine = plain_engine(Registry::builder().tool(echo()).build().unwrap());
+    let (d, sink) = recorded(&engine, user("alice"));
+    let fut = d.dispatch(ToolCall::new("echo", serde_json::json!(1)).with_id("never-polled"));
+    assert_eq!(engine.active(), 1, "the call starts when dispatch is called");
+    drop(fut);
+    assert_eq!(engine.active(), 0);
+    let done = completed(&sink, "never-polled");
+    assert_eq!(done.status, Status::Cancelled);
+    assert_eq!(engine.metrics().count(Status::Cancelled), 1);
+}
