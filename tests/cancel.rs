@@ -391,7 +391,11 @@ async fn a_dispatch_dropped_before_its_first_poll_is_a_cancelled_call_with_its_p
     let engine = plain_engine(Registry::builder().tool(echo()).build().unwrap());
     let (d, sink) = recorded(&engine, user("alice"));
     let fut = d.dispatch(ToolCall::new("echo", serde_json::json!(1)).with_id("never-polled"));
-    assert_eq!(engine.active(), 1, "the call starts when dispatch is called");
+    assert_eq!(
+        engine.active(),
+        1,
+        "the call starts when dispatch is called"
+    );
     drop(fut);
     assert_eq!(engine.active(), 0);
     let done = completed(&sink, "never-polled");
