@@ -243,6 +243,46 @@ impl std::fmt::Debug for ToolContext {
 }
 
 impl ToolContext {
+    /// A context outside any engine, to unit-test a tool by calling its body
+    /// directly: progress goes to `sink` (at once, or dropped when it is full), the
+    /// call id is `standalone`, the timeout 30 s, and the call is never cancelled.
+    ///
+    /// ```
+    /// # use tool_dispatch::{RecordingSink, ToolContext, UserContext};
+    /// # use tool_dispatch::event::Event;
+    /// let sink = RecordingSink::new();
+    /// let user = UserContext::builder("alice").build()?;
+    /// let cx = ToolContext::standalone("get_weather", user, sink.clone());
+    /// assert!(cx.progress(0.5, "halfway"));
+    /// assert!(matches!(&sink.events()[0], Event::ToolProgress(p) if p.progress == 0.5));
+    /// # Ok::<(), tool_dispatch::UserContextError>(())
+    /// ```
+    pub fn standalone(
+        tool_name: impl Into<String>,
+        user: UserContext,
+        sink: impl crate::sink::EventSink,
+    ) -> ToolContext {
+        let host = (
+            Arc::new(crate::metrics::Metrics::new(0)),
+            Arc::new(crate::blocking::BlockingJobs::default()),
+        );
+        let outbox = Outbox::new(Arc::new(sink), host, Duration::from_secs(5), 64);
+        let tool_name: String = tool_name.into();
+        ToolContext {
+            scope: Arc::new(CallScope {
+                user: Arc::new(user),
+                outbox: Arc::new(outbox),
+                call_id: Arc::from("standalone"),
+                tool_name: Arc::from(tool_name),
+                cancel: Arc::new(CancellationToken::new()),
+                timeout: Duration::from_secs(30),
+                max_text: 1024,
+                max_depth: crate::json::DEFAULT_MAX_DEPTH,
+                gate: Gate::default(),
+            }),
+        }
+    }
+
     /// The user this call runs for.
     pub fn user(&self) -> &UserContext {
         &self.scope.user

@@ -10,9 +10,7 @@
 //! It lives in a subdirectory so cargo does not discover it as a bench of its own.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::hint::black_box;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
@@ -23,8 +21,8 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tool_dispatch::event::Event;
 use tool_dispatch::{
-    Dispatcher, Engine, Limits, Rate, Tool, ToolCall, ToolContext, ToolError, UserContext,
-    UserLimits,
+    BoxFuture, Dispatcher, Engine, Limits, Rate, Tool, ToolCall, ToolContext, ToolError,
+    UserContext, UserLimits,
 };
 use tower::{Service, ServiceBuilder, ServiceExt};
 
@@ -114,10 +112,9 @@ pub enum TowerEvent {
     },
 }
 
-type BoxFut = Pin<Box<dyn Future<Output = Result<Value, ToolError>> + Send>>;
-type Handler = fn(&Value) -> Result<BoxFut, String>;
+type Handler = fn(&Value) -> Result<BoxFuture<'static, Result<Value, ToolError>>, String>;
 
-fn noop_handler(args: &Value) -> Result<BoxFut, String> {
+fn noop_handler(args: &Value) -> Result<BoxFuture<'static, Result<Value, ToolError>>, String> {
     let input = NoopIn::deserialize(args).map_err(|e| e.to_string())?;
     Ok(Box::pin(async move {
         let out = noop(input).await?;
