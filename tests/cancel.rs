@@ -402,3 +402,126 @@ async fn a_dispatch_dropped_before_its_first_poll_is_a_cancelled_call_with_its_p
     assert_eq!(done.status, Status::Cancelled);
     assert_eq!(engine.metrics().count(Status::Cancelled), 1);
 }
+
+/// A policy that is not ready at its first poll.
+struct YieldingPolicy;
+
+impl Policy for YieldingPolicy {
+    fn check<'a>(&'a self, _: PolicyRequest<'a>) -> BoxFuture<'a, Result<Decision, PolicyError>> {
+        Box::pin(async {
+            tokio::task::yield_now().await;
+            Ok(Decision::Allow)
+        })
+    }
+}
+
+/// An engine whose calls await at every stage: the policy yields, a one-slot
+/// per-user limit makes the second call wait, the sink (capacity 1, drained by a
+/// task) is often full, and the tool yields three times.
+fn every_stage_waits() -> Engine {
+    let slow = tool_fn("slow", "Yields three times.", |n: u64, _cx| async move {
+        for _ in 0..3 {
+            tokio::task::yield_now().await;
+        }
+        Ok::<_, ToolError>(n)
+    });
+    let reg = Registry::builder().tool(slow).build().unwrap();
+    Engine::builder(reg)
+        .limits(Limits::default().per_user(no_rate(1)))
+        .policy(YieldingPolicy)
+        .build()
+}
+
+/// Checks that every call id on `events` has exactly one `tool_executing` then one
+/// `tool_completed`, and returns the completions' statuses.
+fn statuses(events: &[Event]) -> Vec<Status> {
+    assert_paired(events);
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::ToolCompleted(c) => Some(c.status),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_dispatch_dropped_after_any_number_of_polls_still_completes_its_pair_once() {
+    let engine = every_stage_waits();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Event>(1);
+    let drainer = tokio::spawn(drain(rx));
+    let d = engine.dispatcher().sink(tx).user(user("alice"));
+    // A call that keeps the user's only slot for a while, so later ones wait for it.
+    let blocker = common::spawn(&d, ToolCall::new("slow", serde_json::json!(0)));
+    for polls in 0..40usize {
+        let mut fut = Box::pin(d.dispatch(ToolCall::new("slow", serde_json::json!(polls))));
+        for _ in 0..polls {
+            if poll_once(&mut fut).await.is_ready() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        drop(fut);
+    }
+    blocker.await.unwrap().unwrap();
+    drop(d);
+    let events = drainer.await.unwrap();
+    let st = statuses(&events);
+    assert_eq!(st.len(), 41, "one pair per call, dropped or not");
+    assert!(st.contains(&Status::Cancelled) && st.contains(&Status::Success));
+    let m = engine.metrics();
+    assert_eq!((m.total, m.active), (41, 0));
+    assert_eq!(m.total, m.by_status.values().sum::<u64>());
+}
+
+#[tokio::test]
+async fn cancel_user_and_shutdown_racing_every_stage_leave_every_pair_whole() {
+    let mut seen = std::collections::BTreeMap::<&str, usize>::new();
+    for stop_at in 0..30usize {
+        for shutdown in [false, true] {
+            let engine = every_stage_waits();
+            let (tx, rx) = tokio::sync::mpsc::channel::<Event>(1);
+            let drainer = tokio::spawn(drain(rx));
+            let d = engine.dispatcher().sink(tx).user(user("alice"));
+            let calls: Vec<_> = (0..3)
+                .map(|i| common::spawn(&d, ToolCall::new("slow", serde_json::json!(i))))
+                .collect();
+            for _ in 0..stop_at {
+                tokio::task::yield_now().await;
+            }
+            if shutdown {
+                let report = engine.shutdown(std::time::Duration::ZERO).await;
+                assert_eq!(report.still_active, 0, "stop at {stop_at}");
+            } else {
+                engine.cancel_user("alice");
+            }
+            for c in calls {
+                // Done before the stop, cancelled by it, or (shutdown) refused because
+                // it arrived after it.
+                let r = c.await.unwrap();
+                let ok = match &r {
+                    Ok(_) => true,
+                    Err(e) => {
+                        e.status() == Status::Cancelled
+                            || shutdown && e.status() == Status::Unavailable
+                    }
+                };
+                assert!(ok, "stop at {stop_at}: {r:?}");
+            }
+            drop(d);
+            let st = statuses(&drainer.await.unwrap());
+            assert_eq!(st.len(), 3, "stop at {stop_at}");
+            for s in st {
+                *seen.entry(s.as_str()).or_default() += 1;
+            }
+            assert_eq!(engine.active(), 0);
+        }
+    }
+    // The stop landed at every kind of moment: before the calls, during them, after.
+    for s in ["success", "cancelled", "unavailable"] {
+        assert!(
+            seen.get(s).copied().unwrap_or(0) > 0,
+            "no call ended {s}: {seen:?}"
+        );
+    }
+}
