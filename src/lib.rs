@@ -8,7 +8,7 @@
 //
 // floor 1: call event json time user contain blocking
 // floor 2: sink cache limits redact
-// floor 3: error metrics
+// floor 3: error metrics runlog
 // floor 4: delivery
 // floor 5: tool state health
 // floor 6: registry
@@ -34,6 +34,7 @@ mod policy;
 pub mod provider;
 mod redact;
 mod registry;
+mod runlog;
 mod sink;
 mod state;
 mod time;
@@ -57,6 +58,9 @@ pub use policy::{Decision, Policy, PolicyError, PolicyRequest, ScopePolicy};
 pub use redact::{REDACTED, Redaction};
 pub use registry::{
     IntoTool, MAX_TOOL_NAME_LEN, Registry, RegistryBuilder, RegistryError, ToolDefinition,
+};
+pub use runlog::{
+    AppendError, Frame, Resync, RunLog, RunLogConfig, RunLogStats, RunReader, RunWriter,
 };
 pub use sink::{EventSink, RecordingSink, SinkError, TrySendError};
 pub use state::{HasSink, HasUser, NoSink, NoUser, SinkUnset, UserUnset, WithSink, WithUser};
