@@ -33,6 +33,8 @@ impl std::fmt::Display for LimitScope {
 pub enum CancelReason {
     /// [`Engine::cancel_user`](crate::Engine::cancel_user) was called for this user.
     User,
+    /// [`Engine::cancel_run`](crate::Engine::cancel_run) was called for the call's run.
+    Run,
     /// The engine is shutting down and the grace period ran out.
     Shutdown,
     /// The caller dropped the dispatch future.
@@ -43,6 +45,7 @@ impl std::fmt::Display for CancelReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             CancelReason::User => "the user's calls were cancelled",
+            CancelReason::Run => "the run was cancelled",
             CancelReason::Shutdown => "the service is shutting down",
             CancelReason::Dropped => "the caller went away",
         })

@@ -210,6 +210,13 @@ impl Gcra {
     }
 }
 
+/// A user's cancellation tokens: the user's own, replaced each time it is cancelled,
+/// and one per run with calls in flight (a child of the user's).
+struct Tokens {
+    user: Arc<CancellationToken>,
+    runs: HashMap<Arc<str>, std::sync::Weak<CancellationToken>>,
+}
+
 /// Everything the engine keeps for one user: slots, rate, cancellation, counters.
 pub(crate) struct UserState {
     pub(crate) user_id: Arc<str>,
@@ -217,7 +224,7 @@ pub(crate) struct UserState {
     pub(crate) rate: Option<Gcra>,
     /// Behind an `Arc` so a call takes it with one reference-count increment; cloning
     /// the token itself locks its tree node (twice per call, with the drop).
-    cancel: Mutex<Arc<CancellationToken>>,
+    cancel: Mutex<Tokens>,
     /// Ids of this user's calls in flight that the caller chose (generated ids are
     /// unique by construction): a second call may not reuse one while it runs.
     ids: Mutex<HashSet<Arc<str>>>,
@@ -230,7 +237,47 @@ pub(crate) struct UserState {
 impl UserState {
     /// The token this user's calls watch; replaced each time it is cancelled.
     pub(crate) fn token(&self) -> Arc<CancellationToken> {
-        Arc::clone(&self.cancel.lock().unwrap_or_else(PoisonError::into_inner))
+        Arc::clone(
+            &self
+                .cancel
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .user,
+        )
+    }
+
+    /// The token a call of `run` watches (a child of the user's, so `cancel_user`
+    /// reaches it too), and the user's token it descends from.
+    pub(crate) fn run_tokens(
+        &self,
+        run: &Arc<str>,
+    ) -> (Arc<CancellationToken>, Arc<CancellationToken>) {
+        let mut t = self.cancel.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(token) = t.runs.get(run).and_then(std::sync::Weak::upgrade) {
+            return (token, Arc::clone(&t.user));
+        }
+        if t.runs.len() >= 32 {
+            t.runs.retain(|_, w| w.strong_count() > 0); // runs with no call in flight
+        }
+        let token = Arc::new(t.user.child_token());
+        t.runs.insert(Arc::clone(run), Arc::downgrade(&token));
+        (token, Arc::clone(&t.user))
+    }
+
+    /// Cancels the calls in flight of one run; returns how many there were.
+    pub(crate) fn cancel_run(&self, run: &str) -> usize {
+        let token = {
+            let mut t = self.cancel.lock().unwrap_or_else(PoisonError::into_inner);
+            t.runs.remove(run).and_then(|w| w.upgrade())
+        };
+        match token {
+            // Each call in flight holds the token once.
+            Some(token) => {
+                token.cancel();
+                Arc::strong_count(&token) - 1
+            }
+            None => 0,
+        }
     }
 
     /// Claims `id` for a call in flight; `false` if a running call of this user has it.
@@ -257,7 +304,10 @@ impl UserState {
             user_id,
             slots: Semaphore::new(limits.concurrency.clamp(1, Semaphore::MAX_PERMITS)),
             rate: limits.rate.map(Gcra::new),
-            cancel: Mutex::new(Arc::new(token)),
+            cancel: Mutex::new(Tokens {
+                user: Arc::new(token),
+                runs: HashMap::new(),
+            }),
             ids: Mutex::default(),
             active: AtomicUsize::new(0),
             finished: AtomicU64::new(0),
@@ -268,10 +318,11 @@ impl UserState {
 
     /// Cancels the user's in-flight calls; later calls get a fresh token.
     pub(crate) fn cancel(&self, fresh: CancellationToken) {
-        let old = std::mem::replace(
-            &mut *self.cancel.lock().unwrap_or_else(PoisonError::into_inner),
-            Arc::new(fresh),
-        );
+        let old = {
+            let mut t = self.cancel.lock().unwrap_or_else(PoisonError::into_inner);
+            t.runs.clear(); // every run token descends from the old user token
+            std::mem::replace(&mut t.user, Arc::new(fresh))
+        };
         old.cancel();
     }
 }

@@ -187,6 +187,9 @@ pub(crate) struct CallScope {
     pub(crate) call_id: Arc<str>,
     pub(crate) tool_name: Arc<str>,
     pub(crate) cancel: Arc<CancellationToken>,
+    /// For a call of a run, the user's token its run's token descends from (to tell
+    /// `cancel_run` from `cancel_user`).
+    pub(crate) user_cancel: Option<Arc<CancellationToken>>,
     pub(crate) timeout: Duration,
     /// Longest text an event carries.
     pub(crate) max_text: usize,
@@ -275,6 +278,7 @@ impl ToolContext {
                 call_id: Arc::from("standalone"),
                 tool_name: Arc::from(tool_name),
                 cancel: Arc::new(CancellationToken::new()),
+                user_cancel: None,
                 timeout: Duration::from_secs(30),
                 max_text: 1024,
                 max_depth: crate::json::DEFAULT_MAX_DEPTH,
@@ -303,8 +307,8 @@ impl ToolContext {
         self.scope.timeout
     }
 
-    /// Whether the call has been cancelled (by `cancel_user` or shutdown). Blocking
-    /// tools should check this between steps.
+    /// Whether the call has been cancelled (by `cancel_user`, `cancel_run` or
+    /// shutdown). Blocking tools should check this between steps.
     pub fn is_cancelled(&self) -> bool {
         self.scope.cancel.is_cancelled()
     }

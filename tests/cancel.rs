@@ -525,3 +525,59 @@ async fn cancel_user_and_shutdown_racing_every_stage_leave_every_pair_whole() {
         );
     }
 }
+
+#[tokio::test]
+async fn cancel_run_ends_only_that_runs_calls_wherever_they_wait() {
+    let gate = Arc::new(Semaphore::new(0));
+    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let engine = hold_engine(
+        hold(
+            &gate,
+            started_tx,
+            ToolSettings::new().timeout(Duration::from_secs(3600)),
+        ),
+        3,
+    );
+    let in_run = |run: &str| UserContext::builder("alice").run_id(run).build().unwrap();
+    let (run_a, sink_a) = recorded(&engine, in_run("run_a"));
+    let (run_b, sink_b) = recorded(&engine, in_run("run_b"));
+    // Two of run_a's calls run; the third waits for alice's last slot behind run_b's.
+    let a1 = common::spawn(&run_a, ToolCall::new("hold", json!("a1")).with_id("a1"));
+    let a2 = common::spawn(&run_a, ToolCall::new("hold", json!("a2")).with_id("a2"));
+    let b1 = common::spawn(&run_b, ToolCall::new("hold", json!("b1")).with_id("b1"));
+    for _ in 0..3 {
+        started.recv().await.unwrap();
+    }
+    let a3 = common::spawn(&run_a, ToolCall::new("hold", json!("a3")).with_id("a3"));
+    settle().await;
+    assert_eq!(engine.cancel_run("bob", "run_a"), 0, "not bob's");
+    assert_eq!(engine.cancel_run("alice", "run_a"), 3);
+    for (call, id) in [(a1, "a1"), (a2, "a2"), (a3, "a3")] {
+        let err = call.await.unwrap().unwrap_err();
+        assert_eq!(
+            err,
+            DispatchError::Cancelled {
+                reason: CancelReason::Run
+            },
+            "{id}"
+        );
+        assert_eq!(
+            completed(&sink_a, id).error.as_deref(),
+            Some("call cancelled: the run was cancelled")
+        );
+    }
+    assert!(!b1.is_finished(), "the other run goes on");
+    // The run's later calls run as usual; cancel_user still reaches the other run.
+    let later = run_a.dispatch(ToolCall::new("quick", json!(1))).await;
+    assert!(later.is_ok());
+    assert_eq!(engine.cancel_user("alice"), 1);
+    let err = b1.await.unwrap().unwrap_err();
+    assert_eq!(
+        err,
+        DispatchError::Cancelled {
+            reason: CancelReason::User
+        }
+    );
+    assert_eq!(completed(&sink_b, "b1").status, Status::Cancelled);
+    assert_eq!(engine.active(), 0);
+}

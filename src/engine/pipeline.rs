@@ -337,8 +337,11 @@ impl<'a> InFlight<'a> {
     /// Why a call that was waiting stops: cancelled, or out of time.
     pub(super) fn interruption(&self) -> DispatchError {
         if self.scope.cancel.is_cancelled() {
+            let by_run = self.scope.user_cancel.as_ref();
             let reason = if self.inner.root.is_cancelled() {
                 CancelReason::Shutdown
+            } else if by_run.is_some_and(|user| !user.is_cancelled()) {
+                CancelReason::Run
             } else {
                 CancelReason::User
             };

@@ -237,12 +237,20 @@ impl<'a> InFlight<'a> {
         } else {
             tracing::Span::none()
         };
+        let (cancel, user_cancel) = match &user.ctx.run_id {
+            Some(run) => {
+                let (run_token, user_token) = user.state.run_tokens(run);
+                (run_token, Some(user_token))
+            }
+            None => (user.state.token(), None),
+        };
         let scope = Arc::new(CallScope {
             user: Arc::clone(&user.ctx),
             outbox: Arc::clone(outbox),
             call_id: id,
             tool_name: start.tool,
-            cancel: user.state.token(),
+            cancel,
+            user_cancel,
             timeout,
             max_text: inner.max_text(),
             max_depth: inner.config.max_depth,

@@ -55,6 +55,17 @@ impl Engine {
         n
     }
 
+    /// Cancels the in-flight calls of `user_id`'s run `run_id` only (the calls made
+    /// by dispatchers whose `UserContext` has that `run_id`), wherever they wait; their
+    /// events say `cancelled` ("the run was cancelled"). Returns how many there were.
+    /// The user's other runs and later calls of this run are untouched.
+    pub fn cancel_run(&self, user_id: &str, run_id: &str) -> usize {
+        match self.inner.users.get(user_id) {
+            Some(state) => state.cancel_run(run_id),
+            None => 0,
+        }
+    }
+
     /// Stops accepting calls (new ones end with [`DispatchError::Unavailable`], with
     /// their paired events), waits up to `grace` for calls in flight, cancels the rest,
     /// and reports what happened.
