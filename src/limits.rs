@@ -350,7 +350,7 @@ impl Users {
     }
 
     pub(crate) fn now_ns(&self, now: Instant) -> u64 {
-        u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+        nanos_since(self.epoch, now)
     }
 
     fn shard(&self, user_id: &str) -> &Shard {
@@ -441,6 +441,11 @@ impl Users {
     }
 }
 
+/// Nanoseconds from `epoch` to `now`, the unit of the GCRA buckets.
+fn nanos_since(epoch: Instant, now: Instant) -> u64 {
+    u64::try_from(now.saturating_duration_since(epoch).as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// Which concurrency slot a call asks for.
 pub(crate) enum Scope<'a> {
     /// One of the user's own slots.
@@ -496,10 +501,7 @@ impl Limiter for LocalLimiter {
     fn rate(&self, user: &UserState, now: Instant) -> Result<(), Duration> {
         match &user.rate {
             None => Ok(()),
-            Some(g) => {
-                let ns = now.saturating_duration_since(self.epoch).as_nanos();
-                g.check(u64::try_from(ns).unwrap_or(u64::MAX))
-            }
+            Some(g) => g.check(nanos_since(self.epoch, now)),
         }
     }
 
