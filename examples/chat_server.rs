@@ -1,60 +1,73 @@
-//! A chat back end's tool runner over WebSocket.
+//! A chat back end's tool runner over WebSocket, with run streams that outlive their
+//! socket.
 //!
 //! ```text
-//! cargo run --example chat_server --features axum              # 127.0.0.1:3000
-//! cargo run --example chat_server --features axum -- --port 0  # any free port
+//! cargo run --example chat_server --features axum                  # 127.0.0.1:3000
+//! cargo run --example chat_server --features axum -- --port 0      # any free port
+//! cargo run --example chat_server --features axum -- --grace-secs 5
 //! PORT=8080 cargo run --example chat_server --features axum
 //! ```
 //!
 //! It prints `listening on http://127.0.0.1:NNNN` once bound.
 //!
-//! - `GET /` — a self-contained page: connect as a demo user, send a sample OpenAI- or
-//!   Anthropic-shaped tool call, watch the live events.
-//! - `GET /ws?token=alice-token` (or `Authorization: Bearer alice-token`) — one
-//!   WebSocket per user. An unknown or missing token is refused with 401 before the
-//!   upgrade. Demo tokens: `alice-token` (scopes `weather:read`, `admin`) and
+//! - `GET /` — the reference front end: one card per call, live progress, automatic
+//!   reconnect and resume, a Stop button.
+//! - `GET /ws?token=alice-token` (or `Authorization: Bearer alice-token`) — a
+//!   WebSocket for that user. An unknown or missing token is refused with 401 before
+//!   the upgrade. Demo tokens: `alice-token` (scopes `weather:read`, `admin`) and
 //!   `bob-token` (scope `weather:read`).
 //! - `GET /metrics` — the engine's counters as JSON.
 //!
 //! ## Protocol
 //!
-//! Client → server, one JSON text message per model turn:
+//! Server → client on connect: `{"type":"ready","user_id":..,"run_id":R,"epoch":E,
+//! "tools":[..]}`. `R` is the connection's default run; `E` is the run log's epoch
+//! (below 2^53), to keep with every `seq`.
 //!
-//! - OpenAI Chat Completions: an assistant message with `tool_calls`
-//!   (`{"role":"assistant","tool_calls":[{"id":"call_1","type":"function",
-//!   "function":{"name":"get_weather","arguments":"{\"city\":\"Paris\"}"}}]}`);
-//! - Anthropic Messages: an assistant message with `tool_use` blocks
-//!   (`{"role":"assistant","content":[{"type":"tool_use","id":"toolu_1",
-//!   "name":"get_weather","input":{"city":"Paris"}}]}`).
+//! Client → server, one JSON text message each:
 //!
-//! Server → client: `{"type":"ready","user_id":..,"tools":[..]}` once connected; then
-//! the pipeline's events (`tool_executing`, `tool_progress`, `tool_completed`) as they
-//! happen; then, per message, `{"type":"tool_results","format":"openai"|"anthropic",
-//! "call_ids":[..],"results":..}` with the results rendered in the message's own
-//! format (errors in-band). Messages are handled concurrently: a slow call does not
-//! hold up the next message.
+//! - a model turn: an OpenAI assistant message with `tool_calls`, or an Anthropic
+//!   assistant message with `tool_use` blocks; an optional `"run_id"` continues
+//!   another run of the same user (default: the connection's). Its calls run in that
+//!   run; their events (`tool_executing`, `tool_progress`, `tool_completed`) and then
+//!   `{"type":"tool_results","run_id":R,"format":"openai"|"anthropic","call_ids":[..],
+//!   "results":..}` are recorded in the run, each with its `"seq"`, and sent to every
+//!   connection following the run;
+//! - `{"type":"resume","run_id":R,"after_seq":N,"epoch":E}` (`epoch` optional):
+//!   answered by `{"type":"resumed","run_id":R,"after_seq":N}`, then every frame of
+//!   `R` with `seq > N`, in order, then its live frames; or by
+//!   `{"type":"resync_required","run_id":R,"reason":"truncated"|"unknown_run"|
+//!   "epoch_changed"}`. Another user's run is `unknown_run`, like one that never was;
+//! - `{"type":"cancel","run_id":R}`: cancels `R`'s calls in flight now; answered by
+//!   `{"type":"run_cancelled","run_id":R,"calls":n}`.
+//!
+//! A connection follows its default run, the runs it resumed and the runs its
+//! messages named (at most [`MAX_RUNS_PER_CONNECTION`]).
 //!
 //! ## Robustness
 //!
-//! - A message that is not JSON, or neither shape, gets
-//!   `{"type":"error","error":".."}`; the connection stays up.
+//! - **A disconnect does not cancel.** A run's calls belong to the run, not to the
+//!   socket. When the last connection following a run goes, its calls go on for the
+//!   grace period ([`DEFAULT_GRACE`], `--grace-secs`); if no connection of the user
+//!   follows the run again by then, they are cancelled (and the `cancelled` events are
+//!   still recorded, so a late resume sees them).
+//! - A message that is not JSON, of an unknown `type`, a `resume` without `run_id` or
+//!   with a negative or absurd `after_seq`, gets `{"type":"error","error":".."}`; the
+//!   connection stays up.
 //! - A message over 64 KiB ([`MAX_MESSAGE_BYTES`]) is refused by the WebSocket layer
 //!   before it is buffered whole: the server sends `{"type":"error",..}` and closes
-//!   the connection with code 1009 (message too big). Reading cannot resume after
-//!   that (the frame's remainder is still on the wire), so the connection ends.
+//!   the connection with code 1009 (message too big).
 //! - Each connection has its own bounded queue ([`QUEUE_CAPACITY`] frames) and writer
-//!   task; a client that stops reading fills only its own queue, its progress updates
-//!   are dropped and counted, its other events wait for the engine's delivery timeout
-//!   and then count as sink failures. Other users are not slowed. At most
-//!   [`MAX_IN_FLIGHT_MESSAGES`] messages per connection are in progress; past that the
-//!   server stops reading that socket until one finishes.
-//! - Closing the socket drops that connection's in-flight calls: each ends as
-//!   `cancelled` (counted in `/metrics`). Other connections, even of the same user,
-//!   are untouched.
+//!   task. Runs never wait for a socket: events go to the run log, and each
+//!   connection reads the log at its own pace. A client that stops reading is let go
+//!   once a frame has waited [`RESULT_DELIVERY_TIMEOUT`]; its runs go on, and it can
+//!   resume (or is told `truncated` if it fell behind the log's bounds). Other users
+//!   are not slowed. At most [`MAX_IN_FLIGHT_MESSAGES`] messages per connection are in
+//!   progress; past that a message gets an error.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -64,16 +77,16 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use futures_util::StreamExt;
-use futures_util::stream::FuturesUnordered;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use tokio::sync::broadcast;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
+use tokio::task::JoinHandle;
 use tool_dispatch::axum::{Outbound, WsSink, split_socket};
 use tool_dispatch::provider::{anthropic, openai};
 use tool_dispatch::{
-    Dispatcher, Engine, Registry, ToolCall, ToolContext, ToolError, ToolSettings, UserContext,
-    tool_fn,
+    Engine, Registry, Resync, RunLog, RunLogConfig, RunReader, RunWriter, SinkError, ToolCall,
+    ToolContext, ToolError, ToolSettings, UserContext, tool_fn,
 };
 
 /// Largest accepted WebSocket message.
@@ -84,8 +97,13 @@ pub const QUEUE_CAPACITY: usize = 64;
 pub const MAX_IN_FLIGHT_MESSAGES: usize = 32;
 /// Tool calls accepted in one message.
 pub const MAX_CALLS_PER_MESSAGE: usize = 16;
-/// How long a result message may wait for room in a full queue.
+/// How long a frame may wait for room in a client's full queue before the server
+/// lets that connection go.
 pub const RESULT_DELIVERY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a run's calls go on after its last connection left (`--grace-secs`).
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
+/// Runs one connection may follow at once.
+pub const MAX_RUNS_PER_CONNECTION: usize = 8;
 
 // ------------------------------------------------------------------------------------
 // Demo tools and users.
@@ -228,58 +246,104 @@ pub fn demo_users() -> HashMap<String, UserContext> {
 // The server.
 // ------------------------------------------------------------------------------------
 
-/// What happened on a connection; for logs and for tests that need to know when the
-/// server has finished with something.
+/// What happened on a connection or a run; for logs and for tests that need to know
+/// when the server has finished with something.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ServerLog {
-    /// A user connected.
+    /// A user connected; `run_id` is the connection's default run.
     Connected {
         /// The user.
         user_id: String,
+        /// The default run named in the `ready` frame.
+        run_id: String,
     },
-    /// A message's calls all ended and their results were queued (or not).
+    /// A message's calls all ended and their results frame was recorded in the run
+    /// (or not).
     MessageDone {
         /// The user.
         user_id: String,
+        /// The run the calls belonged to.
+        run_id: String,
         /// The call ids, in message order.
         call_ids: Vec<String>,
-        /// Whether the results message was queued.
+        /// Whether the results frame was recorded in the run.
         delivered: bool,
     },
-    /// A connection ended; `cancelled` calls were still in flight and were dropped.
+    /// A connection ended. The calls of the runs it followed go on for the grace
+    /// period.
     Disconnected {
         /// The user.
         user_id: String,
-        /// Calls dropped mid-flight.
+        /// The runs the connection followed.
+        runs: Vec<String>,
+    },
+    /// No connection of the user followed the run for a whole grace period: its
+    /// calls still in flight were cancelled.
+    RunAbandoned {
+        /// The user.
+        user_id: String,
+        /// The run.
+        run_id: String,
+        /// Calls cancelled.
         cancelled: usize,
     },
 }
+
+/// Which connections follow a run, and how many times it has been left by its last
+/// one (so that a grace timer knows whether it is still the current one).
+#[derive(Default)]
+struct Followers {
+    connections: usize,
+    left: u64,
+}
+
+type RunKey = (String, String);
 
 /// Shared server state.
 #[derive(Clone)]
 pub struct Server {
     engine: Engine,
     users: Arc<HashMap<String, UserContext>>,
+    runs: RunLog,
+    followers: Arc<Mutex<HashMap<RunKey, Followers>>>,
     log: broadcast::Sender<ServerLog>,
     result_timeout: Duration,
+    grace: Duration,
 }
 
 impl Server {
-    /// A server over `engine` with the given token table.
+    /// A server over `engine` with the given token table and a run log with the
+    /// default bounds.
     pub fn new(engine: Engine, users: HashMap<String, UserContext>) -> Self {
         Server {
             engine,
             users: Arc::new(users),
+            runs: RunLog::new(RunLogConfig::default()),
+            followers: Arc::default(),
             log: broadcast::channel(1024).0,
             result_timeout: RESULT_DELIVERY_TIMEOUT,
+            grace: DEFAULT_GRACE,
         }
     }
 
-    /// How long a results message may wait for room in a full queue (default
-    /// [`RESULT_DELIVERY_TIMEOUT`]).
+    /// How long a frame may wait for room in a client's full queue before the server
+    /// gives up on that connection (default [`RESULT_DELIVERY_TIMEOUT`]). The client
+    /// can reconnect and resume.
     pub fn result_timeout(mut self, wait: Duration) -> Self {
         self.result_timeout = wait;
         self
+    }
+
+    /// How long a run's calls go on once no connection follows it (default
+    /// [`DEFAULT_GRACE`]); then they are cancelled.
+    pub fn grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    /// The run logs (for their bounds and figures).
+    pub fn runs(&self) -> &RunLog {
+        &self.runs
     }
 
     /// The engine (metrics, cancellation, shutdown).
@@ -294,6 +358,54 @@ impl Server {
 
     fn log(&self, entry: ServerLog) {
         let _ = self.log.send(entry);
+    }
+
+    fn followers(&self) -> std::sync::MutexGuard<'_, HashMap<RunKey, Followers>> {
+        self.followers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A connection starts following a run.
+    fn attach(&self, user_id: &str, run_id: &str) {
+        let key = (user_id.to_owned(), run_id.to_owned());
+        self.followers().entry(key).or_default().connections += 1;
+    }
+
+    /// A connection stops following a run; the last one to leave starts the grace
+    /// timer, which cancels the run's calls unless a connection follows it again.
+    fn detach(&self, user_id: &str, run_id: &str) {
+        let key = (user_id.to_owned(), run_id.to_owned());
+        let left = {
+            let mut followers = self.followers();
+            let f = followers.entry(key.clone()).or_default();
+            f.connections = f.connections.saturating_sub(1);
+            if f.connections > 0 {
+                return;
+            }
+            f.left += 1;
+            f.left
+        };
+        let server = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(server.grace).await;
+            {
+                let mut followers = server.followers();
+                match followers.get(&key) {
+                    Some(f) if f.connections == 0 && f.left == left => {
+                        followers.remove(&key);
+                    }
+                    _ => return, // followed again, or left again later
+                }
+            }
+            let (user_id, run_id) = key;
+            let cancelled = server.engine.cancel_run(&user_id, &run_id);
+            server.log(ServerLog::RunAbandoned {
+                user_id,
+                run_id,
+                cancelled,
+            });
+        });
     }
 }
 
@@ -370,9 +482,99 @@ impl Format {
     }
 }
 
-/// Reads one client message into its format and calls.
-fn parse_message(text: &str) -> Result<(Format, Vec<ToolCall>), String> {
+/// The largest `seq` a client may name: the largest integer a JavaScript number
+/// holds exactly.
+const MAX_SEQ: u64 = (1 << 53) - 1;
+
+/// One client message.
+#[derive(Debug)]
+enum Incoming {
+    /// A model turn: tool calls in a provider's format, in the connection's default
+    /// run or the one the message names.
+    Calls {
+        format: Format,
+        calls: Vec<ToolCall>,
+        run_id: Option<String>,
+    },
+    /// Follow a run again from after `after_seq`.
+    Resume {
+        run_id: String,
+        after_seq: u64,
+        epoch: Option<u64>,
+    },
+    /// Cancel a run's calls in flight.
+    Cancel { run_id: String },
+}
+
+/// A short, printable excerpt of something the client sent, for error messages.
+fn excerpt(v: &Value) -> String {
+    let text = v.to_string();
+    match text.char_indices().nth(40) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text,
+    }
+}
+
+fn run_id_field(v: &Value, kind: &str) -> Result<String, String> {
+    match v.get("run_id") {
+        Some(Value::String(r)) => Ok(r.clone()),
+        Some(other) => Err(format!("`run_id` must be a string, not {}", excerpt(other))),
+        None => Err(format!("a `{kind}` message needs a `run_id`")),
+    }
+}
+
+/// Reads one client message.
+fn parse_incoming(text: &str) -> Result<Incoming, String> {
     let v: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+    if !v.is_object() {
+        return Err("expected a JSON object".into());
+    }
+    match v.get("type") {
+        Some(Value::String(t)) if t == "resume" => {
+            let run_id = run_id_field(&v, "resume")?;
+            let after_seq = match v.get("after_seq") {
+                Some(n) => n.as_u64().filter(|n| *n <= MAX_SEQ).ok_or_else(|| {
+                    format!(
+                        "`after_seq` must be a whole number from 0 to {MAX_SEQ}, not {}",
+                        excerpt(n)
+                    )
+                })?,
+                None => return Err("a `resume` message needs an `after_seq`".into()),
+            };
+            let epoch = match v.get("epoch") {
+                None | Some(Value::Null) => None,
+                Some(e) => Some(e.as_u64().ok_or_else(|| {
+                    format!(
+                        "`epoch` must be the number from `ready`, not {}",
+                        excerpt(e)
+                    )
+                })?),
+            };
+            return Ok(Incoming::Resume {
+                run_id,
+                after_seq,
+                epoch,
+            });
+        }
+        Some(Value::String(t)) if t == "cancel" => {
+            return Ok(Incoming::Cancel {
+                run_id: run_id_field(&v, "cancel")?,
+            });
+        }
+        // An Anthropic response object is `"type": "message"`: a model turn.
+        None => {}
+        Some(Value::String(t)) if t == "message" => {}
+        Some(other) => {
+            return Err(format!(
+                "unknown message type {}; expected `resume`, `cancel` or a model turn",
+                excerpt(other)
+            ));
+        }
+    }
+    let run_id = match v.get("run_id") {
+        None => None,
+        Some(_) => Some(run_id_field(&v, "model turn")?),
+    };
     let format = if v.get("tool_calls").is_some() || v.get("choices").is_some() {
         Format::OpenAi
     } else if v
@@ -402,7 +604,11 @@ fn parse_message(text: &str) -> Result<(Format, Vec<ToolCall>), String> {
             calls.len()
         ));
     }
-    Ok((format, calls))
+    Ok(Incoming::Calls {
+        format,
+        calls,
+        run_id,
+    })
 }
 
 /// Whether a read error is tungstenite's "message/frame too long" capacity error.
@@ -415,14 +621,16 @@ fn error_message(text: impl Into<String>) -> Value {
     json!({"type": "error", "error": text.into()})
 }
 
-/// Runs one message's calls concurrently and queues the rendered results.
-async fn handle(
-    server: &Server,
-    d: &Dispatcher,
-    sink: &WsSink,
-    running: &AtomicUsize,
+/// Runs one message's calls concurrently in `user`'s run and records the rendered
+/// results in the run. Owned by the run, not by the connection: it goes on when the
+/// socket closes, until the calls end or the run is cancelled.
+async fn run_message(
+    server: Server,
+    user: UserContext,
+    writer: RunWriter,
     format: Format,
     calls: Vec<ToolCall>,
+    _permit: OwnedSemaphorePermit,
 ) {
     // Give every call an id up front so the results name the same ids as the events.
     let calls: Vec<ToolCall> = calls
@@ -436,31 +644,28 @@ async fn handle(
             }
         })
         .collect();
-    let results = futures_util::future::join_all(calls.iter().cloned().map(|c| async move {
-        // Counted while running; a call dropped mid-flight is never uncounted.
-        running.fetch_add(1, Ordering::Relaxed);
-        let r = d.dispatch(c).await;
-        running.fetch_sub(1, Ordering::Relaxed);
-        r
-    }))
-    .await;
+    let run_id = user.run_id().unwrap_or_default().to_owned();
+    let user_id = user.user_id().to_owned();
+    let d = server.engine.dispatcher().sink(writer.clone()).user(user);
+    let results =
+        futures_util::future::join_all(calls.iter().cloned().map(|c| d.dispatch(c))).await;
     let rendered = match format {
         Format::OpenAi => openai::render_results(&calls, &results),
         Format::Anthropic => anthropic::render_results(&calls, &results),
     };
     let call_ids: Vec<String> = calls.iter().filter_map(|c| c.id.clone()).collect();
-    let msg = json!({
-        "type": "tool_results",
-        "format": format.name(),
-        "call_ids": call_ids,
-        "results": rendered,
-    });
-    let delivered = sink
-        .send_outbound(Outbound::Json(msg), server.result_timeout)
-        .await
+    let delivered = writer
+        .append(json!({
+            "type": "tool_results",
+            "run_id": run_id,
+            "format": format.name(),
+            "call_ids": call_ids,
+            "results": rendered,
+        }))
         .is_ok();
     server.log(ServerLog::MessageDone {
-        user_id: d.user_context().user_id().to_owned(),
+        user_id,
+        run_id,
         call_ids,
         delivered,
     });
@@ -471,68 +676,239 @@ fn unique() -> u64 {
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
-/// One connection: one user, one sink, one dispatcher.
+/// Sends a run's frames to the socket as they come; stops when the run is gone, the
+/// reader fell behind (the client is told to resync), or the socket is.
+async fn forward(sink: WsSink, run_id: String, mut reader: RunReader, wait: Duration) {
+    let reason = loop {
+        let frame = match reader.next().await {
+            Some(Ok(frame)) => frame,
+            Some(Err(resync)) => break resync,
+            None => break Resync::UnknownRun,
+        };
+        match sink.send_outbound(Outbound::Text(frame.json), wait).await {
+            Ok(()) => {}
+            // The client stopped reading: let it go. It can reconnect and resume;
+            // the run goes on meanwhile.
+            Err(SinkError::TimedOut(_)) => return sink.close(),
+            Err(_) => return,
+        }
+    };
+    let msg = json!({"type": "resync_required", "run_id": run_id, "reason": reason.as_str()});
+    if let Err(SinkError::TimedOut(_)) = sink.send_outbound(Outbound::Json(msg), wait).await {
+        sink.close();
+    }
+}
+
+/// One connection: one user, the runs it follows, one socket.
+struct Connection {
+    server: Server,
+    user: UserContext,
+    sink: WsSink,
+    default_run: String,
+    /// The runs this connection follows, each with its forwarding task.
+    follows: HashMap<String, JoinHandle<()>>,
+    permits: Arc<Semaphore>,
+}
+
+impl Connection {
+    fn user_id(&self) -> &str {
+        self.user.user_id()
+    }
+
+    async fn reply(&self, msg: Value) {
+        if let Err(SinkError::TimedOut(_)) = self
+            .sink
+            .send_outbound(Outbound::Json(msg), self.server.result_timeout)
+            .await
+        {
+            self.sink.close();
+        }
+    }
+
+    /// Follows `run_id` through `reader`, replacing an earlier reader of the same run.
+    fn follow(&mut self, run_id: &str, reader: RunReader) {
+        let task = tokio::spawn(forward(
+            self.sink.clone(),
+            run_id.to_owned(),
+            reader,
+            self.server.result_timeout,
+        ));
+        match self.follows.insert(run_id.to_owned(), task) {
+            Some(old) => old.abort(),
+            None => self.server.attach(self.user.user_id(), run_id),
+        }
+    }
+
+    /// Whether one more run can be followed.
+    fn room_for(&self, run_id: &str) -> Result<(), String> {
+        if self.follows.contains_key(run_id) || self.follows.len() < MAX_RUNS_PER_CONNECTION {
+            Ok(())
+        } else {
+            Err(format!(
+                "this connection follows {MAX_RUNS_PER_CONNECTION} runs already; \
+                 open another connection"
+            ))
+        }
+    }
+
+    async fn on_text(&mut self, text: &str) {
+        let incoming = match parse_incoming(text) {
+            Ok(i) => i,
+            Err(e) => {
+                return self
+                    .reply(error_message(format!("malformed message: {e}")))
+                    .await;
+            }
+        };
+        match incoming {
+            Incoming::Calls {
+                format,
+                calls,
+                run_id,
+            } => {
+                let run_id = run_id.unwrap_or_else(|| self.default_run.clone());
+                if let Err(e) = self.start(format, calls, &run_id) {
+                    self.reply(error_message(e)).await;
+                }
+            }
+            Incoming::Resume {
+                run_id,
+                after_seq,
+                epoch,
+            } => self.resume(run_id, after_seq, epoch).await,
+            Incoming::Cancel { run_id } => {
+                let cancelled = self.server.engine.cancel_run(self.user_id(), &run_id);
+                self.reply(json!({"type": "run_cancelled", "run_id": run_id, "calls": cancelled}))
+                    .await;
+            }
+        }
+    }
+
+    /// Starts a message's calls in `run_id`, following the run if this connection
+    /// does not already.
+    fn start(&mut self, format: Format, calls: Vec<ToolCall>, run_id: &str) -> Result<(), String> {
+        let user = self
+            .user
+            .with_run_id(run_id)
+            .map_err(|e| format!("bad run_id: {e}"))?;
+        self.room_for(run_id)?;
+        let permit = Arc::clone(&self.permits).try_acquire_owned().map_err(|_| {
+            format!(
+                "{MAX_IN_FLIGHT_MESSAGES} messages are in progress on this connection; \
+                 wait for a `tool_results` frame"
+            )
+        })?;
+        let writer = self.server.runs.writer(self.user_id(), run_id);
+        if !self.follows.contains_key(run_id) {
+            self.follow(run_id, writer.subscribe());
+        }
+        let server = self.server.clone();
+        tokio::spawn(run_message(server, user, writer, format, calls, permit));
+        Ok(())
+    }
+
+    async fn resume(&mut self, run_id: String, after_seq: u64, epoch: Option<u64>) {
+        if let Err(e) = self.room_for(&run_id) {
+            return self.reply(error_message(e)).await;
+        }
+        match self
+            .server
+            .runs
+            .resume(self.user_id(), &run_id, after_seq, epoch)
+        {
+            Err(reason) => {
+                let msg = json!({"type": "resync_required", "run_id": run_id,
+                                 "reason": reason.as_str()});
+                self.reply(msg).await;
+            }
+            Ok(reader) => {
+                // Stop the run's old reader first, so nothing of it follows `resumed`.
+                if let Some(old) = self.follows.get(&run_id) {
+                    old.abort();
+                }
+                let msg = json!({"type": "resumed", "run_id": run_id, "after_seq": after_seq});
+                self.reply(msg).await;
+                self.follow(&run_id, reader);
+            }
+        }
+    }
+
+    /// The socket is gone: stop forwarding; each run followed starts its grace period.
+    fn leave(mut self) -> Vec<String> {
+        let mut runs = Vec::new();
+        for (run_id, task) in self.follows.drain() {
+            task.abort();
+            self.server.detach(self.user.user_id(), &run_id);
+            runs.push(run_id);
+        }
+        runs.sort();
+        runs
+    }
+}
+
+/// One connection: reads client messages until the socket closes.
 async fn connection(server: Server, user: UserContext, socket: WebSocket) {
     let user_id = user.user_id().to_owned();
     let (sink, mut incoming, writer) = split_socket(socket, QUEUE_CAPACITY);
-    let d = server.engine.dispatcher().sink(sink.clone()).user(user);
-    let running = AtomicUsize::new(0);
+    let default_run = format!("run_{}", unique());
+    let mut conn = Connection {
+        server: server.clone(),
+        user,
+        sink: sink.clone(),
+        default_run: default_run.clone(),
+        follows: HashMap::new(),
+        permits: Arc::new(Semaphore::new(MAX_IN_FLIGHT_MESSAGES)),
+    };
     let tools: Vec<&str> = server.engine.registry().names().collect();
-    let _ = sink.try_send_outbound(Outbound::Json(
-        json!({"type": "ready", "user_id": user_id, "tools": tools}),
-    ));
+    let ready = json!({"type": "ready", "user_id": user_id, "run_id": default_run,
+                       "epoch": server.runs.epoch(), "tools": tools});
+    conn.reply(ready).await;
+    let reader = server.runs.writer(&user_id, &default_run).subscribe();
+    conn.follow(&default_run, reader);
     server.log(ServerLog::Connected {
         user_id: user_id.clone(),
+        run_id: default_run,
     });
 
-    let mut in_flight = FuturesUnordered::new();
     // `Some(reason)` when the server refuses the connection (oversized message);
-    // `None` when the client went away.
+    // `None` when the client went away (or stopped reading).
     let refused: Option<String> = loop {
-        tokio::select! {
-            // Reading stops while too many messages are in progress: the client's
-            // own TCP window then holds what it sends next.
-            msg = incoming.next(), if in_flight.len() < MAX_IN_FLIGHT_MESSAGES => match msg {
-                None | Some(Ok(Message::Close(_))) => break None,
-                Some(Ok(Message::Text(text))) => match parse_message(text.as_str()) {
-                    Ok((format, calls)) => {
-                        in_flight.push(handle(&server, &d, &sink, &running, format, calls));
-                    }
-                    Err(e) => {
-                        let _ = sink.try_send_outbound(Outbound::Json(error_message(format!("malformed message: {e}"))));
-                    }
-                },
-                Some(Ok(Message::Binary(_))) => {
-                    let _ = sink.try_send_outbound(Outbound::Json(error_message("binary messages are not accepted; send JSON text")));
-                }
-                Some(Ok(_)) => {} // ping/pong: answered by the WebSocket layer
-                // The stream cannot be read further. An oversized message is the
-                // client's to know about; anything else (a reset, a protocol
-                // violation) means the client is gone.
-                Some(Err(e)) if is_too_big(&e) => {
-                    break Some(format!("message refused: larger than {MAX_MESSAGE_BYTES} bytes"));
-                }
-                Some(Err(_)) => break None,
-            },
-            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+        let msg = tokio::select! {
+            msg = incoming.next() => msg,
+            () = sink.closed() => break None,
+        };
+        match msg {
+            None | Some(Ok(Message::Close(_))) => break None,
+            Some(Ok(Message::Text(text))) => conn.on_text(text.as_str()).await,
+            Some(Ok(Message::Binary(_))) => {
+                conn.reply(error_message(
+                    "binary messages are not accepted; send JSON text",
+                ))
+                .await;
+            }
+            Some(Ok(_)) => {} // ping/pong: answered by the WebSocket layer
+            // The stream cannot be read further. An oversized message is the
+            // client's to know about; anything else (a reset, a protocol violation)
+            // means the client is gone.
+            Some(Err(e)) if is_too_big(&e) => {
+                break Some(format!(
+                    "message refused: larger than {MAX_MESSAGE_BYTES} bytes"
+                ));
+            }
+            Some(Err(_)) => break None,
         }
     };
-    // Nobody will read the answers of the calls still in flight: drop them; each
-    // ends as `cancelled` (counted). When the client is gone the sink is closed
-    // first, so those events count as undelivered rather than queued for nobody.
-    let cancelled = running.load(Ordering::Relaxed);
-    if refused.is_none() {
-        sink.close();
+    let runs = conn.leave();
+    match refused {
+        Some(why) => {
+            let _ = sink.try_send_outbound(Outbound::Json(error_message(why.clone())));
+            let _ = sink.try_send_outbound(Outbound::Close {
+                code: 1009,
+                reason: why,
+            });
+        }
+        None => sink.close(),
     }
-    drop(in_flight);
-    if let Some(why) = refused {
-        let _ = sink.try_send_outbound(Outbound::Json(error_message(why.clone())));
-        let _ = sink.try_send_outbound(Outbound::Close {
-            code: 1009,
-            reason: why,
-        });
-    }
-    drop(d);
     // The writer ends after the close frame (or at once when closed); a client that
     // does not read cannot hold it longer than the result timeout.
     let report = match tokio::time::timeout(server.result_timeout, writer).await {
@@ -543,13 +919,15 @@ async fn connection(server: Server, user: UserContext, socket: WebSocket) {
         }
     };
     drop(sink);
-    log_disconnect(&user_id, cancelled, &report);
-    server.log(ServerLog::Disconnected { user_id, cancelled });
+    log_disconnect(&user_id, &runs, &report);
+    server.log(ServerLog::Disconnected { user_id, runs });
 }
 
-fn log_disconnect(user_id: &str, cancelled: usize, report: &str) {
+fn log_disconnect(user_id: &str, runs: &[String], report: &str) {
     if std::env::var_os("CHAT_SERVER_QUIET").is_none() {
-        eprintln!("{user_id} disconnected: {cancelled} call(s) cancelled; writer: {report}");
+        eprintln!(
+            "{user_id} disconnected; runs {runs:?} go on for the grace period; writer: {report}"
+        );
     }
 }
 
@@ -557,32 +935,55 @@ fn log_disconnect(user_id: &str, cancelled: usize, report: &str) {
 // Entry point.
 // ------------------------------------------------------------------------------------
 
-/// The port from `--port N`, else `PORT`, else 3000.
-pub fn port_from(
+/// The command line: `--port N` (else `PORT`, else 3000) and `--grace-secs N` (else
+/// [`DEFAULT_GRACE`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    /// The port to listen on (0: any free port).
+    pub port: u16,
+    /// How long a run's calls go on once no connection follows it.
+    pub grace: Duration,
+}
+
+/// Reads the [`Options`] from the arguments (without the program name) and `PORT`.
+pub fn options_from(
     args: impl IntoIterator<Item = String>,
-    env: Option<String>,
-) -> Result<u16, String> {
+    env_port: Option<String>,
+) -> Result<Options, String> {
+    const USAGE: &str = "usage: chat_server [--port N] [--grace-secs N]";
     let mut args = args.into_iter();
     let mut port = None;
+    let mut grace = DEFAULT_GRACE;
     while let Some(a) = args.next() {
-        let v = if a == "--port" {
-            args.next().ok_or("--port needs a value")?
-        } else if let Some(v) = a.strip_prefix("--port=") {
-            v.to_owned()
-        } else {
-            return Err(format!(
-                "unknown argument `{a}`; usage: chat_server [--port N]"
-            ));
+        let (flag, inline) = match a.split_once('=') {
+            Some((f, v)) => (f.to_owned(), Some(v.to_owned())),
+            None => (a.clone(), None),
         };
-        port = Some(v.parse().map_err(|e| format!("bad port `{v}`: {e}"))?);
+        let mut value = || match inline.clone() {
+            Some(v) => Ok(v),
+            None => args.next().ok_or(format!("{flag} needs a value; {USAGE}")),
+        };
+        match flag.as_str() {
+            "--port" => {
+                let v = value()?;
+                port = Some(v.parse().map_err(|e| format!("bad port `{v}`: {e}"))?);
+            }
+            "--grace-secs" => {
+                let v = value()?;
+                let secs: u64 = v
+                    .parse()
+                    .map_err(|e| format!("bad --grace-secs `{v}`: {e}"))?;
+                grace = Duration::from_secs(secs);
+            }
+            _ => return Err(format!("unknown argument `{a}`; {USAGE}")),
+        }
     }
-    if let Some(p) = port {
-        return Ok(p);
-    }
-    match env {
-        Some(v) => v.parse().map_err(|e| format!("bad PORT `{v}`: {e}")),
-        None => Ok(3000),
-    }
+    let port = match (port, env_port) {
+        (Some(p), _) => p,
+        (None, Some(v)) => v.parse().map_err(|e| format!("bad PORT `{v}`: {e}"))?,
+        (None, None) => 3000,
+    };
+    Ok(Options { port, grace })
 }
 
 /// The demo engine: the demo tools, default limits, a 2 s delivery timeout.
@@ -595,10 +996,10 @@ pub fn demo_engine() -> Engine {
 #[allow(dead_code)] // unused when the file is included by the integration test
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let port = port_from(std::env::args().skip(1), std::env::var("PORT").ok())?;
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    let options = options_from(std::env::args().skip(1), std::env::var("PORT").ok())?;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", options.port)).await?;
     println!("listening on http://{}", listener.local_addr()?);
-    let server = Server::new(demo_engine(), demo_users());
+    let server = Server::new(demo_engine(), demo_users()).grace(options.grace);
     let engine = server.engine().clone();
     tokio::select! {
         r = serve(listener, server) => r?,

@@ -38,6 +38,7 @@
 //! }
 //! ```
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use ::axum::Error as AxumError;
@@ -83,6 +84,9 @@ pub enum Outbound {
     Event(Event),
     /// Any other JSON message (tool results, an error message), sent as text.
     Json(Value),
+    /// JSON text serialized already, sent as is: a run log [`Frame`](crate::Frame)'s
+    /// `json`, shared with every other reader of the run rather than copied.
+    Text(Arc<str>),
     /// A close frame; the writer stops after sending it.
     Close {
         /// The WebSocket close code (1000 normal, 1008 policy, 1009 too big, …).
@@ -316,6 +320,7 @@ fn encode(out: Outbound) -> Result<Message, (u16, String)> {
     let text = match out {
         Outbound::Event(e) => serde_json::to_string(&e),
         Outbound::Json(v) => serde_json::to_string(&v),
+        Outbound::Text(t) => Ok(String::from(&*t)),
         Outbound::Close { code, reason } => return Err((code, reason)),
     };
     match text {

@@ -208,10 +208,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl RunLog {
     /// An empty log with a fresh epoch.
     pub fn new(config: RunLogConfig) -> RunLog {
+        // Below 2^53, so a browser keeps it exactly as a JSON number.
         let epoch = std::hash::BuildHasher::hash_one(
             &std::hash::RandomState::new(),
             std::time::SystemTime::now(),
-        );
+        ) >> 11;
         RunLog {
             shared: Arc::new(Shared {
                 config,
@@ -224,7 +225,7 @@ impl RunLog {
     }
 
     /// This log's epoch: clients keep it with their `seq`, and a different one means
-    /// the log's contents are gone.
+    /// the log's contents are gone. Below 2^53, so it survives a JavaScript number.
     pub fn epoch(&self) -> u64 {
         self.shared.epoch
     }
@@ -455,6 +456,45 @@ impl RunWriter {
         });
         st.frames.push_back(frame);
         Ok(seq)
+    }
+}
+
+impl RunWriter {
+    /// A reader of this run's frames appended from now on (none of the kept ones):
+    /// for a connection that starts following a run it is about to write to.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use serde_json::json;
+    /// use tool_dispatch::{RunLog, RunLogConfig};
+    /// let log = RunLog::new(RunLogConfig::default());
+    /// let writer = log.writer("alice", "run_1");
+    /// writer.append(json!({"type": "note"})).unwrap();
+    /// let mut reader = writer.subscribe();
+    /// writer.append(json!({"type": "note"})).unwrap();
+    /// assert_eq!(reader.next().await.unwrap().unwrap().seq, 2);
+    /// # }
+    /// ```
+    pub fn subscribe(&self) -> RunReader {
+        let mut st = lock(&self.run.state);
+        let (tx, rx) = mpsc::channel(self.shared.config.reader_buffer);
+        let lagged = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        if !st.gone {
+            st.readers.push(Reader {
+                tx,
+                lagged: Arc::clone(&lagged),
+            });
+        }
+        RunReader {
+            replay: VecDeque::new(),
+            live: rx,
+            lagged,
+        }
+    }
+
+    /// The `seq` of the last frame appended (0 before the first).
+    pub fn last_seq(&self) -> u64 {
+        lock(&self.run.state).next_seq - 1
     }
 }
 

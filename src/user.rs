@@ -164,6 +164,24 @@ impl UserContext {
         self.run_id.as_deref()
     }
 
+    /// The same user, scopes and metadata in run `run_id`: what a server uses when
+    /// one connection works in several runs. The id is checked like the builder's.
+    ///
+    /// ```
+    /// use tool_dispatch::UserContext;
+    /// let alice = UserContext::builder("alice").scope("read").build()?;
+    /// let in_run = alice.with_run_id("run_7")?;
+    /// assert_eq!((in_run.run_id(), in_run.has_scope("read")), (Some("run_7"), true));
+    /// assert!(alice.with_run_id("").is_err());
+    /// # Ok::<(), tool_dispatch::UserContextError>(())
+    /// ```
+    pub fn with_run_id(&self, run_id: &str) -> Result<UserContext, UserContextError> {
+        Ok(UserContext {
+            run_id: Some(check_id("run_id", run_id)?),
+            ..self.clone()
+        })
+    }
+
     /// The request that created this context, if any.
     pub fn request_id(&self) -> Option<&str> {
         self.request_id.as_deref()
