@@ -15,8 +15,15 @@
 //!    (so it waits for room in a full channel) and dropped. Reported: tasks alive after
 //!    them, growth of resident memory, events that reached the channel once it drains.
 //!
+//! 3. **A run log filled by many users, with readers that never read.** 10,000 runs
+//!    of 100 users (the default per-user bound of 32 runs evicts the rest), 20 events
+//!    each, every run with a reader that never reads; appends are timed beside the
+//!    same appends to runs nobody reads. Reported: runs and bytes kept, resident
+//!    memory growth, and the ratio of append times.
+//!
 //! The last line is `RESULT neighbour_p99_alone_ns=.. neighbour_p99_stuck_ns=..
-//! neighbour_p99_ratio=.. drop_tasks=.. drop_rss_kib=.. invariants=ok|FAILED`.
+//! neighbour_p99_ratio=.. drop_tasks=.. drop_rss_kib=.. runlog_rss_kib=..
+//! runlog_append_ratio=.. invariants=ok|FAILED`.
 
 use std::future::Future;
 use std::pin::pin;
@@ -27,9 +34,34 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tool_dispatch::event::{AgentEvent, Event, Timestamp};
 use tool_dispatch::{
-    Dispatcher, Engine, Limits, RecordingSink, Registry, ToolCall, ToolError, ToolSettings,
-    UserContext, UserLimits, tool_fn,
+    Dispatcher, Engine, Limits, RecordingSink, Registry, RunLog, RunLogConfig, ToolCall, ToolError,
+    ToolSettings, UserContext, UserLimits, tool_fn,
 };
+
+/// Attack 3: 10,000 runs of 100 users, 20 events each; with `stuck_readers`, every
+/// run has a reader that never reads. Returns (nanoseconds spent appending, runs
+/// kept, bytes kept, readers kept alive).
+fn fill_run_log(stuck_readers: bool) -> (u128, usize, usize, Vec<tool_dispatch::RunReader>) {
+    let log = RunLog::new(RunLogConfig::default().reader_buffer(8));
+    let mut readers = Vec::new();
+    let mut spent = 0u128;
+    for u in 0..100 {
+        for r in 0..100 {
+            let w = log.writer(&format!("user-{u}"), &format!("run-{r}"));
+            if stuck_readers {
+                readers.push(w.subscribe());
+            }
+            let t0 = Instant::now();
+            for i in 0..20 {
+                let frame = json!({"type": "tool_progress", "call_id": "c", "progress": i});
+                w.append(frame).expect("within the bounds");
+            }
+            spent += t0.elapsed().as_nanos();
+        }
+    }
+    let stats = log.stats();
+    (spent, stats.runs, stats.bytes, readers)
+}
 
 fn arg(name: &str, default: usize) -> usize {
     let argv: Vec<String> = std::env::args().collect();
@@ -178,6 +210,20 @@ fn main() {
         }
         (alone, stuck, bob_failed, tasks, rss, delivered)
     });
+    // 3. A run log under many users with readers that never read.
+    let rss_before = rss_kib();
+    let (stuck_ns, runs, bytes, readers) = fill_run_log(true);
+    let log_rss = rss_kib().saturating_sub(rss_before);
+    drop(readers);
+    let (calm_ns, _, _, _) = fill_run_log(false);
+    let append_ratio = stuck_ns as f64 / calm_ns.max(1) as f64;
+    println!(
+        "run log: 10,000 runs of 100 users written, {runs} kept, {bytes} bytes kept, RSS +{log_rss} KiB; appends with readers that never read take {append_ratio:.2}x the time of appends nobody reads"
+    );
+    if runs > 100 * 32 {
+        failures.push(format!("{runs} runs kept past the per-user bound"));
+    }
+
     let (a50, a99) = (quantile(&alone, 0.5), quantile(&alone, 0.99));
     let (s50, s99) = (quantile(&stuck, 0.5), quantile(&stuck, 0.99));
     let ratio = s99 as f64 / a99.max(1) as f64;
@@ -200,7 +246,7 @@ fn main() {
     }
     let verdict = if failures.is_empty() { "ok" } else { "FAILED" };
     println!(
-        "RESULT neighbour_p99_alone_ns={a99} neighbour_p99_stuck_ns={s99} neighbour_p99_ratio={ratio:.2} drop_tasks={drop_tasks} drop_rss_kib={drop_rss} invariants={verdict}"
+        "RESULT neighbour_p99_alone_ns={a99} neighbour_p99_stuck_ns={s99} neighbour_p99_ratio={ratio:.2} drop_tasks={drop_tasks} drop_rss_kib={drop_rss} runlog_rss_kib={log_rss} runlog_append_ratio={append_ratio:.2} invariants={verdict}"
     );
     if !failures.is_empty() {
         std::process::exit(1);

@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
 """Loads the chat_server demo page in headless Chromium, clicks the sample-call
 buttons like a person would (real mouse events through the DevTools protocol),
-checks the live event list in the DOM, and saves a screenshot and the DOM.
+checks the call cards in the DOM, and saves a screenshot and the DOM.
+
+The page is served through a TCP proxy that this script controls, so that the
+network can be cut under the page mid-call: the page must reconnect by itself,
+resume its run, and end with exactly one card per call.
 
 Usage: browser_check.py http://127.0.0.1:PORT OUT_DIR
 Needs: chromium (Debian package) on PATH, the `websockets` package.
@@ -82,7 +86,64 @@ class Cdp:
             await self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
 
 
+class Proxy:
+    """A TCP proxy on a free loopback port; `cut()` resets every open connection."""
+
+    def __init__(self, host, port):
+        self.target, self.pairs, self.server, self.port = (host, port), set(), None, None
+
+    async def start(self):
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def handle(self, reader, writer):
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        pair = (writer, up_writer)
+        self.pairs.add(pair)
+
+        async def pipe(src, dst):
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.transport.abort()
+
+        try:
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        except asyncio.CancelledError:
+            pass  # the event loop is closing
+        finally:
+            self.pairs.discard(pair)
+
+    def cut(self):
+        n = len(self.pairs)
+        for writer, up_writer in list(self.pairs):
+            writer.transport.abort()
+            up_writer.transport.abort()
+        return n
+
+    def close(self):
+        self.cut()
+        self.server.close()
+
+
+CARDS = ("[...document.querySelectorAll('#cards .card')].map(c => ({call: c.dataset.callId,"
+         " status: c.dataset.status, tool: c.querySelector('.tool').textContent,"
+         " progress: c.querySelector('progress').value}))")
+
+
 async def check(base, out):
+    host, port = base.split("//", 1)[1].rsplit(":", 1)
+    proxy = Proxy(host, int(port))
+    await proxy.start()
+    page_url = f"http://127.0.0.1:{proxy.port}"
     profile = tempfile.mkdtemp(prefix="chromium-profile-")
     proc = subprocess.Popen(["chromium", *FLAGS, f"--user-data-dir={profile}", "about:blank"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -93,36 +154,51 @@ async def check(base, out):
         async with connect(page["webSocketDebuggerUrl"], max_size=2**26) as ws:
             cdp = Cdp(ws)
             await cdp.call("Page.enable")
-            await cdp.call("Page.navigate", url=f"{base}/?token=alice-token")
+            await cdp.call("Page.navigate", url=f"{page_url}/?token=alice-token")
             await cdp.until("document.readyState === 'complete' && "
                             "document.getElementById('status')?.dataset.state === 'open'", "the socket to open")
-            await cdp.until("document.querySelector('#events li[data-type=ready]')", "the ready message")
+            await cdp.until("document.querySelector('#notices li[data-type=ready]')", "the ready message")
 
             await cdp.click("#send-openai")
-            await cdp.until("document.querySelector('#events li[data-type=tool_results]')", "OpenAI results")
+            await cdp.until("document.querySelector('#notices li[data-type=tool_results]')", "OpenAI results")
             await cdp.click("#send-anthropic")
-            await cdp.until("document.querySelectorAll('#events li[data-type=tool_results]').length === 2",
+            await cdp.until("document.querySelectorAll('#notices li[data-type=tool_results]').length === 2",
                             "Anthropic results")
             await cdp.click("#send-bad")
-            await cdp.until("document.querySelector('#events li[data-type=error]')", "the error message")
+            await cdp.until("document.querySelector('#notices li[data-type=error]')", "the error message")
 
-            items = await cdp.js("[...document.querySelectorAll('#events li')].map(li => ({"
-                                 "type: li.dataset.type, call: li.dataset.callId || null,"
-                                 "status: li.dataset.status || null, text: li.textContent}))")
-            kinds = [i["type"] for i in items]
-            executing = [i["call"] for i in items if i["type"] == "tool_executing"]
-            done = {i["call"]: i["status"] for i in items if i["type"] == "tool_completed"}
-            assert len(executing) == 3, items
-            assert set(done) == set(executing), items
-            assert all(s == "success" for s in done.values()), done
-            for call in executing:
-                pos = [n for n, i in enumerate(items) if i["call"] == call]
-                assert items[pos[0]]["type"] == "tool_executing" and items[pos[-1]]["type"] == "tool_completed", items
-            assert "tool_progress" in kinds, kinds
-            assert kinds.count("tool_results") == 2 and kinds[-1] == "error", kinds
+            # The network drops mid-call: the page reconnects by itself and resumes.
+            await cdp.click("#send-slow")
+            await cdp.until("[...document.querySelectorAll('.card')].some(c => c.dataset.status === 'running'"
+                            " && c.querySelector('progress').value > 0)", "the slow call's first progress")
+            await cdp.js("window.__states = []; new MutationObserver(() => window.__states.push("
+                         "document.getElementById('status').dataset.state)).observe("
+                         "document.getElementById('status'), {attributes: true})")
+            cut = proxy.cut()
+            assert cut >= 1, "no connection to cut"
+            await cdp.until("window.__states.includes('reconnecting') && "
+                            "document.getElementById('status').dataset.state === 'resumed'", "the resume")
+            await cdp.until("document.querySelectorAll('.card').length === 4 && [...document.querySelectorAll"
+                            "('.card')].every(c => c.dataset.status === 'success')", "every call to succeed")
+            cards = await cdp.js(CARDS)
+            calls = [c["call"] for c in cards]
+            assert len(calls) == len(set(calls)) == 4, f"one card per call: {cards}"
+            assert all(c["status"] == "success" and c["progress"] == 1 for c in cards), cards
+            assert sorted(c["tool"] for c in cards) == ["get_weather", "get_weather", "slow_task", "slow_task"], cards
+            states = await cdp.js("window.__states")
+
+            # Stop cancels the run's calls in flight.
+            await cdp.click("#send-slow")
+            await cdp.until("document.querySelector('.card[data-status=running]')", "a running call")
+            await cdp.click("#stop")
+            await cdp.until("document.querySelector('.card[data-status=cancelled]')", "the stopped call")
+            await cdp.until("document.querySelector('#notices li[data-type=run_cancelled]')", "the stop notice")
+
             page_text = await cdp.js("document.body.innerText")
             assert "sk-demo-secret" not in page_text, "the api key was shown"
             assert "[REDACTED]" in page_text, page_text
+            stored = json.loads(await cdp.js("sessionStorage.getItem('tool-dispatch-run')"))
+            assert stored["last_seq"] > 0 and stored["run_id"], stored
 
             os.makedirs(out, exist_ok=True)
             shot = await cdp.call("Page.captureScreenshot", format="png")
@@ -130,9 +206,11 @@ async def check(base, out):
                 f.write(base64.b64decode(shot["data"]))
             with open(os.path.join(out, "chat_page.html"), "w") as f:
                 f.write(await cdp.js("document.documentElement.outerHTML"))
-            print(f"browser check: {len(items)} events listed ({', '.join(sorted(set(kinds)))}); "
+            print(f"browser check: 5 cards, {cut} connection(s) cut, states {states}, "
+                  f"run {stored['run_id']} at seq {stored['last_seq']}; "
                   f"screenshot {os.path.join(out, 'chat_page.png')}")
     finally:
+        proxy.close()
         proc.terminate()
         try:
             proc.wait(timeout=10)

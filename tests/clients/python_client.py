@@ -133,6 +133,53 @@ async def main(base):
         assert completed(msgs, "call_py_3")["status"] == "success"
         checks += 1
 
+    # A dropped connection resumes its run after the last seq it saw: the remaining
+    # progress, tool_completed and the results arrive once each, seq contiguous.
+    async with connect(f"{base}/ws?token=alice-token", max_size=2**20) as ws:
+        ready = await recv_json(ws)
+        run, epoch = ready["run_id"], ready["epoch"]
+        await ws.send(json.dumps({"role": "assistant", "tool_calls": [
+            {"id": "call_py_resume", "type": "function",
+             "function": {"name": "slow_task", "arguments": json.dumps({"steps": 5, "step_ms": 60})}}]}))
+        first = []
+        while not first or first[-1]["type"] != "tool_executing":
+            first.append(await recv_json(ws))
+        last = first[-1]["seq"]
+        assert [m["seq"] for m in first] == list(range(1, last + 1)), first
+    async with connect(f"{base}/ws?token=alice-token", max_size=2**20) as ws:
+        await recv_json(ws)  # ready (a new default run)
+        await ws.send(json.dumps({"type": "resume", "run_id": run, "after_seq": last, "epoch": epoch}))
+        resumed = await recv_json(ws)
+        assert resumed == {"type": "resumed", "run_id": run, "after_seq": last}, resumed
+        rest = await until_results(ws)
+        assert [m["seq"] for m in rest] == list(range(last + 1, last + 1 + len(rest))), rest
+        check_pairing(first + rest, "alice")
+        assert sum(1 for m in rest if m["type"] == "tool_progress") == 5, rest
+        assert completed(rest, "call_py_resume")["status"] == "success"
+        assert rest[-1]["call_ids"] == ["call_py_resume"], rest[-1]
+        # Resuming again from the start replays the same frames, byte for byte.
+        await ws.send(json.dumps({"type": "resume", "run_id": run, "after_seq": 0}))
+        assert (await recv_json(ws))["type"] == "resumed"
+        replay = [await recv_json(ws) for _ in range(last + len(rest))]
+        assert replay == first + rest, "a replay differs from the live stream"
+    checks += 1
+
+    # Another user's run does not exist for bob; a stale epoch must resync.
+    async with connect(f"{base}/ws?token=bob-token", max_size=2**20) as ws:
+        await recv_json(ws)
+        await ws.send(json.dumps({"type": "resume", "run_id": run, "after_seq": 0}))
+        msg = await recv_json(ws)
+        assert msg == {"type": "resync_required", "run_id": run, "reason": "unknown_run"}, msg
+        await ws.send(json.dumps({"type": "resume", "run_id": "r", "after_seq": -1}))
+        msg = await recv_json(ws)
+        assert msg["type"] == "error", msg
+    async with connect(f"{base}/ws?token=alice-token", max_size=2**20) as ws:
+        await recv_json(ws)
+        await ws.send(json.dumps({"type": "resume", "run_id": run, "after_seq": 0, "epoch": epoch + 1}))
+        msg = await recv_json(ws)
+        assert msg == {"type": "resync_required", "run_id": run, "reason": "epoch_changed"}, msg
+    checks += 1
+
     # An unknown token is refused before the upgrade.
     try:
         async with connect(f"{base}/ws?token=mallory") as ws:
