@@ -15,6 +15,8 @@ pub enum LimitScope {
     Global,
     /// The tool's own concurrent-call limit.
     Tool,
+    /// The user's limit of calls waiting for approval at once.
+    Approvals,
 }
 
 impl std::fmt::Display for LimitScope {
@@ -23,6 +25,7 @@ impl std::fmt::Display for LimitScope {
             LimitScope::User => "per-user",
             LimitScope::Global => "global",
             LimitScope::Tool => "per-tool",
+            LimitScope::Approvals => "pending-approval",
         })
     }
 }
@@ -98,6 +101,28 @@ pub enum DispatchError {
         /// The policy's reason, if it gave one.
         reason: Option<String>,
     },
+    /// The user rejected the call when asked to approve it; it was not run.
+    #[error(
+        "the user rejected this call of `{tool}`; it was not run{}",
+        message.as_deref().map(|m| format!(". Their message: {m}")).unwrap_or_default()
+    )]
+    Rejected {
+        /// The tool.
+        tool: String,
+        /// What the user said, if anything.
+        message: Option<String>,
+    },
+    /// Nobody approved the call within its window; it was not run.
+    #[error(
+        "`{tool}` was not run: nobody approved it within {:.0}s. This was not the user's decision",
+        after.as_secs_f64()
+    )]
+    ApprovalTimeout {
+        /// The tool.
+        tool: String,
+        /// The approval window that ran out.
+        after: Duration,
+    },
     /// The user is over their rate limit.
     #[error("rate limit reached; retry after {:.1}s", retry_after.as_secs_f64())]
     RateLimited {
@@ -167,6 +192,8 @@ impl DispatchError {
             DispatchError::UnknownTool { .. } => Status::UnknownTool,
             DispatchError::InvalidInput { .. } => Status::InvalidInput,
             DispatchError::Denied { .. } => Status::Denied,
+            DispatchError::Rejected { .. } => Status::Rejected,
+            DispatchError::ApprovalTimeout { .. } => Status::ApprovalTimeout,
             DispatchError::RateLimited { .. } => Status::RateLimited,
             DispatchError::Busy { .. } => Status::Busy,
             DispatchError::Timeout { .. } => Status::Timeout,

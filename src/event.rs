@@ -30,6 +30,9 @@ pub enum Event {
     ToolCompleted(ToolCompleted),
     /// A running tool reported progress.
     ToolProgress(ToolProgress),
+    /// A call waits for its user's approval (after its `tool_executing`, before it
+    /// runs); answer with [`Engine::resolve_approval`](crate::Engine::resolve_approval).
+    ToolApprovalRequired(ToolApprovalRequired),
     /// The agent started working on the user's request.
     AgentStarted(AgentEvent),
     /// The agent is thinking (a message for the user's screen).
@@ -47,6 +50,7 @@ impl Event {
             Event::ToolExecuting(e) => Some(&e.call_id),
             Event::ToolCompleted(e) => Some(&e.call_id),
             Event::ToolProgress(e) => Some(&e.call_id),
+            Event::ToolApprovalRequired(e) => Some(&e.call_id),
             _ => None,
         }
     }
@@ -57,6 +61,7 @@ impl Event {
             Event::ToolExecuting(e) => &e.user_id,
             Event::ToolCompleted(e) => &e.user_id,
             Event::ToolProgress(e) => &e.user_id,
+            Event::ToolApprovalRequired(e) => &e.user_id,
             Event::AgentStarted(e)
             | Event::AgentThinking(e)
             | Event::AgentCompleted(e)
@@ -70,6 +75,7 @@ impl Event {
             Event::ToolExecuting(_) => "tool_executing",
             Event::ToolCompleted(_) => "tool_completed",
             Event::ToolProgress(_) => "tool_progress",
+            Event::ToolApprovalRequired(_) => "tool_approval_required",
             Event::AgentStarted(_) => "agent_started",
             Event::AgentThinking(_) => "agent_thinking",
             Event::AgentCompleted(_) => "agent_completed",
@@ -121,8 +127,72 @@ pub struct ToolCompleted {
     /// Whether the result came from the result cache without running the tool.
     #[serde(default)]
     pub cached: bool,
+    /// For a call that needed approval: what was decided, and when. Absent otherwise.
+    /// (Boxed: most calls need no approval, and every event stays small.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<Box<ApprovalRecord>>,
     /// When the call ended.
     pub timestamp: Timestamp,
+}
+
+/// `tool_approval_required`: a call waits for its user to approve it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolApprovalRequired {
+    /// The call's id: what the decision names.
+    pub call_id: Arc<str>,
+    /// The agent run.
+    pub run_id: Option<Arc<str>>,
+    /// The conversation thread.
+    pub thread_id: Option<Arc<str>>,
+    /// The user who must decide.
+    pub user_id: Arc<str>,
+    /// The tool.
+    pub tool_name: Arc<str>,
+    /// The arguments, redacted and cut like `tool_executing`'s.
+    pub parameters: Value,
+    /// Why a person must decide (from the policy or the tool's settings).
+    pub reason: String,
+    /// When the call stops waiting and ends `approval_timeout`; `null` when it waits
+    /// until a decision.
+    pub expires_at: Option<Timestamp>,
+    /// When the approval was requested.
+    pub timestamp: Timestamp,
+}
+
+/// What became of a call's approval request, in its `tool_completed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovalRecord {
+    /// The decision.
+    pub decision: ApprovalOutcome,
+    /// When it was taken (or the wait ended).
+    pub at: Timestamp,
+}
+
+/// How an approval request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ApprovalOutcome {
+    /// The user approved; the call went on.
+    Approved,
+    /// The user rejected it.
+    Rejected,
+    /// Nobody answered in time.
+    Expired,
+    /// The call stopped waiting first (cancelled, shut down, dropped).
+    Withdrawn,
+}
+
+impl ApprovalOutcome {
+    /// The wire name (`approved`, `rejected`, `expired`, `withdrawn`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApprovalOutcome::Approved => "approved",
+            ApprovalOutcome::Rejected => "rejected",
+            ApprovalOutcome::Expired => "expired",
+            ApprovalOutcome::Withdrawn => "withdrawn",
+        }
+    }
 }
 
 /// `tool_progress`: a running tool's own report, delivered without blocking it.
@@ -197,6 +267,10 @@ pub enum Status {
     UnknownTool,
     /// The permission policy refused the call.
     Denied,
+    /// A person refused the call when asked to approve it.
+    Rejected,
+    /// Nobody approved the call within its approval window; it was not run.
+    ApprovalTimeout,
     /// The user is over their rate limit.
     RateLimited,
     /// No concurrency slot became free within the wait bound.
@@ -215,12 +289,14 @@ pub enum Status {
 
 impl Status {
     /// Every status, in the order metrics report them.
-    pub const ALL: [Status; 12] = [
+    pub const ALL: [Status; 14] = [
         Status::Success,
         Status::ToolFailed,
         Status::InvalidInput,
         Status::UnknownTool,
         Status::Denied,
+        Status::Rejected,
+        Status::ApprovalTimeout,
         Status::RateLimited,
         Status::Busy,
         Status::Timeout,
@@ -238,6 +314,8 @@ impl Status {
             Status::InvalidInput => "invalid_input",
             Status::UnknownTool => "unknown_tool",
             Status::Denied => "denied",
+            Status::Rejected => "rejected",
+            Status::ApprovalTimeout => "approval_timeout",
             Status::RateLimited => "rate_limited",
             Status::Busy => "busy",
             Status::Timeout => "timeout",

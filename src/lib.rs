@@ -7,7 +7,7 @@
 // the sources; `docs/ARCHITECTURE.md` says what each floor is for.
 //
 // floor 1: call event json time user contain blocking
-// floor 2: sink cache limits redact
+// floor 2: sink cache limits redact approval
 // floor 3: error metrics runlog
 // floor 4: delivery
 // floor 5: tool state health
@@ -17,6 +17,7 @@
 // floor 9: dispatcher
 // floor 10: provider axum
 
+mod approval;
 mod blocking;
 mod cache;
 mod call;
@@ -44,6 +45,7 @@ mod user;
 #[cfg(feature = "axum")]
 pub mod axum;
 
+pub use approval::{ApprovalError, ApprovalWait, Verdict};
 pub use blocking::StuckCall;
 pub use cache::CacheConfig;
 pub use call::{Arguments, ToolCall, ToolOutput};
@@ -53,7 +55,7 @@ pub use error::{CancelReason, DispatchError, LimitScope};
 pub use futures_util::future::BoxFuture;
 pub use health::{Health, HealthStatus};
 pub use limits::{Limits, Rate, UserLimits};
-pub use metrics::{MAX_REPORTED_USERS, MetricsSnapshot, ToolStats, UserStats};
+pub use metrics::{ApprovalStats, MAX_REPORTED_USERS, MetricsSnapshot, ToolStats, UserStats};
 pub use policy::{Decision, Policy, PolicyError, PolicyRequest, ScopePolicy};
 pub use redact::{REDACTED, Redaction};
 pub use registry::{

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::event::Status;
+use crate::event::{ApprovalOutcome, Status};
 use crate::limits::UserState;
 
 const BUCKETS: usize = 40;
@@ -59,6 +59,7 @@ pub(crate) struct Metrics {
     cache_misses: AtomicU64,
     cache_skipped: AtomicU64,
     unserializable_results: AtomicU64,
+    approvals: [AtomicU64; 4],
     tools: Box<[ToolMetrics]>,
 }
 
@@ -73,6 +74,7 @@ impl Metrics {
             cache_misses: AtomicU64::new(0),
             cache_skipped: AtomicU64::new(0),
             unserializable_results: AtomicU64::new(0),
+            approvals: std::array::from_fn(|_| AtomicU64::new(0)),
             tools: (0..tools)
                 .map(|_| ToolMetrics {
                     calls: AtomicU64::new(0),
@@ -140,6 +142,17 @@ impl Metrics {
         self.unserializable_results.fetch_add(1, Relaxed);
     }
 
+    /// An approval request ended this way.
+    pub(crate) fn approval(&self, outcome: ApprovalOutcome) {
+        let i = match outcome {
+            ApprovalOutcome::Approved => 0,
+            ApprovalOutcome::Rejected => 1,
+            ApprovalOutcome::Expired => 2,
+            _ => 3,
+        };
+        self.approvals[i].fetch_add(1, Relaxed);
+    }
+
     pub(crate) fn snapshot<'a>(
         &self,
         tool_names: impl Iterator<Item = &'a str>,
@@ -186,12 +199,34 @@ impl Metrics {
             cache_misses: self.cache_misses.load(Relaxed),
             cache_skipped: self.cache_skipped.load(Relaxed),
             unserializable_results: self.unserializable_results.load(Relaxed),
+            awaiting_approval: 0,
+            approvals: ApprovalStats {
+                approved: self.approvals[0].load(Relaxed),
+                rejected: self.approvals[1].load(Relaxed),
+                expired: self.approvals[2].load(Relaxed),
+                withdrawn: self.approvals[3].load(Relaxed),
+            },
             cache_entries: 0,
             tools,
             active_users,
             tracked_users,
         }
     }
+}
+
+/// Approval requests that have ended, per outcome (see
+/// [`ApprovalOutcome`](crate::event::ApprovalOutcome)).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct ApprovalStats {
+    /// Approved: the call went on.
+    pub approved: u64,
+    /// Rejected by the user (status `rejected`).
+    pub rejected: u64,
+    /// Nobody answered in time (status `approval_timeout`).
+    pub expired: u64,
+    /// The call stopped waiting first (cancelled, shut down, dropped).
+    pub withdrawn: u64,
 }
 
 /// At most this many users are listed in [`MetricsSnapshot::active_users`].
@@ -228,6 +263,10 @@ pub struct MetricsSnapshot {
     /// `Serialize`): a typed call still returns its value and its event says why the
     /// result is not shown; a call by name fails with `error`.
     pub unserializable_results: u64,
+    /// Calls waiting for their user's approval now (also counted in `active`).
+    pub awaiting_approval: usize,
+    /// Approval requests that have ended, per outcome.
+    pub approvals: ApprovalStats,
     /// Entries in the result cache (ready or being computed).
     pub cache_entries: usize,
     /// Per tool, in registration order.

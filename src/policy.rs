@@ -8,6 +8,7 @@ use futures_util::future::BoxFuture;
 
 use serde_json::Value;
 
+use crate::approval::ApprovalWait;
 use crate::registry::ToolDefinition;
 use crate::tool::ToolSettings;
 use crate::user::UserContext;
@@ -28,9 +29,18 @@ pub struct PolicyRequest<'a> {
 
 /// A policy's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Decision {
     /// Run the call.
     Allow,
+    /// Run it only once the user approves: the call sends `tool_approval_required`
+    /// and waits (holding no slot) for [`Engine::resolve_approval`](crate::Engine::resolve_approval).
+    RequireApproval {
+        /// Why, shown to the person deciding.
+        reason: String,
+        /// How long to wait; `None`: the tool's setting, else the engine's.
+        wait: Option<ApprovalWait>,
+    },
     /// Refuse it.
     Deny {
         /// Scopes the user lacks, if that is the reason.
@@ -41,6 +51,14 @@ pub enum Decision {
 }
 
 impl Decision {
+    /// Requires the user's approval, for the tool's or the engine's window.
+    pub fn require_approval(reason: impl Into<String>) -> Self {
+        Decision::RequireApproval {
+            reason: reason.into(),
+            wait: None,
+        }
+    }
+
     /// A denial with a reason.
     pub fn deny(reason: impl Into<String>) -> Self {
         Decision::Deny {

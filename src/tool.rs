@@ -12,6 +12,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
+use crate::approval::ApprovalWait;
 use crate::delivery::Outbox;
 use crate::event::{Event, Timestamp, ToolProgress};
 use crate::json::cut;
@@ -93,6 +94,8 @@ pub struct ToolSettings {
     pub(crate) cache_ttl: Option<Duration>,
     pub(crate) user_independent: bool,
     pub(crate) max_concurrency: Option<usize>,
+    pub(crate) approval: Option<String>,
+    pub(crate) approval_wait: Option<ApprovalWait>,
 }
 
 impl ToolSettings {
@@ -170,6 +173,38 @@ impl ToolSettings {
     /// The limit set by [`max_concurrency`](Self::max_concurrency), if any.
     pub fn concurrency_limit(&self) -> Option<usize> {
         self.max_concurrency
+    }
+
+    /// Every call of this tool runs only after its user approves it, with `reason`
+    /// shown to them; no custom policy needed. A policy's own
+    /// [`Decision::RequireApproval`](crate::Decision::RequireApproval) takes
+    /// precedence (its reason is shown).
+    ///
+    /// ```
+    /// use tool_dispatch::ToolSettings;
+    /// let s = ToolSettings::new().requires_approval("sends an email in your name");
+    /// assert_eq!(s.approval_reason(), Some("sends an email in your name"));
+    /// ```
+    pub fn requires_approval(mut self, reason: impl Into<String>) -> Self {
+        self.approval = Some(reason.into());
+        self
+    }
+
+    /// How long this tool's calls wait for approval (default: the engine's,
+    /// five minutes).
+    pub fn approval_wait(mut self, wait: ApprovalWait) -> Self {
+        self.approval_wait = Some(wait);
+        self
+    }
+
+    /// The reason set by [`requires_approval`](Self::requires_approval).
+    pub fn approval_reason(&self) -> Option<&str> {
+        self.approval.as_deref()
+    }
+
+    /// The window set by [`approval_wait`](Self::approval_wait).
+    pub fn approval_window(&self) -> Option<ApprovalWait> {
+        self.approval_wait
     }
 }
 

@@ -192,6 +192,9 @@ impl InFlight<'_> {
         if status == Status::Cancelled {
             s.cancelled.fetch_add(1, Relaxed);
         }
+        if let Some(a) = &self.approval {
+            self.inner.metrics.approval(a.record.decision);
+        }
         s.active.fetch_sub(1, Relaxed);
         let metrics = &self.inner.metrics;
         let left = if self.admission.counted {
@@ -248,6 +251,7 @@ impl InFlight<'_> {
             result,
             error,
             cached,
+            approval: self.approval.as_ref().map(|a| Box::new(a.record)),
             timestamp: self.wall.after(took),
         })
     }

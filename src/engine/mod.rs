@@ -5,6 +5,7 @@
 //! - `shutdown`: `cancel_user` and `shutdown`.
 //! - `health`: the probe call and the health report.
 
+mod approve;
 mod codec;
 mod ending;
 mod health;
@@ -20,6 +21,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::approval::{ApprovalError, ApprovalWait, Approvals, Verdict};
 use crate::blocking::BlockingJobs;
 use crate::cache::{Cache, CacheConfig};
 use crate::delivery::Outbox;
@@ -45,6 +47,8 @@ const DEFAULT_DELIVERY_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_MAX_ARGUMENT_BYTES: usize = 1 << 20;
 /// Default bound on the events one sink holds back while it is full.
 const DEFAULT_DELIVERY_BACKLOG: usize = 64;
+/// Calls of one user that may wait for approval at once.
+const DEFAULT_MAX_PENDING_APPROVALS: usize = 8;
 
 pub(crate) struct Config {
     default_timeout: Duration,
@@ -54,6 +58,8 @@ pub(crate) struct Config {
     max_depth: usize,
     redaction: Redaction,
     limits: Limits,
+    approval_wait: ApprovalWait,
+    max_pending_approvals: usize,
 }
 
 /// The health probe: a tool outside the registry and a user outside the user table,
@@ -77,6 +83,7 @@ pub(crate) struct Inner {
     root: CancellationToken,
     accepting: AtomicBool,
     idle: Notify,
+    approvals: Approvals,
     probe: Probe,
     id_prefix: u32,
     next_id: AtomicU64,
@@ -198,6 +205,22 @@ impl EngineBuilder {
         self
     }
 
+    /// How long a call that needs approval waits for its user (default five
+    /// minutes); a tool's [`ToolSettings::approval_wait`](crate::ToolSettings::approval_wait)
+    /// and a policy's decision take precedence. [`ApprovalWait::Forever`] is an
+    /// explicit opt-in.
+    pub fn approval_wait(mut self, wait: ApprovalWait) -> Self {
+        self.config.approval_wait = wait;
+        self
+    }
+
+    /// Calls of one user that may wait for approval at once (default 8); past it a
+    /// call that needs approval ends `busy`.
+    pub fn max_pending_approvals(mut self, n: usize) -> Self {
+        self.config.max_pending_approvals = n;
+        self
+    }
+
     /// Result cache bounds.
     pub fn cache(mut self, c: CacheConfig) -> Self {
         self.cache = c;
@@ -224,6 +247,7 @@ impl EngineBuilder {
                 root,
                 accepting: AtomicBool::new(true),
                 idle: Notify::new(),
+                approvals: Approvals::default(),
                 id_prefix: std::hash::BuildHasher::hash_one(&hasher, epoch) as u32,
                 next_id: AtomicU64::new(1),
             }),
@@ -264,6 +288,8 @@ impl Engine {
                 max_depth: DEFAULT_MAX_DEPTH,
                 redaction: Redaction::default(),
                 limits: Limits::default(),
+                approval_wait: ApprovalWait::default(),
+                max_pending_approvals: DEFAULT_MAX_PENDING_APPROVALS,
             },
             policy: None,
             cache: CacheConfig::default(),
@@ -292,7 +318,50 @@ impl Engine {
             .metrics
             .snapshot(s.registry.names(), &users, s.users.len());
         m.cache_entries = s.cache.len();
+        m.awaiting_approval = s.approvals.len();
         m
+    }
+
+    /// Answers the approval `user_id`'s call `call_id` waits for: it runs, or ends
+    /// `rejected` with the message passed to the model. Taken once: a second answer,
+    /// an unknown call id, a call that stopped waiting and another user's call all
+    /// get [`ApprovalError::NoSuchPendingApproval`], so nobody learns whether someone
+    /// else's call exists.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tool_dispatch::event::Event;
+    /// use tool_dispatch::*;
+    /// let send = tool_fn("send", "Sends.", |_: (), _cx| async { Ok::<_, ToolError>("sent") })
+    ///     .settings(ToolSettings::new().requires_approval("sends mail"));
+    /// let engine = Engine::builder(Registry::builder().tool(send).build()?).build();
+    /// let sink = RecordingSink::new();
+    /// let alice = engine.dispatcher().sink(sink.clone()).user(UserContext::builder("alice").build()?);
+    /// let call = alice.dispatch(ToolCall::new("send", serde_json::json!(null)).with_id("c1"));
+    /// let answer = async {
+    ///     while !sink.events().iter().any(|e| matches!(e, Event::ToolApprovalRequired(_))) {
+    ///         tokio::task::yield_now().await;
+    ///     }
+    ///     assert!(engine.resolve_approval("bob", "c1", Verdict::Approve).is_err()); // not bob's
+    ///     engine.resolve_approval("alice", "c1", Verdict::Approve)
+    /// };
+    /// let (out, answered) = tokio::join!(call, answer);
+    /// assert_eq!((out?.value, answered), (serde_json::json!("sent"), Ok(())));
+    /// # Ok(()) }
+    /// ```
+    pub fn resolve_approval(
+        &self,
+        user_id: &str,
+        call_id: &str,
+        verdict: Verdict,
+    ) -> Result<(), ApprovalError> {
+        let verdict = match verdict {
+            Verdict::Reject { message } => Verdict::Reject {
+                message: message.map(|m| crate::json::cut(&m, self.inner.max_text())),
+            },
+            v => v,
+        };
+        self.inner.approvals.resolve(user_id, call_id, verdict)
     }
 
     /// Forgets idle users (no dispatcher, no call in flight, rate bucket full) and

@@ -22,6 +22,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use super::Inner;
+use super::approve::{Approval, Gate};
 use super::codec::{Codec, Ran, store};
 use super::ending::{Ending, Pending, Source, Unannounced};
 use super::prepare::{Prepared, Refusal};
@@ -96,6 +97,9 @@ pub(super) struct InFlight<'a> {
     pub(super) opening_queued: bool,
     /// The call's identity, cancellation and progress gate, shared with its tool.
     pub(super) scope: Arc<CallScope>,
+    /// For a call that needed approval: how that went (boxed: most calls need none,
+    /// and their future stays small).
+    pub(super) approval: Option<Box<Approval>>,
     pub(super) span: tracing::Span,
 }
 
@@ -114,20 +118,13 @@ impl<'a> InFlight<'a> {
         // Blocks keep each step's temporaries out of the later steps' state.
         let Prepared { entry, args, body } = p;
         let user: &'a WithUser = self.user;
-        let own_slot = {
+        let gate = {
             let decided = match self.policy_now(entry, &args) {
                 Some(d) => d,
                 None => Box::pin(self.ask_policy(entry, &args)).await,
             };
-            let slot = match decided.and_then(|()| self.rate()) {
-                Ok(()) => match self.slot_now(Scope::User(&user.state)) {
-                    Ok(p) => Ok(p),
-                    Err(scope) => Box::pin(self.wait_slot(scope, LimitScope::User)).await,
-                },
-                Err(e) => Err(e),
-            };
-            match slot {
-                Ok(p) => p,
+            match decided.and_then(|gate| self.rate().map(|()| gate)) {
+                Ok(gate) => gate.or_else(|| Gate::of_tool(entry).map(Box::new)),
                 Err(error) => {
                     return Err(Box::pin(self.refuse(Refusal { error, shown: args })).await);
                 }
@@ -138,23 +135,32 @@ impl<'a> InFlight<'a> {
                 (!entry.settings.user_independent).then(|| Arc::clone(&self.user.ctx.user_id));
             Key::new(user, entry.index, &args).map(|k| (k, ttl))
         });
-        {
-            let announced = match self.announce_now(args) {
-                Ok(()) => Ok(()),
-                Err(Unannounced::Waiting(ev)) => Box::pin(self.announce(*ev)).await,
-                Err(u) => Err(u),
-            };
-            if let Err(u) = announced {
-                let error = match u {
-                    Unannounced::Failed(e) => {
-                        self.record(Status::Undelivered, self.start.elapsed());
-                        return Err(DispatchError::Undelivered(e));
-                    }
-                    _ => self.interruption(),
+        let own_slot = match gate {
+            // Approval first, holding no slot; `tool_executing` goes out before the
+            // request, so every outcome of the wait has its pair.
+            Some(gate) => Box::pin(self.approved(entry, *gate, args)).await?,
+            None => {
+                let slot = match self.slot_now(Scope::User(&user.state)) {
+                    Ok(p) => Ok(p),
+                    Err(scope) => Box::pin(self.wait_slot(scope, LimitScope::User)).await,
                 };
-                return Err(Box::pin(self.end_with(error, Err(u))).await);
+                let own_slot = match slot {
+                    Ok(p) => p,
+                    Err(error) => {
+                        return Err(Box::pin(self.refuse(Refusal { error, shown: args })).await);
+                    }
+                };
+                let announced = match self.announce_now(args) {
+                    Ok(()) => Ok(()),
+                    Err(Unannounced::Waiting(ev)) => Box::pin(self.announce(*ev)).await,
+                    Err(u) => Err(u),
+                };
+                if let Err(u) = announced {
+                    return Err(Box::pin(self.unannounced(u)).await);
+                }
+                own_slot
             }
-        }
+        };
         let shared = {
             let shared = match self.shared_slots_now(entry) {
                 Ok(s) => Ok(s),
@@ -182,9 +188,26 @@ impl<'a> InFlight<'a> {
         out
     }
 
+    /// Ends a call whose `tool_executing` did not go out as confirmed: undeliverable
+    /// (the tool does not run), or interrupted while it waited for room.
+    pub(super) async fn unannounced(&mut self, u: Unannounced) -> DispatchError {
+        let error = match u {
+            Unannounced::Failed(e) => {
+                self.record(Status::Undelivered, self.start.elapsed());
+                return DispatchError::Undelivered(e);
+            }
+            _ => self.interruption(),
+        };
+        self.end_with(error, Err(u)).await
+    }
+
     /// The decision when it needs no waiting: the default [`ScopePolicy`]. `None`
     /// when a custom policy must be asked.
-    fn policy_now(&self, entry: &Entry, args: &Value) -> Option<Result<(), DispatchError>> {
+    fn policy_now(
+        &self,
+        entry: &Entry,
+        args: &Value,
+    ) -> Option<Result<Option<Box<Gate>>, DispatchError>> {
         if self.inner.policy.is_some() {
             return None;
         }
@@ -194,17 +217,18 @@ impl<'a> InFlight<'a> {
             settings: &entry.settings,
             arguments: args,
         };
-        match ScopePolicy::decide(&req) {
-            Decision::Allow => Some(Ok(())),
-            d => Some(Err(self.denied(entry, Ok(d)))),
-        }
+        Some(self.decided(entry, Ok(ScopePolicy::decide(&req))))
     }
 
     /// Asks the custom policy, under the call's deadline and cancellation; a policy
     /// that errs or panics denies (fails closed).
-    async fn ask_policy(&mut self, entry: &Entry, args: &Value) -> Result<(), DispatchError> {
+    async fn ask_policy(
+        &mut self,
+        entry: &Entry,
+        args: &Value,
+    ) -> Result<Option<Box<Gate>>, DispatchError> {
         let Some(policy) = &self.inner.policy else {
-            return Ok(());
+            return Ok(None);
         };
         let req = PolicyRequest {
             user: &self.user.ctx,
@@ -224,13 +248,25 @@ impl<'a> InFlight<'a> {
             () = tokio::time::sleep_until(self.deadline) => None,
             r = Contained::new(fut) => Some(r),
         };
-        let decision = match answer {
-            None => return Err(self.interruption()),
-            Some(Ok(d)) => d,
-            Some(Err(_)) => panicked(),
-        };
+        match answer {
+            None => Err(self.interruption()),
+            Some(Ok(d)) => self.decided(entry, d),
+            Some(Err(_)) => self.decided(entry, panicked()),
+        }
+    }
+
+    /// What a policy's answer means for the call: go on, go on once approved, or
+    /// refuse.
+    fn decided(
+        &self,
+        entry: &Entry,
+        decision: Result<Decision, PolicyError>,
+    ) -> Result<Option<Box<Gate>>, DispatchError> {
         match decision {
-            Ok(Decision::Allow) => Ok(()),
+            Ok(Decision::Allow) => Ok(None),
+            Ok(Decision::RequireApproval { reason, wait }) => {
+                Ok(Some(Box::new(Gate { reason, wait })))
+            }
             d => Err(self.denied(entry, d)),
         }
     }
@@ -253,7 +289,7 @@ impl<'a> InFlight<'a> {
                 missing_scopes,
                 reason,
             }) => (missing_scopes, reason.map(|r| cut(&r, max))),
-            Ok(Decision::Allow) => (Vec::new(), None),
+            Ok(_) => (Vec::new(), None),
             Err(e) => {
                 tracing::warn!(call_id = %self.scope.call_id, error = %e, "policy error; call denied");
                 (Vec::new(), Some("permission check failed".to_owned()))
@@ -267,14 +303,14 @@ impl<'a> InFlight<'a> {
     }
 
     /// A slot of `scope` if one is free now; the scope back when it must be waited for.
-    fn slot_now(&self, scope: Scope<'a>) -> Result<Permit<'a>, Scope<'a>> {
+    pub(super) fn slot_now(&self, scope: Scope<'a>) -> Result<Permit<'a>, Scope<'a>> {
         let inner: &'a Arc<Inner> = self.inner;
         inner.limiter.try_slot(&scope).ok_or(scope)
     }
 
     /// Waits for a slot up to the engine's `max_wait` (the probe does not wait), the
     /// call's deadline and its cancellation.
-    async fn wait_slot(
+    pub(super) async fn wait_slot(
         &mut self,
         scope: Scope<'a>,
         which: LimitScope,
@@ -283,7 +319,8 @@ impl<'a> InFlight<'a> {
         let limiter = &*inner.limiter;
         self.waited = true;
         let until = if self.admission.may_wait {
-            let bound = crate::time::deadline(self.start, self.inner.config.limits.max_wait);
+            let since = self.approval.as_ref().map_or(self.start, |a| a.since);
+            let bound = crate::time::deadline(since, self.inner.config.limits.max_wait);
             bound.min(self.deadline)
         } else {
             Instant::now()

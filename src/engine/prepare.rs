@@ -271,6 +271,7 @@ impl<'a> InFlight<'a> {
             phase: Phase::Fresh,
             waited: false,
             opening_queued: false,
+            approval: None,
             scope,
             span,
         }

@@ -1,0 +1,208 @@
+//! The approval step: for a call that needs its user's yes, between the rate check and
+//! the slots. `tool_executing` goes out, then `tool_approval_required`; the call waits
+//! (holding no slot) for the decision, the end of its window, or its cancellation.
+//! Approved, it takes its own slot and its timeout starts; otherwise it ends with its
+//! own status. Every ending keeps the pair and counts once.
+
+use std::sync::Arc;
+
+use serde_json::Value;
+use tokio::time::Instant;
+
+use super::ending::Unannounced;
+use super::pipeline::InFlight;
+use super::prepare::Refusal;
+use crate::approval::{ApprovalWait, Verdict};
+use crate::delivery::{Delivered, NotSent, Now, Role, Watch};
+use crate::error::{DispatchError, LimitScope};
+use crate::event::{ApprovalOutcome, ApprovalRecord, Event, Timestamp, ToolApprovalRequired};
+use crate::json::cut;
+use crate::limits::{Permit, Scope};
+use crate::registry::Entry;
+
+/// Why a call must wait for approval, and for how long.
+pub(crate) struct Gate {
+    pub(crate) reason: String,
+    pub(crate) wait: Option<ApprovalWait>,
+}
+
+impl Gate {
+    /// The tool's own requirement ([`ToolSettings::requires_approval`](crate::ToolSettings::requires_approval)).
+    pub(super) fn of_tool(entry: &Entry) -> Option<Gate> {
+        entry.settings.approval.as_ref().map(|reason| Gate {
+            reason: reason.clone(),
+            wait: None,
+        })
+    }
+}
+
+/// A call's approval so far.
+pub(crate) struct Approval {
+    /// What its `tool_completed` reports (`Withdrawn` until a decision).
+    pub(crate) record: ApprovalRecord,
+    /// When the call was let through: its slot wait counts from here.
+    pub(crate) since: Instant,
+}
+
+impl<'a> InFlight<'a> {
+    /// Announces the call, asks its user, waits, and takes the user's own slot once
+    /// approved. On any other ending the call is ended here (pair sent, counted) and
+    /// its error returned.
+    pub(super) async fn approved(
+        &mut self,
+        entry: &'a Entry,
+        gate: Gate,
+        args: Value,
+    ) -> Result<Permit<'a>, DispatchError> {
+        let inner = self.inner;
+        let cap = inner.config.max_pending_approvals;
+        let Some(mut waiting) =
+            inner
+                .approvals
+                .wait(&self.user.ctx.user_id, &self.scope.call_id, cap)
+        else {
+            let error = DispatchError::Busy {
+                scope: LimitScope::Approvals,
+                waited: self.start.elapsed(),
+            };
+            return Err(self.refuse(Refusal { error, shown: args }).await);
+        };
+        let announced = match self.announce_now(args.clone()) {
+            Ok(()) => Ok(()),
+            Err(Unannounced::Waiting(ev)) => self.announce(*ev).await,
+            Err(u) => Err(u),
+        };
+        if let Err(u) = announced {
+            return Err(self.unannounced(u).await);
+        }
+
+        let window = gate
+            .wait
+            .or(entry.settings.approval_wait)
+            .unwrap_or(inner.config.approval_wait);
+        let now = Instant::now();
+        let expires = match window {
+            ApprovalWait::Within(d) => Some(crate::time::deadline(now, d)),
+            ApprovalWait::Forever => None,
+        };
+        let wall = self.wall.after(now.saturating_duration_since(self.start));
+        self.approval = Some(Box::new(Approval {
+            record: ApprovalRecord {
+                decision: ApprovalOutcome::Withdrawn,
+                at: wall,
+            },
+            since: now,
+        }));
+        let reason = cut(&gate.reason, inner.max_text());
+        let expires_at = expires.map(|e| wall.after(e.saturating_duration_since(now)));
+        let request = self.approval_request(args, reason, expires_at, wall);
+        if let Err(error) = self.request(request).await {
+            return Err(self.end_with(error, Ok(())).await);
+        }
+
+        self.waited = true;
+        let verdict = tokio::select! {
+            biased;
+            () = self.scope.cancel.cancelled() => {
+                waiting.withdraw();
+                return Err(self.end_with(self.interruption(), Ok(())).await);
+            }
+            v = waiting.decision() => Some(v),
+            () = sleep_until(expires) => waiting.withdraw(),
+        };
+        drop(waiting);
+        let tool = entry.name.to_string();
+        let (outcome, ending) = match verdict {
+            Some(Verdict::Approve) => (ApprovalOutcome::Approved, None),
+            Some(Verdict::Reject { message }) => (
+                ApprovalOutcome::Rejected,
+                Some(DispatchError::Rejected { tool, message }),
+            ),
+            None => {
+                let after = match window {
+                    ApprovalWait::Within(d) => d,
+                    ApprovalWait::Forever => std::time::Duration::MAX,
+                };
+                let error = DispatchError::ApprovalTimeout { tool, after };
+                (ApprovalOutcome::Expired, Some(error))
+            }
+        };
+        let now = Instant::now();
+        if let Some(a) = self.approval.as_mut() {
+            a.record = ApprovalRecord {
+                decision: outcome,
+                at: self.wall.after(now.saturating_duration_since(self.start)),
+            };
+            a.since = now;
+        }
+        if let Some(error) = ending {
+            return Err(self.end_with(error, Ok(())).await);
+        }
+        // The tool's own time starts now.
+        self.deadline = crate::time::deadline(now, self.timeout);
+        let slot = match self.slot_now(Scope::User(&self.user.state)) {
+            Ok(p) => Ok(p),
+            Err(scope) => self.wait_slot(scope, LimitScope::User).await,
+        };
+        match slot {
+            Ok(p) => Ok(p),
+            Err(error) => Err(self.end_with(error, Ok(())).await),
+        }
+    }
+
+    /// Delivers `tool_approval_required`: if it cannot reach the user, nobody can
+    /// decide, so the call ends `undelivered`.
+    async fn request(&mut self, ev: Event) -> Result<(), DispatchError> {
+        let ev = match self.outbox.send_now(ev, Role::Other) {
+            Now::Sent => return Ok(()),
+            Now::Failed(e) => return Err(DispatchError::Undelivered(e)),
+            Now::Wait(ev) => ev,
+        };
+        let watch = Watch {
+            cancel: Some(&self.scope.cancel),
+            deadline: None,
+        };
+        let mut queued = false;
+        match self
+            .outbox
+            .deliver(ev, Role::Other, watch, &mut queued)
+            .await
+        {
+            Ok(Delivered::Sent) => Ok(()),
+            Err(NotSent::Sink(e)) => Err(DispatchError::Undelivered(e)),
+            // Cancelled while it waited for room (it may still go out, before the
+            // completion): the call ends as cancelled.
+            Ok(Delivered::HandedOff) | Err(NotSent::Interrupted) => Err(self.interruption()),
+        }
+    }
+
+    fn approval_request(
+        &self,
+        mut parameters: Value,
+        reason: String,
+        expires_at: Option<Timestamp>,
+        timestamp: Timestamp,
+    ) -> Event {
+        let sensitive = self.entry.map_or(&[][..], |e| &e.settings.sensitive);
+        self.inner.redaction().apply(&mut parameters, sensitive);
+        let u = &self.user.ctx;
+        Event::ToolApprovalRequired(ToolApprovalRequired {
+            call_id: Arc::clone(&self.scope.call_id),
+            run_id: u.run_id.clone(),
+            thread_id: u.thread_id.clone(),
+            user_id: Arc::clone(&u.user_id),
+            tool_name: Arc::clone(&self.scope.tool_name),
+            parameters,
+            reason,
+            expires_at,
+            timestamp,
+        })
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
