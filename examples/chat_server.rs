@@ -39,7 +39,12 @@
 //!   `{"type":"resync_required","run_id":R,"reason":"truncated"|"unknown_run"|
 //!   "epoch_changed"}`. Another user's run is `unknown_run`, like one that never was;
 //! - `{"type":"cancel","run_id":R}`: cancels `R`'s calls in flight now; answered by
-//!   `{"type":"run_cancelled","run_id":R,"calls":n}`.
+//!   `{"type":"run_cancelled","run_id":R,"calls":n}`;
+//! - `{"type":"tool_approval_decision","call_id":C,"decision":"approve"|"reject",
+//!   "message":".."}`: answers a call waiting for approval (`send_email` always does;
+//!   its run shows a `tool_approval_required` frame with `reason` and `expires_at`).
+//!   Answered by `{"type":"decision_recorded",..}`; an unknown, already decided or
+//!   another user's call id gets the same `{"type":"error",..}` and changes nothing.
 //!
 //! A connection follows its default run, the runs it resumed and the runs its
 //! messages named (at most [`MAX_RUNS_PER_CONNECTION`]).
@@ -86,7 +91,7 @@ use tool_dispatch::axum::{Outbound, WsSink, split_socket};
 use tool_dispatch::provider::{anthropic, openai};
 use tool_dispatch::{
     Engine, Registry, Resync, RunLog, RunLogConfig, RunReader, RunWriter, SinkError, ToolCall,
-    ToolContext, ToolError, ToolSettings, UserContext, tool_fn,
+    ToolContext, ToolError, ToolSettings, UserContext, Verdict, tool_fn,
 };
 
 /// Largest accepted WebSocket message.
@@ -147,9 +152,21 @@ struct FirehoseIn {
 #[serde(deny_unknown_fields)]
 struct NoInput {}
 
+#[derive(Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct EmailIn {
+    /// Recipient address.
+    to: String,
+    /// Subject line.
+    subject: String,
+    /// Message text.
+    body: String,
+}
+
 /// The demo tools: `get_weather` (sensitive `api_key`, scope `weather:read`),
-/// `slow_task` (progress, long timeout), `list_users` (scope `admin`) and `firehose`
-/// (many progress updates, to show a slow client's bounded queue).
+/// `slow_task` (progress, long timeout), `list_users` (scope `admin`), `firehose`
+/// (many progress updates, to show a slow client's bounded queue) and `send_email`
+/// (every call waits for its user's approval).
 pub fn demo_registry() -> Registry {
     let weather = tool_fn(
         "get_weather",
@@ -209,8 +226,18 @@ pub fn demo_registry() -> Registry {
             Ok::<_, ToolError>(json!({"events": events, "delivered": delivered}))
         },
     );
+    let email = tool_fn(
+        "send_email",
+        "Sends an email in the user's name (each call needs the user's approval).",
+        |i: EmailIn, _cx: ToolContext| async move {
+            Ok::<_, ToolError>(json!({"sent": true, "to": i.to, "subject": i.subject,
+                                      "bytes": i.body.len()}))
+        },
+    )
+    .settings(ToolSettings::new().requires_approval("sends an email in your name"));
     let built = Registry::builder()
         .tool(weather)
+        .tool(email)
         .tool(slow)
         .tool(users)
         .tool(firehose)
@@ -504,6 +531,8 @@ enum Incoming {
     },
     /// Cancel a run's calls in flight.
     Cancel { run_id: String },
+    /// Answer a call waiting for approval.
+    Decision { call_id: String, verdict: Verdict },
 }
 
 /// A short, printable excerpt of something the client sent, for error messages.
@@ -561,12 +590,35 @@ fn parse_incoming(text: &str) -> Result<Incoming, String> {
                 run_id: run_id_field(&v, "cancel")?,
             });
         }
+        Some(Value::String(t)) if t == "tool_approval_decision" => {
+            let call_id = match v.get("call_id") {
+                Some(Value::String(c)) => c.clone(),
+                _ => return Err("a `tool_approval_decision` needs a `call_id` string".into()),
+            };
+            let message = match v.get("message") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(m)) => Some(m.clone()),
+                Some(other) => {
+                    return Err(format!(
+                        "`message` must be a string, not {}",
+                        excerpt(other)
+                    ));
+                }
+            };
+            let verdict = match v.get("decision").and_then(Value::as_str) {
+                Some("approve") => Verdict::Approve,
+                Some("reject") => Verdict::Reject { message },
+                _ => return Err("`decision` must be \"approve\" or \"reject\"".into()),
+            };
+            return Ok(Incoming::Decision { call_id, verdict });
+        }
         // An Anthropic response object is `"type": "message"`: a model turn.
         None => {}
         Some(Value::String(t)) if t == "message" => {}
         Some(other) => {
             return Err(format!(
-                "unknown message type {}; expected `resume`, `cancel` or a model turn",
+                "unknown message type {}; expected `resume`, `cancel`, \
+                 `tool_approval_decision` or a model turn",
                 excerpt(other)
             ));
         }
@@ -776,6 +828,24 @@ impl Connection {
                 after_seq,
                 epoch,
             } => self.resume(run_id, after_seq, epoch).await,
+            Incoming::Decision { call_id, verdict } => {
+                let decision = match verdict {
+                    Verdict::Approve => "approve",
+                    _ => "reject",
+                };
+                let msg =
+                    match self
+                        .server
+                        .engine
+                        .resolve_approval(self.user_id(), &call_id, verdict)
+                    {
+                        Ok(()) => json!({"type": "decision_recorded", "call_id": call_id,
+                                     "decision": decision}),
+                        // The same answer for an unknown, a decided and another user's call.
+                        Err(e) => error_message(format!("{e}: `{}`", excerpt(&json!(call_id)))),
+                    };
+                self.reply(msg).await;
+            }
             Incoming::Cancel { run_id } => {
                 let cancelled = self.server.engine.cancel_run(self.user_id(), &run_id);
                 self.reply(json!({"type": "run_cancelled", "run_id": run_id, "calls": cancelled}))

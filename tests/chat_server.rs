@@ -562,6 +562,159 @@ async fn another_users_run_is_unknown_and_stale_positions_must_resync() {
     );
 }
 
+fn email(id: &str, to: &str) -> (String, &'static str, Value) {
+    (
+        id.to_owned(),
+        "send_email",
+        json!({"to": to, "subject": "hello", "body": "see you"}),
+    )
+}
+
+fn emails(calls: &[(String, &'static str, Value)]) -> Value {
+    let calls: Vec<(&str, &str, Value)> = calls
+        .iter()
+        .map(|(id, name, args)| (id.as_str(), *name, args.clone()))
+        .collect();
+    openai(&calls)
+}
+
+#[tokio::test]
+async fn approvals_over_the_socket_are_answered_by_their_user_only_and_once() {
+    let (addr, _server) = start().await;
+    let (mut alice, ready) = connect_ready(addr, "alice-token").await;
+    assert!(
+        ready["tools"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("send_email"))
+    );
+    let mut bob = connect(addr, "bob-token").await;
+    send(
+        &mut alice,
+        emails(&[
+            email("e1", "ann@example.com"),
+            email("e2", "boss@example.com"),
+        ]),
+    )
+    .await;
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        seen.extend(until(&mut alice, |m| m["type"] == "tool_approval_required").await);
+    }
+    let requests: Vec<&Value> = seen
+        .iter()
+        .filter(|m| m["type"] == "tool_approval_required")
+        .collect();
+    for r in &requests {
+        assert!(r["seq"].is_u64() && r["expires_at"].is_string(), "{r}");
+        assert_eq!(r["reason"], "sends an email in your name");
+        assert_eq!(r["parameters"]["subject"], "hello");
+    }
+
+    let decide = |call: &str, decision: &str| {
+        json!({"type": "tool_approval_decision", "call_id": call, "decision": decision,
+               "message": "not to my boss"})
+    };
+    // bob answering for alice's call, and alice answering a call that does not exist:
+    // the same error, and nothing changes.
+    send(&mut bob, decide("e1", "approve")).await;
+    let foreign = recv(&mut bob).await;
+    send(&mut alice, decide("e_never", "approve")).await;
+    let unknown = recv(&mut alice).await;
+    assert_eq!(foreign["type"], "error");
+    let text = |m: &Value| {
+        m["error"]
+            .as_str()
+            .unwrap()
+            .split(':')
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(text(&foreign), text(&unknown));
+    assert_eq!(text(&foreign), "no such pending approval");
+    for bad in [
+        json!({"type": "tool_approval_decision", "call_id": "e1", "decision": "maybe"}),
+        json!({"type": "tool_approval_decision", "decision": "approve"}),
+        json!({"type": "tool_approval_decision", "call_id": "e1", "decision": "reject", "message": 5}),
+        json!({"type": "tool_approval_decision", "call_id": ["e1"], "decision": "approve"}),
+    ] {
+        send(&mut alice, bad.clone()).await;
+        assert_eq!(recv(&mut alice).await["type"], "error", "{bad}");
+    }
+
+    send(&mut alice, decide("e1", "approve")).await;
+    send(&mut alice, decide("e2", "reject")).await;
+    send(&mut alice, decide("e1", "approve")).await; // a second answer
+    let rest = until_results(&mut alice).await;
+    assert!(
+        rest.contains(
+            &json!({"type": "decision_recorded", "call_id": "e1", "decision": "approve"})
+        )
+    );
+    assert!(
+        rest.contains(&json!({"type": "decision_recorded", "call_id": "e2", "decision": "reject"}))
+    );
+    let again: Vec<&Value> = rest.iter().filter(|m| m["type"] == "error").collect();
+    assert_eq!(again.len(), 1, "the second answer is refused: {rest:?}");
+    let all: Vec<Value> = seen.into_iter().chain(rest).collect();
+    let e1 = completed(&all, "e1");
+    assert_eq!(
+        (e1["status"].as_str(), e1["approval"]["decision"].as_str()),
+        (Some("success"), Some("approved"))
+    );
+    let e2 = completed(&all, "e2");
+    assert_eq!(e2["status"], "rejected");
+    assert!(
+        e2["error"].as_str().unwrap().contains("not to my boss"),
+        "{e2}"
+    );
+    let results = all.last().unwrap();
+    assert!(
+        results["results"][1]["content"]
+            .as_str()
+            .unwrap()
+            .contains("not to my boss")
+    );
+    let m = metrics(addr).await;
+    assert_eq!(
+        (
+            m["by_status"]["success"].as_u64(),
+            m["by_status"]["rejected"].as_u64()
+        ),
+        (Some(1), Some(1))
+    );
+}
+
+#[tokio::test]
+async fn a_pending_approval_is_replayed_on_resume_and_answered_on_the_new_socket() {
+    let (addr, _server) = start().await;
+    let (mut ws, ready) = connect_ready(addr, "bob-token").await;
+    let run = ready["run_id"].clone();
+    send(&mut ws, emails(&[email("e3", "ann@example.com")])).await;
+    let first = until(&mut ws, |m| m["type"] == "tool_executing").await;
+    let last = *seqs(&first).last().unwrap();
+    drop(ws);
+    let mut ws = connect(addr, "bob-token").await;
+    send(
+        &mut ws,
+        json!({"type": "resume", "run_id": run, "after_seq": last}),
+    )
+    .await;
+    let replayed = until(&mut ws, |m| m["type"] == "tool_approval_required").await;
+    assert_eq!(replayed[0]["type"], "resumed");
+    assert_eq!(replayed[1]["seq"], last + 1);
+    send(
+        &mut ws,
+        json!({"type": "tool_approval_decision", "call_id": "e3", "decision": "approve"}),
+    )
+    .await;
+    let rest = until_results(&mut ws).await;
+    assert_eq!(completed(&rest, "e3")["status"], "success");
+    let all: Vec<Value> = first.into_iter().chain(replayed).chain(rest).collect();
+    seqs(&all);
+}
+
 #[tokio::test]
 async fn unknown_or_missing_token_is_refused_before_the_upgrade() {
     let (addr, _server) = start().await;

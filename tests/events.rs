@@ -18,7 +18,7 @@ use tokio::sync::{Notify, mpsc};
 use tool_dispatch::event::{AgentUpdate, Event, Status, Timestamp, ToolProgress};
 use tool_dispatch::{
     Dispatcher, Engine, RecordingSink, Redaction, Registry, Tool, ToolCall, ToolContext, ToolError,
-    ToolSettings, UserContext, tool_fn,
+    ToolSettings, UserContext, Verdict, tool_fn,
 };
 
 const GOLDEN_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/events");
@@ -94,7 +94,7 @@ fn at(ms: u64) -> Timestamp {
 /// golden files' fixed values.
 fn normalize(event: &mut Event) {
     let fix_id = |id: &mut std::sync::Arc<str>| {
-        if &**id != "call_abc" {
+        if &**id != "call_abc" && &**id != "call_mail" {
             assert!(
                 id.starts_with("call_"),
                 "generated ids start with call_: {id}"
@@ -116,6 +116,14 @@ fn normalize(event: &mut Event) {
             assert!(e.duration_ms >= 0.0);
             e.duration_ms = 12.4;
             e.timestamp = at(12);
+            if let Some(a) = e.approval.as_mut() {
+                a.at = at(9);
+            }
+        }
+        Event::ToolApprovalRequired(e) => {
+            fix_id(&mut e.call_id);
+            e.timestamp = at(1);
+            e.expires_at = Some(at(300_001));
         }
         Event::AgentStarted(e)
         | Event::AgentThinking(e)
@@ -127,7 +135,20 @@ fn normalize(event: &mut Event) {
 
 /// Every event kind, produced by a real engine, normalized, with its golden name.
 async fn produce() -> Vec<(&'static str, Event)> {
-    let engine = Engine::builder(Registry::builder().tool(GetWeather).build().unwrap()).build();
+    let mail = tool_fn("send_email", "Sends mail.", |_: Value, _cx| async {
+        Ok::<_, ToolError>(())
+    })
+    .settings(
+        ToolSettings::new()
+            .requires_approval("sends an email in your name")
+            .sensitive("api_key"),
+    );
+    let reg = Registry::builder()
+        .tool(GetWeather)
+        .tool(mail)
+        .build()
+        .unwrap();
+    let engine = Engine::builder(reg).build();
     let sink = RecordingSink::new();
     let d = engine.dispatcher().sink(sink.clone()).user(alice());
     d.notify(AgentUpdate::Started(None)).await.unwrap();
@@ -148,6 +169,22 @@ async fn produce() -> Vec<(&'static str, Event)> {
         .await
         .unwrap_err();
     assert_eq!(err.status(), Status::ToolFailed);
+    let args = json!({"to": "ann@example.com", "api_key": "sk-live-123"});
+    let mail = d.dispatch(ToolCall::new("send_email", args).with_id("call_mail"));
+    let answer = async {
+        while engine.metrics().awaiting_approval == 0 {
+            tokio::task::yield_now().await;
+        }
+        let no = Verdict::Reject {
+            message: Some("not to Ann".into()),
+        };
+        engine.resolve_approval("alice", "call_mail", no)
+    };
+    let (mail, answered) = tokio::join!(mail, answer);
+    assert_eq!(
+        (mail.unwrap_err().status(), answered),
+        (Status::Rejected, Ok(()))
+    );
     d.notify(AgentUpdate::Error(
         "The weather service is unavailable".into(),
     ))
@@ -166,6 +203,9 @@ async fn produce() -> Vec<(&'static str, Event)> {
         "",
         "",
         "tool_completed_error",
+        "",
+        "tool_approval_required",
+        "tool_completed_rejected",
         "agent_error",
         "agent_completed",
     ];
@@ -201,6 +241,7 @@ async fn every_event_kind_matches_its_golden_json_and_round_trips() {
         "tool_executing",
         "tool_completed",
         "tool_progress",
+        "tool_approval_required",
         "agent_started",
         "agent_thinking",
         "agent_completed",

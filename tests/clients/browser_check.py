@@ -187,6 +187,17 @@ async def check(base, out):
             assert sorted(c["tool"] for c in cards) == ["get_weather", "get_weather", "slow_task", "slow_task"], cards
             states = await cdp.js("window.__states")
 
+            # A call that needs approval: the card offers Approve, with the time left.
+            await cdp.click("#send-email")
+            await cdp.until("document.querySelector('.card[data-status=awaiting_approval] .approval:not([hidden])')",
+                            "the approval request")
+            left = await cdp.js("document.querySelector('.card[data-status=awaiting_approval] .left').textContent")
+            assert left.endswith("s left"), left
+            await cdp.click(".card[data-status=awaiting_approval] button.approve")
+            await cdp.until("document.querySelectorAll('.card').length === 5 && [...document.querySelectorAll"
+                            "('.card')].every(c => c.dataset.status === 'success')", "the approved call to succeed")
+            await cdp.until("document.querySelector('#notices li[data-type=decision_recorded]')", "the decision notice")
+
             # Stop cancels the run's calls in flight.
             await cdp.click("#send-slow")
             await cdp.until("document.querySelector('.card[data-status=running]')", "a running call")
@@ -206,7 +217,7 @@ async def check(base, out):
                 f.write(base64.b64decode(shot["data"]))
             with open(os.path.join(out, "chat_page.html"), "w") as f:
                 f.write(await cdp.js("document.documentElement.outerHTML"))
-            print(f"browser check: 5 cards, {cut} connection(s) cut, states {states}, "
+            print(f"browser check: 6 cards (one approved, one stopped), {cut} connection(s) cut, states {states}, "
                   f"run {stored['run_id']} at seq {stored['last_seq']}; "
                   f"screenshot {os.path.join(out, 'chat_page.png')}")
     finally:

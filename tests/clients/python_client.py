@@ -164,6 +164,62 @@ async def main(base):
         assert replay == first + rest, "a replay differs from the live stream"
     checks += 1
 
+    # Approvals: one call approved, one rejected with a message; bob cannot answer for
+    # alice; a second answer is refused.
+    def email(call_id, to):
+        return {"id": call_id, "type": "function", "function": {"name": "send_email",
+                "arguments": json.dumps({"to": to, "subject": "hi", "body": "see you"})}}
+
+    async with connect(f"{base}/ws?token=alice-token", max_size=2**20) as ws, \
+            connect(f"{base}/ws?token=bob-token", max_size=2**20) as bob:
+        ready = await recv_json(ws)
+        assert "send_email" in ready["tools"], ready
+        await recv_json(bob)
+        await ws.send(json.dumps({"role": "assistant", "tool_calls": [
+            email("call_py_ok", "ann@example.com"), email("call_py_no", "boss@example.com")]}))
+        seen = []
+        while sum(1 for m in seen if m["type"] == "tool_approval_required") < 2:
+            seen.append(await recv_json(ws))
+        for m in seen:
+            if m["type"] == "tool_approval_required":
+                assert m["reason"] and m["expires_at"] and isinstance(m["seq"], int), m
+        await bob.send(json.dumps({"type": "tool_approval_decision", "call_id": "call_py_ok", "decision": "approve"}))
+        err = await recv_json(bob)
+        assert err["type"] == "error" and err["error"].startswith("no such pending approval"), err
+        await ws.send(json.dumps({"type": "tool_approval_decision", "call_id": "call_py_ok", "decision": "approve"}))
+        await ws.send(json.dumps({"type": "tool_approval_decision", "call_id": "call_py_no", "decision": "reject",
+                                  "message": "wrong address"}))
+        await ws.send(json.dumps({"type": "tool_approval_decision", "call_id": "call_py_no", "decision": "approve"}))
+        rest = await until_results(ws)
+        msgs = seen + rest
+        check_pairing([m for m in msgs if m["type"] != "tool_approval_required"], "alice")
+        assert completed(msgs, "call_py_ok")["status"] == "success"
+        assert completed(msgs, "call_py_ok")["approval"]["decision"] == "approved"
+        no = completed(msgs, "call_py_no")
+        assert no["status"] == "rejected" and "wrong address" in no["error"], no
+        assert sum(1 for m in rest if m["type"] == "error") == 1, rest
+    checks += 1
+
+    # A reconnect while an approval is pending replays the request; approving on the
+    # new socket completes the call.
+    async with connect(f"{base}/ws?token=bob-token", max_size=2**20) as ws:
+        ready = await recv_json(ws)
+        pending_run, epoch2 = ready["run_id"], ready["epoch"]
+        await ws.send(json.dumps({"role": "assistant", "tool_calls": [email("call_py_later", "ann@example.com")]}))
+        msg = await recv_json(ws)
+        assert msg["type"] == "tool_executing", msg
+        last = msg["seq"]
+    async with connect(f"{base}/ws?token=bob-token", max_size=2**20) as ws:
+        await recv_json(ws)
+        await ws.send(json.dumps({"type": "resume", "run_id": pending_run, "after_seq": last, "epoch": epoch2}))
+        assert (await recv_json(ws))["type"] == "resumed"
+        req = await recv_json(ws)
+        assert req["type"] == "tool_approval_required" and req["seq"] == last + 1, req
+        await ws.send(json.dumps({"type": "tool_approval_decision", "call_id": "call_py_later", "decision": "approve"}))
+        rest = await until_results(ws)
+        assert completed(rest, "call_py_later")["status"] == "success", rest
+    checks += 1
+
     # Another user's run does not exist for bob; a stale epoch must resync.
     async with connect(f"{base}/ws?token=bob-token", max_size=2**20) as ws:
         await recv_json(ws)
