@@ -634,3 +634,35 @@ proptest! {
         });
     }
 }
+
+/// A policy that asks a person about every call, the health probe included.
+struct AskAlways;
+
+impl Policy for AskAlways {
+    fn check<'a>(&'a self, _: PolicyRequest<'a>) -> BoxFuture<'a, Result<Decision, PolicyError>> {
+        Box::pin(async { Ok(Decision::require_approval("every call")) })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_health_probe_is_never_left_waiting_for_a_person() {
+    let reg = Registry::builder().tool(quick()).build().unwrap();
+    let engine = Engine::builder(reg).policy(AskAlways).build();
+    let t0 = tokio::time::Instant::now();
+    let health = engine.health().await;
+    assert_eq!(
+        t0.elapsed(),
+        Duration::ZERO,
+        "answered at once, not after the window"
+    );
+    assert_eq!(health.status, HealthStatus::Unhealthy);
+    assert!(
+        health
+            .issues
+            .iter()
+            .any(|i| i.contains("approval nobody can give")),
+        "{:?}",
+        health.issues
+    );
+    assert_eq!(engine.metrics().awaiting_approval, 0);
+}

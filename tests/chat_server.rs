@@ -31,6 +31,15 @@ async fn start_with(engine: Engine, result_timeout: Duration) -> (SocketAddr, Se
     (addr, server)
 }
 
+/// Starts the real server with the demo engine and a grace period of `grace`.
+async fn start_with_grace(grace: Duration) -> (SocketAddr, Server) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = Server::new(chat_server::demo_engine(), chat_server::demo_users()).grace(grace);
+    tokio::spawn(chat_server::serve(listener, server.clone()));
+    (addr, server)
+}
+
 async fn start() -> (SocketAddr, Server) {
     start_with(chat_server::demo_engine(), Duration::from_secs(5)).await
 }
@@ -365,11 +374,7 @@ async fn a_dropped_socket_resumes_after_its_last_seq_and_misses_nothing() {
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn without_a_resume_the_run_is_cancelled_after_the_grace_period() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = Server::new(chat_server::demo_engine(), chat_server::demo_users())
-        .grace(Duration::from_secs(30));
-    tokio::spawn(chat_server::serve(listener, server.clone()));
+    let (addr, server) = start_with_grace(Duration::from_secs(30)).await;
     let mut log = server.subscribe();
 
     let (mut alice, ready) = connect_ready(addr, "alice-token").await;
@@ -418,11 +423,7 @@ async fn without_a_resume_the_run_is_cancelled_after_the_grace_period() {
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn a_resume_within_the_grace_period_keeps_the_calls_running() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = Server::new(chat_server::demo_engine(), chat_server::demo_users())
-        .grace(Duration::from_secs(30));
-    tokio::spawn(chat_server::serve(listener, server.clone()));
+    let (addr, server) = start_with_grace(Duration::from_secs(30)).await;
     let mut log = server.subscribe();
 
     let (mut tab, ready) = connect_ready(addr, "alice-token").await;

@@ -178,13 +178,12 @@ impl<'a> InFlight<'a> {
 
     fn approval_request(
         &self,
-        mut parameters: Value,
+        parameters: Value,
         reason: String,
         expires_at: Option<Timestamp>,
         timestamp: Timestamp,
     ) -> Event {
-        let sensitive = self.entry.map_or(&[][..], |e| &e.settings.sensitive);
-        self.inner.redaction().apply(&mut parameters, sensitive);
+        let parameters = self.shown(parameters);
         let u = &self.user.ctx;
         Event::ToolApprovalRequired(ToolApprovalRequired {
             call_id: Arc::clone(&self.scope.call_id),

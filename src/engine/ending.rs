@@ -211,10 +211,17 @@ impl InFlight<'_> {
         }
     }
 
+    /// The arguments as events show them: sensitive keys redacted, long values cut.
     #[inline]
-    pub(super) fn executing(&self, mut parameters: Value) -> Event {
+    pub(super) fn shown(&self, mut parameters: Value) -> Value {
         let sensitive = self.entry.map_or(&[][..], |e| &e.settings.sensitive);
         self.inner.redaction().apply(&mut parameters, sensitive);
+        parameters
+    }
+
+    #[inline]
+    pub(super) fn executing(&self, parameters: Value) -> Event {
+        let parameters = self.shown(parameters);
         let u = &self.user.ctx;
         Event::ToolExecuting(ToolExecuting {
             call_id: Arc::clone(&self.scope.call_id),

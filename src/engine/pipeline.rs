@@ -44,7 +44,8 @@ use crate::tool::{CallScope, ToolError};
 pub(super) struct Admission {
     /// Whether the call counts in the metrics' totals.
     pub(super) counted: bool,
-    /// Whether it may wait for a slot (up to the engine's `max_wait`).
+    /// Whether it may wait for a slot (up to the engine's `max_wait`) or for a
+    /// person's approval.
     pub(super) may_wait: bool,
 }
 
@@ -123,7 +124,17 @@ impl<'a> InFlight<'a> {
                 Some(d) => d,
                 None => Box::pin(self.ask_policy(entry, &args)).await,
             };
-            match decided.and_then(|gate| self.rate().map(|()| gate)) {
+            let gate = decided.and_then(|gate| self.rate().map(|()| gate));
+            // Nobody can approve the health probe: a policy that asks is a denial.
+            let gate = match gate {
+                Ok(Some(_)) if !self.admission.may_wait => Err(DispatchError::Denied {
+                    tool: entry.name.to_string(),
+                    missing_scopes: Vec::new(),
+                    reason: Some("the policy asks for an approval nobody can give".into()),
+                }),
+                other => other,
+            };
+            match gate {
                 Ok(gate) => gate.or_else(|| Gate::of_tool(entry).map(Box::new)),
                 Err(error) => {
                     return Err(Box::pin(self.refuse(Refusal { error, shown: args })).await);
