@@ -46,8 +46,10 @@
 //!   Answered by `{"type":"decision_recorded",..}`; an unknown, already decided or
 //!   another user's call id gets the same `{"type":"error",..}` and changes nothing.
 //!
-//! A connection follows its default run, the runs it resumed and the runs its
-//! messages named (at most [`MAX_RUNS_PER_CONNECTION`]).
+//! A connection follows the runs its messages worked in (its default run among
+//! them) and the runs it resumed (at most [`MAX_RUNS_PER_CONNECTION`]). A run enters
+//! the log with its first message, so resuming a default run nothing was sent in is
+//! `unknown_run`.
 //!
 //! ## Robustness
 //!
@@ -304,8 +306,8 @@ pub enum ServerLog {
         /// The runs the connection followed.
         runs: Vec<String>,
     },
-    /// No connection of the user followed the run for a whole grace period: its
-    /// calls still in flight were cancelled.
+    /// No connection of the user followed the run for a whole grace period after
+    /// calls were started in it: its calls still in flight were cancelled.
     RunAbandoned {
         /// The user.
         user_id: String,
@@ -316,12 +318,14 @@ pub enum ServerLog {
     },
 }
 
-/// Which connections follow a run, and how many times it has been left by its last
-/// one (so that a grace timer knows whether it is still the current one).
+/// Who follows a run, whether calls were ever started in it, and when its last
+/// follower left (with at most one grace timer per run).
 #[derive(Default)]
 struct Followers {
     connections: usize,
-    left: u64,
+    worked: bool,
+    left_at: Option<tokio::time::Instant>,
+    timer: bool,
 }
 
 type RunKey = (String, String);
@@ -399,31 +403,54 @@ impl Server {
         self.followers().entry(key).or_default().connections += 1;
     }
 
-    /// A connection stops following a run; the last one to leave starts the grace
-    /// timer, which cancels the run's calls unless a connection follows it again.
+    /// Calls are being started in a run: it has something a grace timer may cancel.
+    fn worked(&self, user_id: &str, run_id: &str) {
+        let key = (user_id.to_owned(), run_id.to_owned());
+        self.followers().entry(key).or_default().worked = true;
+    }
+
+    /// A connection stops following a run. When the last one leaves a run that had
+    /// calls, its calls are cancelled after the grace period unless a connection
+    /// follows it again meanwhile; one timer per run, however often it is left.
     fn detach(&self, user_id: &str, run_id: &str) {
         let key = (user_id.to_owned(), run_id.to_owned());
-        let left = {
+        {
             let mut followers = self.followers();
             let f = followers.entry(key.clone()).or_default();
             f.connections = f.connections.saturating_sub(1);
             if f.connections > 0 {
                 return;
             }
-            f.left += 1;
-            f.left
-        };
+            if !f.worked {
+                followers.remove(&key); // nothing ever ran there: nothing to cancel
+                return;
+            }
+            f.left_at = Some(tokio::time::Instant::now());
+            if std::mem::replace(&mut f.timer, true) {
+                return; // the run's timer is already counting
+            }
+        }
         let server = self.clone();
         tokio::spawn(async move {
-            tokio::time::sleep(server.grace).await;
-            {
-                let mut followers = server.followers();
-                match followers.get(&key) {
-                    Some(f) if f.connections == 0 && f.left == left => {
-                        followers.remove(&key);
+            loop {
+                let until = {
+                    let mut followers = server.followers();
+                    let Some(f) = followers.get_mut(&key) else {
+                        return;
+                    };
+                    match f.left_at {
+                        Some(left) if f.connections == 0 => left + server.grace,
+                        _ => {
+                            f.timer = false; // followed again
+                            return;
+                        }
                     }
-                    _ => return, // followed again, or left again later
+                };
+                if tokio::time::Instant::now() >= until {
+                    server.followers().remove(&key);
+                    break;
                 }
+                tokio::time::sleep_until(until).await;
             }
             let (user_id, run_id) = key;
             let cancelled = server.engine.cancel_run(&user_id, &run_id);
@@ -869,6 +896,7 @@ impl Connection {
             )
         })?;
         let writer = self.server.runs.writer(self.user_id(), run_id);
+        self.server.worked(self.user_id(), run_id);
         if !self.follows.contains_key(run_id) {
             self.follow(run_id, writer.subscribe());
         }
@@ -932,9 +960,9 @@ async fn connection(server: Server, user: UserContext, socket: WebSocket) {
     let tools: Vec<&str> = server.engine.registry().names().collect();
     let ready = json!({"type": "ready", "user_id": user_id, "run_id": default_run,
                        "epoch": server.runs.epoch(), "tools": tools});
+    // The default run enters the log with its first message: a reconnecting client
+    // that only resumes an older run adds nothing that could crowd it out.
     conn.reply(ready).await;
-    let reader = server.runs.writer(&user_id, &default_run).subscribe();
-    conn.follow(&default_run, reader);
     server.log(ServerLog::Connected {
         user_id: user_id.clone(),
         run_id: default_run,

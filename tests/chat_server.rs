@@ -958,3 +958,45 @@ fn options_come_from_the_flags_then_the_environment_then_the_defaults() {
     }
     assert!(options_from(args(&[]), Some("http".into())).is_err());
 }
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn reconnecting_a_thousand_times_leaves_one_grace_timer_per_run() {
+    let (addr, server) = start_with_grace(Duration::from_secs(30)).await;
+    let mut log = server.subscribe();
+    let (mut ws, ready) = connect_ready(addr, "alice-token").await;
+    let run = ready["run_id"].clone();
+    send(&mut ws, forever("call_long")).await;
+    until(&mut ws, |m| m["type"] == "tool_executing").await;
+    drop(ws);
+    let tasks = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
+    let mut after_first = None;
+    for i in 0..1_000 {
+        let mut ws = connect(addr, "alice-token").await;
+        send(
+            &mut ws,
+            json!({"type": "resume", "run_id": run, "after_seq": 0}),
+        )
+        .await;
+        assert_eq!(recv(&mut ws).await["type"], "resumed");
+        drop(ws);
+        wait_log(&mut log, |e| matches!(e, ServerLog::Disconnected { .. })).await;
+        if i == 9 {
+            after_first = Some(tasks());
+        }
+    }
+    // Connections that never started a call leave no timer; the run leaves one.
+    assert!(
+        tasks() <= after_first.unwrap() + 2,
+        "{} tasks after 1,000 reconnects, {after_first:?} after 10",
+        tasks()
+    );
+    let abandoned = wait_log(&mut log, |e| matches!(e, ServerLog::RunAbandoned { .. })).await;
+    assert!(
+        matches!(abandoned, ServerLog::RunAbandoned { cancelled: 1, .. }),
+        "{abandoned:?}"
+    );
+}
