@@ -457,9 +457,7 @@ impl RunWriter {
         st.frames.push_back(frame);
         Ok(seq)
     }
-}
 
-impl RunWriter {
     /// A reader of this run's frames appended from now on (none of the kept ones):
     /// for a connection that starts following a run it is about to write to.
     ///
