@@ -172,6 +172,13 @@ pub enum DispatchError {
     /// The engine is shutting down and accepts no new calls.
     #[error("the service is shutting down; no new calls are accepted")]
     Unavailable,
+    /// The limits shared with other processes could not be checked and their policy
+    /// is to fail closed; the tool was not run.
+    #[error("the service cannot check its limits right now; retry after {:.1}s", retry_after.as_secs_f64())]
+    LimitsUnavailable {
+        /// When trying again makes sense.
+        retry_after: Duration,
+    },
     /// `tool_executing` could not be delivered, so the tool was not run.
     #[error("the user's event stream is unavailable; the tool was not run")]
     Undelivered(#[source] SinkError),
@@ -200,7 +207,9 @@ impl DispatchError {
             DispatchError::ToolFailed { .. } => Status::ToolFailed,
             DispatchError::Panicked { .. } => Status::Panicked,
             DispatchError::Cancelled { .. } => Status::Cancelled,
-            DispatchError::Unavailable => Status::Unavailable,
+            DispatchError::Unavailable | DispatchError::LimitsUnavailable { .. } => {
+                Status::Unavailable
+            }
             DispatchError::Undelivered(_) => Status::Undelivered,
         }
     }
@@ -209,6 +218,7 @@ impl DispatchError {
     pub fn is_retryable(&self) -> bool {
         match self {
             DispatchError::RateLimited { .. }
+            | DispatchError::LimitsUnavailable { .. }
             | DispatchError::Busy { .. }
             | DispatchError::Timeout { .. } => true,
             DispatchError::ToolFailed { retryable, .. } => *retryable,
@@ -219,7 +229,8 @@ impl DispatchError {
     /// When a retry may be admitted, for rate limits.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            DispatchError::RateLimited { retry_after } => Some(*retry_after),
+            DispatchError::RateLimited { retry_after }
+            | DispatchError::LimitsUnavailable { retry_after } => Some(*retry_after),
             _ => None,
         }
     }

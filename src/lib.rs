@@ -15,7 +15,7 @@
 // floor 7: policy
 // floor 8: engine
 // floor 9: dispatcher
-// floor 10: provider axum
+// floor 10: provider axum redis
 
 mod approval;
 mod blocking;
@@ -44,6 +44,8 @@ mod user;
 
 #[cfg(feature = "axum")]
 pub mod axum;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 pub use approval::{ApprovalError, ApprovalWait, Verdict};
 pub use blocking::StuckCall;

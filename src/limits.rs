@@ -204,6 +204,13 @@ impl Gcra {
         }
     }
 
+    /// The emission interval and the burst tolerance, in microseconds (what a
+    /// shared limiter's script takes).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn micros(&self) -> (u64, u64) {
+        (self.interval_ns / 1_000, self.tolerance_ns / 1_000)
+    }
+
     /// Whether the bucket is full again (the state can be forgotten).
     fn is_idle(&self, now_ns: u64) -> bool {
         self.tat.load(Relaxed) <= now_ns
@@ -459,18 +466,52 @@ pub(crate) enum Scope<'a> {
 /// A held slot; released when dropped.
 pub(crate) struct Permit<'a>(#[allow(dead_code)] SemaphorePermit<'a>);
 
+/// Why the rate check did not admit a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RateRefusal {
+    /// Over the user's rate: one call would be admitted after this long.
+    Limited(Duration),
+    /// A shared limiter could not be asked, and its policy is to fail closed.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    Unreachable {
+        /// When asking again makes sense.
+        retry_after: Duration,
+    },
+}
+
+/// The answer of a rate check: at once (limits kept here), or later (a limiter in
+/// another process).
+pub(crate) enum RateCheck<'a> {
+    Now(Result<(), RateRefusal>),
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    Later(BoxFuture<'a, Result<(), RateRefusal>>),
+}
+
 /// What the pipeline asks of its limits. [`LocalLimiter`] keeps them in this process;
 /// a limiter shared by several processes implements the same questions.
 pub(crate) trait Limiter: Send + Sync + 'static {
+    /// Whether [`rate`](Self::rate) always answers [`RateCheck::Now`].
+    fn answers_now(&self) -> bool {
+        true
+    }
     /// Admits one call of `user` at `now`, or says when one would be admitted.
-    fn rate(&self, user: &UserState, now: Instant) -> Result<(), Duration>;
+    fn rate<'a>(&'a self, user: &'a UserState, now: Instant) -> RateCheck<'a>;
     /// A slot of `scope` if one is free now.
     fn try_slot<'a>(&'a self, scope: &Scope<'a>) -> Option<Permit<'a>>;
     /// A slot of `scope`, waiting until `until` at the most.
     fn slot<'a>(&'a self, scope: Scope<'a>, until: Instant) -> BoxFuture<'a, Option<Permit<'a>>>;
     /// Share of the engine-wide slots in use, `0.0..=1.0`.
     fn saturation(&self) -> f64;
+    /// Checks what the limiter depends on (a shared store); why it cannot do its
+    /// job right now, for `health()`.
+    fn probe(&self) -> BoxFuture<'_, Option<String>> {
+        Box::pin(async { None })
+    }
 }
+
+/// Builds the engine's limiter around the local one (a shared limiter keeps the
+/// local one for what it does not share, and to fall back on).
+pub(crate) type LimiterFactory = Box<dyn FnOnce(LocalLimiter) -> Box<dyn Limiter> + Send>;
 
 /// Limits kept in this process: GCRA buckets and semaphores.
 pub(crate) struct LocalLimiter {
@@ -497,12 +538,21 @@ impl LocalLimiter {
     }
 }
 
-impl Limiter for LocalLimiter {
-    fn rate(&self, user: &UserState, now: Instant) -> Result<(), Duration> {
+impl LocalLimiter {
+    /// The rate check against this process's own buckets.
+    pub(crate) fn rate_here(&self, user: &UserState, now: Instant) -> Result<(), RateRefusal> {
         match &user.rate {
             None => Ok(()),
-            Some(g) => g.check(nanos_since(self.epoch, now)),
+            Some(g) => g
+                .check(nanos_since(self.epoch, now))
+                .map_err(RateRefusal::Limited),
         }
+    }
+}
+
+impl Limiter for LocalLimiter {
+    fn rate<'a>(&'a self, user: &'a UserState, now: Instant) -> RateCheck<'a> {
+        RateCheck::Now(self.rate_here(user, now))
     }
 
     fn try_slot<'a>(&'a self, scope: &Scope<'a>) -> Option<Permit<'a>> {

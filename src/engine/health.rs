@@ -73,6 +73,9 @@ impl Engine {
                 global_saturation * 100.0
             ));
         }
+        if let Some(trouble) = s.limiter.probe().await {
+            issues.push(trouble);
+        }
         if !stuck_calls.is_empty() {
             issues.push(format!(
                 "{} blocking call(s) running past twice their timeout",

@@ -26,7 +26,7 @@ use crate::blocking::BlockingJobs;
 use crate::cache::{Cache, CacheConfig};
 use crate::delivery::Outbox;
 use crate::json::{DEFAULT_MAX_DEPTH, MAX_DEPTH_LIMIT};
-use crate::limits::{Limiter, Limits, LocalLimiter, UserLimits, UserState, Users};
+use crate::limits::{Limiter, LimiterFactory, Limits, LocalLimiter, UserLimits, UserState, Users};
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::policy::Policy;
 use crate::redact::Redaction;
@@ -143,6 +143,7 @@ pub struct EngineBuilder {
     config: Config,
     policy: Option<Arc<dyn Policy>>,
     cache: CacheConfig,
+    limiter: Option<LimiterFactory>,
 }
 
 impl std::fmt::Debug for EngineBuilder {
@@ -227,6 +228,14 @@ impl EngineBuilder {
         self
     }
 
+    /// Replaces the local limiter by one shared with other processes, built around
+    /// the local one (see `EngineBuilder::redis`).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn shared_limiter(mut self, factory: LimiterFactory) -> Self {
+        self.limiter = Some(factory);
+        self
+    }
+
     /// Builds the engine.
     pub fn build(self) -> Engine {
         let epoch = Instant::now();
@@ -235,7 +244,13 @@ impl EngineBuilder {
         let root = CancellationToken::new();
         Engine {
             inner: Arc::new(Inner {
-                limiter: Box::new(LocalLimiter::new(self.config.limits.global, epoch)),
+                limiter: {
+                    let local = LocalLimiter::new(self.config.limits.global, epoch);
+                    match self.limiter {
+                        Some(shared) => shared(local),
+                        None => Box::new(local),
+                    }
+                },
                 users: Users::new(epoch),
                 probe: probe(tools, root.child_token()),
                 registry: self.registry,
@@ -293,6 +308,7 @@ impl Engine {
             },
             policy: None,
             cache: CacheConfig::default(),
+            limiter: None,
         }
     }
 

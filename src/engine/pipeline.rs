@@ -33,11 +33,21 @@ use crate::delivery::Outbox;
 use crate::error::{CancelReason, DispatchError, LimitScope};
 use crate::event::{Status, Timestamp};
 use crate::json::cut;
-use crate::limits::{Permit, Scope};
+use crate::limits::{Permit, RateCheck, RateRefusal, Scope};
 use crate::policy::{Decision, PolicyError, PolicyRequest, ScopePolicy};
 use crate::registry::Entry;
 use crate::state::WithUser;
 use crate::tool::{CallScope, ToolError};
+
+/// The error a refused rate check ends the call with.
+fn refused(r: RateRefusal) -> DispatchError {
+    match r {
+        RateRefusal::Limited(retry_after) => DispatchError::RateLimited { retry_after },
+        RateRefusal::Unreachable { retry_after } => {
+            DispatchError::LimitsUnavailable { retry_after }
+        }
+    }
+}
 
 /// How a call is admitted.
 #[derive(Clone, Copy)]
@@ -219,21 +229,56 @@ impl<'a> InFlight<'a> {
         entry: &Entry,
         args: &Value,
     ) -> Option<Result<Option<Box<Gate>>, DispatchError>> {
-        if self.inner.policy.is_some() {
+        if self.inner.policy.is_some() || !self.inner.limiter.answers_now() {
             return None;
         }
+        Some(self.scope_policy(entry, args))
+    }
+
+    fn scope_policy(
+        &self,
+        entry: &Entry,
+        args: &Value,
+    ) -> Result<Option<Box<Gate>>, DispatchError> {
         let req = PolicyRequest {
             user: &self.user.ctx,
             tool: &entry.def,
             settings: &entry.settings,
             arguments: args,
         };
-        Some(self.decided(entry, Ok(ScopePolicy::decide(&req))))
+        self.decided(entry, Ok(ScopePolicy::decide(&req)))
+    }
+
+    /// The admission that must wait: the custom policy (or the default one), then,
+    /// with a limiter shared by several processes, its rate check; each under the
+    /// call's deadline and cancellation.
+    async fn ask_policy(
+        &mut self,
+        entry: &Entry,
+        args: &Value,
+    ) -> Result<Option<Box<Gate>>, DispatchError> {
+        let gate = match self.inner.policy.is_some() {
+            true => self.ask_custom_policy(entry, args).await?,
+            false => self.scope_policy(entry, args)?,
+        };
+        let inner: &'a Arc<Inner> = self.inner;
+        let user: &'a WithUser = self.user;
+        let answer = match inner.limiter.rate(&user.state, self.start) {
+            RateCheck::Now(_) => return Ok(gate), // checked after this, with the rest
+            RateCheck::Later(answer) => answer,
+        };
+        self.waited = true;
+        tokio::select! {
+            biased;
+            () = self.scope.cancel.cancelled() => Err(self.interruption()),
+            () = tokio::time::sleep_until(self.deadline) => Err(self.interruption()),
+            r = answer => r.map(|()| gate).map_err(refused),
+        }
     }
 
     /// Asks the custom policy, under the call's deadline and cancellation; a policy
     /// that errs or panics denies (fails closed).
-    async fn ask_policy(
+    async fn ask_custom_policy(
         &mut self,
         entry: &Entry,
         args: &Value,
@@ -282,11 +327,16 @@ impl<'a> InFlight<'a> {
         }
     }
 
+    /// The rate check of a limiter that answers at once; a shared limiter's was
+    /// awaited in [`ask_policy`](Self::ask_policy) already.
     fn rate(&self) -> Result<(), DispatchError> {
-        self.inner
-            .limiter
-            .rate(&self.user.state, self.start)
-            .map_err(|retry_after| DispatchError::RateLimited { retry_after })
+        if !self.inner.limiter.answers_now() {
+            return Ok(());
+        }
+        match self.inner.limiter.rate(&self.user.state, self.start) {
+            RateCheck::Now(r) => r.map_err(refused),
+            RateCheck::Later(_) => Ok(()), // not from a limiter that answers now
+        }
     }
 
     pub(super) fn denied(

@@ -6,6 +6,8 @@
 //! `dead_code` allowance.
 #![allow(dead_code)]
 
+pub mod redis_server;
+
 use std::sync::Arc;
 use std::time::Duration;
 

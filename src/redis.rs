@@ -1,0 +1,403 @@
+//! Redis integration (feature `redis`): limits that hold across several processes.
+//!
+//! Several replicas of a back end behind a load balancer each keep their own books:
+//! a user with two tabs on two nodes gets twice the rate. [`EngineBuilder::redis`]
+//! makes every engine that shares one Redis check each user's **rate** there, with
+//! the same GCRA as the local limiter (burst, `retry_after` and refill alike), in one
+//! Lua script run with the Redis server's clock (`TIME`), so the nodes' clocks do not
+//! matter. The script is loaded once and called by its hash.
+//!
+//! When Redis cannot be reached (down, restarting, partitioned), every call to it is
+//! bounded by [`RedisConfig::timeout`] and the engine follows
+//! [`RedisConfig::on_unreachable`]: fail closed (the call ends `unavailable` with its
+//! paired events and a `retry_after`) or fall back to this node's own limiter. Either
+//! way it is counted ([`RedisStats`]) and [`Engine::health`](crate::Engine::health)
+//! says why; the connection is re-established by itself once Redis is back.
+//!
+//! Keys: `{prefix}:u{<user id>}:rate`, the user id escaped so that its `{…}` is
+//! the key's Redis Cluster hash tag: one user's keys live on one slot.
+//!
+//! With [`RedisConfig::local_precheck`] (on by default), a call this node's own
+//! bucket refuses is refused without a round trip; a user who keeps retrying on one
+//! node while over the shared quota may then wait a little longer than the shared
+//! bucket alone would make them.
+//!
+//! Not yet shared: concurrency slots (per user and global) are still this node's own.
+//!
+//! ```no_run
+//! # async fn f(registry: tool_dispatch::Registry) -> Result<(), Box<dyn std::error::Error>> {
+//! use tool_dispatch::Engine;
+//! use tool_dispatch::redis::{OnUnreachable, Redis, RedisConfig};
+//! let config = RedisConfig::default().on_unreachable(OnUnreachable::UseLocalLimits);
+//! let redis = Redis::connect("redis://127.0.0.1:6379", config).await?;
+//! let engine = Engine::builder(registry).redis(&redis).build();
+//! # let _ = engine; Ok(()) }
+//! ```
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use futures_util::future::BoxFuture;
+use tokio::time::Instant;
+
+use crate::engine::EngineBuilder;
+use crate::limits::{Limiter, LocalLimiter, Permit, RateCheck, RateRefusal, Scope, UserState};
+
+/// GCRA with the server's clock, in microseconds (below 2^53, exact in Lua's doubles).
+/// KEYS[1]: the user's bucket. ARGV: emission interval, burst tolerance (µs).
+/// Returns `{1, 0}` when admitted, `{0, retry_after_us}` when not.
+const GCRA: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local ahead = tat - now
+if ahead > tolerance then
+  return {0, ahead - tolerance}
+end
+local next_tat = tat + interval
+redis.call('SET', KEYS[1], string.format('%.0f', next_tat), 'PX', math.ceil((next_tat - now) / 1000) + 1)
+return {1, 0}
+";
+
+/// What the engine does when Redis cannot answer in time.
+///
+/// ```
+/// use tool_dispatch::redis::OnUnreachable;
+/// assert_eq!(OnUnreachable::default(), OnUnreachable::FailClosed);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum OnUnreachable {
+    /// The call ends `unavailable` (`DispatchError::LimitsUnavailable`) with its
+    /// paired events and a `retry_after`: nobody exceeds a limit, nobody is served.
+    #[default]
+    FailClosed,
+    /// This node's own limiter decides meanwhile: everyone is served, a user may get
+    /// up to one quota per node.
+    UseLocalLimits,
+}
+
+/// How the engine uses Redis.
+///
+/// ```
+/// use std::time::Duration;
+/// use tool_dispatch::redis::RedisConfig;
+/// let c = RedisConfig::default().prefix("chat").timeout(Duration::from_millis(100));
+/// # let _ = c;
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    prefix: String,
+    timeout: Duration,
+    on_unreachable: OnUnreachable,
+    local_precheck: bool,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            prefix: "tool-dispatch".into(),
+            timeout: Duration::from_millis(250),
+            on_unreachable: OnUnreachable::default(),
+            local_precheck: true,
+        }
+    }
+}
+
+impl RedisConfig {
+    /// The first part of every key (default `tool-dispatch`), so several
+    /// applications can share one Redis.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// The longest any call to Redis may take, connecting included (default 250 ms).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// What to do when Redis cannot answer (default [`OnUnreachable::FailClosed`]).
+    pub fn on_unreachable(mut self, policy: OnUnreachable) -> Self {
+        self.on_unreachable = policy;
+        self
+    }
+
+    /// Whether a call this node's own bucket already refuses is refused without
+    /// asking Redis (default on): a user over the quota on one node is over it
+    /// everywhere, so abuse is shed without a round trip.
+    pub fn local_precheck(mut self, on: bool) -> Self {
+        self.local_precheck = on;
+        self
+    }
+}
+
+/// Why [`Redis::connect`] failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RedisError {
+    /// The URL is not a Redis URL.
+    #[error("not a Redis URL: {0}")]
+    BadUrl(String),
+    /// Redis did not answer within the timeout, or refused the connection.
+    #[error("cannot reach Redis: {0}")]
+    Unreachable(String),
+}
+
+/// What the Redis limiter has seen.
+///
+/// ```no_run
+/// # fn f(redis: &tool_dispatch::redis::Redis) {
+/// let s = redis.stats();
+/// println!("{} answers, {} failures, {} fallbacks", s.answers, s.failures, s.fallbacks);
+/// # }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct RedisStats {
+    /// Rate checks Redis answered.
+    pub answers: u64,
+    /// Rate checks Redis did not answer in time (or answered with an error).
+    pub failures: u64,
+    /// Of those, the ones this node's own limiter decided instead.
+    pub fallbacks: u64,
+    /// Calls refused by the local pre-check without asking Redis.
+    pub shed_locally: u64,
+    /// The last failure, if the last rate check failed.
+    pub last_error: Option<String>,
+}
+
+/// A connection to the Redis that several engines share. Cheap to clone.
+#[derive(Clone)]
+pub struct Redis {
+    inner: Arc<Shared>,
+}
+
+struct Shared {
+    conn: ConnectionManager,
+    config: RedisConfig,
+    script: ::redis::Script,
+    answers: AtomicU64,
+    failures: AtomicU64,
+    fallbacks: AtomicU64,
+    shed: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+impl std::fmt::Debug for Redis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Redis")
+            .field("config", &self.inner.config)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Redis {
+    /// Connects to `url` (`redis://host:port/db`), within the config's timeout. The
+    /// connection is re-established by itself if Redis goes away later.
+    pub async fn connect(url: &str, config: RedisConfig) -> Result<Redis, RedisError> {
+        let client = ::redis::Client::open(url).map_err(|e| RedisError::BadUrl(e.to_string()))?;
+        let manager = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.timeout))
+            .set_response_timeout(Some(config.timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(1));
+        let connect = ConnectionManager::new_with_config(client, manager);
+        let conn = match tokio::time::timeout(config.timeout.saturating_mul(4), connect).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(RedisError::Unreachable(e.to_string())),
+            Err(_) => return Err(RedisError::Unreachable("timed out".into())),
+        };
+        Ok(Redis {
+            inner: Arc::new(Shared {
+                conn,
+                config,
+                script: ::redis::Script::new(GCRA),
+                answers: AtomicU64::new(0),
+                failures: AtomicU64::new(0),
+                fallbacks: AtomicU64::new(0),
+                shed: AtomicU64::new(0),
+                last_error: Mutex::new(None),
+            }),
+        })
+    }
+
+    /// What the limiter has seen so far.
+    pub fn stats(&self) -> RedisStats {
+        let s = &self.inner;
+        RedisStats {
+            answers: s.answers.load(Relaxed),
+            failures: s.failures.load(Relaxed),
+            fallbacks: s.fallbacks.load(Relaxed),
+            shed_locally: s.shed.load(Relaxed),
+            last_error: s
+                .last_error
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+        }
+    }
+}
+
+impl EngineBuilder {
+    /// Checks each user's rate in `redis`, shared with every engine built with the
+    /// same Redis and prefix; see [the module](crate::redis).
+    pub fn redis(self, redis: &Redis) -> Self {
+        let redis = redis.clone();
+        self.shared_limiter(Box::new(move |local| {
+            Box::new(RedisLimiter { local, redis }) as Box<dyn Limiter>
+        }))
+    }
+}
+
+/// `{prefix}:u{<user>}:rate`, with `%`, `{` and `}` escaped in the user id so that
+/// the braces delimit the hash tag and two ids never share a key.
+fn rate_key(prefix: &str, user: &str) -> String {
+    let mut key = String::with_capacity(prefix.len() + user.len() + 10);
+    key.push_str(prefix);
+    key.push_str(":u{");
+    for c in user.chars() {
+        match c {
+            '%' => key.push_str("%25"),
+            '{' => key.push_str("%7B"),
+            '}' => key.push_str("%7D"),
+            c => key.push(c),
+        }
+    }
+    key.push_str("}:rate");
+    key
+}
+
+struct RedisLimiter {
+    local: LocalLimiter,
+    redis: Redis,
+}
+
+impl RedisLimiter {
+    async fn ask(&self, user: &UserState, now: Instant) -> Result<(), RateRefusal> {
+        let Some(gcra) = &user.rate else {
+            return Ok(());
+        };
+        let s = &self.redis.inner;
+        if s.config.local_precheck
+            && let Err(refusal) = self.local.rate_here(user, now)
+        {
+            // Over the quota on this node alone: over it everywhere.
+            s.shed.fetch_add(1, Relaxed);
+            return Err(refusal);
+        }
+        self.remote(user, gcra).await
+    }
+
+    /// The shared bucket's answer, or the policy's when Redis cannot give one.
+    async fn remote(
+        &self,
+        user: &UserState,
+        gcra: &crate::limits::Gcra,
+    ) -> Result<(), RateRefusal> {
+        let s = &self.redis.inner;
+        let (interval_us, tolerance_us) = gcra.micros();
+        let mut conn = s.conn.clone();
+        let key = rate_key(&s.config.prefix, &user.user_id);
+        let mut call = s.script.prepare_invoke();
+        call.key(key).arg(interval_us).arg(tolerance_us);
+        let answer: Result<(i64, i64), String> =
+            match tokio::time::timeout(s.config.timeout, call.invoke_async(&mut conn)).await {
+                Ok(Ok(a)) => Ok(a),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("no answer within {:?}", s.config.timeout)),
+            };
+        let mut last = s.last_error.lock().unwrap_or_else(PoisonError::into_inner);
+        match answer {
+            Ok((1, _)) => {
+                s.answers.fetch_add(1, Relaxed);
+                *last = None;
+                Ok(())
+            }
+            Ok((_, retry_us)) => {
+                s.answers.fetch_add(1, Relaxed);
+                *last = None;
+                let retry = Duration::from_micros(u64::try_from(retry_us).unwrap_or(0));
+                Err(RateRefusal::Limited(retry))
+            }
+            Err(e) => {
+                s.failures.fetch_add(1, Relaxed);
+                tracing::warn!(error = %e, "the shared rate limit could not be checked");
+                *last = Some(e);
+                drop(last);
+                match s.config.on_unreachable {
+                    OnUnreachable::FailClosed => Err(RateRefusal::Unreachable {
+                        retry_after: Duration::from_secs(1),
+                    }),
+                    OnUnreachable::UseLocalLimits => {
+                        s.fallbacks.fetch_add(1, Relaxed);
+                        self.local.rate_here(user, Instant::now())
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Limiter for RedisLimiter {
+    fn answers_now(&self) -> bool {
+        false
+    }
+
+    fn rate<'a>(&'a self, user: &'a UserState, now: Instant) -> RateCheck<'a> {
+        if user.rate.is_none() {
+            return RateCheck::Now(Ok(()));
+        }
+        RateCheck::Later(Box::pin(self.ask(user, now)))
+    }
+
+    fn try_slot<'a>(&'a self, scope: &Scope<'a>) -> Option<Permit<'a>> {
+        self.local.try_slot(scope)
+    }
+
+    fn slot<'a>(&'a self, scope: Scope<'a>, until: Instant) -> BoxFuture<'a, Option<Permit<'a>>> {
+        self.local.slot(scope, until)
+    }
+
+    fn saturation(&self) -> f64 {
+        self.local.saturation()
+    }
+
+    fn probe(&self) -> BoxFuture<'_, Option<String>> {
+        Box::pin(async move {
+            let s = &self.redis.inner;
+            let mut conn = s.conn.clone();
+            let cmd = ::redis::cmd("PING");
+            let ping = cmd.query_async::<String>(&mut conn);
+            let error = match tokio::time::timeout(s.config.timeout, ping).await {
+                Ok(Ok(_)) => return None,
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no answer within {:?}", s.config.timeout),
+            };
+            let policy = match s.config.on_unreachable {
+                OnUnreachable::FailClosed => "calls that have a rate limit end `unavailable`",
+                OnUnreachable::UseLocalLimits => "this node's own limits apply meanwhile",
+            };
+            Some(format!("Redis is unreachable ({error}); {policy}"))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_ids_are_escaped_into_one_hash_tag_and_never_collide() {
+        assert_eq!(rate_key("p", "alice"), "p:u{alice}:rate");
+        assert_eq!(rate_key("p", "a}b{c%"), "p:u{a%7Db%7Bc%25}:rate");
+        assert_ne!(rate_key("p", "%7D"), rate_key("p", "}"));
+    }
+}

@@ -1,0 +1,16 @@
+//! In a plain `cargo test`, the tests behind a cargo feature are compiled out; these
+//! show them as ignored, with the reason, instead of letting them vanish.
+
+#[cfg(not(feature = "axum"))]
+#[test]
+#[ignore = "the chat server tests (tests/chat_server.rs) need `--features axum` (the README's test command)"]
+fn chat_server() {
+    unreachable!("ignored: run `cargo test --all-features`");
+}
+
+#[cfg(not(feature = "redis"))]
+#[test]
+#[ignore = "the shared-limit tests (tests/redis.rs) need `--features redis` (the README's test command)"]
+fn redis() {
+    unreachable!("ignored: run `cargo test --all-features`");
+}

@@ -1,0 +1,201 @@
+//! Limits shared by several engines ("nodes") through a real `redis-server`, and what
+//! happens when it goes away and comes back.
+#![cfg(feature = "redis")]
+
+mod common;
+
+use std::time::Duration;
+
+use common::redis_server::RedisServer;
+use common::*;
+use serde_json::json;
+use tool_dispatch::event::Status;
+use tool_dispatch::redis::{OnUnreachable, Redis, RedisConfig};
+use tool_dispatch::*;
+
+/// A node: an engine with `quick` whose users may make `per_minute` calls a minute
+/// (burst the same), its rate checked in `redis`.
+fn node(redis: &Redis, rate: Rate) -> Engine {
+    let reg = Registry::builder().tool(quick()).build().unwrap();
+    let limits = Limits::default().per_user(UserLimits {
+        concurrency: 10,
+        rate: Some(rate),
+    });
+    Engine::builder(reg).limits(limits).redis(redis).build()
+}
+
+async fn connect(
+    server: &RedisServer,
+    prefix: &str,
+    policy: OnUnreachable,
+    precheck: bool,
+) -> Redis {
+    let config = RedisConfig::default()
+        .prefix(prefix)
+        .timeout(Duration::from_millis(200))
+        .on_unreachable(policy)
+        .local_precheck(precheck);
+    Redis::connect(&server.url(), config)
+        .await
+        .expect("redis answers")
+}
+
+async fn call(
+    engine: &Engine,
+    user_id: &str,
+) -> (Result<ToolOutput, DispatchError>, RecordingSink) {
+    let (d, sink) = recorded(engine, user(user_id));
+    (d.dispatch(ToolCall::new("quick", json!(1))).await, sink)
+}
+
+#[tokio::test]
+async fn a_users_rate_holds_across_two_nodes_with_and_without_the_local_precheck() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    for precheck in [true, false] {
+        let prefix = format!("rate-{precheck}");
+        let a = node(
+            &connect(&server, &prefix, OnUnreachable::FailClosed, precheck).await,
+            Rate::per_minute(5),
+        );
+        let b = node(
+            &connect(&server, &prefix, OnUnreachable::FailClosed, precheck).await,
+            Rate::per_minute(5),
+        );
+        // Alternating nodes: exactly the quota succeeds across both.
+        for i in 0..5 {
+            let (r, sink) = call(if i % 2 == 0 { &a } else { &b }, "alice").await;
+            assert!(r.is_ok(), "call {i}: {r:?}");
+            assert_paired(&sink.events());
+        }
+        let (r, sink) = call(&b, "alice").await;
+        let retry = match r {
+            Err(DispatchError::RateLimited { retry_after }) => retry_after,
+            other => panic!("the sixth call: {other:?}"),
+        };
+        // One call a minute / 5 = 12 s, less the little time the calls took.
+        assert!(
+            retry <= Duration::from_secs(12) && retry > Duration::from_secs(11),
+            "{retry:?}"
+        );
+        assert_eq!(pair(&sink.events()).status, Status::RateLimited);
+        // Another user, and an id that escapes to something close, are untouched.
+        assert!(call(&a, "bob").await.0.is_ok());
+        assert!(call(&a, "alice}").await.0.is_ok());
+        assert!(call(&b, "{alice}").await.0.is_ok());
+        let m = a.metrics();
+        assert_eq!(m.total, m.by_status.values().sum::<u64>());
+    }
+}
+
+#[tokio::test]
+async fn refill_and_retry_after_follow_the_servers_clock() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let redis = connect(&server, "refill", OnUnreachable::FailClosed, false).await;
+    let (a, b) = (
+        node(&redis, Rate::per_second(20).burst(1)),
+        node(&redis, Rate::per_second(20).burst(1)),
+    );
+    assert!(call(&a, "alice").await.0.is_ok());
+    let retry = match call(&b, "alice").await.0 {
+        Err(DispatchError::RateLimited { retry_after }) => retry_after,
+        other => panic!("{other:?}"),
+    };
+    assert!(retry <= Duration::from_millis(50), "{retry:?}");
+    tokio::time::sleep(retry + Duration::from_millis(2)).await;
+    assert!(
+        call(&b, "alice").await.0.is_ok(),
+        "refilled after retry_after"
+    );
+    assert_eq!(redis.stats().failures, 0);
+}
+
+#[tokio::test]
+async fn redis_stopped_fail_closed_ends_calls_unavailable_with_their_pairs_and_health_says_why() {
+    let Some(mut server) = RedisServer::start() else {
+        return;
+    };
+    let redis = connect(&server, "closed", OnUnreachable::FailClosed, true).await;
+    let engine = node(&redis, Rate::per_minute(100));
+    assert!(call(&engine, "alice").await.0.is_ok());
+    server.stop();
+    // Bounded: the guard is far above the configured 200 ms; no hang, no panic.
+    let (r, sink) = tokio::time::timeout(Duration::from_secs(10), call(&engine, "alice"))
+        .await
+        .expect("no hang while Redis is down");
+    let err = r.unwrap_err();
+    assert!(
+        matches!(err, DispatchError::LimitsUnavailable { .. }),
+        "{err:?}"
+    );
+    assert_eq!(
+        (err.status(), err.retry_after()),
+        (Status::Unavailable, Some(Duration::from_secs(1)))
+    );
+    assert_eq!(pair(&sink.events()).status, Status::Unavailable);
+    let health = tokio::time::timeout(Duration::from_secs(10), engine.health())
+        .await
+        .unwrap();
+    assert_eq!(health.status, HealthStatus::Degraded, "{health:?}");
+    assert!(
+        health
+            .issues
+            .iter()
+            .any(|i| i.contains("Redis is unreachable") && i.contains("unavailable")),
+        "{health:?}"
+    );
+    let s = redis.stats();
+    assert!(
+        s.failures >= 1 && s.fallbacks == 0 && s.last_error.is_some(),
+        "{s:?}"
+    );
+    let m = engine.metrics();
+    assert_eq!((m.by_status["unavailable"], m.active), (1, 0));
+
+    // Back on the same port: the engine recovers by itself.
+    let server = RedisServer::start_on(server.port);
+    let mut recovered = false;
+    for _ in 0..100 {
+        if call(&engine, "alice").await.0.is_ok() {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        recovered,
+        "no recovery after Redis came back; {:?}",
+        redis.stats()
+    );
+    assert_eq!(engine.health().await.status, HealthStatus::Healthy);
+    drop(server);
+}
+
+#[tokio::test]
+async fn redis_stopped_use_local_limits_serves_from_the_nodes_own_buckets_and_counts_it() {
+    let Some(mut server) = RedisServer::start() else {
+        return;
+    };
+    let redis = connect(&server, "local", OnUnreachable::UseLocalLimits, false).await;
+    let engine = node(&redis, Rate::per_minute(3));
+    server.stop();
+    for i in 0..3 {
+        let r = tokio::time::timeout(Duration::from_secs(10), call(&engine, "alice"))
+            .await
+            .unwrap()
+            .0;
+        assert!(r.is_ok(), "call {i} under the local quota: {r:?}");
+    }
+    let r = call(&engine, "alice").await.0;
+    assert!(matches!(r, Err(DispatchError::RateLimited { .. })), "{r:?}");
+    let s = redis.stats();
+    assert_eq!((s.fallbacks, s.failures), (4, 4), "{s:?}");
+    let health = engine.health().await;
+    assert!(
+        health.issues.iter().any(|i| i.contains("own limits apply")),
+        "{health:?}"
+    );
+}
