@@ -453,7 +453,7 @@ impl Server {
                 tokio::time::sleep_until(until).await;
             }
             let (user_id, run_id) = key;
-            let cancelled = server.engine.cancel_run(&user_id, &run_id);
+            let cancelled = server.engine.cancel_run(&user_id, &run_id).here;
             server.log(ServerLog::RunAbandoned {
                 user_id,
                 run_id,
@@ -874,7 +874,7 @@ impl Connection {
                 self.reply(msg).await;
             }
             Incoming::Cancel { run_id } => {
-                let cancelled = self.server.engine.cancel_run(self.user_id(), &run_id);
+                let cancelled = self.server.engine.cancel_run(self.user_id(), &run_id).here;
                 self.reply(json!({"type": "run_cancelled", "run_id": run_id, "calls": cancelled}))
                     .await;
             }

@@ -52,7 +52,7 @@ pub use blocking::StuckCall;
 pub use cache::CacheConfig;
 pub use call::{Arguments, ToolCall, ToolOutput};
 pub use dispatcher::{Dispatcher, TypedCall};
-pub use engine::{Engine, EngineBuilder, ShutdownReport, UserShutdown};
+pub use engine::{CancelReport, Engine, EngineBuilder, ShutdownReport, UserShutdown};
 pub use error::{CancelReason, DispatchError, LimitScope};
 pub use futures_util::future::BoxFuture;
 pub use health::{Health, HealthStatus};

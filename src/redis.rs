@@ -1,11 +1,18 @@
 //! Redis integration (feature `redis`): limits that hold across several processes.
 //!
 //! Several replicas of a back end behind a load balancer each keep their own books:
-//! a user with two tabs on two nodes gets twice the rate. [`EngineBuilder::redis`]
-//! makes every engine that shares one Redis check each user's **rate** there, with
-//! the same GCRA as the local limiter (burst, `retry_after` and refill alike), in one
-//! Lua script run with the Redis server's clock (`TIME`), so the nodes' clocks do not
-//! matter. The script is loaded once and called by its hash.
+//! a user with two tabs on two nodes gets twice the rate, and "stop" pressed on one
+//! node never reaches the calls on another. [`EngineBuilder::redis`] makes every
+//! engine that shares one Redis (and key prefix) behave as one:
+//!
+//! - **cancel everywhere**: `cancel_user` and `cancel_run` on any node reach the calls
+//!   on every node (pub/sub on `{prefix}:signals`, re-subscribed by itself after
+//!   Redis comes back); [`CancelReport`](crate::CancelReport) says what was cancelled
+//!   here and that the other nodes were told;
+//! - **one rate per user**: each user's rate is checked in Redis, with the same GCRA
+//!   as the local limiter (burst, `retry_after` and refill alike), in one Lua script
+//!   run with the Redis server's clock (`TIME`), so the nodes' clocks do not matter.
+//!   The script is loaded once and called by its hash.
 //!
 //! When Redis cannot be reached (down, restarting, partitioned), every call to it is
 //! bounded by [`RedisConfig::timeout`] and the engine follows
@@ -22,7 +29,8 @@
 //! node while over the shared quota may then wait a little longer than the shared
 //! bucket alone would make them.
 //!
-//! Not yet shared: concurrency slots (per user and global) are still this node's own.
+//! Not yet shared: concurrency slots (per user and global) are still this node's own,
+//! and run logs and approvals live in the process that holds them.
 //!
 //! ```no_run
 //! # async fn f(registry: tool_dispatch::Registry) -> Result<(), Box<dyn std::error::Error>> {
@@ -39,10 +47,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
+use std::sync::Weak;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
-use crate::engine::EngineBuilder;
+use crate::engine::{Engine, EngineBuilder, Inner, Peers, Shared as Attach, Signal};
 use crate::limits::{Limiter, LocalLimiter, Permit, RateCheck, RateRefusal, Scope, UserState};
 
 /// GCRA with the server's clock, in microseconds (below 2^53, exact in Lua's doubles).
@@ -181,6 +192,14 @@ pub struct Redis {
 
 struct Shared {
     conn: ConnectionManager,
+    /// This process's name among the nodes, to ignore its own signals.
+    node: String,
+    /// `{prefix}:signals`: cancellations told to every node.
+    channel: String,
+    /// The engines built with this handle, told of the other nodes' signals.
+    engines: Mutex<Vec<Weak<Inner>>>,
+    /// Stops the listener when the last handle goes.
+    stop: CancellationToken,
     config: RedisConfig,
     script: ::redis::Script,
     answers: AtomicU64,
@@ -204,6 +223,7 @@ impl Redis {
     /// connection is re-established by itself if Redis goes away later.
     pub async fn connect(url: &str, config: RedisConfig) -> Result<Redis, RedisError> {
         let client = ::redis::Client::open(url).map_err(|e| RedisError::BadUrl(e.to_string()))?;
+        let client_for_pubsub = client.clone();
         let manager = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.timeout))
             .set_response_timeout(Some(config.timeout))
@@ -215,9 +235,21 @@ impl Redis {
             Ok(Err(e)) => return Err(RedisError::Unreachable(e.to_string())),
             Err(_) => return Err(RedisError::Unreachable("timed out".into())),
         };
-        Ok(Redis {
+        let node = format!(
+            "{:016x}",
+            std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), std::process::id())
+        );
+        let channel = format!("{}:signals", config.prefix);
+        let pubsub = listen(&client_for_pubsub, &channel, config.timeout)
+            .await
+            .map_err(RedisError::Unreachable)?;
+        let redis = Redis {
             inner: Arc::new(Shared {
                 conn,
+                node,
+                channel,
+                engines: Mutex::default(),
+                stop: CancellationToken::new(),
                 config,
                 script: ::redis::Script::new(GCRA),
                 answers: AtomicU64::new(0),
@@ -226,7 +258,13 @@ impl Redis {
                 shed: AtomicU64::new(0),
                 last_error: Mutex::new(None),
             }),
-        })
+        };
+        tokio::spawn(follow(
+            client_for_pubsub,
+            pubsub,
+            Arc::downgrade(&redis.inner),
+        ));
+        Ok(redis)
     }
 
     /// What the limiter has seen so far.
@@ -247,13 +285,161 @@ impl Redis {
 }
 
 impl EngineBuilder {
-    /// Checks each user's rate in `redis`, shared with every engine built with the
-    /// same Redis and prefix; see [the module](crate::redis).
+    /// Checks each user's rate in `redis`, and shares `cancel_user` and `cancel_run`
+    /// with every engine built on the same Redis and prefix, in this process or
+    /// another; see [the module](crate::redis).
     pub fn redis(self, redis: &Redis) -> Self {
-        let redis = redis.clone();
-        self.shared_limiter(Box::new(move |local| {
-            Box::new(RedisLimiter { local, redis }) as Box<dyn Limiter>
-        }))
+        let (for_limiter, for_peers, for_build) = (redis.clone(), redis.clone(), redis.clone());
+        self.shared(Attach {
+            limiter: Box::new(move |local| {
+                Box::new(RedisLimiter {
+                    local,
+                    redis: for_limiter,
+                }) as Box<dyn Limiter>
+            }),
+            peers: Box::new(for_peers),
+            on_build: Box::new(move |engine: &Engine| {
+                let mut engines = for_build
+                    .inner
+                    .engines
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                engines.retain(|e| e.strong_count() > 0);
+                engines.push(engine.downgrade());
+            }),
+        })
+    }
+}
+
+/// A signal on the wire: `{"node":..,"kind":"cancel_user"|"cancel_run","user":..,"run":..}`.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Wire {
+    node: String,
+    kind: String,
+    user: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    run: Option<String>,
+}
+
+impl Peers for Redis {
+    fn tell(&self, signal: Signal) -> bool {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return false;
+        };
+        let s = &self.inner;
+        let (kind, user, run) = match signal {
+            Signal::CancelUser(user) => ("cancel_user", user, None),
+            Signal::CancelRun(user, run) => ("cancel_run", user, Some(run)),
+        };
+        let wire = Wire {
+            node: s.node.clone(),
+            kind: kind.into(),
+            user,
+            run,
+        };
+        let Ok(payload) = serde_json::to_string(&wire) else {
+            return false;
+        };
+        let (mut conn, channel, timeout) = (s.conn.clone(), s.channel.clone(), s.config.timeout);
+        rt.spawn(async move {
+            let mut cmd = ::redis::cmd("PUBLISH");
+            cmd.arg(&channel).arg(&payload);
+            let sent = tokio::time::timeout(timeout, cmd.query_async::<i64>(&mut conn)).await;
+            if !matches!(sent, Ok(Ok(_))) {
+                tracing::warn!(signal = %payload, "the other nodes could not be told");
+            }
+        });
+        true
+    }
+}
+
+/// A subscription to `channel`, within `timeout`.
+async fn listen(
+    client: &::redis::Client,
+    channel: &str,
+    timeout: Duration,
+) -> Result<::redis::aio::PubSub, String> {
+    let subscribe = async {
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe(channel).await?;
+        Ok::<_, ::redis::RedisError>(pubsub)
+    };
+    match tokio::time::timeout(timeout.saturating_mul(4), subscribe).await {
+        Ok(Ok(p)) => Ok(p),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timed out subscribing".into()),
+    }
+}
+
+/// Applies the other nodes' signals to this process's engines, re-subscribing after
+/// Redis comes back, until the last [`Redis`] handle is dropped.
+async fn follow(client: ::redis::Client, first: ::redis::aio::PubSub, shared: Weak<Shared>) {
+    let (stop, channel, timeout) = match shared.upgrade() {
+        Some(s) => (s.stop.clone(), s.channel.clone(), s.config.timeout),
+        None => return,
+    };
+    let mut pubsub = Some(first);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let current = match pubsub.take() {
+            Some(p) => p,
+            None => {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                match listen(&client, &channel, timeout).await {
+                    Ok(p) => p,
+                    Err(_) => {
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                        continue;
+                    }
+                }
+            }
+        };
+        backoff = Duration::from_millis(100);
+        let mut messages = current.into_on_message();
+        loop {
+            let msg = tokio::select! {
+                () = stop.cancelled() => return,
+                m = messages.next() => m,
+            };
+            let Some(msg) = msg else { break }; // the connection dropped: re-subscribe
+            let Some(s) = shared.upgrade() else { return };
+            let Ok(text) = msg.get_payload::<String>() else {
+                continue;
+            };
+            let Ok(wire) = serde_json::from_str::<Wire>(&text) else {
+                continue;
+            };
+            if wire.node == s.node {
+                continue;
+            }
+            let engines: Vec<Engine> = s
+                .engines
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .filter_map(Engine::upgrade)
+                .collect();
+            for engine in engines {
+                match (wire.kind.as_str(), &wire.run) {
+                    ("cancel_user", _) => {
+                        engine.cancel_user_here(&wire.user);
+                    }
+                    ("cancel_run", Some(run)) => {
+                        engine.cancel_run_here(&wire.user, run);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.stop.cancel();
     }
 }
 

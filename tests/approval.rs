@@ -254,7 +254,7 @@ async fn the_window_comes_from_the_decision_then_the_tool_then_the_engine() {
     requested(&sink, "w3").await;
     tokio::time::sleep(Duration::from_secs(365 * 86_400)).await;
     assert_eq!(engine.metrics().awaiting_approval, 2);
-    assert_eq!(engine.cancel_user("alice"), 2);
+    assert_eq!(engine.cancel_user("alice").here, 2);
     for h in [a, b] {
         assert_eq!(h.await.unwrap().unwrap_err().status(), Status::Cancelled);
     }
@@ -270,7 +270,7 @@ async fn cancel_user_cancel_run_shutdown_and_a_dropped_future_end_the_wait() {
 
     let h = spawn(&alice, call("by_user"));
     requested(&sink, "by_user").await;
-    assert_eq!(engine.cancel_user("alice"), 1);
+    assert_eq!(engine.cancel_user("alice").here, 1);
     let err = h.await.unwrap().unwrap_err();
     assert_eq!(
         err,
@@ -281,7 +281,7 @@ async fn cancel_user_cancel_run_shutdown_and_a_dropped_future_end_the_wait() {
 
     let h = spawn(&alice, call("by_run"));
     requested(&sink, "by_run").await;
-    assert_eq!(engine.cancel_run("alice", "run_alice"), 1);
+    assert_eq!(engine.cancel_run("alice", "run_alice").here, 1);
     let err = h.await.unwrap().unwrap_err();
     assert_eq!(
         err,

@@ -214,7 +214,7 @@ async fn cancelling_a_user_ends_their_blocking_call_for_the_caller() {
     let (d, sink) = recorded(&engine, user("alice"));
     let h = spawn(&d, ToolCall::new("stubborn", json!("c")).with_id("c"));
     started.recv().await.unwrap();
-    assert_eq!(engine.cancel_user("alice"), 1);
+    assert_eq!(engine.cancel_user("alice").here, 1);
     let err = h.await.unwrap().unwrap_err();
     assert_eq!(
         err,

@@ -53,7 +53,7 @@ async fn cancel_user_ends_only_that_users_calls_and_counts_them() {
     settle().await;
     assert_eq!(engine.active(), 6);
 
-    assert_eq!(engine.cancel_user("alice"), 4);
+    assert_eq!(engine.cancel_user("alice").here, 4);
     for (h, id) in alice_calls.into_iter().zip(["a1", "a2", "a3", "a4"]) {
         let err = h.await.unwrap().unwrap_err();
         assert_eq!(
@@ -91,7 +91,7 @@ async fn cancel_user_ends_only_that_users_calls_and_counts_them() {
     assert!(completed(&bob_sink, "b1").status == Status::Success);
 
     // Alice's later calls run normally (fresh cancellation token, slots released).
-    assert_eq!(engine.cancel_user("alice"), 0);
+    assert_eq!(engine.cancel_user("alice").here, 0);
     let out = alice
         .dispatch(ToolCall::new("quick", json!(5)))
         .await
@@ -113,7 +113,7 @@ async fn cancel_user_ends_only_that_users_calls_and_counts_them() {
     assert_eq!(m.count(Status::Cancelled), 4);
     assert_eq!(m.count(Status::Success), 2 + 1 + 3);
     assert_eq!((m.total, m.active), (10, 0));
-    assert_eq!(engine.cancel_user("nobody-here"), 0);
+    assert_eq!(engine.cancel_user("nobody-here").here, 0);
 }
 
 #[tokio::test(start_paused = true)]
@@ -130,7 +130,7 @@ async fn cancel_user_spans_all_of_that_users_dispatchers_and_tools_see_it() {
     started.recv().await.unwrap();
     let h2 = spawn(&tab2, "t2");
     started.recv().await.unwrap();
-    assert_eq!(engine.cancel_user("alice"), 2);
+    assert_eq!(engine.cancel_user("alice").here, 2);
     assert!(matches!(
         h1.await.unwrap(),
         Err(DispatchError::Cancelled { .. })
@@ -177,7 +177,7 @@ async fn a_cooperative_tool_observes_the_cancellation() {
     let d2 = d.clone();
     let h = tokio::spawn(async move { d2.dispatch(ToolCall::new("polite", json!(null))).await });
     start.recv().await.unwrap();
-    assert_eq!(engine.cancel_user("alice"), 1);
+    assert_eq!(engine.cancel_user("alice").here, 1);
     assert!(matches!(
         h.await.unwrap(),
         Err(DispatchError::Cancelled {
@@ -550,8 +550,8 @@ async fn cancel_run_ends_only_that_runs_calls_wherever_they_wait() {
     }
     let a3 = common::spawn(&run_a, ToolCall::new("hold", json!("a3")).with_id("a3"));
     settle().await;
-    assert_eq!(engine.cancel_run("bob", "run_a"), 0, "not bob's");
-    assert_eq!(engine.cancel_run("alice", "run_a"), 3);
+    assert_eq!(engine.cancel_run("bob", "run_a").here, 0, "not bob's");
+    assert_eq!(engine.cancel_run("alice", "run_a").here, 3);
     for (call, id) in [(a1, "a1"), (a2, "a2"), (a3, "a3")] {
         let err = call.await.unwrap().unwrap_err();
         assert_eq!(
@@ -570,7 +570,7 @@ async fn cancel_run_ends_only_that_runs_calls_wherever_they_wait() {
     // The run's later calls run as usual; cancel_user still reaches the other run.
     let later = run_a.dispatch(ToolCall::new("quick", json!(1))).await;
     assert!(later.is_ok());
-    assert_eq!(engine.cancel_user("alice"), 1);
+    assert_eq!(engine.cancel_user("alice").here, 1);
     let err = b1.await.unwrap().unwrap_err();
     assert_eq!(
         err,

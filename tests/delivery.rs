@@ -153,7 +153,7 @@ async fn cancel_user_reaches_calls_waiting_for_room_in_the_sink() {
     settle().await;
     assert_eq!(engine.active(), 3, "all three wait to announce");
     let before = tokio::time::Instant::now();
-    assert_eq!(engine.cancel_user("alice"), 3);
+    assert_eq!(engine.cancel_user("alice").here, 3);
     for c in calls {
         let err = c.await.unwrap().unwrap_err();
         assert!(

@@ -383,7 +383,7 @@ async fn cancelling_or_saturating_one_user_leaves_another_untouched() {
     );
 
     // Cancelling alice ends her call only.
-    assert_eq!(engine.cancel_user("alice"), 1);
+    assert_eq!(engine.cancel_user("alice").here, 1);
     let err = alice_call.await.unwrap().unwrap_err();
     assert_eq!(
         err,

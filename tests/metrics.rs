@@ -140,7 +140,7 @@ async fn metrics_stay_consistent_after_100k_mixed_calls() {
         }
         let mut cancelled = 0;
         for u in 0..USERS {
-            cancelled += engine.cancel_user(&format!("user{u}"));
+            cancelled += engine.cancel_user(&format!("user{u}")).here;
         }
         // Only held calls are left, never more than the global limit allows.
         assert!(

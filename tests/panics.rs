@@ -87,7 +87,7 @@ async fn a_body_that_panics_while_dropped_by_cancel_or_by_the_caller_is_containe
     // cancel_user drops the body.
     let call = spawn(&d, ToolCall::new("trapped", json!(0)).with_id("c1"));
     settle().await;
-    assert_eq!(engine.cancel_user("alice"), 1);
+    assert_eq!(engine.cancel_user("alice").here, 1);
     assert_eq!(call.await.unwrap().unwrap_err().status(), Status::Cancelled);
     // The caller drops the dispatch future while the body waits.
     let mut fut = Box::pin(d.dispatch(ToolCall::new("trapped", json!(0)).with_id("c2")));

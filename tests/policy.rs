@@ -64,7 +64,7 @@ async fn cancel_user_reaches_a_call_waiting_on_the_policy() {
     let (d, sink) = recorded(&engine, user("alice"));
     let call = spawn(&d, ToolCall::new("quick", json!(1)).with_id("p1"));
     settle().await;
-    assert_eq!(engine.cancel_user("alice"), 1);
+    assert_eq!(engine.cancel_user("alice").here, 1);
     let err = call.await.unwrap().unwrap_err();
     assert!(
         matches!(

@@ -199,3 +199,125 @@ async fn redis_stopped_use_local_limits_serves_from_the_nodes_own_buckets_and_co
         "{health:?}"
     );
 }
+
+/// A node with `hold` (waits for a permit of its own gate, ignoring nothing: it is
+/// cancelled like any body) for users with no rate limit.
+fn holding_node(
+    redis: &Redis,
+) -> (
+    Engine,
+    std::sync::Arc<tokio::sync::Semaphore>,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let (started_tx, started) = tokio::sync::mpsc::unbounded_channel();
+    let engine = Engine::builder(
+        Registry::builder()
+            .tool(hold(&gate, started_tx, ToolSettings::new()))
+            .build()
+            .unwrap(),
+    )
+    .limits(Limits::default().per_user(no_rate(10)))
+    .redis(redis)
+    .build();
+    (engine, gate, started)
+}
+
+#[tokio::test]
+async fn cancel_user_and_cancel_run_on_one_node_reach_the_calls_on_another() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    // Two handles, as two processes would have.
+    let (ra, rb) = (
+        connect(&server, "cancel", OnUnreachable::FailClosed, true).await,
+        connect(&server, "cancel", OnUnreachable::FailClosed, true).await,
+    );
+    let (a, _gate, mut started) = holding_node(&ra);
+    let (b, _, _) = holding_node(&rb);
+    let alice_in = |run: &str| UserContext::builder("alice").run_id(run).build().unwrap();
+    let (in_r1, sink) = recorded(&a, alice_in("r1"));
+    let (in_r2, _) = recorded(&a, alice_in("r2"));
+    let (bob, _) = recorded(&a, user("bob"));
+    let r1 = spawn(&in_r1, ToolCall::new("hold", json!("r1")));
+    let r2 = spawn(&in_r2, ToolCall::new("hold", json!("r2")));
+    let bobs = spawn(&bob, ToolCall::new("hold", json!("bob")));
+    for _ in 0..3 {
+        started.recv().await.unwrap();
+    }
+
+    // On node B, which has none of these calls.
+    let report = b.cancel_run("alice", "r1");
+    assert_eq!((report.here, report.peers_told), (0, true));
+    let err = tokio::time::timeout(Duration::from_secs(10), r1)
+        .await
+        .expect("reached node A")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(
+        err,
+        DispatchError::Cancelled {
+            reason: CancelReason::Run
+        }
+    );
+    let report = b.cancel_user("alice");
+    assert_eq!((report.here, report.peers_told), (0, true));
+    let err = tokio::time::timeout(Duration::from_secs(10), r2)
+        .await
+        .expect("reached node A")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(
+        err,
+        DispatchError::Cancelled {
+            reason: CancelReason::User
+        }
+    );
+    assert_paired(&sink.events());
+    // bob was never touched.
+    assert!(!bobs.is_finished());
+    assert_eq!(a.cancel_user("bob").here, 1);
+    assert!(bobs.await.unwrap().is_err());
+    // A node's own signals are not applied twice: its count is what it cancelled.
+    let m = a.metrics();
+    assert_eq!((m.by_status["cancelled"], m.active), (3, 0));
+}
+
+#[tokio::test]
+async fn after_redis_restarts_cancellation_reaches_the_other_node_again() {
+    let Some(mut server) = RedisServer::start() else {
+        return;
+    };
+    let (ra, rb) = (
+        connect(&server, "restart", OnUnreachable::UseLocalLimits, true).await,
+        connect(&server, "restart", OnUnreachable::UseLocalLimits, true).await,
+    );
+    let (a, _gate, mut started) = holding_node(&ra);
+    let (b, _, _) = holding_node(&rb);
+    server.stop();
+    let _server = RedisServer::start_on(server.port);
+    let (d, _) = recorded(&a, user("alice"));
+    let call = spawn(&d, ToolCall::new("hold", json!("x")));
+    started.recv().await.unwrap();
+    // Both nodes re-subscribe by themselves; keep telling until node A hears it.
+    for _ in 0..100 {
+        b.cancel_user("alice");
+        if tokio::time::timeout(Duration::from_millis(100), async {
+            while !call.is_finished() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .is_ok()
+        {
+            break;
+        }
+    }
+    let err = call.await.unwrap().unwrap_err();
+    assert_eq!(
+        err,
+        DispatchError::Cancelled {
+            reason: CancelReason::User
+        }
+    );
+}

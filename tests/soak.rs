@@ -217,7 +217,7 @@ async fn soak(total: usize, users: usize) -> Report {
             let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
             while !stop.load(Relaxed) {
                 let u = rng.next() as usize % users;
-                hits.fetch_add(engine.cancel_user(&format!("soak-{u}")), Relaxed);
+                hits.fetch_add(engine.cancel_user(&format!("soak-{u}")).here, Relaxed);
                 for _ in 0..8 {
                     tokio::task::yield_now().await;
                 }

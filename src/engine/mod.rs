@@ -37,7 +37,7 @@ use crate::tool::{ToolError, tool_fn};
 use crate::user::UserContext;
 
 pub(crate) use prepare::Occurrence;
-pub use shutdown::{ShutdownReport, UserShutdown};
+pub use shutdown::{CancelReport, ShutdownReport, UserShutdown};
 
 /// Default tool timeout.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -62,6 +62,29 @@ pub(crate) struct Config {
     max_pending_approvals: usize,
 }
 
+/// What one node tells the others sharing its users.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Signal {
+    /// Cancel the user's calls.
+    CancelUser(String),
+    /// Cancel the calls of the user's run.
+    CancelRun(String, String),
+}
+
+/// The other nodes sharing this engine's users (through Redis).
+pub(crate) trait Peers: Send + Sync + 'static {
+    /// Tells them, without waiting; `false` if they cannot be told now.
+    fn tell(&self, signal: Signal) -> bool;
+}
+
+/// What a shared backend attaches to an engine: its limiter (built around the local
+/// one), its peers, and what to do with the built engine (follow the peers' signals).
+pub(crate) struct Shared {
+    pub(crate) limiter: LimiterFactory,
+    pub(crate) peers: Box<dyn Peers>,
+    pub(crate) on_build: Box<dyn FnOnce(&Engine) + Send>,
+}
+
 /// The health probe: a tool outside the registry and a user outside the user table,
 /// so probing neither shows in the totals nor shares anybody's limits.
 struct Probe {
@@ -84,6 +107,7 @@ pub(crate) struct Inner {
     accepting: AtomicBool,
     idle: Notify,
     approvals: Approvals,
+    peers: Option<Box<dyn Peers>>,
     probe: Probe,
     id_prefix: u32,
     next_id: AtomicU64,
@@ -143,7 +167,7 @@ pub struct EngineBuilder {
     config: Config,
     policy: Option<Arc<dyn Policy>>,
     cache: CacheConfig,
-    limiter: Option<LimiterFactory>,
+    shared: Option<Shared>,
 }
 
 impl std::fmt::Debug for EngineBuilder {
@@ -228,11 +252,10 @@ impl EngineBuilder {
         self
     }
 
-    /// Replaces the local limiter by one shared with other processes, built around
-    /// the local one (see `EngineBuilder::redis`).
+    /// Shares limits and cancellation with other processes (see `EngineBuilder::redis`).
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-    pub(crate) fn shared_limiter(mut self, factory: LimiterFactory) -> Self {
-        self.limiter = Some(factory);
+    pub(crate) fn shared(mut self, shared: Shared) -> Self {
+        self.shared = Some(shared);
         self
     }
 
@@ -242,15 +265,15 @@ impl EngineBuilder {
         let tools = self.registry.len();
         let hasher = std::hash::RandomState::new();
         let root = CancellationToken::new();
-        Engine {
+        let local = LocalLimiter::new(self.config.limits.global, epoch);
+        let (limiter, peers, on_build) = match self.shared {
+            Some(s) => ((s.limiter)(local), Some(s.peers), Some(s.on_build)),
+            None => (Box::new(local) as Box<dyn Limiter>, None, None),
+        };
+        let engine = Engine {
             inner: Arc::new(Inner {
-                limiter: {
-                    let local = LocalLimiter::new(self.config.limits.global, epoch);
-                    match self.limiter {
-                        Some(shared) => shared(local),
-                        None => Box::new(local),
-                    }
-                },
+                limiter,
+                peers,
                 users: Users::new(epoch),
                 probe: probe(tools, root.child_token()),
                 registry: self.registry,
@@ -266,7 +289,11 @@ impl EngineBuilder {
                 id_prefix: std::hash::BuildHasher::hash_one(&hasher, epoch) as u32,
                 next_id: AtomicU64::new(1),
             }),
+        };
+        if let Some(on_build) = on_build {
+            on_build(&engine);
         }
+        engine
     }
 }
 
@@ -308,12 +335,24 @@ impl Engine {
             },
             policy: None,
             cache: CacheConfig::default(),
-            limiter: None,
+            shared: None,
         }
     }
 
     pub(crate) fn inner(&self) -> &Arc<Inner> {
         &self.inner
+    }
+
+    /// A handle that does not keep the engine alive (for a backend's listener).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn downgrade(&self) -> std::sync::Weak<Inner> {
+        Arc::downgrade(&self.inner)
+    }
+
+    /// The engine behind a [`downgrade`](Self::downgrade)d handle, if it still exists.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn upgrade(weak: &std::sync::Weak<Inner>) -> Option<Engine> {
+        weak.upgrade().map(|inner| Engine { inner })
     }
 
     /// The tools.

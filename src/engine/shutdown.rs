@@ -8,6 +8,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use super::Engine;
+use super::Signal;
 
 /// How long `shutdown` waits, after cancelling, for the cancelled calls to end. Every
 /// wait of a call watches its cancellation, so a call that is being polled ends at
@@ -42,11 +43,57 @@ pub struct UserShutdown {
     pub cancelled: u64,
 }
 
+/// What a cancellation reached.
+///
+/// ```
+/// # use tool_dispatch::{Engine, Registry};
+/// # let engine = Engine::builder(Registry::builder().build()?).build();
+/// let report = engine.cancel_user("alice");
+/// assert_eq!((report.here, report.peers_told), (0, false)); // no call, no other node
+/// # Ok::<(), tool_dispatch::RegistryError>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CancelReport {
+    /// Calls cancelled in this process.
+    pub here: usize,
+    /// Whether the other nodes sharing this engine's users (through Redis) were told
+    /// to cancel theirs; `false` when there are none or they could not be reached.
+    pub peers_told: bool,
+}
+
 impl Engine {
-    /// Cancels every in-flight call of `user_id`, wherever it waits (policy, slot,
-    /// sink, body); their events say `cancelled`. Returns how many there were. Other
-    /// users are untouched; later calls of this user run normally.
-    pub fn cancel_user(&self, user_id: &str) -> usize {
+    /// Cancels every in-flight call of `user_id`, wherever it waits (policy,
+    /// approval, slot, sink, body); their events say `cancelled`. Other users are
+    /// untouched; later calls of this user run normally. With Redis, the other nodes
+    /// cancel theirs too.
+    pub fn cancel_user(&self, user_id: &str) -> CancelReport {
+        let here = self.cancel_user_here(user_id);
+        let peers_told = self
+            .inner
+            .peers
+            .as_ref()
+            .is_some_and(|p| p.tell(Signal::CancelUser(user_id.into())));
+        CancelReport { here, peers_told }
+    }
+
+    /// Cancels the in-flight calls of `user_id`'s run `run_id` only (the calls made
+    /// by dispatchers whose `UserContext` has that `run_id`), wherever they wait; their
+    /// events say `cancelled` ("the run was cancelled"). The user's other runs and
+    /// later calls of this run are untouched. With Redis, the other nodes cancel the
+    /// run's calls too.
+    pub fn cancel_run(&self, user_id: &str, run_id: &str) -> CancelReport {
+        let here = self.cancel_run_here(user_id, run_id);
+        let peers_told = self
+            .inner
+            .peers
+            .as_ref()
+            .is_some_and(|p| p.tell(Signal::CancelRun(user_id.into(), run_id.into())));
+        CancelReport { here, peers_told }
+    }
+
+    /// [`cancel_user`](Self::cancel_user) in this process only.
+    pub(crate) fn cancel_user_here(&self, user_id: &str) -> usize {
         let Some(state) = self.inner.users.get(user_id) else {
             return 0;
         };
@@ -55,11 +102,8 @@ impl Engine {
         n
     }
 
-    /// Cancels the in-flight calls of `user_id`'s run `run_id` only (the calls made
-    /// by dispatchers whose `UserContext` has that `run_id`), wherever they wait; their
-    /// events say `cancelled` ("the run was cancelled"). Returns how many there were.
-    /// The user's other runs and later calls of this run are untouched.
-    pub fn cancel_run(&self, user_id: &str, run_id: &str) -> usize {
+    /// [`cancel_run`](Self::cancel_run) in this process only.
+    pub(crate) fn cancel_run_here(&self, user_id: &str, run_id: &str) -> usize {
         match self.inner.users.get(user_id) {
             Some(state) => state.cancel_run(run_id),
             None => 0,
