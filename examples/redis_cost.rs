@@ -1,0 +1,143 @@
+//! What sharing the rate limit through Redis costs per call, measured side by side in
+//! one run against a Redis on loopback.
+//!
+//! ```text
+//! redis-server --port 6390 --save '' &
+//! cargo run --release --example redis_cost --features redis -- --redis redis://127.0.0.1:6390
+//! ```
+//!
+//! Four variants, interleaved in rounds so that drift hits them alike, each a no-op
+//! tool called `--calls` times per round by one user:
+//!
+//! 1. `local`: limits kept in the process (the default);
+//! 2. `redis`: the user's rate checked in Redis (one `EVALSHA` round trip a call);
+//! 3. `shed_redis`: a user far over the quota, every call refused by Redis;
+//! 4. `shed_precheck`: the same user with the local pre-check on: refused without a
+//!    round trip.
+//!
+//! The last line is `RESULT local_p50_ns=.. local_p99_ns=.. redis_p50_ns=..
+//! redis_p99_ns=.. shed_redis_p50_ns=.. shed_precheck_p50_ns=.. invariants=ok|FAILED`.
+
+use std::time::Instant;
+
+use serde_json::json;
+use tool_dispatch::redis::{Redis, RedisConfig};
+use tool_dispatch::*;
+
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+/// Takes every event and keeps none.
+struct NullSink;
+
+impl EventSink for NullSink {
+    fn try_send(&self, _: event::Event) -> Result<(), TrySendError> {
+        Ok(())
+    }
+}
+
+fn engine(redis: Option<&Redis>, rate: Rate) -> Engine {
+    let noop = tool_fn("noop", "Does nothing.", |n: u64, _cx| async move {
+        Ok::<_, ToolError>(n)
+    });
+    let limits = Limits::default().per_user(UserLimits {
+        concurrency: 10,
+        rate: Some(rate),
+    });
+    let builder =
+        Engine::builder(Registry::builder().tool(noop).build().expect("valid")).limits(limits);
+    match redis {
+        Some(r) => builder.redis(r).build(),
+        None => builder.build(),
+    }
+}
+
+/// Latencies (ns) of `n` calls by `user`; counts the outcomes.
+async fn round(engine: &Engine, user: &str, n: usize, ok: &mut usize) -> Vec<u64> {
+    let ctx = UserContext::builder(user).build().expect("valid user");
+    let d = engine.dispatcher().sink(NullSink).user(ctx);
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let t = Instant::now();
+        let r = d.dispatch(ToolCall::new("noop", json!(i))).await;
+        out.push(t.elapsed().as_nanos() as u64);
+        *ok += usize::from(r.is_ok());
+    }
+    out
+}
+
+fn quantile(v: &mut [u64], q: f64) -> u64 {
+    v.sort_unstable();
+    v[((v.len() as f64 - 1.0) * q) as usize]
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let url = arg("--redis").ok_or("usage: redis_cost --redis redis://HOST:PORT [--calls N]")?;
+    let calls: usize = arg("--calls").map_or(Ok(2000), |c| c.parse())?;
+    let config = || RedisConfig::default().prefix(format!("cost-{}", std::process::id()));
+    let shared = Redis::connect(&url, config().local_precheck(false)).await?;
+    let precheck = Redis::connect(&url, config().local_precheck(true)).await?;
+    let plenty = Rate::per_second(1_000_000_000);
+    let tight = Rate::per_minute(1);
+    let (local, redis) = (engine(None, plenty), engine(Some(&shared), plenty));
+    let (shed_redis, shed_local) = (engine(Some(&shared), tight), engine(Some(&precheck), tight));
+    let mut lat: [Vec<u64>; 4] = Default::default();
+    let mut ok = [0usize; 4];
+    for r in 0..6 {
+        // The first round warms up (connections, script load) and is not counted.
+        let n = if r == 0 { 200 } else { calls / 5 };
+        let got = [
+            round(&local, "u", n, &mut ok[0]).await,
+            round(&redis, "u", n, &mut ok[1]).await,
+            round(&shed_redis, "over", n, &mut ok[2]).await,
+            round(&shed_local, "over2", n, &mut ok[3]).await,
+        ];
+        if r > 0 {
+            for (l, g) in lat.iter_mut().zip(got) {
+                l.extend(g);
+            }
+        }
+    }
+    let names = ["local", "redis", "shed_redis", "shed_precheck"];
+    let mut summary = Vec::new();
+    for (name, l) in names.iter().zip(lat.iter_mut()) {
+        let (p50, p99) = (quantile(l, 0.5), quantile(l, 0.99));
+        println!("{name:>14}: p50 {p50:>8} ns  p99 {p99:>8} ns");
+        summary.push((p50, p99));
+    }
+    // Every call of the first two succeeds; of the tight ones, at most the one a
+    // minute the quota allows (per engine's first call) does.
+    let counted = calls / 5 * 5;
+    let fine = ok[0] == counted + 200 && ok[1] == counted + 200 && ok[2] <= 1 && ok[3] <= 1;
+    let stats = shared.stats();
+    println!(
+        "redis answers {}, failures {}; pre-check shed {} calls",
+        stats.answers,
+        stats.failures,
+        precheck.stats().shed_locally
+    );
+    let verdict = if fine && stats.failures == 0 {
+        "ok"
+    } else {
+        "FAILED"
+    };
+    if verdict != "ok" {
+        eprintln!(
+            "successes per variant: {ok:?} (expected {} for the first two, at most 1 for the others)",
+            counted + 200
+        );
+    }
+    println!(
+        "RESULT local_p50_ns={} local_p99_ns={} redis_p50_ns={} redis_p99_ns={} shed_redis_p50_ns={} shed_precheck_p50_ns={} invariants={verdict}",
+        summary[0].0, summary[0].1, summary[1].0, summary[1].1, summary[2].0, summary[3].0
+    );
+    if verdict != "ok" {
+        std::process::exit(1);
+    }
+    Ok(())
+}
