@@ -860,17 +860,17 @@ impl Connection {
                     Verdict::Approve => "approve",
                     _ => "reject",
                 };
-                let msg =
-                    match self
-                        .server
-                        .engine
-                        .resolve_approval(self.user_id(), &call_id, verdict)
-                    {
-                        Ok(()) => json!({"type": "decision_recorded", "call_id": call_id,
+                let msg = match self
+                    .server
+                    .engine
+                    .resolve_approval(self.user_id(), &call_id, verdict)
+                    .await
+                {
+                    Ok(()) => json!({"type": "decision_recorded", "call_id": call_id,
                                      "decision": decision}),
-                        // The same answer for an unknown, a decided and another user's call.
-                        Err(e) => error_message(format!("{e}: `{}`", excerpt(&json!(call_id)))),
-                    };
+                    // The same answer for an unknown, a decided and another user's call.
+                    Err(e) => error_message(format!("{e}: `{}`", excerpt(&json!(call_id)))),
+                };
                 self.reply(msg).await;
             }
             Incoming::Cancel { run_id } => {

@@ -9,6 +9,11 @@
 //!   on every node (pub/sub on `{prefix}:signals`, re-subscribed by itself after
 //!   Redis comes back); [`CancelReport`](crate::CancelReport) says what was cancelled
 //!   here and that the other nodes were told;
+//! - **approvals answered anywhere**: a call waiting for approval is recorded as
+//!   `{prefix}:u{<user>}:approval:<call>` → its node; `resolve_approval` on any node
+//!   takes that key (one Lua `GET`+`DEL`, so exactly one answer wins) and the
+//!   decision travels to the node that holds the call. A call out of time takes its
+//!   own key back first, and waits a moment for an answer someone else already took;
 //! - **one rate per user**: each user's rate is checked in Redis, with the same GCRA
 //!   as the local limiter (burst, `retry_after` and refill alike), in one Lua script
 //!   run with the Redis server's clock (`TIME`), so the nodes' clocks do not matter.
@@ -30,7 +35,8 @@
 //! bucket alone would make them.
 //!
 //! Not yet shared: concurrency slots (per user and global) are still this node's own,
-//! and run logs and approvals live in the process that holds them.
+//! and run logs live in the process that writes them. While Redis is unreachable, an
+//! approval can be answered only on the node where the call waits.
 //!
 //! ```no_run
 //! # async fn f(registry: tool_dispatch::Registry) -> Result<(), Box<dyn std::error::Error>> {
@@ -53,7 +59,8 @@ use std::sync::Weak;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::{Engine, EngineBuilder, Inner, Peers, Shared as Attach, Signal};
+use crate::approval::Verdict;
+use crate::engine::{Claim, Engine, EngineBuilder, Inner, Peers, Shared as Attach, Signal};
 use crate::limits::{Limiter, LocalLimiter, Permit, RateCheck, RateRefusal, Scope, UserState};
 
 /// GCRA with the server's clock, in microseconds (below 2^53, exact in Lua's doubles).
@@ -73,6 +80,15 @@ end
 local next_tat = tat + interval
 redis.call('SET', KEYS[1], string.format('%.0f', next_tat), 'PX', math.ceil((next_tat - now) / 1000) + 1)
 return {1, 0}
+";
+
+/// Takes a pending approval: returns the node that holds the call and deletes the
+/// key, so that exactly one claim ever gets it; `nil` when there is none.
+const CLAIM: &str = r"
+local owner = redis.call('GET', KEYS[1])
+if not owner then return false end
+redis.call('DEL', KEYS[1])
+return owner
 ";
 
 /// What the engine does when Redis cannot answer in time.
@@ -202,6 +218,7 @@ struct Shared {
     stop: CancellationToken,
     config: RedisConfig,
     script: ::redis::Script,
+    claim: ::redis::Script,
     answers: AtomicU64,
     failures: AtomicU64,
     fallbacks: AtomicU64,
@@ -252,6 +269,7 @@ impl Redis {
                 stop: CancellationToken::new(),
                 config,
                 script: ::redis::Script::new(GCRA),
+                claim: ::redis::Script::new(CLAIM),
                 answers: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
                 fallbacks: AtomicU64::new(0),
@@ -311,35 +329,36 @@ impl EngineBuilder {
     }
 }
 
-/// A signal on the wire: `{"node":..,"kind":"cancel_user"|"cancel_run","user":..,"run":..}`.
-#[derive(serde::Serialize, serde::Deserialize)]
+/// A signal on the wire: `{"node":..,"kind":"cancel_user"|"cancel_run"|"decision",
+/// "user":..,"run":..,"call":..,"to":..,"approve":..,"message":..}`.
+#[derive(Default, serde::Serialize, serde::Deserialize)]
 struct Wire {
     node: String,
     kind: String,
     user: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     run: Option<String>,
+    /// For a decision: the call, the node that holds it, the verdict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    call: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    to: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    approve: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    message: Option<String>,
 }
 
-impl Peers for Redis {
-    fn tell(&self, signal: Signal) -> bool {
+impl Redis {
+    /// Publishes `wire` without waiting; `false` outside a runtime.
+    fn publish(&self, wire: &Wire) -> bool {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return false;
         };
-        let s = &self.inner;
-        let (kind, user, run) = match signal {
-            Signal::CancelUser(user) => ("cancel_user", user, None),
-            Signal::CancelRun(user, run) => ("cancel_run", user, Some(run)),
-        };
-        let wire = Wire {
-            node: s.node.clone(),
-            kind: kind.into(),
-            user,
-            run,
-        };
-        let Ok(payload) = serde_json::to_string(&wire) else {
+        let Ok(payload) = serde_json::to_string(wire) else {
             return false;
         };
+        let s = &self.inner;
         let (mut conn, channel, timeout) = (s.conn.clone(), s.channel.clone(), s.config.timeout);
         rt.spawn(async move {
             let mut cmd = ::redis::cmd("PUBLISH");
@@ -350,6 +369,100 @@ impl Peers for Redis {
             }
         });
         true
+    }
+
+    /// Runs `cmd` within the timeout, ignoring its answer (best effort).
+    async fn run(&self, cmd: ::redis::Cmd) -> bool {
+        let mut conn = self.inner.conn.clone();
+        let sent = tokio::time::timeout(
+            self.inner.config.timeout,
+            cmd.query_async::<::redis::Value>(&mut conn),
+        );
+        matches!(sent.await, Ok(Ok(_)))
+    }
+}
+
+impl Peers for Redis {
+    fn tell(&self, signal: Signal) -> bool {
+        let (kind, user, run) = match signal {
+            Signal::CancelUser(user) => ("cancel_user", user, None),
+            Signal::CancelRun(user, run) => ("cancel_run", user, Some(run)),
+        };
+        self.publish(&Wire {
+            node: self.inner.node.clone(),
+            kind: kind.into(),
+            user,
+            run,
+            ..Wire::default()
+        })
+    }
+
+    fn pending<'a>(&'a self, user: &'a str, call: &'a str, ttl: Duration) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let s = &self.inner;
+            let mut cmd = ::redis::cmd("SET");
+            let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+            cmd.arg(approval_key(&s.config.prefix, user, call))
+                .arg(&s.node)
+                .arg("PX")
+                .arg(ms)
+                .arg("NX");
+            if !self.run(cmd).await {
+                tracing::warn!(
+                    user,
+                    call,
+                    "a pending approval could not be shared; it can be answered on this node only"
+                );
+            }
+        })
+    }
+
+    fn claim<'a>(&'a self, user: &'a str, call: &'a str) -> BoxFuture<'a, Claim> {
+        Box::pin(async move {
+            let s = &self.inner;
+            let mut conn = s.conn.clone();
+            let mut invoke = s.claim.prepare_invoke();
+            invoke.key(approval_key(&s.config.prefix, user, call));
+            let owner = tokio::time::timeout(
+                s.config.timeout,
+                invoke.invoke_async::<Option<String>>(&mut conn),
+            );
+            match owner.await {
+                Ok(Ok(Some(node))) if node == s.node => Claim::Here,
+                Ok(Ok(Some(node))) => Claim::Elsewhere(node),
+                Ok(Ok(None)) => Claim::Nobody,
+                _ => Claim::Unreachable,
+            }
+        })
+    }
+
+    fn deliver(&self, node: &str, user: &str, call: &str, verdict: Verdict) -> bool {
+        let (approve, message) = match verdict {
+            Verdict::Approve => (true, None),
+            Verdict::Reject { message } => (false, message),
+        };
+        self.publish(&Wire {
+            node: self.inner.node.clone(),
+            kind: "decision".into(),
+            user: user.into(),
+            call: Some(call.into()),
+            to: Some(node.into()),
+            approve: Some(approve),
+            message,
+            ..Wire::default()
+        })
+    }
+
+    fn forget(&self, user: &str, call: &str) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let redis = self.clone();
+        let mut cmd = ::redis::cmd("DEL");
+        cmd.arg(approval_key(&self.inner.config.prefix, user, call));
+        rt.spawn(async move {
+            redis.run(cmd).await;
+        });
     }
 }
 
@@ -412,7 +525,9 @@ async fn follow(client: ::redis::Client, first: ::redis::aio::PubSub, shared: We
             let Ok(wire) = serde_json::from_str::<Wire>(&text) else {
                 continue;
             };
-            if wire.node == s.node {
+            // Its own cancellations a node has applied already; decisions are
+            // addressed (a node may send one to itself only through the store).
+            if wire.node == s.node && wire.kind != "decision" {
                 continue;
             }
             let engines: Vec<Engine> = s
@@ -423,12 +538,23 @@ async fn follow(client: ::redis::Client, first: ::redis::aio::PubSub, shared: We
                 .filter_map(Engine::upgrade)
                 .collect();
             for engine in engines {
-                match (wire.kind.as_str(), &wire.run) {
-                    ("cancel_user", _) => {
+                match (wire.kind.as_str(), &wire.run, &wire.call) {
+                    ("cancel_user", _, _) => {
                         engine.cancel_user_here(&wire.user);
                     }
-                    ("cancel_run", Some(run)) => {
+                    ("cancel_run", Some(run), _) => {
                         engine.cancel_run_here(&wire.user, run);
+                    }
+                    ("decision", _, Some(call)) if wire.to.as_deref() == Some(&*s.node) => {
+                        let verdict = match wire.approve {
+                            Some(true) => Verdict::Approve,
+                            _ => Verdict::Reject {
+                                message: wire.message.clone(),
+                            },
+                        };
+                        if engine.resolve_here(&wire.user, call, verdict) {
+                            break; // one engine holds the call
+                        }
                     }
                     _ => {}
                 }
@@ -443,10 +569,20 @@ impl Drop for Shared {
     }
 }
 
-/// `{prefix}:u{<user>}:rate`, with `%`, `{` and `}` escaped in the user id so that
-/// the braces delimit the hash tag and two ids never share a key.
+/// `{prefix}:u{<user>}:rate`.
 fn rate_key(prefix: &str, user: &str) -> String {
-    let mut key = String::with_capacity(prefix.len() + user.len() + 10);
+    user_key(prefix, user, "rate")
+}
+
+/// `{prefix}:u{<user>}:approval:<call>`: where the call waits for approval.
+fn approval_key(prefix: &str, user: &str, call: &str) -> String {
+    user_key(prefix, user, &format!("approval:{call}"))
+}
+
+/// `{prefix}:u{<user>}:<what>`, with `%`, `{` and `}` escaped in the user id so that
+/// the braces delimit the hash tag and two ids never share a key.
+fn user_key(prefix: &str, user: &str, what: &str) -> String {
+    let mut key = String::with_capacity(prefix.len() + user.len() + what.len() + 6);
     key.push_str(prefix);
     key.push_str(":u{");
     for c in user.chars() {
@@ -457,7 +593,8 @@ fn rate_key(prefix: &str, user: &str) -> String {
             c => key.push(c),
         }
     }
-    key.push_str("}:rate");
+    key.push_str("}:");
+    key.push_str(what);
     key
 }
 

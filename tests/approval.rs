@@ -117,11 +117,15 @@ async fn approved_the_call_runs_once_and_its_completion_says_so() {
     );
 
     assert_eq!(
-        engine.resolve_approval("alice", "c1", Verdict::Approve),
+        engine
+            .resolve_approval("alice", "c1", Verdict::Approve)
+            .await,
         Ok(())
     );
     assert_eq!(
-        engine.resolve_approval("alice", "c1", Verdict::Approve),
+        engine
+            .resolve_approval("alice", "c1", Verdict::Approve)
+            .await,
         NOPE,
         "taken once"
     );
@@ -148,7 +152,7 @@ async fn rejected_the_model_gets_the_users_words_and_the_tool_never_runs() {
     let no = Verdict::Reject {
         message: Some("not to my boss".into()),
     };
-    assert_eq!(engine.resolve_approval("alice", "c1", no), Ok(()));
+    assert_eq!(engine.resolve_approval("alice", "c1", no).await, Ok(()));
     let err = pending.await.unwrap().unwrap_err();
     assert_eq!(err.status(), Status::Rejected);
     assert!(!err.is_retryable());
@@ -192,7 +196,9 @@ async fn nobody_answering_ends_approval_timeout_which_says_it_was_not_the_user()
     let done = gated_pair(&sink, "c1", true);
     assert_eq!(done.approval.unwrap().decision, ApprovalOutcome::Expired);
     assert_eq!(
-        engine.resolve_approval("alice", "c1", Verdict::Approve),
+        engine
+            .resolve_approval("alice", "c1", Verdict::Approve)
+            .await,
         NOPE,
         "too late"
     );
@@ -316,7 +322,7 @@ async fn cancel_user_cancel_run_shutdown_and_a_dropped_future_end_the_wait() {
             "{id}"
         );
         assert_eq!(
-            engine.resolve_approval("alice", id, Verdict::Approve),
+            engine.resolve_approval("alice", id, Verdict::Approve).await,
             NOPE,
             "{id}"
         );
@@ -357,7 +363,9 @@ async fn an_undeliverable_request_ends_undelivered_and_the_tool_never_runs() {
     assert_eq!(done.status, Status::Undelivered);
     assert_eq!(runs.load(Ordering::SeqCst), 0);
     assert_eq!(
-        engine.resolve_approval("alice", "c1", Verdict::Approve),
+        engine
+            .resolve_approval("alice", "c1", Verdict::Approve)
+            .await,
         NOPE
     );
     let m = accounted(&engine);
@@ -396,7 +404,10 @@ async fn past_the_cap_a_call_that_needs_approval_is_busy() {
     let b = spawn(&bob, call("b1"));
     requested(&bob_sink, "b1").await;
     for (user, id) in [("alice", "a1"), ("alice", "a2"), ("bob", "b1")] {
-        engine.resolve_approval(user, id, Verdict::Approve).unwrap();
+        engine
+            .resolve_approval(user, id, Verdict::Approve)
+            .await
+            .unwrap();
     }
     for h in waiting.into_iter().chain([b]) {
         assert!(h.await.unwrap().is_ok());
@@ -406,6 +417,7 @@ async fn past_the_cap_a_call_that_needs_approval_is_busy() {
     requested(&sink, "a4").await;
     engine
         .resolve_approval("alice", "a4", Verdict::Approve)
+        .await
         .unwrap();
     assert!(again.await.unwrap().is_ok());
     assert_eq!(accounted(&engine).by_status["busy"], 1);
@@ -436,6 +448,7 @@ async fn a_call_waiting_for_approval_holds_no_slot() {
     assert!(bob.dispatch(ToolCall::new("quick", json!(8))).await.is_ok());
     engine
         .resolve_approval("alice", "gated", Verdict::Approve)
+        .await
         .unwrap();
     assert!(waiting.await.unwrap().is_ok());
 }
@@ -447,8 +460,10 @@ async fn bob_cannot_answer_for_alice_and_learns_nothing_from_trying() {
     let (alice, sink) = recorded(&engine, user("alice"));
     let pending = spawn(&alice, call("c1"));
     requested(&sink, "c1").await;
-    let foreign = engine.resolve_approval("bob", "c1", Verdict::Approve);
-    let unknown = engine.resolve_approval("bob", "c_never", Verdict::Approve);
+    let foreign = engine.resolve_approval("bob", "c1", Verdict::Approve).await;
+    let unknown = engine
+        .resolve_approval("bob", "c_never", Verdict::Approve)
+        .await;
     assert_eq!(
         foreign, unknown,
         "the same answer for a foreign call and no call"
@@ -456,11 +471,15 @@ async fn bob_cannot_answer_for_alice_and_learns_nothing_from_trying() {
     assert_eq!(foreign.unwrap_err().to_string(), "no such pending approval");
     for absurd in ["", "x".repeat(1 << 20).as_str(), "c1\0", "../alice/c1"] {
         assert_eq!(
-            engine.resolve_approval("alice", absurd, Verdict::Approve),
+            engine
+                .resolve_approval("alice", absurd, Verdict::Approve)
+                .await,
             NOPE
         );
         assert_eq!(
-            engine.resolve_approval(absurd, "c1", Verdict::Approve),
+            engine
+                .resolve_approval(absurd, "c1", Verdict::Approve)
+                .await,
             NOPE
         );
     }
@@ -472,7 +491,7 @@ async fn bob_cannot_answer_for_alice_and_learns_nothing_from_trying() {
     let huge = Verdict::Reject {
         message: Some("no ".repeat(1 << 20)),
     };
-    engine.resolve_approval("alice", "c1", huge).unwrap();
+    engine.resolve_approval("alice", "c1", huge).await.unwrap();
     let err = pending.await.unwrap().unwrap_err();
     assert!(
         err.to_string().len() < 20_000,
@@ -497,9 +516,11 @@ async fn the_tools_timeout_counts_from_the_approval() {
     tokio::time::sleep(Duration::from_secs(10)).await;
     engine
         .resolve_approval("alice", "in_time", Verdict::Approve)
+        .await
         .unwrap();
     engine
         .resolve_approval("alice", "too_slow", Verdict::Approve)
+        .await
         .unwrap();
     let t0 = tokio::time::Instant::now();
     assert_eq!(in_time.await.unwrap().unwrap().value, json!("sent"));
@@ -531,9 +552,10 @@ async fn in_a_batch_each_call_is_decided_on_its_own_and_results_keep_call_order(
     requested(&sink, "a").await;
     // b first, then a: the order of decisions does not change the order of results.
     let no = Verdict::Reject { message: None };
-    engine.resolve_approval("alice", "b", no).unwrap();
+    engine.resolve_approval("alice", "b", no).await.unwrap();
     engine
         .resolve_approval("alice", "a", Verdict::Approve)
+        .await
         .unwrap();
     let results = all.await.unwrap();
     assert_eq!(results[0].as_ref().unwrap().value, json!("sent"));
@@ -598,8 +620,8 @@ proptest! {
             for (i, f, h) in &handles {
                 let id = format!("c{i}");
                 match f {
-                    Fate::Approve => engine.resolve_approval("alice", &id, Verdict::Approve).unwrap(),
-                    Fate::Reject => engine.resolve_approval("alice", &id, Verdict::Reject { message: None }).unwrap(),
+                    Fate::Approve => engine.resolve_approval("alice", &id, Verdict::Approve).await.unwrap(),
+                    Fate::Reject => engine.resolve_approval("alice", &id, Verdict::Reject { message: None }).await.unwrap(),
                     Fate::Drop => h.abort(),
                     _ => {}
                 }

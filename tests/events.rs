@@ -178,7 +178,7 @@ async fn produce() -> Vec<(&'static str, Event)> {
         let no = Verdict::Reject {
             message: Some("not to Ann".into()),
         };
-        engine.resolve_approval("alice", "call_mail", no)
+        engine.resolve_approval("alice", "call_mail", no).await
     };
     let (mail, answered) = tokio::join!(mail, answer);
     assert_eq!(

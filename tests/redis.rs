@@ -321,3 +321,165 @@ async fn after_redis_restarts_cancellation_reaches_the_other_node_again() {
         }
     );
 }
+
+/// A node whose `send` tool needs approval within `window`.
+fn approving_node(redis: &Redis, window: Duration) -> Engine {
+    let send = tool_fn("send", "Sends.", |_: u64, _cx| async {
+        Ok::<_, ToolError>("sent")
+    })
+    .settings(
+        ToolSettings::new()
+            .requires_approval("sends mail")
+            .approval_wait(ApprovalWait::Within(window)),
+    );
+    Engine::builder(Registry::builder().tool(send).build().unwrap())
+        .limits(Limits::default().per_user(no_rate(10)))
+        .redis(redis)
+        .build()
+}
+
+/// Waits until `engine` has `n` calls waiting for approval.
+async fn awaiting(engine: &Engine, n: usize) {
+    for _ in 0..100_000 {
+        if engine.metrics().awaiting_approval == n {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("not {n} calls awaiting approval");
+}
+
+#[tokio::test]
+async fn an_answer_given_on_another_node_reaches_the_call_and_is_taken_once() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let (ra, rb) = (
+        connect(&server, "approve", OnUnreachable::FailClosed, true).await,
+        connect(&server, "approve", OnUnreachable::FailClosed, true).await,
+    );
+    let (a, b) = (
+        approving_node(&ra, Duration::from_secs(300)),
+        approving_node(&rb, Duration::from_secs(300)),
+    );
+    let nope = Err(ApprovalError::NoSuchPendingApproval);
+    let (alice, sink) = recorded(&a, user("alice"));
+    let yes = spawn(&alice, ToolCall::new("send", json!(1)).with_id("c_yes"));
+    let no = spawn(&alice, ToolCall::new("send", json!(2)).with_id("c_no"));
+    let here = spawn(&alice, ToolCall::new("send", json!(3)).with_id("c_here"));
+    awaiting(&a, 3).await;
+
+    // Another user, and an unknown id, on the other node: the same answer.
+    assert_eq!(
+        b.resolve_approval("bob", "c_yes", Verdict::Approve).await,
+        nope
+    );
+    assert_eq!(
+        b.resolve_approval("alice", "c_never", Verdict::Approve)
+            .await,
+        nope
+    );
+    // Answered on B, run on A; a second answer, on either node, is refused.
+    assert_eq!(
+        b.resolve_approval("alice", "c_yes", Verdict::Approve).await,
+        Ok(())
+    );
+    assert_eq!(
+        b.resolve_approval("alice", "c_yes", Verdict::Approve).await,
+        nope
+    );
+    assert_eq!(
+        a.resolve_approval("alice", "c_yes", Verdict::Approve).await,
+        nope
+    );
+    let guard = Duration::from_secs(10);
+    assert_eq!(
+        tokio::time::timeout(guard, yes)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+            .value,
+        json!("sent")
+    );
+    let reject = Verdict::Reject {
+        message: Some("not today".into()),
+    };
+    assert_eq!(b.resolve_approval("alice", "c_no", reject).await, Ok(()));
+    let err = tokio::time::timeout(guard, no)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
+    assert!(err.to_string().contains("not today"), "{err}");
+    // Answered where it waits: the other node cannot answer it again.
+    assert_eq!(
+        a.resolve_approval("alice", "c_here", Verdict::Approve)
+            .await,
+        Ok(())
+    );
+    assert_eq!(
+        b.resolve_approval("alice", "c_here", Verdict::Approve)
+            .await,
+        nope
+    );
+    assert!(here.await.unwrap().is_ok());
+    assert_paired(&sink.events());
+    let m = a.metrics();
+    assert_eq!(
+        (
+            m.approvals.approved,
+            m.approvals.rejected,
+            m.awaiting_approval
+        ),
+        (2, 1, 0)
+    );
+}
+
+#[tokio::test]
+async fn a_call_that_stopped_waiting_cannot_be_answered_from_another_node() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let (ra, rb) = (
+        connect(&server, "expire", OnUnreachable::FailClosed, true).await,
+        connect(&server, "expire", OnUnreachable::FailClosed, true).await,
+    );
+    let (a, b) = (
+        approving_node(&ra, Duration::from_millis(300)),
+        approving_node(&rb, Duration::from_millis(300)),
+    );
+    let nope = Err(ApprovalError::NoSuchPendingApproval);
+    let (alice, _) = recorded(&a, user("alice"));
+    let err = alice
+        .dispatch(ToolCall::new("send", json!(1)).with_id("c_late"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Status::ApprovalTimeout);
+    assert_eq!(
+        b.resolve_approval("alice", "c_late", Verdict::Approve)
+            .await,
+        nope
+    );
+
+    let waiting = spawn(
+        &alice,
+        ToolCall::new("send", json!(2)).with_id("c_cancelled"),
+    );
+    awaiting(&a, 1).await;
+    assert_eq!(a.cancel_user("alice").here, 1);
+    assert!(waiting.await.unwrap().is_err());
+    // Its entry leaves the store without the caller waiting for it.
+    let mut gone = false;
+    for _ in 0..100 {
+        if b.resolve_approval("alice", "c_cancelled", Verdict::Approve)
+            .await
+            == nope
+        {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(gone);
+}

@@ -5,10 +5,12 @@
 //! own status. Every ending keeps the pair and counts once.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::Value;
 use tokio::time::Instant;
 
+use super::Claim;
 use super::ending::Unannounced;
 use super::pipeline::InFlight;
 use super::prepare::Refusal;
@@ -19,6 +21,9 @@ use crate::event::{ApprovalOutcome, ApprovalRecord, Event, Timestamp, ToolApprov
 use crate::json::cut;
 use crate::limits::{Permit, Scope};
 use crate::registry::Entry;
+
+/// How long a call out of time waits for an answer another node already took.
+const IN_FLIGHT_ANSWER: Duration = Duration::from_secs(2);
 
 /// Why a call must wait for approval, and for how long.
 pub(crate) struct Gate {
@@ -96,7 +101,25 @@ impl<'a> InFlight<'a> {
         let reason = cut(&gate.reason, inner.max_text());
         let expires_at = expires.map(|e| wall.after(e.saturating_duration_since(now)));
         let request = self.approval_request(args, reason, expires_at, wall);
+        let (user, call) = (
+            Arc::clone(&self.user.ctx.user_id),
+            Arc::clone(&self.scope.call_id),
+        );
+        // With other nodes, the shared store learns where the call waits before the
+        // request goes out, so an answer given anywhere finds it.
+        if let Some(peers) = &inner.peers {
+            let ttl = match window {
+                ApprovalWait::Within(d) => d.saturating_add(Duration::from_secs(60)),
+                ApprovalWait::Forever => Duration::from_secs(86_400),
+            };
+            tokio::select! {
+                biased;
+                () = self.scope.cancel.cancelled() => {}
+                () = peers.pending(&user, &call, ttl) => {}
+            }
+        }
         if let Err(error) = self.request(request).await {
+            self.forget_shared();
             return Err(self.end_with(error, Ok(())).await);
         }
 
@@ -105,10 +128,25 @@ impl<'a> InFlight<'a> {
             biased;
             () = self.scope.cancel.cancelled() => {
                 waiting.withdraw();
+                self.forget_shared();
                 return Err(self.end_with(self.interruption(), Ok(())).await);
             }
             v = waiting.decision() => Some(v),
-            () = sleep_until(expires) => waiting.withdraw(),
+            () = sleep_until(expires) => match &inner.peers {
+                None => waiting.withdraw(),
+                // Out of time: take the call back from the shared store first. If
+                // someone else took it, their answer is on its way: wait for it a
+                // moment, so that an answer that was accepted is never lost.
+                Some(peers) => match peers.claim(&user, &call).await {
+                    Claim::Here | Claim::Unreachable => waiting.withdraw(),
+                    Claim::Nobody | Claim::Elsewhere(_) => {
+                        match tokio::time::timeout(IN_FLIGHT_ANSWER, waiting.decision()).await {
+                            Ok(v) => Some(v),
+                            Err(_) => waiting.withdraw(),
+                        }
+                    }
+                },
+            },
         };
         drop(waiting);
         let tool = entry.name.to_string();
@@ -121,7 +159,7 @@ impl<'a> InFlight<'a> {
             None => {
                 let after = match window {
                     ApprovalWait::Within(d) => d,
-                    ApprovalWait::Forever => std::time::Duration::MAX,
+                    ApprovalWait::Forever => Duration::MAX,
                 };
                 let error = DispatchError::ApprovalTimeout { tool, after };
                 (ApprovalOutcome::Expired, Some(error))
@@ -147,6 +185,14 @@ impl<'a> InFlight<'a> {
         match slot {
             Ok(p) => Ok(p),
             Err(error) => Err(self.end_with(error, Ok(())).await),
+        }
+    }
+
+    /// Removes this call from the shared store (without waiting), when it stops
+    /// waiting for any other reason than an answer.
+    fn forget_shared(&self) {
+        if let Some(peers) = &self.inner.peers {
+            peers.forget(&self.user.ctx.user_id, &self.scope.call_id);
         }
     }
 

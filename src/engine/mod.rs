@@ -35,6 +35,7 @@ use crate::sink::EventSink;
 use crate::state::WithUser;
 use crate::tool::{ToolError, tool_fn};
 use crate::user::UserContext;
+use futures_util::future::BoxFuture;
 
 pub(crate) use prepare::Occurrence;
 pub use shutdown::{CancelReport, ShutdownReport, UserShutdown};
@@ -71,10 +72,33 @@ pub(crate) enum Signal {
     CancelRun(String, String),
 }
 
+/// Who holds a pending approval, as the shared store says (and, in saying it,
+/// takes it: only one claim of a key ever succeeds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+pub(crate) enum Claim {
+    /// This node: decide here.
+    Here,
+    /// Another node, by name: the decision travels there.
+    Elsewhere(String),
+    /// Nobody: never pending, decided already, or no longer waiting.
+    Nobody,
+    /// The store cannot say now.
+    Unreachable,
+}
+
 /// The other nodes sharing this engine's users (through Redis).
 pub(crate) trait Peers: Send + Sync + 'static {
     /// Tells them, without waiting; `false` if they cannot be told now.
     fn tell(&self, signal: Signal) -> bool;
+    /// Records that this node holds `user`'s call waiting for approval, for `ttl`.
+    fn pending<'a>(&'a self, user: &'a str, call: &'a str, ttl: Duration) -> BoxFuture<'a, ()>;
+    /// Takes the pending approval of `user`'s call: whoever gets it decides.
+    fn claim<'a>(&'a self, user: &'a str, call: &'a str) -> BoxFuture<'a, Claim>;
+    /// Sends a decision to the node that holds the call.
+    fn deliver(&self, node: &str, user: &str, call: &str, verdict: Verdict) -> bool;
+    /// Removes `user`'s call from the store, without waiting (it stopped waiting).
+    fn forget(&self, user: &str, call: &str);
 }
 
 /// What a shared backend attaches to an engine: its limiter (built around the local
@@ -381,7 +405,8 @@ impl Engine {
     /// `rejected` with the message passed to the model. Taken once: a second answer,
     /// an unknown call id, a call that stopped waiting and another user's call all
     /// get [`ApprovalError::NoSuchPendingApproval`], so nobody learns whether someone
-    /// else's call exists.
+    /// else's call exists. With Redis, the call may wait on any node: the answer is
+    /// taken once across all of them and travels to that node.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -397,14 +422,14 @@ impl Engine {
     ///     while !sink.events().iter().any(|e| matches!(e, Event::ToolApprovalRequired(_))) {
     ///         tokio::task::yield_now().await;
     ///     }
-    ///     assert!(engine.resolve_approval("bob", "c1", Verdict::Approve).is_err()); // not bob's
-    ///     engine.resolve_approval("alice", "c1", Verdict::Approve)
+    ///     assert!(engine.resolve_approval("bob", "c1", Verdict::Approve).await.is_err()); // not bob's
+    ///     engine.resolve_approval("alice", "c1", Verdict::Approve).await
     /// };
     /// let (out, answered) = tokio::join!(call, answer);
     /// assert_eq!((out?.value, answered), (serde_json::json!("sent"), Ok(())));
     /// # Ok(()) }
     /// ```
-    pub fn resolve_approval(
+    pub async fn resolve_approval(
         &self,
         user_id: &str,
         call_id: &str,
@@ -416,7 +441,30 @@ impl Engine {
             },
             v => v,
         };
-        self.inner.approvals.resolve(user_id, call_id, verdict)
+        let Some(peers) = &self.inner.peers else {
+            return self.inner.approvals.resolve(user_id, call_id, verdict);
+        };
+        match peers.claim(user_id, call_id).await {
+            // Here, or the store cannot say (then only a call waiting here can be
+            // answered).
+            Claim::Here | Claim::Unreachable => {
+                self.inner.approvals.resolve(user_id, call_id, verdict)
+            }
+            Claim::Elsewhere(node) => match peers.deliver(&node, user_id, call_id, verdict) {
+                true => Ok(()),
+                false => Err(ApprovalError::NoSuchPendingApproval),
+            },
+            Claim::Nobody => Err(ApprovalError::NoSuchPendingApproval),
+        }
+    }
+
+    /// Applies a decision another node took for a call waiting here.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn resolve_here(&self, user_id: &str, call_id: &str, verdict: Verdict) -> bool {
+        self.inner
+            .approvals
+            .resolve(user_id, call_id, verdict)
+            .is_ok()
     }
 
     /// Forgets idle users (no dispatcher, no call in flight, rate bucket full) and
