@@ -450,7 +450,7 @@ async fn a_call_that_stopped_waiting_cannot_be_answered_from_another_node() {
         approving_node(&rb, Duration::from_millis(300)),
     );
     let nope = Err(ApprovalError::NoSuchPendingApproval);
-    let (alice, _) = recorded(&a, user("alice"));
+    let (alice, sink) = recorded(&a, user("alice"));
     let err = alice
         .dispatch(ToolCall::new("send", json!(1)).with_id("c_late"))
         .await
@@ -462,24 +462,50 @@ async fn a_call_that_stopped_waiting_cannot_be_answered_from_another_node() {
         nope
     );
 
-    let waiting = spawn(
+    // One call cancelled and one whose future is dropped, each after its request went
+    // out (so after it was recorded in the store).
+    let asked = |id: &'static str| {
+        let sink = sink.clone();
+        async move {
+            while !kinds_of(&sink.events(), id).contains(&"tool_approval_required") {
+                tokio::task::yield_now().await;
+            }
+        }
+    };
+    let cancelled = spawn(
         &alice,
         ToolCall::new("send", json!(2)).with_id("c_cancelled"),
     );
-    awaiting(&a, 1).await;
-    assert_eq!(a.cancel_user("alice").here, 1);
-    assert!(waiting.await.unwrap().is_err());
-    // Its entry leaves the store without the caller waiting for it.
-    let mut gone = false;
-    for _ in 0..100 {
-        if b.resolve_approval("alice", "c_cancelled", Verdict::Approve)
-            .await
-            == nope
-        {
-            gone = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    asked("c_cancelled").await;
+    let dropped = spawn(&alice, ToolCall::new("send", json!(3)).with_id("c_dropped"));
+    asked("c_dropped").await;
+    for id in ["c_cancelled", "c_dropped"] {
+        assert!(
+            server.exists(&format!("expire:u{{alice}}:approval:{id}")),
+            "{id} recorded"
+        );
     }
-    assert!(gone);
+    dropped.abort();
+    assert!(dropped.await.unwrap_err().is_cancelled());
+    assert_eq!(a.cancel_user("alice").here, 1);
+    assert!(cancelled.await.unwrap().is_err());
+    // Their entries leave the store by themselves (nobody claims them here), and then
+    // the other node cannot answer them.
+    for id in ["c_cancelled", "c_dropped"] {
+        let key = format!("expire:u{{alice}}:approval:{id}");
+        let mut gone = false;
+        for _ in 0..200 {
+            if !server.exists(&key) {
+                gone = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(gone, "{key} is still in Redis");
+        assert_eq!(
+            b.resolve_approval("alice", id, Verdict::Approve).await,
+            nope
+        );
+    }
+    assert_eq!(a.metrics().approvals.withdrawn, 2);
 }

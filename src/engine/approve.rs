@@ -118,6 +118,11 @@ impl<'a> InFlight<'a> {
                 () = peers.pending(&user, &call, ttl) => {}
             }
         }
+        if self.scope.cancel.is_cancelled() {
+            waiting.withdraw();
+            self.forget_shared();
+            return Err(self.end_with(self.interruption(), Ok(())).await);
+        }
         if let Err(error) = self.request(request).await {
             self.forget_shared();
             return Err(self.end_with(error, Ok(())).await);
@@ -189,8 +194,8 @@ impl<'a> InFlight<'a> {
     }
 
     /// Removes this call from the shared store (without waiting), when it stops
-    /// waiting for any other reason than an answer.
-    fn forget_shared(&self) {
+    /// waiting for any other reason than an answer (its future dropped included).
+    pub(super) fn forget_shared(&self) {
         if let Some(peers) = &self.inner.peers {
             peers.forget(&self.user.ctx.user_id, &self.scope.call_id);
         }

@@ -279,7 +279,15 @@ impl Drop for InFlight<'_> {
             return;
         }
         // The caller dropped the future: complete the pair as cancelled, without
-        // waiting (the outbox queues what the sink cannot take now).
+        // waiting (the outbox queues what the sink cannot take now). A call dropped
+        // while it waited for approval leaves the shared store too.
+        if self
+            .approval
+            .as_ref()
+            .is_some_and(|a| a.record.decision == crate::event::ApprovalOutcome::Withdrawn)
+        {
+            self.forget_shared();
+        }
         let err = DispatchError::Cancelled {
             reason: CancelReason::Dropped,
         };

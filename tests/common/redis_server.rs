@@ -85,6 +85,17 @@ impl RedisServer {
         s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
     }
 
+    /// Whether `key` exists (an inline `EXISTS`; the key must not contain spaces).
+    pub fn exists(&self, key: &str) -> bool {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("redis answers");
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        s.write_all(format!("EXISTS {key}\r\n").as_bytes())
+            .expect("a command");
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).expect("an answer");
+        &buf == b":1\r\n"
+    }
+
     /// Kills the server (as a crash would) and waits for it to exit.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
