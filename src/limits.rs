@@ -227,6 +227,13 @@ struct Tokens {
 /// Everything the engine keeps for one user: slots, rate, cancellation, counters.
 pub(crate) struct UserState {
     pub(crate) user_id: Arc<str>,
+    /// The user's concurrent-call limit (what `slots` was made with).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) concurrency: usize,
+    /// Limits kept in this process even when the engine shares them (the health
+    /// probe's own user).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) local_only: bool,
     pub(crate) slots: Semaphore,
     pub(crate) rate: Option<Gcra>,
     /// Behind an `Arc` so a call takes it with one reference-count increment; cloning
@@ -307,9 +314,12 @@ impl UserState {
         limits: UserLimits,
         token: CancellationToken,
     ) -> Self {
+        let concurrency = limits.concurrency.clamp(1, Semaphore::MAX_PERMITS);
         UserState {
             user_id,
-            slots: Semaphore::new(limits.concurrency.clamp(1, Semaphore::MAX_PERMITS)),
+            concurrency,
+            local_only: false,
+            slots: Semaphore::new(concurrency),
             rate: limits.rate.map(Gcra::new),
             cancel: Mutex::new(Tokens {
                 user: Arc::new(token),
@@ -321,6 +331,12 @@ impl UserState {
             failed: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
         }
+    }
+
+    /// The same state, its limits kept in this process whatever the engine shares.
+    pub(crate) fn local_only(mut self) -> Self {
+        self.local_only = true;
+        self
     }
 
     /// Cancels the user's in-flight calls; later calls get a fresh token.
@@ -464,7 +480,27 @@ pub(crate) enum Scope<'a> {
 }
 
 /// A held slot; released when dropped.
-pub(crate) struct Permit<'a>(#[allow(dead_code)] SemaphorePermit<'a>);
+pub(crate) enum Permit<'a> {
+    /// One of this process's semaphores.
+    Local(#[allow(dead_code)] SemaphorePermit<'a>),
+    /// A lease in a store shared with other processes; its guard releases it.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    /// (Boxed twice: a thin pointer keeps `Permit` as small as a semaphore permit.)
+    Shared(#[allow(dead_code)] Box<Box<dyn std::any::Any + Send + Sync>>),
+}
+
+/// Why no slot was had.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NoSlot {
+    /// None became free in time.
+    InTime,
+    /// A shared limiter could not be asked, and its policy is to fail closed.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    Unreachable {
+        /// When asking again makes sense.
+        retry_after: Duration,
+    },
+}
 
 /// Why the rate check did not admit a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -499,7 +535,11 @@ pub(crate) trait Limiter: Send + Sync + 'static {
     /// A slot of `scope` if one is free now.
     fn try_slot<'a>(&'a self, scope: &Scope<'a>) -> Option<Permit<'a>>;
     /// A slot of `scope`, waiting until `until` at the most.
-    fn slot<'a>(&'a self, scope: Scope<'a>, until: Instant) -> BoxFuture<'a, Option<Permit<'a>>>;
+    fn slot<'a>(
+        &'a self,
+        scope: Scope<'a>,
+        until: Instant,
+    ) -> BoxFuture<'a, Result<Permit<'a>, NoSlot>>;
     /// Share of the engine-wide slots in use, `0.0..=1.0`.
     fn saturation(&self) -> f64;
     /// Checks what the limiter depends on (a shared store); why it cannot do its
@@ -556,14 +596,20 @@ impl Limiter for LocalLimiter {
     }
 
     fn try_slot<'a>(&'a self, scope: &Scope<'a>) -> Option<Permit<'a>> {
-        self.semaphore(scope).try_acquire().ok().map(Permit)
+        self.semaphore(scope).try_acquire().ok().map(Permit::Local)
     }
 
-    fn slot<'a>(&'a self, scope: Scope<'a>, until: Instant) -> BoxFuture<'a, Option<Permit<'a>>> {
+    fn slot<'a>(
+        &'a self,
+        scope: Scope<'a>,
+        until: Instant,
+    ) -> BoxFuture<'a, Result<Permit<'a>, NoSlot>> {
         let sem = self.semaphore(&scope);
         Box::pin(async move {
-            let p = tokio::time::timeout_at(until, sem.acquire()).await.ok()?;
-            p.ok().map(Permit)
+            match tokio::time::timeout_at(until, sem.acquire()).await {
+                Ok(Ok(p)) => Ok(Permit::Local(p)),
+                _ => Err(NoSlot::InTime),
+            }
         })
     }
 

@@ -1,4 +1,4 @@
-//! Redis integration (feature `redis`): limits that hold across several processes.
+//! Redis integration (feature `redis`): several nodes as one.
 //!
 //! Several replicas of a back end behind a load balancer each keep their own books:
 //! a user with two tabs on two nodes gets twice the rate, and "stop" pressed on one
@@ -17,7 +17,13 @@
 //! - **one rate per user**: each user's rate is checked in Redis, with the same GCRA
 //!   as the local limiter (burst, `retry_after` and refill alike), in one Lua script
 //!   run with the Redis server's clock (`TIME`), so the nodes' clocks do not matter.
-//!   The script is loaded once and called by its hash.
+//!   The script is loaded once and called by its hash;
+//! - **one concurrency limit per user**: each of a user's slots is a lease in the
+//!   sorted set `{prefix}:u{<user>}:slots` (member → expiry on the server's clock),
+//!   taken by a Lua script only while fewer than the limit are unexpired, renewed
+//!   every third of [`RedisConfig::lease`] while the call holds it, removed when it
+//!   ends. A node that dies stops renewing: its slots are free again within one lease.
+//!   Waiting for one is bounded by the same `max_wait`, then `busy`.
 //!
 //! When Redis cannot be reached (down, restarting, partitioned), every call to it is
 //! bounded by [`RedisConfig::timeout`] and the engine follows
@@ -26,16 +32,17 @@
 //! way it is counted ([`RedisStats`]) and [`Engine::health`](crate::Engine::health)
 //! says why; the connection is re-established by itself once Redis is back.
 //!
-//! Keys: `{prefix}:u{<user id>}:rate`, the user id escaped so that its `{…}` is
-//! the key's Redis Cluster hash tag: one user's keys live on one slot.
+//! Keys: `{prefix}:u{<user id>}:rate`, `…:slots`, `…:approval:<call id>` and the
+//! channel `{prefix}:signals`; the user id is escaped so that its `{…}` is the key's
+//! Redis Cluster hash tag: one user's keys live on one slot.
 //!
 //! With [`RedisConfig::local_precheck`] (on by default), a call this node's own
 //! bucket refuses is refused without a round trip; a user who keeps retrying on one
 //! node while over the shared quota may then wait a little longer than the shared
 //! bucket alone would make them.
 //!
-//! Not yet shared: concurrency slots (per user and global) are still this node's own,
-//! and run logs live in the process that writes them. While Redis is unreachable, an
+//! Not yet shared: the engine-wide and per-tool slots stay each node's own, and run
+//! logs live in the process that writes them. While Redis is unreachable, an
 //! approval can be answered only on the node where the call waits.
 //!
 //! ```no_run
@@ -61,7 +68,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::approval::Verdict;
 use crate::engine::{Claim, Engine, EngineBuilder, Inner, Peers, Shared as Attach, Signal};
-use crate::limits::{Limiter, LocalLimiter, Permit, RateCheck, RateRefusal, Scope, UserState};
+use crate::limits::{
+    Limiter, LocalLimiter, NoSlot, Permit, RateCheck, RateRefusal, Scope, UserState,
+};
 
 /// GCRA with the server's clock, in microseconds (below 2^53, exact in Lua's doubles).
 /// KEYS[1]: the user's bucket. ARGV: emission interval, burst tolerance (µs).
@@ -89,6 +98,32 @@ local owner = redis.call('GET', KEYS[1])
 if not owner then return false end
 redis.call('DEL', KEYS[1])
 return owner
+";
+
+/// Takes one of a user's slots if fewer than ARGV[1] unexpired leases are held.
+/// KEYS[1]: the user's sorted set of leases (member → expiry, server ms).
+/// ARGV: the limit, the lease length (ms), the lease's name. Returns 1 or 0.
+const ACQUIRE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 2)
+  return 1
+end
+return 0
+";
+
+/// Extends a held lease (ARGV: lease length in ms, the lease's name); 1 when it was
+/// still held, 0 when it had expired meanwhile.
+const RENEW: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if not redis.call('ZSCORE', KEYS[1], ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[1]), ARGV[2])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]) * 2)
+return 1
 ";
 
 /// What the engine does when Redis cannot answer in time.
@@ -123,6 +158,7 @@ pub struct RedisConfig {
     timeout: Duration,
     on_unreachable: OnUnreachable,
     local_precheck: bool,
+    lease: Duration,
 }
 
 impl Default for RedisConfig {
@@ -132,6 +168,7 @@ impl Default for RedisConfig {
             timeout: Duration::from_millis(250),
             on_unreachable: OnUnreachable::default(),
             local_precheck: true,
+            lease: Duration::from_secs(10),
         }
     }
 }
@@ -153,6 +190,14 @@ impl RedisConfig {
     /// What to do when Redis cannot answer (default [`OnUnreachable::FailClosed`]).
     pub fn on_unreachable(mut self, policy: OnUnreachable) -> Self {
         self.on_unreachable = policy;
+        self
+    }
+
+    /// How long a concurrency slot's lease lasts without renewal (default 10 s; at
+    /// least 3 ms). A held slot is renewed every third of it; the slots of a node
+    /// that dies are free again within this time.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
         self
     }
 
@@ -188,9 +233,9 @@ pub enum RedisError {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub struct RedisStats {
-    /// Rate checks Redis answered.
+    /// Requests Redis answered (rate checks, slot leases).
     pub answers: u64,
-    /// Rate checks Redis did not answer in time (or answered with an error).
+    /// Requests Redis did not answer in time (or answered with an error).
     pub failures: u64,
     /// Of those, the ones this node's own limiter decided instead.
     pub fallbacks: u64,
@@ -219,6 +264,10 @@ struct Shared {
     config: RedisConfig,
     script: ::redis::Script,
     claim: ::redis::Script,
+    acquire: ::redis::Script,
+    renew: ::redis::Script,
+    /// Names this node's leases.
+    leases: AtomicU64,
     answers: AtomicU64,
     failures: AtomicU64,
     fallbacks: AtomicU64,
@@ -270,6 +319,9 @@ impl Redis {
                 config,
                 script: ::redis::Script::new(GCRA),
                 claim: ::redis::Script::new(CLAIM),
+                acquire: ::redis::Script::new(ACQUIRE),
+                renew: ::redis::Script::new(RENEW),
+                leases: AtomicU64::new(0),
                 answers: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
                 fallbacks: AtomicU64::new(0),
@@ -669,6 +721,127 @@ impl RedisLimiter {
     }
 }
 
+impl RedisLimiter {
+    /// One of `user`'s slots: a lease in `{prefix}:u{<user>}:slots`, asked for until
+    /// `until`, renewed while held, released when dropped.
+    async fn lease<'a>(
+        &'a self,
+        user: &'a UserState,
+        until: Instant,
+    ) -> Result<Permit<'a>, NoSlot> {
+        let s = &self.redis.inner;
+        let key = user_key(&s.config.prefix, &user.user_id, "slots");
+        let member = format!("{}:{}", s.node, s.leases.fetch_add(1, Relaxed));
+        let lease_ms = u64::try_from(s.config.lease.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(3);
+        let mut pause = Duration::from_millis(2);
+        loop {
+            let mut conn = s.conn.clone();
+            let mut invoke = s.acquire.prepare_invoke();
+            invoke
+                .key(&key)
+                .arg(user.concurrency)
+                .arg(lease_ms)
+                .arg(&member);
+            let got =
+                tokio::time::timeout(s.config.timeout, invoke.invoke_async::<i64>(&mut conn)).await;
+            match got {
+                Ok(Ok(1)) => {
+                    s.answers.fetch_add(1, Relaxed);
+                    let guard = Lease::hold(self.redis.clone(), key, member, lease_ms);
+                    return Ok(Permit::Shared(Box::new(Box::new(guard))));
+                }
+                Ok(Ok(_)) => s.answers.fetch_add(1, Relaxed),
+                Ok(Err(e)) => return self.slot_unreachable(user, until, e.to_string()).await,
+                Err(_) => {
+                    let e = format!("no answer within {:?}", s.config.timeout);
+                    return self.slot_unreachable(user, until, e).await;
+                }
+            };
+            let now = Instant::now();
+            if now >= until {
+                return Err(NoSlot::InTime);
+            }
+            tokio::time::sleep_until((now + pause).min(until)).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+    }
+
+    /// The policy's answer when Redis cannot lease a slot.
+    async fn slot_unreachable<'a>(
+        &'a self,
+        user: &'a UserState,
+        until: Instant,
+        error: String,
+    ) -> Result<Permit<'a>, NoSlot> {
+        let s = &self.redis.inner;
+        s.failures.fetch_add(1, Relaxed);
+        tracing::warn!(error = %error, "a shared concurrency slot could not be leased");
+        *s.last_error.lock().unwrap_or_else(PoisonError::into_inner) = Some(error);
+        match s.config.on_unreachable {
+            OnUnreachable::FailClosed => Err(NoSlot::Unreachable {
+                retry_after: Duration::from_secs(1),
+            }),
+            OnUnreachable::UseLocalLimits => {
+                s.fallbacks.fetch_add(1, Relaxed);
+                self.local.slot(Scope::User(user), until).await
+            }
+        }
+    }
+}
+
+/// A held lease: renewed every third of its length while held; released (without
+/// waiting) when dropped. A process that dies stops renewing: its leases expire.
+struct Lease {
+    redis: Redis,
+    key: String,
+    member: String,
+    renew: tokio::task::JoinHandle<()>,
+}
+
+impl Lease {
+    fn hold(redis: Redis, key: String, member: String, lease_ms: u64) -> Lease {
+        let (r, k, m) = (redis.clone(), key.clone(), member.clone());
+        let renew = tokio::spawn(async move {
+            let every = Duration::from_millis(lease_ms / 3);
+            loop {
+                tokio::time::sleep(every).await;
+                let s = &r.inner;
+                let mut conn = s.conn.clone();
+                let mut invoke = s.renew.prepare_invoke();
+                invoke.key(&k).arg(lease_ms).arg(&m);
+                let renewed =
+                    tokio::time::timeout(s.config.timeout, invoke.invoke_async::<i64>(&mut conn));
+                if !matches!(renewed.await, Ok(Ok(1))) {
+                    tracing::warn!(lease = %m, "a concurrency lease could not be renewed");
+                }
+            }
+        });
+        Lease {
+            redis,
+            key,
+            member,
+            renew,
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.renew.abort();
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return; // it expires
+        };
+        let redis = self.redis.clone();
+        let mut cmd = ::redis::cmd("ZREM");
+        cmd.arg(&self.key).arg(&self.member);
+        rt.spawn(async move {
+            redis.run(cmd).await;
+        });
+    }
+}
+
 impl Limiter for RedisLimiter {
     fn answers_now(&self) -> bool {
         false
@@ -682,11 +855,22 @@ impl Limiter for RedisLimiter {
     }
 
     fn try_slot<'a>(&'a self, scope: &Scope<'a>) -> Option<Permit<'a>> {
-        self.local.try_slot(scope)
+        match scope {
+            // A user's slots are leases in Redis: always asked for (and waited on).
+            Scope::User(u) if !u.local_only => None,
+            _ => self.local.try_slot(scope),
+        }
     }
 
-    fn slot<'a>(&'a self, scope: Scope<'a>, until: Instant) -> BoxFuture<'a, Option<Permit<'a>>> {
-        self.local.slot(scope, until)
+    fn slot<'a>(
+        &'a self,
+        scope: Scope<'a>,
+        until: Instant,
+    ) -> BoxFuture<'a, Result<Permit<'a>, NoSlot>> {
+        match scope {
+            Scope::User(user) if !user.local_only => Box::pin(self.lease(user, until)),
+            _ => self.local.slot(scope, until),
+        }
     }
 
     fn saturation(&self) -> f64 {

@@ -332,7 +332,7 @@ fn probe(index: usize, token: CancellationToken) -> Probe {
         rate: None,
     };
     let ctx = Arc::new(UserContext::probe());
-    let state = Arc::new(UserState::detached(ctx.user_id.clone(), limits, token));
+    let state = Arc::new(UserState::detached(ctx.user_id.clone(), limits, token).local_only());
     Probe {
         entry: entry_of(tool, index),
         user: WithUser { ctx, state },

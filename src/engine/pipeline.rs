@@ -33,7 +33,7 @@ use crate::delivery::Outbox;
 use crate::error::{CancelReason, DispatchError, LimitScope};
 use crate::event::{Status, Timestamp};
 use crate::json::cut;
-use crate::limits::{Permit, RateCheck, RateRefusal, Scope};
+use crate::limits::{NoSlot, Permit, RateCheck, RateRefusal, Scope};
 use crate::policy::{Decision, PolicyError, PolicyRequest, ScopePolicy};
 use crate::registry::Entry;
 use crate::state::WithUser;
@@ -392,11 +392,14 @@ impl<'a> InFlight<'a> {
             p = limiter.slot(scope, until) => p,
         };
         match got {
-            Some(p) => Ok(p),
-            None if self.admission.may_wait && Instant::now() >= self.deadline => {
+            Ok(p) => Ok(p),
+            Err(NoSlot::Unreachable { retry_after }) => {
+                Err(DispatchError::LimitsUnavailable { retry_after })
+            }
+            Err(NoSlot::InTime) if self.admission.may_wait && Instant::now() >= self.deadline => {
                 Err(self.interruption())
             }
-            None => Err(DispatchError::Busy {
+            Err(NoSlot::InTime) => Err(DispatchError::Busy {
                 scope: which,
                 waited: self.start.elapsed(),
             }),

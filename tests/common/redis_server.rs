@@ -96,6 +96,25 @@ impl RedisServer {
         &buf == b":1\r\n"
     }
 
+    /// How many members the sorted set `key` has (an inline `ZCARD`).
+    pub fn zcard(&self, key: &str) -> u64 {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("redis answers");
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        s.write_all(format!("ZCARD {key}\r\n").as_bytes())
+            .expect("a command");
+        let mut answer = Vec::new();
+        let mut byte = [0u8; 1];
+        while answer.last() != Some(&b'\n') {
+            s.read_exact(&mut byte).expect("an answer");
+            answer.push(byte[0]);
+        }
+        let text = String::from_utf8_lossy(&answer);
+        text.trim()
+            .trim_start_matches(':')
+            .parse()
+            .expect("an integer reply")
+    }
+
     /// Kills the server (as a crash would) and waits for it to exit.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
