@@ -39,7 +39,8 @@
 //!   `{"type":"resync_required","run_id":R,"reason":"truncated"|"unknown_run"|
 //!   "epoch_changed"}`. Another user's run is `unknown_run`, like one that never was;
 //! - `{"type":"cancel","run_id":R}`: cancels `R`'s calls in flight now; answered by
-//!   `{"type":"run_cancelled","run_id":R,"calls":n}`;
+//!   `{"type":"run_cancelled","run_id":R,"calls":n,"other_nodes_told":bool}` (`calls`
+//!   counts this node's; with `--redis` the other nodes cancel theirs);
 //! - `{"type":"tool_approval_decision","call_id":C,"decision":"approve"|"reject",
 //!   "message":".."}`: answers a call waiting for approval (`send_email` always does;
 //!   its run shows a `tool_approval_required` frame with `reason` and `expires_at`).
@@ -340,6 +341,7 @@ pub struct Server {
     log: broadcast::Sender<ServerLog>,
     result_timeout: Duration,
     grace: Duration,
+    node: Option<String>,
 }
 
 impl Server {
@@ -354,6 +356,7 @@ impl Server {
             log: broadcast::channel(1024).0,
             result_timeout: RESULT_DELIVERY_TIMEOUT,
             grace: DEFAULT_GRACE,
+            node: None,
         }
     }
 
@@ -369,6 +372,12 @@ impl Server {
     /// [`DEFAULT_GRACE`]); then they are cancelled.
     pub fn grace(mut self, grace: Duration) -> Self {
         self.grace = grace;
+        self
+    }
+
+    /// This node's name, shown in the `ready` frame.
+    pub fn node(mut self, name: impl Into<String>) -> Self {
+        self.node = Some(name.into());
         self
     }
 
@@ -874,8 +883,9 @@ impl Connection {
                 self.reply(msg).await;
             }
             Incoming::Cancel { run_id } => {
-                let cancelled = self.server.engine.cancel_run(self.user_id(), &run_id).here;
-                self.reply(json!({"type": "run_cancelled", "run_id": run_id, "calls": cancelled}))
+                let report = self.server.engine.cancel_run(self.user_id(), &run_id);
+                self.reply(json!({"type": "run_cancelled", "run_id": run_id,
+                                  "calls": report.here, "other_nodes_told": report.peers_told}))
                     .await;
             }
         }
@@ -958,8 +968,11 @@ async fn connection(server: Server, user: UserContext, socket: WebSocket) {
         permits: Arc::new(Semaphore::new(MAX_IN_FLIGHT_MESSAGES)),
     };
     let tools: Vec<&str> = server.engine.registry().names().collect();
-    let ready = json!({"type": "ready", "user_id": user_id, "run_id": default_run,
-                       "epoch": server.runs.epoch(), "tools": tools});
+    let mut ready = json!({"type": "ready", "user_id": user_id, "run_id": default_run,
+                           "epoch": server.runs.epoch(), "tools": tools});
+    if let Some(node) = &server.node {
+        ready["node"] = json!(node);
+    }
     // The default run enters the log with its first message: a reconnecting client
     // that only resumes an older run adds nothing that could crowd it out.
     conn.reply(ready).await;
@@ -1033,25 +1046,37 @@ fn log_disconnect(user_id: &str, runs: &[String], report: &str) {
 // Entry point.
 // ------------------------------------------------------------------------------------
 
-/// The command line: `--port N` (else `PORT`, else 3000) and `--grace-secs N` (else
-/// [`DEFAULT_GRACE`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The command line: `--port N` (else `PORT`, else 3000), `--grace-secs N` (else
+/// [`DEFAULT_GRACE`]), `--rate-per-minute N` (every demo user's rate, burst N; else
+/// the engine's default), `--redis URL` (else `REDIS_URL`; shares limits,
+/// cancellation and approvals with the other nodes on that Redis; needs the `redis`
+/// feature) and `--node NAME` (shown in the `ready` frame).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Options {
     /// The port to listen on (0: any free port).
     pub port: u16,
     /// How long a run's calls go on once no connection follows it.
     pub grace: Duration,
+    /// Calls per minute for every demo user.
+    pub rate_per_minute: Option<u32>,
+    /// The Redis shared with the other nodes.
+    pub redis: Option<String>,
+    /// This node's name.
+    pub node: Option<String>,
 }
 
 /// Reads the [`Options`] from the arguments (without the program name) and `PORT`.
 pub fn options_from(
     args: impl IntoIterator<Item = String>,
     env_port: Option<String>,
+    env_redis: Option<String>,
 ) -> Result<Options, String> {
-    const USAGE: &str = "usage: chat_server [--port N] [--grace-secs N]";
+    const USAGE: &str = "usage: chat_server [--port N] [--grace-secs N] \
+                         [--rate-per-minute N] [--redis URL] [--node NAME]";
     let mut args = args.into_iter();
     let mut port = None;
     let mut grace = DEFAULT_GRACE;
+    let (mut rate_per_minute, mut redis, mut node) = (None, env_redis, None);
     while let Some(a) = args.next() {
         let (flag, inline) = match a.split_once('=') {
             Some((f, v)) => (f.to_owned(), Some(v.to_owned())),
@@ -1073,6 +1098,18 @@ pub fn options_from(
                     .map_err(|e| format!("bad --grace-secs `{v}`: {e}"))?;
                 grace = Duration::from_secs(secs);
             }
+            "--rate-per-minute" => {
+                let v = value()?;
+                let n: u32 = v
+                    .parse()
+                    .map_err(|e| format!("bad --rate-per-minute `{v}`: {e}"))?;
+                if n == 0 {
+                    return Err("--rate-per-minute must be at least 1".into());
+                }
+                rate_per_minute = Some(n);
+            }
+            "--redis" => redis = Some(value()?),
+            "--node" => node = Some(value()?),
             _ => return Err(format!("unknown argument `{a}`; {USAGE}")),
         }
     }
@@ -1081,23 +1118,70 @@ pub fn options_from(
         (None, Some(v)) => v.parse().map_err(|e| format!("bad PORT `{v}`: {e}"))?,
         (None, None) => 3000,
     };
-    Ok(Options { port, grace })
+    Ok(Options {
+        port,
+        grace,
+        rate_per_minute,
+        redis,
+        node,
+    })
 }
 
 /// The demo engine: the demo tools, default limits, a 2 s delivery timeout.
 pub fn demo_engine() -> Engine {
-    Engine::builder(demo_registry())
-        .delivery_timeout(Duration::from_secs(2))
-        .build()
+    demo_engine_builder(None).build()
+}
+
+/// The demo engine's builder, with every user's rate set to `per_minute` (burst the
+/// same) when given.
+pub fn demo_engine_builder(per_minute: Option<u32>) -> tool_dispatch::EngineBuilder {
+    let builder = Engine::builder(demo_registry()).delivery_timeout(Duration::from_secs(2));
+    match per_minute {
+        Some(n) => builder.limits(tool_dispatch::Limits::default().per_user(
+            tool_dispatch::UserLimits {
+                concurrency: 10,
+                rate: Some(tool_dispatch::Rate::per_minute(n)),
+            },
+        )),
+        None => builder,
+    }
+}
+
+/// The engine the command line asks for: with Redis when `--redis` is given.
+async fn engine_for(options: &Options) -> Result<Engine, Box<dyn std::error::Error>> {
+    let builder = demo_engine_builder(options.rate_per_minute);
+    match &options.redis {
+        None => Ok(builder.build()),
+        #[cfg(feature = "redis")]
+        Some(url) => {
+            use tool_dispatch::redis::{Redis, RedisConfig};
+            let redis = Redis::connect(url, RedisConfig::default().prefix("chat")).await?;
+            Ok(builder.redis(&redis).build())
+        }
+        #[cfg(not(feature = "redis"))]
+        Some(_) => Err(
+            "--redis needs the `redis` feature: cargo run --example chat_server \
+                        --features axum,redis -- --redis URL"
+                .into(),
+        ),
+    }
 }
 
 #[allow(dead_code)] // unused when the file is included by the integration test
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let options = options_from(std::env::args().skip(1), std::env::var("PORT").ok())?;
+    let options = options_from(
+        std::env::args().skip(1),
+        std::env::var("PORT").ok(),
+        std::env::var("REDIS_URL").ok(),
+    )?;
+    let engine = engine_for(&options).await?;
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", options.port)).await?;
     println!("listening on http://{}", listener.local_addr()?);
-    let server = Server::new(demo_engine(), demo_users()).grace(options.grace);
+    let mut server = Server::new(engine, demo_users()).grace(options.grace);
+    if let Some(node) = &options.node {
+        server = server.node(node);
+    }
     let engine = server.engine().clone();
     tokio::select! {
         r = serve(listener, server) => r?,

@@ -719,9 +719,7 @@ impl RedisLimiter {
             }
         }
     }
-}
 
-impl RedisLimiter {
     /// One of `user`'s slots: a lease in `{prefix}:u{<user>}:slots`, asked for until
     /// `until`, renewed while held, released when dropped.
     async fn lease<'a>(

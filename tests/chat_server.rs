@@ -486,7 +486,8 @@ async fn cancel_ends_the_runs_calls_at_once_and_only_that_run() {
     let msgs = until_results(&mut ws).await;
     seen.extend(msgs.iter().cloned());
     assert!(
-        msgs.contains(&json!({"type": "run_cancelled", "run_id": run, "calls": 1})),
+        msgs.contains(&json!({"type": "run_cancelled", "run_id": run, "calls": 1,
+                              "other_nodes_told": false})),
         "{msgs:?}"
     );
     let done = completed(&msgs, "call_a");
@@ -933,30 +934,63 @@ async fn a_client_that_stops_reading_slows_nobody_and_is_let_go() {
 fn options_come_from_the_flags_then_the_environment_then_the_defaults() {
     use chat_server::{DEFAULT_GRACE, Options, options_from};
     let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    let opts = |port, grace| Ok(Options { port, grace });
+    let opts = |port, grace| Options {
+        port,
+        grace,
+        rate_per_minute: None,
+        redis: None,
+        node: None,
+    };
     assert_eq!(
-        options_from(args(&["--port", "0"]), Some("9".into())),
-        opts(0, DEFAULT_GRACE)
+        options_from(args(&["--port", "0"]), Some("9".into()), None),
+        Ok(opts(0, DEFAULT_GRACE))
     );
     assert_eq!(
-        options_from(args(&["--port=4001", "--grace-secs", "5"]), None),
-        opts(4001, Duration::from_secs(5))
+        options_from(args(&["--port=4001", "--grace-secs", "5"]), None, None),
+        Ok(opts(4001, Duration::from_secs(5)))
     );
     assert_eq!(
-        options_from(args(&["--grace-secs=0"]), Some("8080".into())),
-        opts(8080, Duration::ZERO)
+        options_from(args(&["--grace-secs=0"]), Some("8080".into()), None),
+        Ok(opts(8080, Duration::ZERO))
     );
-    assert_eq!(options_from(args(&[]), None), opts(3000, DEFAULT_GRACE));
+    assert_eq!(
+        options_from(args(&[]), None, None),
+        Ok(opts(3000, DEFAULT_GRACE))
+    );
+    let cluster = options_from(
+        args(&["--rate-per-minute", "5", "--node", "a", "--port", "0"]),
+        None,
+        Some("redis://127.0.0.1:6379".into()),
+    )
+    .unwrap();
+    assert_eq!(
+        (
+            cluster.rate_per_minute,
+            cluster.redis.as_deref(),
+            cluster.node.as_deref()
+        ),
+        (Some(5), Some("redis://127.0.0.1:6379"), Some("a"))
+    );
+    let flag_wins = options_from(
+        args(&["--redis", "redis://x:1"]),
+        None,
+        Some("redis://y:2".into()),
+    );
+    assert_eq!(flag_wins.unwrap().redis.as_deref(), Some("redis://x:1"));
     for bad in [
         &["--port"][..],
         &["--verbose"],
         &["--grace-secs", "-1"],
         &["--grace-secs", "soon"],
         &["--grace-secs", "99999999999999999999999"],
+        &["--rate-per-minute", "0"],
+        &["--rate-per-minute", "-5"],
+        &["--redis"],
+        &["--node"],
     ] {
-        assert!(options_from(args(bad), None).is_err(), "{bad:?}");
+        assert!(options_from(args(bad), None, None).is_err(), "{bad:?}");
     }
-    assert!(options_from(args(&[]), Some("http".into())).is_err());
+    assert!(options_from(args(&[]), Some("http".into()), None).is_err());
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
@@ -999,4 +1033,99 @@ async fn reconnecting_a_thousand_times_leaves_one_grace_timer_per_run() {
         matches!(abandoned, ServerLog::RunAbandoned { cancelled: 1, .. }),
         "{abandoned:?}"
     );
+}
+
+#[cfg(feature = "redis")]
+#[allow(dead_code)] // shared with tests/redis.rs, which uses all of it
+#[path = "common/redis_server.rs"]
+mod redis_server;
+
+/// Two chat servers ("nodes") sharing one Redis: rate, cancellation and approvals
+/// hold across them.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_on_one_redis_share_the_rate_cancellation_and_approvals() {
+    use tool_dispatch::redis::{Redis, RedisConfig};
+    let Some(redis_server) = redis_server::RedisServer::start() else {
+        return;
+    };
+    let mut nodes = Vec::new();
+    for name in ["a", "b"] {
+        let redis = Redis::connect(
+            &redis_server.url(),
+            RedisConfig::default().prefix("chat-test"),
+        )
+        .await
+        .unwrap();
+        let engine = chat_server::demo_engine_builder(Some(5))
+            .redis(&redis)
+            .build();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = Server::new(engine, chat_server::demo_users()).node(name);
+        tokio::spawn(chat_server::serve(listener, server.clone()));
+        nodes.push(addr);
+    }
+    let (mut on_a, ready_a) = connect_ready(nodes[0], "alice-token").await;
+    let (mut on_b, ready_b) = connect_ready(nodes[1], "alice-token").await;
+    assert_eq!(
+        (ready_a["node"].as_str(), ready_b["node"].as_str()),
+        (Some("a"), Some("b"))
+    );
+
+    // Alternating nodes, quota 5 a minute: exactly 5 succeed; the 6th is refused.
+    let mut statuses = Vec::new();
+    for i in 0..6 {
+        let ws = if i % 2 == 0 { &mut on_a } else { &mut on_b };
+        let id = format!("call_q{i}");
+        send(
+            ws,
+            openai(&[(&id, "get_weather", json!({"city": "Paris"}))]),
+        )
+        .await;
+        let msgs = until_results(ws).await;
+        statuses.push(completed(&msgs, &id)["status"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(
+        statuses,
+        [
+            "success",
+            "success",
+            "success",
+            "success",
+            "success",
+            "rate_limited"
+        ]
+    );
+
+    // bob's call waits for approval on A; he answers on B; it runs on A.
+    let (mut bob_a, _) = connect_ready(nodes[0], "bob-token").await;
+    let (mut bob_b, _) = connect_ready(nodes[1], "bob-token").await;
+    send(&mut bob_a, emails(&[email("e_cross", "ann@example.com")])).await;
+    until(&mut bob_a, |m| m["type"] == "tool_approval_required").await;
+    send(
+        &mut bob_b,
+        json!({"type": "tool_approval_decision", "call_id": "e_cross", "decision": "approve"}),
+    )
+    .await;
+    assert_eq!(recv(&mut bob_b).await["type"], "decision_recorded");
+    let rest = until_results(&mut bob_a).await;
+    assert_eq!(completed(&rest, "e_cross")["status"], "success");
+
+    // bob's long call on A; "stop" pressed on B reaches it.
+    let (mut bob_a2, ready) = connect_ready(nodes[0], "bob-token").await;
+    send(&mut bob_a2, forever("call_far")).await;
+    until(&mut bob_a2, |m| m["type"] == "tool_executing").await;
+    send(
+        &mut bob_b,
+        json!({"type": "cancel", "run_id": ready["run_id"]}),
+    )
+    .await;
+    let told = recv(&mut bob_b).await;
+    assert_eq!(
+        (told["calls"].as_u64(), told["other_nodes_told"].as_bool()),
+        (Some(0), Some(true))
+    );
+    let rest = until_results(&mut bob_a2).await;
+    assert_eq!(completed(&rest, "call_far")["status"], "cancelled");
 }
