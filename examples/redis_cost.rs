@@ -10,7 +10,8 @@
 //! tool called `--calls` times per round by one user:
 //!
 //! 1. `local`: limits kept in the process (the default);
-//! 2. `redis`: the user's rate checked in Redis (one `EVALSHA` round trip a call);
+//! 2. `redis`: the user's rate and a concurrency lease in Redis (two `EVALSHA` round
+//!    trips a call; the lease's release is sent without waiting);
 //! 3. `shed_redis`: a user far over the quota, every call refused by Redis;
 //! 4. `shed_precheck`: the same user with the local pre-check on: refused without a
 //!    round trip.
