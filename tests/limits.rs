@@ -597,3 +597,51 @@ async fn limits_hold_under_contention_on_a_multi_thread_runtime() {
     let m = engine.metrics();
     assert_eq!((m.total, m.count(Status::Success), m.active), (400, 400, 0));
 }
+
+/// A policy that allows everything, asked asynchronously.
+struct AllowLater;
+
+impl Policy for AllowLater {
+    fn check<'a>(&'a self, _: PolicyRequest<'a>) -> BoxFuture<'a, Result<Decision, PolicyError>> {
+        Box::pin(async {
+            tokio::task::yield_now().await;
+            Ok(Decision::Allow)
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_custom_policy_does_not_make_a_call_count_twice_against_the_rate() {
+    for policy in [true, false] {
+        let reg = Registry::builder().tool(quick()).build().unwrap();
+        let limits = Limits::default().per_user(UserLimits {
+            concurrency: 10,
+            rate: Some(Rate::per_minute(3)),
+        });
+        let builder = Engine::builder(reg).limits(limits);
+        let engine = if policy {
+            builder.policy(AllowLater)
+        } else {
+            builder
+        }
+        .build();
+        let (alice, _) = recorded(&engine, user("alice"));
+        for i in 0..3 {
+            let r = alice.dispatch(ToolCall::new("quick", json!(i))).await;
+            assert!(
+                r.is_ok(),
+                "call {i} of the quota of 3 (custom policy: {policy}): {r:?}"
+            );
+        }
+        let err = alice
+            .dispatch(ToolCall::new("quick", json!(3)))
+            .await
+            .unwrap_err();
+        assert_eq!(err.status(), Status::RateLimited);
+        assert_eq!(
+            err.retry_after(),
+            Some(Duration::from_secs(20)),
+            "one call's interval"
+        );
+    }
+}

@@ -263,8 +263,11 @@ impl<'a> InFlight<'a> {
         };
         let inner: &'a Arc<Inner> = self.inner;
         let user: &'a WithUser = self.user;
+        if inner.limiter.answers_now() {
+            return Ok(gate); // the rate is checked after this, with the sync path's
+        }
         let answer = match inner.limiter.rate(&user.state, self.start) {
-            RateCheck::Now(_) => return Ok(gate), // checked after this, with the rest
+            RateCheck::Now(r) => return r.map(|()| gate).map_err(refused),
             RateCheck::Later(answer) => answer,
         };
         self.waited = true;
