@@ -661,21 +661,22 @@ impl RedisLimiter {
             return Ok(());
         };
         let s = &self.redis.inner;
-        if s.config.local_precheck
-            && let Err(refusal) = self.local.rate_here(user, now)
-        {
+        let prechecked = s.config.local_precheck;
+        if prechecked && let Err(refusal) = self.local.rate_here(user, now) {
             // Over the quota on this node alone: over it everywhere.
             s.shed.fetch_add(1, Relaxed);
             return Err(refusal);
         }
-        self.remote(user, gcra).await
+        self.remote(user, gcra, prechecked).await
     }
 
     /// The shared bucket's answer, or the policy's when Redis cannot give one.
+    /// `prechecked`: this node's own bucket has admitted the call already.
     async fn remote(
         &self,
         user: &UserState,
         gcra: &crate::limits::Gcra,
+        prechecked: bool,
     ) -> Result<(), RateRefusal> {
         let s = &self.redis.inner;
         let (interval_us, tolerance_us) = gcra.micros();
@@ -713,7 +714,10 @@ impl RedisLimiter {
                     }),
                     OnUnreachable::UseLocalLimits => {
                         s.fallbacks.fetch_add(1, Relaxed);
-                        self.local.rate_here(user, Instant::now())
+                        match prechecked {
+                            true => Ok(()), // counted in the pre-check already
+                            false => self.local.rate_here(user, Instant::now()),
+                        }
                     }
                 }
             }

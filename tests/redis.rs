@@ -191,29 +191,38 @@ async fn redis_stopped_fail_closed_ends_calls_unavailable_with_their_pairs_and_h
 
 #[tokio::test]
 async fn redis_stopped_use_local_limits_serves_from_the_nodes_own_buckets_and_counts_it() {
-    let Some(mut server) = RedisServer::start() else {
-        return;
-    };
-    let redis = connect(&server, "local", OnUnreachable::UseLocalLimits, false).await;
-    let engine = node(&redis, Rate::per_minute(3));
-    server.stop();
-    for i in 0..3 {
-        let r = tokio::time::timeout(Duration::from_secs(10), call(&engine, "alice"))
-            .await
-            .unwrap()
-            .0;
-        assert!(r.is_ok(), "call {i} under the local quota: {r:?}");
+    for precheck in [false, true] {
+        let Some(mut server) = RedisServer::start() else {
+            return;
+        };
+        let redis = connect(&server, "local", OnUnreachable::UseLocalLimits, precheck).await;
+        let engine = node(&redis, Rate::per_minute(3));
+        server.stop();
+        // Exactly the local quota, whether the pre-check already counted the call.
+        for i in 0..3 {
+            let r = tokio::time::timeout(Duration::from_secs(10), call(&engine, "alice"))
+                .await
+                .unwrap()
+                .0;
+            assert!(
+                r.is_ok(),
+                "call {i} under the local quota (pre-check {precheck}): {r:?}"
+            );
+        }
+        let r = call(&engine, "alice").await.0;
+        assert!(matches!(r, Err(DispatchError::RateLimited { .. })), "{r:?}");
+        let s = redis.stats();
+        // Rate checks and slot leases that fell back: without the pre-check, four
+        // and three (the fourth call was refused first); with it, the fourth never
+        // asked Redis.
+        let want = if precheck { (6, 6, 1) } else { (7, 7, 0) };
+        assert_eq!((s.fallbacks, s.failures, s.shed_locally), want, "{s:?}");
+        let health = engine.health().await;
+        assert!(
+            health.issues.iter().any(|i| i.contains("own limits apply")),
+            "{health:?}"
+        );
     }
-    let r = call(&engine, "alice").await.0;
-    assert!(matches!(r, Err(DispatchError::RateLimited { .. })), "{r:?}");
-    let s = redis.stats();
-    // Four rate checks and three slot leases (the fourth call was refused first).
-    assert_eq!((s.fallbacks, s.failures), (7, 7), "{s:?}");
-    let health = engine.health().await;
-    assert!(
-        health.issues.iter().any(|i| i.contains("own limits apply")),
-        "{health:?}"
-    );
 }
 
 /// A node with `hold` (waits for a permit of its own gate, ignoring nothing: it is
