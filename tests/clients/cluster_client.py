@@ -1,0 +1,97 @@
+#!/usr/bin/env python3
+"""Drives two chat_server nodes that share one Redis, with the `websockets` package:
+a user's rate holds across the nodes, an approval answered on one node runs the call
+on the other, and "stop" pressed on one node ends a call running on the other.
+
+Usage: cluster_client.py ws://127.0.0.1:PORT_A ws://127.0.0.1:PORT_B
+(both nodes started with --rate-per-minute 5 and the same --redis).
+Exits 0 when every check passes, 1 otherwise.
+"""
+import asyncio
+import json
+import sys
+
+try:  # websockets >= 13
+    from websockets.asyncio.client import connect
+except ImportError:  # pragma: no cover
+    from websockets import connect
+
+TIMEOUT = 30  # seconds; a bound on a stuck server, not a performance threshold
+
+
+async def recv_json(ws):
+    return json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+
+
+async def until(ws, pred):
+    seen = []
+    while True:
+        msg = await recv_json(ws)
+        seen.append(msg)
+        if pred(msg):
+            return seen
+
+
+def call(call_id, name, args):
+    return json.dumps({"role": "assistant", "tool_calls": [
+        {"id": call_id, "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}]})
+
+
+def status(msgs, call_id):
+    for m in msgs:
+        if m["type"] == "tool_completed" and m["call_id"] == call_id:
+            return m["status"]
+    raise AssertionError(f"no tool_completed for {call_id}: {msgs}")
+
+
+async def main(a, b):
+    checks = 0
+    async with connect(f"{a}/ws?token=alice-token") as on_a, connect(f"{b}/ws?token=alice-token") as on_b:
+        ready_a, ready_b = await recv_json(on_a), await recv_json(on_b)
+        assert ready_a["node"] != ready_b["node"], (ready_a, ready_b)
+        # A quota of 5 a minute, alternating nodes: exactly 5 succeed.
+        statuses = []
+        for i in range(6):
+            ws = on_a if i % 2 == 0 else on_b
+            await ws.send(call(f"call_cluster_{i}", "get_weather", {"city": "Paris"}))
+            msgs = await until(ws, lambda m: m["type"] == "tool_results")
+            statuses.append(status(msgs, f"call_cluster_{i}"))
+        assert statuses == ["success"] * 5 + ["rate_limited"], statuses
+        checks += 1
+
+    async with connect(f"{a}/ws?token=bob-token") as bob_a, connect(f"{b}/ws?token=bob-token") as bob_b:
+        ready = await recv_json(bob_a)
+        await recv_json(bob_b)
+        # An approval requested on A, answered on B.
+        await bob_a.send(call("call_cluster_mail", "send_email", {"to": "ann@example.com", "subject": "hi", "body": "x"}))
+        await until(bob_a, lambda m: m["type"] == "tool_approval_required")
+        await bob_b.send(json.dumps({"type": "tool_approval_decision", "call_id": "call_cluster_mail", "decision": "approve"}))
+        ack = await recv_json(bob_b)
+        assert ack["type"] == "decision_recorded", ack
+        msgs = await until(bob_a, lambda m: m["type"] == "tool_results")
+        assert status(msgs, "call_cluster_mail") == "success", msgs
+        checks += 1
+        # A long call on A, stopped from B.
+        await bob_a.send(call("call_cluster_long", "slow_task", {"steps": 1000000, "step_ms": 60000}))
+        await until(bob_a, lambda m: m["type"] == "tool_executing")
+        await bob_b.send(json.dumps({"type": "cancel", "run_id": ready["run_id"]}))
+        told = await recv_json(bob_b)
+        assert told["type"] == "run_cancelled" and told["other_nodes_told"] is True, told
+        msgs = await until(bob_a, lambda m: m["type"] == "tool_results")
+        assert status(msgs, "call_cluster_long") == "cancelled", msgs
+        checks += 1
+
+    print(f"cluster client: {checks} checks passed across two nodes")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        print(__doc__, file=sys.stderr)
+        sys.exit(2)
+    try:
+        asyncio.run(main(sys.argv[1].rstrip("/"), sys.argv[2].rstrip("/")))
+    except Exception as e:  # noqa: BLE001
+        import traceback
+        traceback.print_exc()
+        print(f"cluster client: FAILED: {e!r}", file=sys.stderr)
+        sys.exit(1)
