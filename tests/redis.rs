@@ -40,6 +40,19 @@ async fn connect(
         .expect("redis answers")
 }
 
+/// Two handles on one Redis and prefix, as two processes (nodes) would have.
+async fn two_nodes(
+    server: &RedisServer,
+    prefix: &str,
+    policy: OnUnreachable,
+    precheck: bool,
+) -> (Redis, Redis) {
+    (
+        connect(server, prefix, policy, precheck).await,
+        connect(server, prefix, policy, precheck).await,
+    )
+}
+
 async fn call(
     engine: &Engine,
     user_id: &str,
@@ -253,11 +266,7 @@ async fn cancel_user_and_cancel_run_on_one_node_reach_the_calls_on_another() {
     let Some(server) = RedisServer::start() else {
         return;
     };
-    // Two handles, as two processes would have.
-    let (ra, rb) = (
-        connect(&server, "cancel", OnUnreachable::FailClosed, true).await,
-        connect(&server, "cancel", OnUnreachable::FailClosed, true).await,
-    );
+    let (ra, rb) = two_nodes(&server, "cancel", OnUnreachable::FailClosed, true).await;
     let (a, _gate, mut started) = holding_node(&ra);
     let (b, _, _) = holding_node(&rb);
     let alice_in = |run: &str| UserContext::builder("alice").run_id(run).build().unwrap();
@@ -313,10 +322,7 @@ async fn after_redis_restarts_cancellation_reaches_the_other_node_again() {
     let Some(mut server) = RedisServer::start() else {
         return;
     };
-    let (ra, rb) = (
-        connect(&server, "restart", OnUnreachable::UseLocalLimits, true).await,
-        connect(&server, "restart", OnUnreachable::UseLocalLimits, true).await,
-    );
+    let (ra, rb) = two_nodes(&server, "restart", OnUnreachable::UseLocalLimits, true).await;
     let (a, _gate, mut started) = holding_node(&ra);
     let (b, _, _) = holding_node(&rb);
     server.stop();
@@ -379,10 +385,7 @@ async fn an_answer_given_on_another_node_reaches_the_call_and_is_taken_once() {
     let Some(server) = RedisServer::start() else {
         return;
     };
-    let (ra, rb) = (
-        connect(&server, "approve", OnUnreachable::FailClosed, true).await,
-        connect(&server, "approve", OnUnreachable::FailClosed, true).await,
-    );
+    let (ra, rb) = two_nodes(&server, "approve", OnUnreachable::FailClosed, true).await;
     let (a, b) = (
         approving_node(&ra, Duration::from_secs(300)),
         approving_node(&rb, Duration::from_secs(300)),
@@ -466,10 +469,7 @@ async fn a_call_that_stopped_waiting_cannot_be_answered_from_another_node() {
     let Some(server) = RedisServer::start() else {
         return;
     };
-    let (ra, rb) = (
-        connect(&server, "expire", OnUnreachable::FailClosed, true).await,
-        connect(&server, "expire", OnUnreachable::FailClosed, true).await,
-    );
+    let (ra, rb) = two_nodes(&server, "expire", OnUnreachable::FailClosed, true).await;
     let (a, b) = (
         approving_node(&ra, Duration::from_millis(300)),
         approving_node(&rb, Duration::from_millis(300)),
