@@ -688,3 +688,130 @@ async fn the_health_probe_is_never_left_waiting_for_a_person() {
     );
     assert_eq!(engine.metrics().awaiting_approval, 0);
 }
+
+/// Passes every event through, except the approval request: `panic` panics on it,
+/// otherwise the sink is "full" for it and its `send` never completes.
+#[derive(Clone, Default)]
+struct HostileToRequests {
+    events: RecordingSink,
+    panic: bool,
+}
+
+impl EventSink for HostileToRequests {
+    fn try_send(&self, event: Event) -> Result<(), TrySendError> {
+        match event {
+            Event::ToolApprovalRequired(_) if self.panic => panic!("the sink exploded"),
+            Event::ToolApprovalRequired(_) => Err(TrySendError::Full(event)),
+            e => self.events.try_send(e),
+        }
+    }
+
+    fn send(&self, event: Event) -> BoxFuture<'_, Result<(), SinkError>> {
+        match event {
+            Event::ToolApprovalRequired(_) if self.panic => panic!("the sink exploded"),
+            Event::ToolApprovalRequired(_) => Box::pin(std::future::pending()),
+            e => Box::pin(async move { self.events.try_send(e).map_err(|_| SinkError::Full) }),
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_sink_that_panics_on_or_never_takes_the_request_ends_the_call_and_the_tool_never_runs() {
+    for panic in [true, false] {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let engine = engine_with(&runs, |b| b.delivery_timeout(Duration::from_secs(2)));
+        let sink = HostileToRequests {
+            panic,
+            ..Default::default()
+        };
+        let d = engine.dispatcher().sink(sink.clone()).user(user("alice"));
+        let t0 = tokio::time::Instant::now();
+        let err = d.dispatch(call("c1")).await.unwrap_err();
+        assert_eq!(err.status(), Status::Undelivered, "panic: {panic}: {err:?}");
+        if !panic {
+            assert_eq!(
+                t0.elapsed(),
+                Duration::from_secs(2),
+                "bounded by the delivery timeout"
+            );
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 0, "the tool never ran");
+        let m = accounted(&engine);
+        assert_eq!(
+            (m.by_status["undelivered"], m.awaiting_approval, m.active),
+            (1, 0, 0)
+        );
+        assert_eq!(
+            engine
+                .resolve_approval("alice", "c1", Verdict::Approve)
+                .await,
+            NOPE
+        );
+        // The next call of the same engine and user is served (a panicking sink is
+        // never called again; a stalled one fails at once).
+        let (other, _) = recorded(&engine, user("alice"));
+        assert!(
+            other
+                .dispatch(ToolCall::new("quick", json!(1)))
+                .await
+                .is_ok()
+        );
+    }
+}
+
+/// A policy whose reason is megabytes long.
+struct Verbose;
+
+impl Policy for Verbose {
+    fn check<'a>(&'a self, _: PolicyRequest<'a>) -> BoxFuture<'a, Result<Decision, PolicyError>> {
+        Box::pin(async { Ok(Decision::require_approval("why ".repeat(1 << 20))) })
+    }
+}
+
+#[tokio::test]
+async fn a_reason_of_megabytes_and_arguments_of_megabytes_are_cut_in_the_request() {
+    let tool = tool_fn("t", "T.", |_: String, _cx| async { Ok::<_, ToolError>(()) });
+    let reg = Registry::builder().tool(tool).build().unwrap();
+    let engine = Engine::builder(reg).policy(Verbose).build();
+    let (d, sink) = recorded(&engine, user("alice"));
+    let h = spawn(
+        &d,
+        ToolCall::new("t", json!("x".repeat(800_000))).with_id("c1"),
+    );
+    let req = requested(&sink, "c1").await;
+    assert!(
+        req.reason.len() < 20_000,
+        "reason of {} bytes",
+        req.reason.len()
+    );
+    assert!(
+        req.parameters.to_string().len() < 20_000,
+        "parameters not cut"
+    );
+    engine
+        .resolve_approval("alice", "c1", Verdict::Approve)
+        .await
+        .unwrap();
+    assert!(h.await.unwrap().is_ok());
+}
+
+#[tokio::test]
+async fn arguments_nested_100000_deep_are_refused_before_anyone_is_asked() {
+    if !in_child("arguments_nested_100000_deep_are_refused_before_anyone_is_asked") {
+        return;
+    }
+    let runs = Arc::new(AtomicUsize::new(0));
+    let engine = engine_with(&runs, |b| b);
+    let (d, sink) = recorded(&engine, user("alice"));
+    let mut deep = serde_json::Value::Null;
+    for _ in 0..100_000 {
+        deep = serde_json::Value::Array(vec![deep]);
+    }
+    let err = d
+        .dispatch(ToolCall::new("send", deep).with_id("c1"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Status::InvalidInput);
+    assert_eq!(gated_pair(&sink, "c1", false).status, Status::InvalidInput);
+    assert_eq!(engine.metrics().approvals, ApprovalStats::default());
+}
