@@ -750,6 +750,7 @@ async fn run_message(
             "call_ids": call_ids,
             "results": rendered,
         }))
+        .await
         .is_ok();
     server.log(ServerLog::MessageDone {
         user_id,
@@ -923,6 +924,7 @@ impl Connection {
             .server
             .runs
             .resume(self.user_id(), &run_id, after_seq, epoch)
+            .await
         {
             Err(reason) => {
                 let msg = json!({"type": "resync_required", "run_id": run_id,

@@ -13,11 +13,12 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use serde_json::Value;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::event::Event;
@@ -33,12 +34,12 @@ use crate::sink::{EventSink, TrySendError};
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RunLogConfig {
-    max_events_per_run: usize,
-    max_bytes_per_run: usize,
-    max_runs_per_user: usize,
-    max_bytes: usize,
-    ttl: Duration,
-    reader_buffer: usize,
+    pub(crate) max_events_per_run: usize,
+    pub(crate) max_bytes_per_run: usize,
+    pub(crate) max_runs_per_user: usize,
+    pub(crate) max_bytes: usize,
+    pub(crate) ttl: Duration,
+    pub(crate) reader_buffer: usize,
 }
 
 impl Default for RunLogConfig {
@@ -117,18 +118,23 @@ pub enum Resync {
     /// someone else (indistinguishable on purpose).
     #[error("no such run")]
     UnknownRun,
-    /// The log was restarted since the client's `seq` was issued.
+    /// The log's contents are gone since the client's `seq` was issued (the process,
+    /// or with a shared log its store, started afresh).
     #[error("the run log was restarted")]
     EpochChanged,
+    /// A shared log's store cannot be reached now: ask again later.
+    #[error("the run log cannot be reached now")]
+    Unavailable,
 }
 
 impl Resync {
-    /// The wire name (`truncated`, `unknown_run`, `epoch_changed`).
+    /// The wire name (`truncated`, `unknown_run`, `epoch_changed`, `unavailable`).
     pub fn as_str(self) -> &'static str {
         match self {
             Resync::Truncated => "truncated",
             Resync::UnknownRun => "unknown_run",
             Resync::EpochChanged => "epoch_changed",
+            Resync::Unavailable => "unavailable",
         }
     }
 }
@@ -137,10 +143,39 @@ impl Resync {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RunLogStats {
-    /// Runs kept.
+    /// Runs kept (with a shared log: the runs this process follows).
     pub runs: usize,
-    /// Bytes of serialized events kept.
+    /// Bytes of serialized events kept in this process (0 with a shared log, which
+    /// keeps them in its store).
     pub bytes: usize,
+}
+
+/// Where the frames live when several processes share the runs (Redis Streams): the
+/// seam between this module's fan-out to local readers and a shared store. The store
+/// assigns each frame its `seq` and keeps it; it feeds the frames of the runs this
+/// process follows back through [`RunLog::deliver`].
+pub(crate) trait Store: Send + Sync + 'static {
+    /// The epoch shared by every process on the store, as last seen.
+    fn epoch(&self) -> u64;
+    /// Queues JSON object text for the run, without waiting; `done` learns its seq.
+    fn append(
+        &self,
+        user: &str,
+        run: &str,
+        text: String,
+        done: Option<oneshot::Sender<Result<u64, AppendError>>>,
+    ) -> Result<(), AppendError>;
+    /// The kept frames of the run after `after_seq`, checked as
+    /// [`RunLog::resume`] says.
+    fn replay<'a>(
+        &'a self,
+        user: &'a str,
+        run: &'a str,
+        after_seq: u64,
+        epoch: Option<u64>,
+    ) -> BoxFuture<'a, Result<Vec<Frame>, Resync>>;
+    /// Whether another process follows the run (marked within the last seconds).
+    fn followed<'a>(&'a self, user: &'a str, run: &'a str) -> BoxFuture<'a, bool>;
 }
 
 /// The run logs of one process. Cheap to clone (one `Arc`).
@@ -150,13 +185,16 @@ pub struct RunLogStats {
 /// use tool_dispatch::{RunLog, RunLogConfig};
 /// let log = RunLog::new(RunLogConfig::default());
 /// let writer = log.writer("alice", "run_1");
-/// writer.append(serde_json::json!({"type": "tool_results", "results": []})).unwrap();
-/// let mut reader = log.resume("alice", "run_1", 0, Some(log.epoch())).unwrap();
+/// writer.append(serde_json::json!({"type": "tool_results", "results": []})).await.unwrap();
+/// let mut reader = log.resume("alice", "run_1", 0, Some(log.epoch())).await.unwrap();
 /// let frame = reader.next().await.unwrap().unwrap();
 /// assert_eq!((frame.seq, &*frame.json), (1, r#"{"seq":1,"results":[],"type":"tool_results"}"#));
-/// assert!(log.resume("bob", "run_1", 0, None).is_err()); // not bob's run
+/// assert!(log.resume("bob", "run_1", 0, None).await.is_err()); // not bob's run
 /// # }
 /// ```
+///
+/// Several processes share their runs through Redis with `RunLog::redis` (feature
+/// `redis`): a client resumes on any of them.
 #[derive(Clone)]
 pub struct RunLog {
     shared: Arc<Shared>,
@@ -165,7 +203,8 @@ pub struct RunLog {
 impl std::fmt::Debug for RunLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RunLog")
-            .field("epoch", &self.shared.epoch)
+            .field("epoch", &self.epoch())
+            .field("shared", &self.shared.store.is_some())
             .field("stats", &self.stats())
             .finish()
     }
@@ -176,6 +215,11 @@ type RunKey = (Arc<str>, Arc<str>);
 struct Shared {
     config: RunLogConfig,
     epoch: u64,
+    /// With a shared store, the runs here are only the fan-out to this process's
+    /// readers: the frames and their `seq`s are the store's.
+    store: Option<Arc<dyn Store>>,
+    /// Told when a run gains its first reader here, for a store that follows runs.
+    followed: Notify,
     runs: Mutex<HashMap<RunKey, Arc<Run>>>,
     bytes: AtomicUsize,
     created: AtomicUsize,
@@ -187,7 +231,7 @@ struct Run {
 
 struct RunState {
     frames: VecDeque<Frame>,
-    /// The seq the next frame gets.
+    /// The seq the next frame gets (with a shared store: the next one to read).
     next_seq: u64,
     bytes: usize,
     last_write: Instant,
@@ -201,22 +245,83 @@ struct Reader {
     lagged: Arc<std::sync::atomic::AtomicBool>,
 }
 
+impl RunState {
+    fn new() -> RunState {
+        RunState {
+            frames: VecDeque::new(),
+            next_seq: 1,
+            bytes: 0,
+            last_write: Instant::now(),
+            readers: Vec::new(),
+            gone: false,
+        }
+    }
+
+    /// Hands `frame` to every live reader without waiting; one that is behind is cut
+    /// off and will be told to resync once it has read what it has.
+    fn fan_out(&mut self, frame: &Frame) {
+        self.readers.retain(|r| match r.tx.try_send(frame.clone()) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                r.lagged.store(true, Ordering::Release);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        });
+    }
+
+    /// Cuts every reader off: each is told to resync once it has read what it has.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    fn cut_off(&mut self) {
+        for r in self.readers.drain(..) {
+            r.lagged.store(true, Ordering::Release);
+        }
+    }
+
+    /// A new reader, with its first expected `seq` after `last` (`None`: whatever
+    /// comes next).
+    fn reader(&mut self, buffer: usize, last: Option<u64>) -> RunReader {
+        let (tx, rx) = mpsc::channel(buffer);
+        let lagged = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        if !self.gone {
+            self.readers.push(Reader {
+                tx,
+                lagged: Arc::clone(&lagged),
+            });
+        }
+        RunReader {
+            replay: VecDeque::new(),
+            live: rx,
+            lagged,
+            last,
+            done: false,
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A random epoch below 2^53, so a browser keeps it exactly as a JSON number.
+pub(crate) fn fresh_epoch() -> u64 {
+    std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), std::time::SystemTime::now())
+        >> 11
 }
 
 impl RunLog {
     /// An empty log with a fresh epoch.
     pub fn new(config: RunLogConfig) -> RunLog {
-        // Below 2^53, so a browser keeps it exactly as a JSON number.
-        let epoch = std::hash::BuildHasher::hash_one(
-            &std::hash::RandomState::new(),
-            std::time::SystemTime::now(),
-        ) >> 11;
+        RunLog::with(config, None)
+    }
+
+    fn with(config: RunLogConfig, store: Option<Arc<dyn Store>>) -> RunLog {
         RunLog {
             shared: Arc::new(Shared {
                 config,
-                epoch,
+                epoch: fresh_epoch(),
+                store,
+                followed: Notify::new(),
                 runs: Mutex::default(),
                 bytes: AtomicUsize::new(0),
                 created: AtomicUsize::new(0),
@@ -226,8 +331,12 @@ impl RunLog {
 
     /// This log's epoch: clients keep it with their `seq`, and a different one means
     /// the log's contents are gone. Below 2^53, so it survives a JavaScript number.
+    /// Processes sharing a log share its epoch.
     pub fn epoch(&self) -> u64 {
-        self.shared.epoch
+        match &self.shared.store {
+            Some(store) => store.epoch(),
+            None => self.shared.epoch,
+        }
     }
 
     /// The writer of `user_id`'s run `run_id`, creating the run if it is new (which
@@ -245,14 +354,19 @@ impl RunLog {
             return RunWriter {
                 shared: Arc::clone(s),
                 run: Arc::clone(run),
+                key,
             };
         }
-        // Past the per-user bound, the user's least recently written run goes.
-        let mine: Vec<(RunKey, Instant)> = runs
-            .iter()
-            .filter(|((u, _), _)| **u == *user_id)
-            .map(|(k, r)| (k.clone(), lock(&r.state).last_write))
-            .collect();
+        // Past the per-user bound, the user's least recently written run goes (a
+        // shared store bounds its runs itself).
+        let mine: Vec<(RunKey, Instant)> = match s.store {
+            Some(_) => Vec::new(),
+            None => runs
+                .iter()
+                .filter(|((u, _), _)| **u == *user_id)
+                .map(|(k, r)| (k.clone(), lock(&r.state).last_write))
+                .collect(),
+        };
         if mine.len() >= s.config.max_runs_per_user
             && let Some((oldest, _)) = mine.iter().min_by_key(|(_, t)| *t)
             && let Some(run) = runs.remove(oldest)
@@ -260,26 +374,38 @@ impl RunLog {
             s.forget(&run);
         }
         let run = Arc::new(Run {
-            state: Mutex::new(RunState {
-                frames: VecDeque::new(),
-                next_seq: 1,
-                bytes: 0,
-                last_write: Instant::now(),
-                readers: Vec::new(),
-                gone: false,
-            }),
+            state: Mutex::new(RunState::new()),
         });
-        runs.insert(key, Arc::clone(&run));
+        runs.insert(key.clone(), Arc::clone(&run));
         RunWriter {
             shared: Arc::clone(s),
             run,
+            key,
         }
     }
 
     /// A reader of `user_id`'s run `run_id` from `after_seq` on: the kept frames with
     /// a higher `seq`, then the live ones. `epoch` is the one the client was given
     /// (`None` when it has none yet).
-    pub fn resume(
+    pub async fn resume(
+        &self,
+        user_id: &str,
+        run_id: &str,
+        after_seq: u64,
+        epoch: Option<u64>,
+    ) -> Result<RunReader, Resync> {
+        let Some(store) = &self.shared.store else {
+            return self.resume_here(user_id, run_id, after_seq, epoch);
+        };
+        // Follow first, then replay: whatever is appended meanwhile comes through the
+        // live side, and the reader drops what it has had already.
+        let mut reader = self.follow(user_id, run_id, Some(after_seq));
+        let replay = store.replay(user_id, run_id, after_seq, epoch).await?;
+        reader.replay = replay.into();
+        Ok(reader)
+    }
+
+    fn resume_here(
         &self,
         user_id: &str,
         run_id: &str,
@@ -319,17 +445,52 @@ impl RunLog {
             .filter(|f| f.seq > after_seq)
             .cloned()
             .collect();
-        let (tx, rx) = mpsc::channel(s.config.reader_buffer);
-        let lagged = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        st.readers.push(Reader {
-            tx,
-            lagged: Arc::clone(&lagged),
-        });
-        Ok(RunReader {
-            replay,
-            live: rx,
-            lagged,
-        })
+        let mut reader = st.reader(s.config.reader_buffer, Some(after_seq));
+        reader.replay = replay;
+        Ok(reader)
+    }
+
+    /// With a shared store: a live reader of the run from after `last`, the run
+    /// followed from there if nobody here followed it yet.
+    fn follow(&self, user_id: &str, run_id: &str, last: Option<u64>) -> RunReader {
+        let s = &self.shared;
+        let key: RunKey = (Arc::from(user_id), Arc::from(run_id));
+        let run = Arc::clone(lock(&s.runs).entry(key).or_insert_with(|| {
+            Arc::new(Run {
+                state: Mutex::new(RunState::new()),
+            })
+        }));
+        let mut st = lock(&run.state);
+        st.readers.retain(|r| !r.tx.is_closed());
+        let first = st.readers.is_empty();
+        if first && let Some(after) = last {
+            st.next_seq = after.saturating_add(1);
+        }
+        st.gone = false;
+        let reader = st.reader(s.config.reader_buffer, last);
+        drop(st);
+        if first {
+            s.followed.notify_one();
+        }
+        reader
+    }
+
+    /// Whether some connection, in this process or (with a shared log) another,
+    /// follows the run.
+    pub async fn is_followed(&self, user_id: &str, run_id: &str) -> bool {
+        let key: RunKey = (Arc::from(user_id), Arc::from(run_id));
+        let run = lock(&self.shared.runs).get(&key).cloned();
+        if let Some(run) = run {
+            let mut st = lock(&run.state);
+            st.readers.retain(|r| !r.tx.is_closed());
+            if !st.readers.is_empty() {
+                return true;
+            }
+        }
+        match &self.shared.store {
+            Some(store) => store.followed(user_id, run_id).await,
+            None => false,
+        }
     }
 
     /// How many runs and bytes are kept.
@@ -356,9 +517,95 @@ impl RunLog {
     }
 }
 
+/// What a shared [`Store`] uses of the log (only the `redis` feature has one).
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+impl RunLog {
+    /// A log whose frames live in `store`, shared with other processes.
+    pub(crate) fn shared(config: RunLogConfig, store: Arc<dyn Store>) -> RunLog {
+        RunLog::with(config, Some(store))
+    }
+
+    /// A handle that does not keep the log alive, for a store's own tasks.
+    pub(crate) fn downgrade(&self) -> WeakRunLog {
+        WeakRunLog(Arc::downgrade(&self.shared))
+    }
+
+    /// The runs followed here, each with the `seq` read last: what a shared store
+    /// reads on for this process.
+    pub(crate) fn followed_runs(&self) -> Vec<(Arc<str>, Arc<str>, u64)> {
+        let runs = lock(&self.shared.runs);
+        runs.iter()
+            .filter_map(|((user, run), r)| {
+                let mut st = lock(&r.state);
+                st.readers.retain(|r| !r.tx.is_closed());
+                (!st.readers.is_empty())
+                    .then(|| (Arc::clone(user), Arc::clone(run), st.next_seq - 1))
+            })
+            .collect()
+    }
+
+    /// Waits until a run gains its first reader here.
+    pub(crate) async fn newly_followed(&self) {
+        self.shared.followed.notified().await;
+    }
+
+    /// Frames a shared store read for a run followed here, in `seq` order.
+    pub(crate) fn deliver(&self, user_id: &str, run_id: &str, frames: Vec<Frame>) {
+        let key: RunKey = (Arc::from(user_id), Arc::from(run_id));
+        let Some(run) = lock(&self.shared.runs).get(&key).cloned() else {
+            return;
+        };
+        let mut st = lock(&run.state);
+        for frame in frames {
+            if frame.seq < st.next_seq {
+                continue;
+            }
+            st.next_seq = frame.seq + 1;
+            st.fan_out(&frame);
+        }
+        st.last_write = Instant::now();
+    }
+
+    /// Frames of the run were lost on their way to the store: its readers here are
+    /// told to resync.
+    pub(crate) fn lost(&self, user_id: &str, run_id: &str) {
+        let key: RunKey = (Arc::from(user_id), Arc::from(run_id));
+        if let Some(run) = lock(&self.shared.runs).get(&key).cloned() {
+            lock(&run.state).cut_off();
+        }
+    }
+
+    /// The shared store started afresh: every reader here is told to resync.
+    pub(crate) fn restarted(&self) {
+        for run in lock(&self.shared.runs).values() {
+            let mut st = lock(&run.state);
+            st.cut_off();
+            st.next_seq = 1;
+        }
+    }
+}
+
+/// A [`RunLog`] that a store's task holds without keeping it alive.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+pub(crate) struct WeakRunLog(Weak<Shared>);
+
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+impl WeakRunLog {
+    /// The log, while anyone else holds it.
+    pub(crate) fn upgrade(&self) -> Option<RunLog> {
+        self.0.upgrade().map(|shared| RunLog { shared })
+    }
+}
+
 impl Shared {
     fn expired(&self, run: &Run, now: Instant) -> bool {
-        let st = lock(&run.state);
+        let mut st = lock(&run.state);
+        if self.store.is_some() {
+            // Only a fan-out: kept while someone here reads it.
+            st.readers.retain(|r| !r.tx.is_closed());
+            return st.readers.is_empty()
+                && now.saturating_duration_since(st.last_write) > self.config.ttl;
+        }
         st.gone || now.saturating_duration_since(st.last_write) > self.config.ttl
     }
 
@@ -378,6 +625,7 @@ impl Shared {
 pub struct RunWriter {
     shared: Arc<Shared>,
     run: Arc<Run>,
+    key: RunKey,
 }
 
 impl std::fmt::Debug for RunWriter {
@@ -400,30 +648,50 @@ pub enum AppendError {
     /// The run was evicted or expired.
     #[error("the run is no longer kept")]
     Gone,
+    /// A shared log's store cannot be reached: the frame is not recorded.
+    #[error("the run log cannot be reached")]
+    Unavailable,
 }
 
 impl RunWriter {
     /// Appends a frame of the server's own (a `tool_results` message, say); it gets
-    /// the run's next `seq`, which is returned.
-    pub fn append(&self, frame: Value) -> Result<u64, AppendError> {
+    /// the run's next `seq`, which is returned once the log has recorded it (at once
+    /// in a process's own log; after a round trip in a shared one).
+    pub async fn append(&self, frame: Value) -> Result<u64, AppendError> {
         if !frame.is_object() {
             return Err(AppendError::NotAnObject);
         }
         let text = frame.to_string();
-        self.append_text(&text)
+        let Some(store) = &self.shared.store else {
+            return self.append_here(&text);
+        };
+        let (done, seq) = oneshot::channel();
+        self.queue(store, text, Some(done))?;
+        seq.await.unwrap_or(Err(AppendError::Unavailable))
+    }
+
+    /// Queues JSON object text for a shared store.
+    fn queue(
+        &self,
+        store: &Arc<dyn Store>,
+        text: String,
+        done: Option<oneshot::Sender<Result<u64, AppendError>>>,
+    ) -> Result<(), AppendError> {
+        if text.len() > self.shared.config.max_bytes_per_run {
+            return Err(AppendError::Full);
+        }
+        store.append(&self.key.0, &self.key.1, text, done)
     }
 
     /// Appends JSON object text, putting `"seq"` first.
-    fn append_text(&self, text: &str) -> Result<u64, AppendError> {
+    fn append_here(&self, text: &str) -> Result<u64, AppendError> {
         let s = &self.shared;
         let mut st = lock(&self.run.state);
         if st.gone {
             return Err(AppendError::Gone);
         }
         let seq = st.next_seq;
-        let rest = text.strip_prefix('{').unwrap_or(text);
-        let sep = if rest.starts_with('}') { "" } else { "," };
-        let json: Arc<str> = Arc::from(format!("{{\"seq\":{seq}{sep}{rest}"));
+        let json = with_seq(seq, text);
         let size = json.len();
         if size > s.config.max_bytes_per_run || size > s.config.max_bytes {
             return Err(AppendError::Full);
@@ -444,22 +712,14 @@ impl RunWriter {
         s.bytes.fetch_add(size, Ordering::Relaxed);
         st.last_write = Instant::now();
         let frame = Frame { seq, json };
-        // Live readers get it without waiting; one that is behind is cut off and will
-        // be told to resync once it has read what it has.
-        st.readers.retain(|r| match r.tx.try_send(frame.clone()) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                r.lagged.store(true, Ordering::Release);
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-        });
+        st.fan_out(&frame);
         st.frames.push_back(frame);
         Ok(seq)
     }
 
     /// A reader of this run's frames appended from now on (none of the kept ones):
-    /// for a connection that starts following a run it is about to write to.
+    /// for a connection that starts following a run it is about to write to. With a
+    /// shared log, a run nobody here followed yet is read from its first kept frame.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -467,33 +727,42 @@ impl RunWriter {
     /// use tool_dispatch::{RunLog, RunLogConfig};
     /// let log = RunLog::new(RunLogConfig::default());
     /// let writer = log.writer("alice", "run_1");
-    /// writer.append(json!({"type": "note"})).unwrap();
+    /// writer.append(json!({"type": "note"})).await.unwrap();
     /// let mut reader = writer.subscribe();
-    /// writer.append(json!({"type": "note"})).unwrap();
+    /// writer.append(json!({"type": "note"})).await.unwrap();
     /// assert_eq!(reader.next().await.unwrap().unwrap().seq, 2);
     /// # }
     /// ```
     pub fn subscribe(&self) -> RunReader {
-        let mut st = lock(&self.run.state);
-        let (tx, rx) = mpsc::channel(self.shared.config.reader_buffer);
-        let lagged = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        if !st.gone {
-            st.readers.push(Reader {
-                tx,
-                lagged: Arc::clone(&lagged),
-            });
+        if self.shared.store.is_some() {
+            let log = RunLog {
+                shared: Arc::clone(&self.shared),
+            };
+            return log.follow(&self.key.0, &self.key.1, None);
         }
-        RunReader {
-            replay: VecDeque::new(),
-            live: rx,
-            lagged,
-        }
+        lock(&self.run.state).reader(self.shared.config.reader_buffer, None)
     }
 
-    /// The `seq` of the last frame appended (0 before the first).
+    /// The `seq` of the last frame appended (0 before the first); with a shared log,
+    /// of the last one this process has read.
     pub fn last_seq(&self) -> u64 {
-        lock(&self.run.state).next_seq - 1
+        match self.shared.store {
+            Some(_) => {
+                let key = &self.key;
+                lock(&self.shared.runs)
+                    .get(key)
+                    .map_or(0, |r| lock(&r.state).next_seq - 1)
+            }
+            None => lock(&self.run.state).next_seq - 1,
+        }
     }
+}
+
+/// `{"seq":N,` followed by the JSON object text after its `{`.
+pub(crate) fn with_seq(seq: u64, text: &str) -> Arc<str> {
+    let rest = text.strip_prefix('{').unwrap_or(text);
+    let sep = if rest.starts_with('}') { "" } else { "," };
+    Arc::from(format!("{{\"seq\":{seq}{sep}{rest}"))
 }
 
 impl EventSink for RunWriter {
@@ -502,51 +771,94 @@ impl EventSink for RunWriter {
             Ok(t) => t,
             Err(_) => return Err(TrySendError::Closed(event)),
         };
-        match self.append_text(&text) {
-            Ok(_) => Ok(()),
-            Err(AppendError::Gone) => Err(TrySendError::Closed(event)),
+        let appended = match &self.shared.store {
+            Some(store) => self.queue(store, text, None),
+            None => self.append_here(&text).map(|_| ()),
+        };
+        match appended {
+            Ok(()) => Ok(()),
+            Err(AppendError::Gone | AppendError::Unavailable) => Err(TrySendError::Closed(event)),
             Err(_) => Err(TrySendError::Full(event)),
         }
     }
 }
 
-/// Reads one run from a given `seq`: the kept frames first, then the live ones.
+/// Reads one run from a given `seq`: the kept frames first, then the live ones, each
+/// `seq` once and in order.
 #[derive(Debug)]
 pub struct RunReader {
     replay: VecDeque<Frame>,
     live: mpsc::Receiver<Frame>,
     lagged: Arc<std::sync::atomic::AtomicBool>,
+    /// The `seq` handed out last (or asked to resume after).
+    last: Option<u64>,
+    /// A resync was handed out: nothing follows.
+    done: bool,
 }
 
 impl RunReader {
     /// The next frame; `Some(Err(Resync::Truncated))` when this reader fell behind the
-    /// live stream, `None` when the run is gone (evicted, expired, or its log dropped).
+    /// live stream (or frames it should have had are gone), `None` when the run is
+    /// gone (evicted, expired, or its log dropped).
     pub async fn next(&mut self) -> Option<Result<Frame, Resync>> {
-        if let Some(f) = self.replay.pop_front() {
-            return Some(Ok(f));
+        loop {
+            if self.done {
+                return None;
+            }
+            let frame = match self.replay.pop_front() {
+                Some(f) => f,
+                None => match self.live.recv().await {
+                    Some(f) => f,
+                    None => return self.ended(),
+                },
+            };
+            if let Some(next) = self.take(frame) {
+                return Some(next);
+            }
         }
-        match self.live.recv().await {
-            Some(f) => Some(Ok(f)),
-            None => self.ended(),
+    }
+
+    /// The next frame if one is ready now.
+    pub fn try_next(&mut self) -> Option<Result<Frame, Resync>> {
+        loop {
+            if self.done {
+                return None;
+            }
+            let frame = match self.replay.pop_front() {
+                Some(f) => f,
+                None => match self.live.try_recv() {
+                    Ok(f) => f,
+                    Err(mpsc::error::TryRecvError::Disconnected) => return self.ended(),
+                    Err(mpsc::error::TryRecvError::Empty) => return None,
+                },
+            };
+            if let Some(next) = self.take(frame) {
+                return Some(next);
+            }
+        }
+    }
+
+    /// `frame` if it is the next one; nothing if it was handed out already; a resync
+    /// if frames before it are missing.
+    fn take(&mut self, frame: Frame) -> Option<Result<Frame, Resync>> {
+        match self.last {
+            Some(last) if frame.seq <= last => None,
+            Some(last) if frame.seq > last + 1 => {
+                self.done = true;
+                Some(Err(Resync::Truncated))
+            }
+            _ => {
+                self.last = Some(frame.seq);
+                Some(Ok(frame))
+            }
         }
     }
 
     /// The end of the stream: one resync if this reader fell behind, then nothing.
     fn ended(&mut self) -> Option<Result<Frame, Resync>> {
+        self.done = true;
         self.lagged
             .swap(false, Ordering::AcqRel)
             .then_some(Err(Resync::Truncated))
-    }
-
-    /// The next frame if one is ready now.
-    pub fn try_next(&mut self) -> Option<Result<Frame, Resync>> {
-        if let Some(f) = self.replay.pop_front() {
-            return Some(Ok(f));
-        }
-        match self.live.try_recv() {
-            Ok(f) => Some(Ok(f)),
-            Err(mpsc::error::TryRecvError::Disconnected) => self.ended(),
-            Err(mpsc::error::TryRecvError::Empty) => None,
-        }
     }
 }

@@ -21,6 +21,11 @@ fn seq_of(frame: &Frame) -> u64 {
     frame.seq
 }
 
+/// The answer of a process's own log, which never waits.
+fn now<F: std::future::Future>(f: F) -> F::Output {
+    futures_util::FutureExt::now_or_never(f).expect("a process's own log answers at once")
+}
+
 /// Every frame a reader has now, in order.
 fn ready(reader: &mut RunReader) -> Vec<Result<u64, Resync>> {
     std::iter::from_fn(|| reader.try_next())
@@ -49,8 +54,12 @@ async fn every_event_of_a_run_gets_a_contiguous_seq_through_the_ordinary_sink() 
         .unwrap_err();
     log.writer("alice", "run_1")
         .append(json!({"type": "tool_results", "results": [1]}))
+        .await
         .unwrap();
-    let mut r = log.resume("alice", "run_1", 0, Some(log.epoch())).unwrap();
+    let mut r = log
+        .resume("alice", "run_1", 0, Some(log.epoch()))
+        .await
+        .unwrap();
     let frames: Vec<Frame> = std::iter::from_fn(|| r.try_next())
         .map(Result::unwrap)
         .collect();
@@ -72,26 +81,31 @@ async fn every_event_of_a_run_gets_a_contiguous_seq_through_the_ordinary_sink() 
         ]
     );
     // Resuming in the middle gets the rest, then live frames follow.
-    let mut r = log.resume("alice", "run_1", 4, Some(log.epoch())).unwrap();
+    let mut r = log
+        .resume("alice", "run_1", 4, Some(log.epoch()))
+        .await
+        .unwrap();
     assert_eq!(ready(&mut r), [Ok(5), Ok(6)]);
     log.writer("alice", "run_1")
         .append(json!({"type": "x"}))
+        .await
         .unwrap();
     assert_eq!(r.next().await.map(|f| f.map(|f| seq_of(&f))), Some(Ok(7)));
 }
 
-#[test]
-fn another_users_run_and_an_old_epoch_are_told_apart_from_nothing() {
+#[tokio::test]
+async fn another_users_run_and_an_old_epoch_are_told_apart_from_nothing() {
     let log = RunLog::new(RunLogConfig::default());
     log.writer("alice", "run_1")
         .append(json!({"type": "x"}))
+        .await
         .unwrap();
     assert_eq!(
-        log.resume("bob", "run_1", 0, None).unwrap_err(),
+        log.resume("bob", "run_1", 0, None).await.unwrap_err(),
         Resync::UnknownRun
     );
     assert_eq!(
-        log.resume("alice", "run_2", 0, None).unwrap_err(),
+        log.resume("alice", "run_2", 0, None).await.unwrap_err(),
         Resync::UnknownRun
     );
     let restarted = RunLog::new(RunLogConfig::default());
@@ -99,32 +113,35 @@ fn another_users_run_and_an_old_epoch_are_told_apart_from_nothing() {
     assert_eq!(
         restarted
             .resume("alice", "run_1", 0, Some(log.epoch()))
+            .await
             .unwrap_err(),
         Resync::EpochChanged
     );
     // An absurd seq, past the end of the run, is not silently accepted.
     assert_eq!(
-        log.resume("alice", "run_1", u64::MAX, None).unwrap_err(),
+        log.resume("alice", "run_1", u64::MAX, None)
+            .await
+            .unwrap_err(),
         Resync::Truncated
     );
 }
 
-#[test]
-fn evicted_events_leave_a_truncation_mark() {
+#[tokio::test]
+async fn evicted_events_leave_a_truncation_mark() {
     let log = RunLog::new(RunLogConfig::default().max_events_per_run(10));
     let w = log.writer("alice", "r");
     for i in 0..25 {
-        w.append(json!({ "type": "x", "i": i })).unwrap();
+        w.append(json!({ "type": "x", "i": i })).await.unwrap();
     }
     assert_eq!(
-        log.resume("alice", "r", 0, None).unwrap_err(),
+        log.resume("alice", "r", 0, None).await.unwrap_err(),
         Resync::Truncated
     );
     assert_eq!(
-        log.resume("alice", "r", 14, None).unwrap_err(),
+        log.resume("alice", "r", 14, None).await.unwrap_err(),
         Resync::Truncated
     );
-    let mut r = log.resume("alice", "r", 15, None).unwrap();
+    let mut r = log.resume("alice", "r", 15, None).await.unwrap();
     let got: Vec<_> = ready(&mut r).into_iter().map(Result::unwrap).collect();
     assert_eq!(got, (16..=25).collect::<Vec<_>>());
     // Bytes per run bound too.
@@ -132,11 +149,12 @@ fn evicted_events_leave_a_truncation_mark() {
     let w = log.writer("alice", "r");
     for _ in 0..50 {
         w.append(json!({ "type": "x", "pad": "p".repeat(40) }))
+            .await
             .unwrap();
     }
     assert!(log.stats().bytes <= 200);
     assert_eq!(
-        w.append(json!({"pad": "p".repeat(500)})),
+        w.append(json!({"pad": "p".repeat(500)})).await,
         Err(AppendError::Full)
     );
 }
@@ -146,20 +164,21 @@ async fn a_run_past_its_lifetime_is_an_unknown_run() {
     let log = RunLog::new(RunLogConfig::default().ttl(Duration::from_secs(600)));
     log.writer("alice", "r")
         .append(json!({"type": "x"}))
+        .await
         .unwrap();
     tokio::time::advance(Duration::from_secs(599)).await;
-    assert!(log.resume("alice", "r", 0, None).is_ok());
+    assert!(log.resume("alice", "r", 0, None).await.is_ok());
     tokio::time::advance(Duration::from_secs(2)).await;
     assert_eq!(
-        log.resume("alice", "r", 0, None).unwrap_err(),
+        log.resume("alice", "r", 0, None).await.unwrap_err(),
         Resync::UnknownRun
     );
     assert_eq!(log.sweep(), 0);
     assert_eq!(log.stats().bytes, 0);
 }
 
-#[test]
-fn ten_thousand_runs_of_a_hundred_users_stay_within_the_bounds() {
+#[tokio::test]
+async fn ten_thousand_runs_of_a_hundred_users_stay_within_the_bounds() {
     let config = RunLogConfig::default()
         .max_runs_per_user(50)
         .max_events_per_run(8)
@@ -169,7 +188,7 @@ fn ten_thousand_runs_of_a_hundred_users_stay_within_the_bounds() {
         for run in 0..100 {
             let w = log.writer(&format!("user-{u}"), &format!("run-{run}"));
             for i in 0..10 {
-                w.append(json!({ "type": "x", "i": i })).unwrap();
+                w.append(json!({ "type": "x", "i": i })).await.unwrap();
             }
         }
     }
@@ -181,9 +200,9 @@ fn ten_thousand_runs_of_a_hundred_users_stay_within_the_bounds() {
     );
     assert!(stats.bytes <= 8 << 20, "{stats:?}");
     // Each kept run holds its last 8 frames; an evicted run is unknown.
-    assert!(log.resume("user-7", "run-99", 2, None).is_ok());
+    assert!(log.resume("user-7", "run-99", 2, None).await.is_ok());
     assert_eq!(
-        log.resume("user-7", "run-0", 0, None).unwrap_err(),
+        log.resume("user-7", "run-0", 0, None).await.unwrap_err(),
         Resync::UnknownRun
     );
     println!(
@@ -192,27 +211,27 @@ fn ten_thousand_runs_of_a_hundred_users_stay_within_the_bounds() {
     );
 }
 
-#[test]
-fn a_reader_that_never_reads_slows_no_writer_and_is_told_to_resync() {
+#[tokio::test]
+async fn a_reader_that_never_reads_slows_no_writer_and_is_told_to_resync() {
     let log = RunLog::new(
         RunLogConfig::default()
             .reader_buffer(8)
             .max_events_per_run(100_000),
     );
     let w = log.writer("alice", "r");
-    let mut stuck = log.resume("alice", "r", 0, None).unwrap();
+    let mut stuck = log.resume("alice", "r", 0, None).await.unwrap();
     let other = log.writer("bob", "r");
-    let mut bobs = log.resume("bob", "r", 0, None).unwrap();
+    let mut bobs = log.resume("bob", "r", 0, None).await.unwrap();
     for i in 0..10_000 {
-        w.append(json!({ "type": "x", "i": i })).unwrap(); // never waits
-        other.append(json!({ "type": "y", "i": i })).unwrap();
+        w.append(json!({ "type": "x", "i": i })).await.unwrap(); // never waits
+        other.append(json!({ "type": "y", "i": i })).await.unwrap();
         assert_eq!(bobs.try_next().map(|r| r.map(|f| f.seq)), Some(Ok(i + 1)));
     }
     let got = ready(&mut stuck);
     assert_eq!(got.len(), 9, "its buffer, then the resync");
     assert_eq!(got[8], Err(Resync::Truncated));
     // It can resume from where it was and catch up from the kept frames.
-    let mut again = log.resume("alice", "r", 8, None).unwrap();
+    let mut again = log.resume("alice", "r", 8, None).await.unwrap();
     assert_eq!(again.try_next().map(|r| r.map(|f| f.seq)), Some(Ok(9)));
 }
 
@@ -254,10 +273,10 @@ proptest! {
         let mut seen: HashMap<usize, Vec<u64>> = HashMap::new();
         for (op, n) in ops {
             match op {
-                0 => last = w.append(json!({"type": "x"})).unwrap(),
+                0 => last = now(w.append(json!({"type": "x"}))).unwrap(),
                 1 => {
                     let after = n.min(last);
-                    match log.resume("alice", "r", after, None) {
+                    match now(log.resume("alice", "r", after, None)) {
                         Ok(r) => readers.push((after, r)),
                         Err(e) => {
                             prop_assert_eq!(e, Resync::Truncated);
@@ -292,7 +311,7 @@ async fn concurrent_appends_and_resumes_see_every_seq_once_in_order() {
     const N: u64 = 20_000;
     let writer = tokio::task::spawn_blocking(move || {
         for _ in 0..N {
-            w.append(json!({"type": "x"})).unwrap();
+            now(w.append(json!({"type": "x"}))).unwrap();
         }
     });
     let mut readers = Vec::new();
@@ -306,7 +325,7 @@ async fn concurrent_appends_and_resumes_see_every_seq_once_in_order() {
             // Somewhere in the first thousand, once the writer got there.
             let after = k * 997 % 1_000;
             let mut r = loop {
-                match log.resume("alice", "r", after, None) {
+                match log.resume("alice", "r", after, None).await {
                     Ok(r) => break r,
                     Err(e) => {
                         assert_eq!(e, Resync::Truncated, "only ahead of the writer");

@@ -32,8 +32,10 @@
 //! way it is counted ([`RedisStats`]) and [`Engine::health`](crate::Engine::health)
 //! says why; the connection is re-established by itself once Redis is back.
 //!
-//! Keys: `{prefix}:u{<user id>}:rate`, `…:slots`, `…:approval:<call id>` and the
-//! channel `{prefix}:signals`; the user id is escaped so that its `{…}` is the key's
+//! Keys: `{prefix}:u{<user id>}:rate`, `…:slots`, `…:approval:<call id>`,
+//! `…:run:<run id>` (a stream), `…:runs` (the user's runs by last append),
+//! `…:seen:<run id>` (a node follows the run), `{prefix}:runlog:epoch`,
+//! `{prefix}:node:<node>:wake`, and the channel `{prefix}:signals`; the user id is escaped so that its `{…}` is the key's
 //! Redis Cluster hash tag: one user's keys live on one slot.
 //!
 //! With [`RedisConfig::local_precheck`] (on by default), a call this node's own
@@ -41,9 +43,15 @@
 //! node while over the shared quota may then wait a little longer than the shared
 //! bucket alone would make them.
 //!
-//! Not yet shared: the engine-wide and per-tool slots stay each node's own, and run
-//! logs live in the process that writes them. While Redis is unreachable, an
-//! approval can be answered only on the node where the call waits.
+//! - **run logs on Redis Streams**: [`RunLog::redis`](crate::RunLog::redis) keeps
+//!   each run's frames in the stream `{prefix}:u{<user>}:run:<run>`, each `seq`
+//!   assigned in Redis with its append, so a client resumes its run on any node;
+//!   see [`RunLog::redis`](crate::RunLog::redis) for the bounds, the shared epoch
+//!   and what happens while Redis is away.
+//!
+//! Not yet shared: the engine-wide and per-tool slots stay each node's own. While
+//! Redis is unreachable, an approval can be answered only on the node where the call
+//! waits.
 //!
 //! ```no_run
 //! # async fn f(registry: tool_dispatch::Registry) -> Result<(), Box<dyn std::error::Error>> {
@@ -65,6 +73,8 @@ use futures_util::future::BoxFuture;
 use std::sync::Weak;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+mod log;
 
 use crate::approval::Verdict;
 use crate::engine::{Claim, Engine, EngineBuilder, Inner, Peers, Shared as Attach, Signal};
@@ -241,6 +251,11 @@ pub struct RedisStats {
     pub fallbacks: u64,
     /// Calls refused by the local pre-check without asking Redis.
     pub shed_locally: u64,
+    /// Frames a shared run log recorded in Redis.
+    pub log_appends: u64,
+    /// Frames a shared run log could not record (Redis unreachable): the calls went
+    /// on and their callers had their results; the runs' readers were told to resync.
+    pub log_failures: u64,
     /// The last failure, if the last rate check failed.
     pub last_error: Option<String>,
 }
@@ -253,6 +268,8 @@ pub struct Redis {
 
 struct Shared {
     conn: ConnectionManager,
+    /// For the connections that block (the run logs' reader).
+    client: ::redis::Client,
     /// This process's name among the nodes, to ignore its own signals.
     node: String,
     /// `{prefix}:signals`: cancellations told to every node.
@@ -272,6 +289,8 @@ struct Shared {
     failures: AtomicU64,
     fallbacks: AtomicU64,
     shed: AtomicU64,
+    log_appends: AtomicU64,
+    log_failures: AtomicU64,
     last_error: Mutex<Option<String>>,
 }
 
@@ -290,6 +309,7 @@ impl Redis {
     pub async fn connect(url: &str, config: RedisConfig) -> Result<Redis, RedisError> {
         let client = ::redis::Client::open(url).map_err(|e| RedisError::BadUrl(e.to_string()))?;
         let client_for_pubsub = client.clone();
+        let client_for_logs = client.clone();
         let manager = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.timeout))
             .set_response_timeout(Some(config.timeout))
@@ -312,6 +332,7 @@ impl Redis {
         let redis = Redis {
             inner: Arc::new(Shared {
                 conn,
+                client: client_for_logs,
                 node,
                 channel,
                 engines: Mutex::default(),
@@ -326,6 +347,8 @@ impl Redis {
                 failures: AtomicU64::new(0),
                 fallbacks: AtomicU64::new(0),
                 shed: AtomicU64::new(0),
+                log_appends: AtomicU64::new(0),
+                log_failures: AtomicU64::new(0),
                 last_error: Mutex::new(None),
             }),
         };
@@ -337,7 +360,7 @@ impl Redis {
         Ok(redis)
     }
 
-    /// What the limiter has seen so far.
+    /// What this handle has seen so far.
     pub fn stats(&self) -> RedisStats {
         let s = &self.inner;
         RedisStats {
@@ -345,6 +368,8 @@ impl Redis {
             failures: s.failures.load(Relaxed),
             fallbacks: s.fallbacks.load(Relaxed),
             shed_locally: s.shed.load(Relaxed),
+            log_appends: s.log_appends.load(Relaxed),
+            log_failures: s.log_failures.load(Relaxed),
             last_error: s
                 .last_error
                 .lock()

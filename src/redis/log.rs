@@ -1,0 +1,570 @@
+//! Run logs on Redis Streams: one stream per (user, run), shared by every node, so a
+//! client resumes its run on whichever node its reconnect lands. What it guarantees
+//! is documented on [`RunLog::redis`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use ::redis::aio::MultiplexedConnection;
+use futures_util::future::BoxFuture;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::{Redis, RedisError, user_key};
+use crate::runlog::{
+    AppendError, Frame, Resync, RunLog, RunLogConfig, Store, WeakRunLog, fresh_epoch,
+};
+
+/// Appends one frame. KEYS[1]: the run's stream; KEYS[2]: the user's runs (run id →
+/// last append, server ms). ARGV: the frame's JSON object text after its `{`, the
+/// stream's length, its time to live (ms), the user's most runs, the run id, and the
+/// key of the user's runs without the run id. Returns the frame's seq.
+const APPEND: &str = r#"
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local seq = 1
+if last[1] then seq = tonumber(string.match(last[1][1], '^(%d+)')) + 1 end
+local id = string.format('%d', seq)
+local body = ARGV[1]
+local sep = ','
+if string.sub(body, 1, 1) == '}' then sep = '' end
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], id .. '-0', 'f', '{"seq":' .. id .. sep .. body)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[2], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), ARGV[5])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+while redis.call('ZCARD', KEYS[2]) > tonumber(ARGV[4]) do
+  local old = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
+  redis.call('ZREM', KEYS[2], old)
+  if old ~= ARGV[5] then redis.call('DEL', ARGV[6] .. old) end
+end
+return seq
+"#;
+
+/// Frames a node may have waiting for Redis.
+const QUEUE: usize = 8192;
+/// Frames written in one round trip.
+const BATCH: usize = 128;
+/// How long the node's reader blocks on the followed runs at a time.
+const BLOCK: Duration = Duration::from_millis(500);
+/// How often the node checks the shared epoch and marks the runs it follows.
+const REFRESH: Duration = Duration::from_secs(1);
+/// How long a run stays marked as followed without a refresh.
+const SEEN_MS: u64 = 5_000;
+
+/// One frame waiting for Redis.
+struct Job {
+    user: Arc<str>,
+    run: Arc<str>,
+    /// The frame's JSON object text after its `{`.
+    body: String,
+    done: Option<oneshot::Sender<Result<u64, AppendError>>>,
+}
+
+struct Inner {
+    redis: Redis,
+    epoch: AtomicU64,
+    /// Redis failed last time it was asked: appends are refused until it answers.
+    down: AtomicBool,
+    script: ::redis::Script,
+    config: RunLogConfig,
+    epoch_key: String,
+    wake_key: String,
+}
+
+/// The [`Store`] on Redis.
+struct RedisLog {
+    inner: Arc<Inner>,
+    jobs: mpsc::Sender<Job>,
+}
+
+impl RunLog {
+    /// A run log kept in Redis Streams and shared by every process that opens one on
+    /// the same Redis and prefix: a client resumes a run on any of them, with the same
+    /// frames, `seq`s and epoch.
+    ///
+    /// - A frame gets its `seq` in Redis, in the same Lua script that appends it (the
+    ///   stream entry's id is `<seq>-0`), so two nodes writing one run never collide.
+    ///   A node queues its frames (the sink never waits) and writes them in batches,
+    ///   one round trip per batch, in the order they were appended; `append` returns
+    ///   once its frame, and every frame queued before it, is recorded.
+    /// - `resume` replays the kept frames by range (`XRANGE`) and follows the live
+    ///   ones through the node's one blocking reader (`XREAD BLOCK` over every run
+    ///   followed on the node, on a connection of its own), woken through a per-node
+    ///   stream when a run gains its first follower.
+    /// - Each run keeps about `max_events_per_run` entries (`MAXLEN ~`, which trims
+    ///   whole stream nodes) and expires `ttl` after its last append; each user keeps
+    ///   at most `max_runs_per_user` runs (the least recently written goes first);
+    ///   `max_bytes_per_run` bounds one frame. `max_bytes` does not apply: the Redis
+    ///   server's `maxmemory` is the process-wide bound.
+    /// - The epoch lives in Redis and is shared by every node: `epoch_changed` means
+    ///   the stream's data is gone (Redis started afresh), not that a node restarted.
+    ///   Followers of a run whose data went are told to resync.
+    /// - While Redis cannot be reached, the first batch fails within
+    ///   [`RedisConfig::timeout`](super::RedisConfig::timeout) and later appends are
+    ///   refused at once: a call whose `tool_executing` cannot be recorded does not
+    ///   run, and a call already running still gives its caller its result. Each
+    ///   frame not recorded is counted in
+    ///   [`RedisStats::log_failures`](super::RedisStats) and the run's followers are
+    ///   told to resync. A run log does not fall back to the node's memory: a frame
+    ///   no other node could see would break every resume after it. The node notices
+    ///   Redis is back within a second and records again.
+    /// - [`RunLog::is_followed`] also sees followers on other nodes (each node marks
+    ///   the runs it follows every second), so a grace period that cancels abandoned
+    ///   runs does not cancel one whose client reconnected elsewhere.
+    ///
+    /// ```no_run
+    /// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tool_dispatch::redis::{Redis, RedisConfig};
+    /// use tool_dispatch::{RunLog, RunLogConfig};
+    /// let redis = Redis::connect("redis://127.0.0.1:6379", RedisConfig::default()).await?;
+    /// let log = RunLog::redis(RunLogConfig::default(), &redis).await?;
+    /// # let _ = log; Ok(()) }
+    /// ```
+    pub async fn redis(config: RunLogConfig, redis: &Redis) -> Result<RunLog, RedisError> {
+        let prefix = &redis.inner.config.prefix;
+        let inner = Arc::new(Inner {
+            redis: redis.clone(),
+            epoch: AtomicU64::new(0),
+            down: AtomicBool::new(false),
+            script: ::redis::Script::new(APPEND),
+            config,
+            epoch_key: format!("{prefix}:runlog:epoch"),
+            wake_key: format!("{prefix}:node:{}:wake", redis.inner.node),
+        });
+        let epoch = inner
+            .shared_epoch()
+            .await
+            .map_err(RedisError::Unreachable)?;
+        inner.epoch.store(epoch, Relaxed);
+        let (jobs, queue) = mpsc::channel(QUEUE);
+        let store = RedisLog {
+            inner: Arc::clone(&inner),
+            jobs,
+        };
+        let log = RunLog::shared(config, Arc::new(store));
+        tokio::spawn(write(Arc::clone(&inner), queue, log.downgrade()));
+        tokio::spawn(read(inner, log.downgrade()));
+        Ok(log)
+    }
+}
+
+fn run_key(prefix: &str, user: &str, run: &str) -> String {
+    user_key(prefix, user, &format!("run:{run}"))
+}
+
+fn seen_key(prefix: &str, user: &str, run: &str) -> String {
+    user_key(prefix, user, &format!("seen:{run}"))
+}
+
+/// A stream entry as Redis sends it: its id and its fields and values.
+type Entry = (String, Vec<String>);
+
+/// The frame of a stream entry written by [`APPEND`]; `None` for anything else.
+fn frame((id, fields): Entry) -> Option<Frame> {
+    let seq = id.strip_suffix("-0")?.parse().ok()?;
+    match fields.as_slice() {
+        [f, json] if f == "f" && json.starts_with("{\"seq\":") => Some(Frame {
+            seq,
+            json: Arc::from(json.as_str()),
+        }),
+        _ => None,
+    }
+}
+
+impl Inner {
+    fn prefix(&self) -> &str {
+        &self.redis.inner.config.prefix
+    }
+
+    fn timeout(&self) -> Duration {
+        self.redis.inner.config.timeout
+    }
+
+    /// The cluster's epoch, set by whichever node asks first after Redis starts empty.
+    async fn shared_epoch(&self) -> Result<u64, String> {
+        let mut conn = self.redis.inner.conn.clone();
+        let mut pipe = ::redis::pipe();
+        pipe.cmd("SET")
+            .arg(&self.epoch_key)
+            .arg(fresh_epoch())
+            .arg("NX")
+            .ignore()
+            .cmd("GET")
+            .arg(&self.epoch_key);
+        let asked = tokio::time::timeout(self.timeout(), pipe.query_async::<(u64,)>(&mut conn));
+        match asked.await {
+            Ok(Ok((epoch,))) => Ok(epoch),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {:?}", self.timeout())),
+        }
+    }
+
+    fn failed(&self, error: String) {
+        self.down.store(true, Relaxed);
+        tracing::warn!(error = %error, "the shared run log cannot reach Redis");
+        *self
+            .redis
+            .inner
+            .last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(error);
+    }
+
+    /// Writes a batch in one round trip: the seqs, in order.
+    async fn write(&self, batch: &[Job]) -> Result<Vec<u64>, ::redis::RedisError> {
+        let prefix = self.prefix();
+        let ttl_ms = u64::try_from(self.config.ttl.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let mut pipe = ::redis::pipe();
+        for job in batch {
+            pipe.cmd("EVALSHA")
+                .arg(self.script.get_hash())
+                .arg(2)
+                .arg(run_key(prefix, &job.user, &job.run))
+                .arg(user_key(prefix, &job.user, "runs"))
+                .arg(&job.body)
+                .arg(self.config.max_events_per_run)
+                .arg(ttl_ms)
+                .arg(self.config.max_runs_per_user)
+                .arg(&*job.run)
+                .arg(user_key(prefix, &job.user, "run:"));
+        }
+        let mut conn = self.redis.inner.conn.clone();
+        let first = pipe.query_async::<Vec<u64>>(&mut conn).await;
+        match first {
+            Err(e)
+                if e.kind() == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript) =>
+            {
+                // Redis started afresh since the script was loaded: nothing was written.
+                self.script.load_async(&mut conn).await?;
+                pipe.query_async::<Vec<u64>>(&mut conn).await
+            }
+            other => other,
+        }
+    }
+
+    /// Checks the shared epoch (telling the log when Redis started afresh) and marks
+    /// the runs followed here as followed.
+    async fn refresh(&self, log: &RunLog, followed: &[(Arc<str>, Arc<str>, u64)]) {
+        let epoch = match self.shared_epoch().await {
+            Ok(e) => e,
+            Err(e) => return self.failed(e),
+        };
+        self.down.store(false, Relaxed);
+        if self.epoch.swap(epoch, Relaxed) != epoch {
+            tracing::warn!("the shared run logs are gone (Redis started afresh)");
+            log.restarted();
+        }
+        if followed.is_empty() {
+            return;
+        }
+        let mut pipe = ::redis::pipe();
+        for (user, run, _) in followed {
+            pipe.cmd("SET")
+                .arg(seen_key(self.prefix(), user, run))
+                .arg(&self.redis.inner.node)
+                .arg("PX")
+                .arg(SEEN_MS)
+                .ignore();
+        }
+        let mut conn = self.redis.inner.conn.clone();
+        let marked = tokio::time::timeout(self.timeout(), pipe.query_async::<()>(&mut conn));
+        if let Ok(Err(e)) = marked.await {
+            self.failed(e.to_string());
+        }
+    }
+}
+
+impl Store for RedisLog {
+    fn epoch(&self) -> u64 {
+        self.inner.epoch.load(Relaxed)
+    }
+
+    fn append(
+        &self,
+        user: &str,
+        run: &str,
+        text: String,
+        done: Option<oneshot::Sender<Result<u64, AppendError>>>,
+    ) -> Result<(), AppendError> {
+        let stats = &self.inner.redis.inner;
+        if self.inner.down.load(Relaxed) {
+            stats.log_failures.fetch_add(1, Relaxed);
+            return Err(AppendError::Unavailable);
+        }
+        let body = match text.strip_prefix('{') {
+            Some(rest) => rest.to_owned(),
+            None => return Err(AppendError::NotAnObject),
+        };
+        let job = Job {
+            user: Arc::from(user),
+            run: Arc::from(run),
+            body,
+            done,
+        };
+        self.jobs.try_send(job).map_err(|_| {
+            stats.log_failures.fetch_add(1, Relaxed);
+            AppendError::Full
+        })
+    }
+
+    fn replay<'a>(
+        &'a self,
+        user: &'a str,
+        run: &'a str,
+        after_seq: u64,
+        epoch: Option<u64>,
+    ) -> BoxFuture<'a, Result<Vec<Frame>, Resync>> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            let key = run_key(inner.prefix(), user, run);
+            let mut pipe = ::redis::pipe();
+            pipe.cmd("SET")
+                .arg(&inner.epoch_key)
+                .arg(fresh_epoch())
+                .arg("NX")
+                .ignore()
+                .cmd("GET")
+                .arg(&inner.epoch_key)
+                .cmd("XREVRANGE")
+                .arg(&key)
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1)
+                .cmd("XRANGE")
+                .arg(&key)
+                .arg(format!("({after_seq}-0"))
+                .arg("+");
+            let mut conn = inner.redis.inner.conn.clone();
+            let asked = pipe.query_async::<(u64, Vec<Entry>, Vec<Entry>)>(&mut conn);
+            let (current, last, kept) = match tokio::time::timeout(inner.timeout(), asked).await {
+                Ok(Ok(answer)) => answer,
+                Ok(Err(e)) => {
+                    inner.failed(e.to_string());
+                    return Err(Resync::Unavailable);
+                }
+                Err(_) => {
+                    inner.failed(format!("no answer within {:?}", inner.timeout()));
+                    return Err(Resync::Unavailable);
+                }
+            };
+            if epoch.is_some_and(|e| e != current) {
+                return Err(Resync::EpochChanged);
+            }
+            let Some(last) = last.into_iter().next().and_then(frame) else {
+                return Err(Resync::UnknownRun);
+            };
+            let frames: Vec<Frame> = kept.into_iter().filter_map(frame).collect();
+            // Asking from past the last frame, or from before the first kept one:
+            // either way the client's copy is not this run's.
+            let from_start = frames.first().is_none_or(|f| f.seq == after_seq + 1);
+            if after_seq > last.seq || (after_seq < last.seq && !from_start) {
+                return Err(Resync::Truncated);
+            }
+            Ok(frames)
+        })
+    }
+
+    fn followed<'a>(&'a self, user: &'a str, run: &'a str) -> BoxFuture<'a, bool> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            let mut conn = inner.redis.inner.conn.clone();
+            let mut cmd = ::redis::cmd("GET");
+            cmd.arg(seen_key(inner.prefix(), user, run));
+            let asked = cmd.query_async::<Option<String>>(&mut conn);
+            // Marked by another node; this node's own mark may be stale, and the log
+            // has asked its own readers already.
+            match tokio::time::timeout(inner.timeout(), asked).await {
+                Ok(Ok(Some(node))) => node != inner.redis.inner.node,
+                _ => false,
+            }
+        })
+    }
+}
+
+/// Writes the node's queued frames in order, a batch per round trip, until the log
+/// is dropped.
+async fn write(inner: Arc<Inner>, mut queue: mpsc::Receiver<Job>, log: WeakRunLog) {
+    let stats = &inner.redis.inner;
+    let mut batch = Vec::with_capacity(BATCH);
+    while queue.recv_many(&mut batch, BATCH).await > 0 {
+        let written = tokio::time::timeout(inner.timeout(), inner.write(&batch)).await;
+        let error = match written {
+            Ok(Ok(seqs)) if seqs.len() == batch.len() => {
+                inner.down.store(false, Relaxed);
+                stats.log_appends.fetch_add(seqs.len() as u64, Relaxed);
+                for (job, seq) in batch.drain(..).zip(seqs) {
+                    if let Some(done) = job.done {
+                        let _ = done.send(Ok(seq));
+                    }
+                }
+                continue;
+            }
+            Ok(Ok(seqs)) => format!("{} answers to {} appends", seqs.len(), batch.len()),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {:?}", inner.timeout()),
+        };
+        inner.failed(error);
+        stats.log_failures.fetch_add(batch.len() as u64, Relaxed);
+        let log = log.upgrade();
+        for job in batch.drain(..) {
+            if let Some(log) = &log {
+                log.lost(&job.user, &job.run);
+            }
+            if let Some(done) = job.done {
+                let _ = done.send(Err(AppendError::Unavailable));
+            }
+        }
+    }
+}
+
+/// The node's one blocking reader: follows every run followed here from the `seq`
+/// read last, hands the frames to the log, and refreshes the epoch and the runs'
+/// marks, until the log is dropped.
+async fn read(inner: Arc<Inner>, weak: WeakRunLog) {
+    let stop = inner.redis.inner.stop.clone();
+    let mut conn: Option<MultiplexedConnection> = None;
+    let mut refreshed: Option<Instant> = None;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        if stop.is_cancelled() {
+            return;
+        }
+        let Some(log) = weak.upgrade() else { return };
+        let followed = log.followed_runs();
+        if refreshed.is_none_or(|t| t.elapsed() >= REFRESH) {
+            inner.refresh(&log, &followed).await;
+            refreshed = Some(Instant::now());
+        }
+        if followed.is_empty() {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = log.newly_followed() => {}
+                () = tokio::time::sleep(REFRESH) => {}
+            }
+            continue;
+        }
+        let Some(mut c) = conn.clone() else {
+            match blocking_connection(&inner).await {
+                Ok(c) => conn = Some(c),
+                Err(e) => {
+                    inner.failed(e);
+                    drop(log);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+            continue;
+        };
+        let mut keys: HashMap<String, (Arc<str>, Arc<str>)> = HashMap::new();
+        let mut cmd = ::redis::cmd("XREAD");
+        cmd.arg("COUNT")
+            .arg(256)
+            .arg("BLOCK")
+            .arg(BLOCK.as_millis() as u64);
+        cmd.arg("STREAMS");
+        for (user, run, _) in &followed {
+            let key = run_key(inner.prefix(), user, run);
+            cmd.arg(&key);
+            keys.insert(key, (Arc::clone(user), Arc::clone(run)));
+        }
+        cmd.arg(&inner.wake_key);
+        for (_, _, last) in &followed {
+            cmd.arg(format!("{last}-0"));
+        }
+        cmd.arg("$");
+        type Reply = Option<Vec<(String, Vec<Entry>)>>;
+        let reading =
+            tokio::time::timeout(BLOCK + inner.timeout(), cmd.query_async::<Reply>(&mut c));
+        tokio::pin!(reading);
+        let reply = loop {
+            tokio::select! {
+                biased;
+                r = &mut reading => break r,
+                () = log.newly_followed() => wake(&inner).await,
+                () = stop.cancelled() => return,
+            }
+        };
+        match reply {
+            Ok(Ok(streams)) => {
+                backoff = Duration::from_millis(50);
+                for (key, entries) in streams.unwrap_or_default() {
+                    if let Some((user, run)) = keys.get(&key) {
+                        log.deliver(user, run, entries.into_iter().filter_map(frame).collect());
+                    }
+                }
+            }
+            Ok(Err(e)) => {
+                inner.failed(e.to_string());
+                conn = None;
+            }
+            Err(_) => {
+                inner.failed(format!("no answer within {:?}", BLOCK + inner.timeout()));
+                conn = None;
+            }
+        }
+    }
+}
+
+/// A connection of the reader's own: a blocking read would hold up everyone else's
+/// commands on the shared one.
+async fn blocking_connection(inner: &Inner) -> Result<MultiplexedConnection, String> {
+    let config = ::redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(inner.timeout()))
+        .set_response_timeout(None);
+    let client = &inner.redis.inner.client;
+    let connect = client.get_multiplexed_async_connection_with_config(&config);
+    match tokio::time::timeout(inner.timeout().saturating_mul(4), connect).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timed out connecting".into()),
+    }
+}
+
+/// Ends the reader's current block early, so that it reads a run just followed.
+async fn wake(inner: &Inner) {
+    let mut conn = inner.redis.inner.conn.clone();
+    let mut pipe = ::redis::pipe();
+    pipe.cmd("XADD")
+        .arg(&inner.wake_key)
+        .arg("MAXLEN")
+        .arg(1)
+        .arg("*")
+        .arg("w")
+        .arg(1)
+        .ignore()
+        .cmd("PEXPIRE")
+        .arg(&inner.wake_key)
+        .arg(60_000)
+        .ignore();
+    let _ = tokio::time::timeout(inner.timeout(), pipe.query_async::<()>(&mut conn)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runlog::with_seq;
+
+    #[test]
+    fn only_entries_written_by_the_script_are_frames() {
+        let ok = (
+            "7-0".to_owned(),
+            vec!["f".into(), r#"{"seq":7,"type":"x"}"#.into()],
+        );
+        assert_eq!(frame(ok).map(|f| f.seq), Some(7));
+        for bad in [
+            ("7-1".to_owned(), vec!["f".into(), r#"{"seq":7}"#.into()]),
+            ("x-0".to_owned(), vec!["f".into(), r#"{"seq":7}"#.into()]),
+            ("7-0".to_owned(), vec!["g".into(), r#"{"seq":7}"#.into()]),
+            ("7-0".to_owned(), vec!["f".into(), "[]".into()]),
+            ("7-0".to_owned(), vec![]),
+        ] {
+            assert_eq!(frame(bad), None);
+        }
+        assert_eq!(&*with_seq(3, "{}"), r#"{"seq":3}"#);
+    }
+}
