@@ -375,6 +375,13 @@ impl Server {
         self
     }
 
+    /// The run log (default: this process's own, with the default bounds; a shared
+    /// one lets a client resume on another node).
+    pub fn run_log(mut self, runs: RunLog) -> Self {
+        self.runs = runs;
+        self
+    }
+
     /// This node's name, shown in the `ready` frame.
     pub fn node(mut self, name: impl Into<String>) -> Self {
         self.node = Some(name.into());
@@ -456,6 +463,13 @@ impl Server {
                     }
                 };
                 if tokio::time::Instant::now() >= until {
+                    // A client that reconnected to another node follows it there.
+                    if server.runs.is_followed(&key.0, &key.1).await {
+                        if let Some(f) = server.followers().get_mut(&key) {
+                            f.left_at = Some(tokio::time::Instant::now());
+                        }
+                        continue;
+                    }
                     server.followers().remove(&key);
                     break;
                 }
@@ -760,9 +774,20 @@ async fn run_message(
     });
 }
 
-fn unique() -> u64 {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-    NEXT.fetch_add(1, Ordering::Relaxed)
+/// A name part no other process of the cluster hands out: a random start for this
+/// process, then one more each time. Runs and calls are the cluster's once their log
+/// and approvals live in Redis, so two nodes must never name two runs alike.
+fn unique() -> String {
+    static START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let start = START.get_or_init(|| {
+        std::hash::BuildHasher::hash_one(
+            &std::hash::RandomState::new(),
+            (std::process::id(), std::time::SystemTime::now()),
+        ) >> 24
+    });
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{:x}", start.wrapping_add(n))
 }
 
 /// Sends a run's frames to the socket as they come; stops when the run is gone, the
@@ -1051,7 +1076,7 @@ fn log_disconnect(user_id: &str, runs: &[String], report: &str) {
 /// The command line: `--port N` (else `PORT`, else 3000), `--grace-secs N` (else
 /// [`DEFAULT_GRACE`]), `--rate-per-minute N` (every demo user's rate, burst N; else
 /// the engine's default), `--redis URL` (else `REDIS_URL`; shares limits,
-/// cancellation and approvals with the other nodes on that Redis; needs the `redis`
+/// cancellation, approvals and runs with the other nodes on that Redis; needs the `redis`
 /// feature) and `--node NAME` (shown in the `ready` frame).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Options {
@@ -1149,16 +1174,18 @@ pub fn demo_engine_builder(per_minute: Option<u32>) -> tool_dispatch::EngineBuil
     }
 }
 
-/// The engine the command line asks for: with Redis when `--redis` is given.
-async fn engine_for(options: &Options) -> Result<Engine, Box<dyn std::error::Error>> {
+/// The engine and run log the command line asks for: both on Redis when `--redis`
+/// is given, so that limits, cancellation, approvals and runs are the cluster's.
+async fn engine_for(options: &Options) -> Result<(Engine, RunLog), Box<dyn std::error::Error>> {
     let builder = demo_engine_builder(options.rate_per_minute);
     match &options.redis {
-        None => Ok(builder.build()),
+        None => Ok((builder.build(), RunLog::new(RunLogConfig::default()))),
         #[cfg(feature = "redis")]
         Some(url) => {
             use tool_dispatch::redis::{Redis, RedisConfig};
             let redis = Redis::connect(url, RedisConfig::default().prefix("chat")).await?;
-            Ok(builder.redis(&redis).build())
+            let runs = RunLog::redis(RunLogConfig::default(), &redis).await?;
+            Ok((builder.redis(&redis).build(), runs))
         }
         #[cfg(not(feature = "redis"))]
         Some(_) => Err(
@@ -1177,10 +1204,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::env::var("PORT").ok(),
         std::env::var("REDIS_URL").ok(),
     )?;
-    let engine = engine_for(&options).await?;
+    let (engine, runs) = engine_for(&options).await?;
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", options.port)).await?;
     println!("listening on http://{}", listener.local_addr()?);
-    let mut server = Server::new(engine, demo_users()).grace(options.grace);
+    let mut server = Server::new(engine, demo_users())
+        .grace(options.grace)
+        .run_log(runs);
     if let Some(node) = &options.node {
         server = server.node(node);
     }

@@ -1040,12 +1040,13 @@ async fn reconnecting_a_thousand_times_leaves_one_grace_timer_per_run() {
 #[path = "common/redis_server.rs"]
 mod redis_server;
 
-/// Two chat servers ("nodes") sharing one Redis: rate, cancellation and approvals
-/// hold across them.
+/// Two chat servers ("nodes") sharing one Redis: runs, rate, cancellation and
+/// approvals hold across them.
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_nodes_on_one_redis_share_the_rate_cancellation_and_approvals() {
+async fn two_nodes_on_one_redis_share_runs_rate_cancellation_and_approvals() {
     use tool_dispatch::redis::{Redis, RedisConfig};
+    use tool_dispatch::{RunLog, RunLogConfig};
     let Some(redis_server) = redis_server::RedisServer::start() else {
         return;
     };
@@ -1060,12 +1061,50 @@ async fn two_nodes_on_one_redis_share_the_rate_cancellation_and_approvals() {
         let engine = chat_server::demo_engine_builder(Some(5))
             .redis(&redis)
             .build();
+        let runs = RunLog::redis(RunLogConfig::default(), &redis)
+            .await
+            .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let server = Server::new(engine, chat_server::demo_users()).node(name);
+        // A short grace period: a run its client left on A and resumed on B must not
+        // be cancelled by A.
+        let server = Server::new(engine, chat_server::demo_users())
+            .node(name)
+            .run_log(runs)
+            .grace(Duration::from_millis(300));
         tokio::spawn(chat_server::serve(listener, server.clone()));
         nodes.push(addr);
     }
+    // alice's run on A, dropped after its first progress, resumed on B past A's
+    // grace period (the call takes 900 ms, the grace 300 ms): every later frame once,
+    // in order, and the call is not cancelled.
+    let (mut first, ready) = connect_ready(nodes[0], "alice-token").await;
+    let slow = json!({"steps": 6, "step_ms": 150});
+    send(&mut first, openai(&[("call_moved", "slow_task", slow)])).await;
+    let before = until(&mut first, |m| m["type"] == "tool_progress").await;
+    let last = before.last().unwrap()["seq"].as_u64().unwrap();
+    drop(first);
+    let (mut moved, ready_moved) = connect_ready(nodes[1], "alice-token").await;
+    assert_eq!(
+        ready_moved["epoch"], ready["epoch"],
+        "one epoch for the cluster"
+    );
+    send(
+        &mut moved,
+        json!({"type": "resume", "run_id": ready["run_id"], "after_seq": last,
+               "epoch": ready["epoch"]}),
+    )
+    .await;
+    assert_eq!(recv(&mut moved).await["type"], "resumed");
+    let after = until_results(&mut moved).await;
+    let seqs: Vec<u64> = after.iter().filter_map(|m| m["seq"].as_u64()).collect();
+    assert_eq!(
+        seqs,
+        (last + 1..last + 1 + seqs.len() as u64).collect::<Vec<_>>()
+    );
+    assert_eq!(completed(&after, "call_moved")["status"], "success");
+    drop(moved);
+
     let (mut on_a, ready_a) = connect_ready(nodes[0], "alice-token").await;
     let (mut on_b, ready_b) = connect_ready(nodes[1], "alice-token").await;
     assert_eq!(
@@ -1073,9 +1112,10 @@ async fn two_nodes_on_one_redis_share_the_rate_cancellation_and_approvals() {
         (Some("a"), Some("b"))
     );
 
-    // Alternating nodes, quota 5 a minute: exactly 5 succeed; the 6th is refused.
-    let mut statuses = Vec::new();
-    for i in 0..6 {
+    // Alternating nodes, quota 5 a minute, slow_task was the first: four more
+    // succeed; the 6th is refused.
+    let mut statuses = vec!["success".to_owned()];
+    for i in 1..6 {
         let ws = if i % 2 == 0 { &mut on_a } else { &mut on_b };
         let id = format!("call_q{i}");
         send(

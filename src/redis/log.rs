@@ -429,6 +429,9 @@ async fn read(inner: Arc<Inner>, weak: WeakRunLog) {
     let stop = inner.redis.inner.stop.clone();
     let mut conn: Option<MultiplexedConnection> = None;
     let mut refreshed: Option<Instant> = None;
+    // The runs marked as followed at the last refresh: a run followed since is marked
+    // at once, so a node whose client left it learns quickly that it reconnected here.
+    let mut marked: std::collections::HashSet<(Arc<str>, Arc<str>)> = Default::default();
     let mut backoff = Duration::from_millis(50);
     loop {
         if stop.is_cancelled() {
@@ -436,9 +439,16 @@ async fn read(inner: Arc<Inner>, weak: WeakRunLog) {
         }
         let Some(log) = weak.upgrade() else { return };
         let followed = log.followed_runs();
-        if refreshed.is_none_or(|t| t.elapsed() >= REFRESH) {
+        let unmarked = followed
+            .iter()
+            .any(|(u, r, _)| !marked.contains(&(Arc::clone(u), Arc::clone(r))));
+        if unmarked || refreshed.is_none_or(|t| t.elapsed() >= REFRESH) {
             inner.refresh(&log, &followed).await;
             refreshed = Some(Instant::now());
+            marked = followed
+                .iter()
+                .map(|(u, r, _)| (Arc::clone(u), Arc::clone(r)))
+                .collect();
         }
         if followed.is_empty() {
             tokio::select! {

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Drives two chat_server nodes that share one Redis, with the `websockets` package:
-a user's rate holds across the nodes, an approval answered on one node runs the call
+a run started on one node resumes on the other after the socket is dropped, with
+every frame once and `seq` contiguous; a user's rate holds across the nodes, an approval answered on one node runs the call
 on the other, and "stop" pressed on one node ends a call running on the other.
 
 Usage: cluster_client.py ws://127.0.0.1:PORT_A ws://127.0.0.1:PORT_B
@@ -44,14 +45,44 @@ def status(msgs, call_id):
     raise AssertionError(f"no tool_completed for {call_id}: {msgs}")
 
 
+async def resume_on_the_other_node(a, b):
+    """alice starts slow_task on A, drops the socket after its first progress, and
+    resumes on B: the rest of the run arrives there, each seq once, in order."""
+    async with connect(f"{a}/ws?token=alice-token") as on_a:
+        ready = await recv_json(on_a)
+        run_id, epoch = ready["run_id"], ready["epoch"]
+        await on_a.send(call("call_cluster_slow", "slow_task", {"steps": 4, "step_ms": 400}))
+        before = await until(on_a, lambda m: m["type"] == "tool_progress")
+    seqs = [m["seq"] for m in before if "seq" in m]
+    assert seqs == list(range(1, len(seqs) + 1)), before
+    last = seqs[-1]
+    async with connect(f"{b}/ws?token=alice-token") as on_b:
+        ready_b = await recv_json(on_b)
+        assert ready_b["node"] != ready["node"], (ready, ready_b)
+        assert ready_b["epoch"] == epoch, "one epoch for the cluster"
+        await on_b.send(json.dumps({"type": "resume", "run_id": run_id, "after_seq": last, "epoch": epoch}))
+        resumed = await recv_json(on_b)
+        assert resumed["type"] == "resumed", resumed
+        after = await until(on_b, lambda m: m["type"] == "tool_results")
+    frames = [m for m in after if "seq" in m]
+    assert [m["seq"] for m in frames] == list(range(last + 1, last + 1 + len(frames))), after
+    kinds = [m["type"] for m in frames]
+    assert kinds.count("tool_progress") == 3, kinds  # the remaining three of four steps
+    assert kinds[-2:] == ["tool_completed", "tool_results"], kinds
+    assert status(after, "call_cluster_slow") == "success", after
+
+
 async def main(a, b):
     checks = 0
+    await resume_on_the_other_node(a, b)
+    checks += 1
     async with connect(f"{a}/ws?token=alice-token") as on_a, connect(f"{b}/ws?token=alice-token") as on_b:
         ready_a, ready_b = await recv_json(on_a), await recv_json(on_b)
         assert ready_a["node"] != ready_b["node"], (ready_a, ready_b)
-        # A quota of 5 a minute, alternating nodes: exactly 5 succeed.
-        statuses = []
-        for i in range(6):
+        # A quota of 5 a minute, alternating nodes: slow_task on A was the first
+        # call; four more succeed (B, A, B, A) and the sixth, on B, is refused.
+        statuses = ["success"]
+        for i in range(1, 6):
             ws = on_a if i % 2 == 0 else on_b
             await ws.send(call(f"call_cluster_{i}", "get_weather", {"city": "Paris"}))
             msgs = await until(ws, lambda m: m["type"] == "tool_results")
