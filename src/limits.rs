@@ -486,8 +486,14 @@ pub(crate) enum Permit<'a> {
     /// A lease in a store shared with other processes; its guard releases it.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     /// (Boxed twice: a thin pointer keeps `Permit` as small as a semaphore permit.)
-    Shared(#[allow(dead_code)] Box<Box<dyn std::any::Any + Send + Sync>>),
+    Shared(#[allow(dead_code)] Box<Box<dyn Held + 'a>>),
 }
+
+/// Whatever keeps a slot held until it is dropped (a lease's guard, or a node's own
+/// slot together with the cluster's).
+pub(crate) trait Held: Send + Sync {}
+
+impl<T: Send + Sync> Held for T {}
 
 /// Why no slot was had.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -642,6 +642,115 @@ async fn a_users_concurrency_holds_across_two_nodes() {
     }
 }
 
+#[tokio::test]
+async fn a_cluster_wide_limit_holds_across_two_nodes_and_each_nodes_own_still_applies() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let url = server.url();
+    let cluster = || {
+        let config = RedisConfig::default()
+            .prefix("cluster")
+            .timeout(Duration::from_millis(500))
+            .cluster_concurrency(3);
+        Redis::connect(&url, config)
+    };
+    let (ra, rb) = (cluster().await.unwrap(), cluster().await.unwrap());
+    let (a, gate_a, mut started_a) = leasing_node(&ra, 10, Duration::ZERO);
+    let (b, gate_b, mut started_b) = leasing_node(&rb, 10, Duration::ZERO);
+    // Three users, three calls, two nodes: the cluster's three slots are taken.
+    let mut held = Vec::new();
+    for (on_a, id) in [(true, "alice"), (false, "bob"), (true, "carol")] {
+        let (engine, started) = match on_a {
+            true => (&a, &mut started_a),
+            false => (&b, &mut started_b),
+        };
+        let (d, _) = recorded(engine, user(id));
+        held.push(spawn(&d, ToolCall::new("hold", json!(id))));
+        started.recv().await.unwrap();
+    }
+    assert_eq!(server.zcard("cluster:global:slots"), 3);
+    // A fourth, anyone's, on either node: busy, with the global scope and its pair.
+    for engine in [&a, &b] {
+        let (d, sink) = recorded(engine, user("dave"));
+        let err = d
+            .dispatch(ToolCall::new("hold", json!("dave")))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DispatchError::Busy {
+                    scope: LimitScope::Global,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(pair(&sink.events()).status, Status::Busy);
+    }
+    assert!(started_a.try_recv().is_err() && started_b.try_recv().is_err());
+    gate_a.add_permits(2);
+    gate_b.add_permits(1);
+    for h in held {
+        assert!(h.await.unwrap().is_ok());
+    }
+    for _ in 0..200 {
+        if server.zcard("cluster:global:slots") == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        server.zcard("cluster:global:slots"),
+        0,
+        "every lease removed"
+    );
+    // A node's own engine-wide limit still applies under the cluster's.
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let (tx, mut started) = tokio::sync::mpsc::unbounded_channel();
+    let small = Engine::builder(
+        Registry::builder()
+            .tool(hold(&gate, tx, ToolSettings::new()))
+            .build()
+            .unwrap(),
+    )
+    .limits(
+        Limits::default()
+            .global(1)
+            .per_user(no_rate(10))
+            .max_wait(Duration::ZERO),
+    )
+    .redis(&ra)
+    .build();
+    let (d, _) = recorded(&small, user("erin"));
+    let first = spawn(&d, ToolCall::new("hold", json!("e1")));
+    started.recv().await.unwrap();
+    let err = d
+        .dispatch(ToolCall::new("hold", json!("e2")))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            DispatchError::Busy {
+                scope: LimitScope::Global,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        server.zcard("cluster:global:slots"),
+        1,
+        "one lease for one call"
+    );
+    gate.add_permits(1);
+    assert!(first.await.unwrap().is_ok());
+    let m = small.metrics();
+    assert_eq!((m.by_status["busy"], m.active), (1, 0));
+}
+
 /// Run only as the child of `a_killed_nodes_slots_are_free_again_within_one_lease`:
 /// takes one of alice's slots through Redis (URL in `TOOL_DISPATCH_LEASE_CHILD`),
 /// says `LEASED`, and holds it until it is killed.

@@ -169,6 +169,7 @@ pub struct RedisConfig {
     on_unreachable: OnUnreachable,
     local_precheck: bool,
     lease: Duration,
+    cluster_concurrency: Option<usize>,
 }
 
 impl Default for RedisConfig {
@@ -179,6 +180,7 @@ impl Default for RedisConfig {
             on_unreachable: OnUnreachable::default(),
             local_precheck: true,
             lease: Duration::from_secs(10),
+            cluster_concurrency: None,
         }
     }
 }
@@ -208,6 +210,15 @@ impl RedisConfig {
     /// that dies are free again within this time.
     pub fn lease(mut self, lease: Duration) -> Self {
         self.lease = lease;
+        self
+    }
+
+    /// Calls in flight across every node on this Redis and prefix (default: no such
+    /// limit). Each slot is a lease like a user's; a call holds one of its node's own
+    /// engine-wide slots ([`Limits::global`](crate::Limits::global)) too. Waiting
+    /// for one is bounded by the same `max_wait`, then `busy` with the global scope.
+    pub fn cluster_concurrency(mut self, limit: usize) -> Self {
+        self.cluster_concurrency = Some(limit.max(1));
         self
     }
 
@@ -751,13 +762,59 @@ impl RedisLimiter {
 
     /// One of `user`'s slots: a lease in `{prefix}:u{<user>}:slots`, asked for until
     /// `until`, renewed while held, released when dropped.
-    async fn lease<'a>(
+    async fn user_slot<'a>(
         &'a self,
         user: &'a UserState,
         until: Instant,
     ) -> Result<Permit<'a>, NoSlot> {
+        let key = user_key(&self.redis.inner.config.prefix, &user.user_id, "slots");
+        match self.lease(key, user.concurrency, until).await {
+            Ok(lease) => Ok(Permit::Shared(Box::new(Box::new(lease)))),
+            Err(None) => Err(NoSlot::InTime),
+            Err(Some(e)) => self.slot_unreachable(user, until, e).await,
+        }
+    }
+
+    /// One of the cluster's slots (`{prefix}:global:slots`, `limit` of them), on top
+    /// of one of this node's own engine-wide slots.
+    async fn cluster_slot<'a>(
+        &'a self,
+        limit: usize,
+        until: Instant,
+    ) -> Result<Permit<'a>, NoSlot> {
+        let here = self.local.slot(Scope::Global, until).await?;
+        let key = format!("{}:global:slots", self.redis.inner.config.prefix);
+        match self.lease(key, limit, until).await {
+            Ok(lease) => Ok(Permit::Shared(Box::new(Box::new((here, lease))))),
+            Err(None) => Err(NoSlot::InTime),
+            Err(Some(e)) => {
+                let s = &self.redis.inner;
+                s.failures.fetch_add(1, Relaxed);
+                tracing::warn!(error = %e, "a cluster-wide slot could not be leased");
+                *s.last_error.lock().unwrap_or_else(PoisonError::into_inner) = Some(e);
+                match s.config.on_unreachable {
+                    OnUnreachable::FailClosed => Err(NoSlot::Unreachable {
+                        retry_after: Duration::from_secs(1),
+                    }),
+                    OnUnreachable::UseLocalLimits => {
+                        s.fallbacks.fetch_add(1, Relaxed);
+                        Ok(here)
+                    }
+                }
+            }
+        }
+    }
+
+    /// A lease in the sorted set `key` while fewer than `limit` are held, asked for
+    /// until `until`, renewed while held, released when dropped. `Err(None)`: none
+    /// became free in time; `Err(Some(why))`: Redis could not be asked.
+    async fn lease(
+        &self,
+        key: String,
+        limit: usize,
+        until: Instant,
+    ) -> Result<Lease, Option<String>> {
         let s = &self.redis.inner;
-        let key = user_key(&s.config.prefix, &user.user_id, "slots");
         let member = format!("{}:{}", s.node, s.leases.fetch_add(1, Relaxed));
         let lease_ms = u64::try_from(s.config.lease.as_millis())
             .unwrap_or(u64::MAX)
@@ -766,29 +823,21 @@ impl RedisLimiter {
         loop {
             let mut conn = s.conn.clone();
             let mut invoke = s.acquire.prepare_invoke();
-            invoke
-                .key(&key)
-                .arg(user.concurrency)
-                .arg(lease_ms)
-                .arg(&member);
+            invoke.key(&key).arg(limit).arg(lease_ms).arg(&member);
             let got =
                 tokio::time::timeout(s.config.timeout, invoke.invoke_async::<i64>(&mut conn)).await;
             match got {
                 Ok(Ok(1)) => {
                     s.answers.fetch_add(1, Relaxed);
-                    let guard = Lease::hold(self.redis.clone(), key, member, lease_ms);
-                    return Ok(Permit::Shared(Box::new(Box::new(guard))));
+                    return Ok(Lease::hold(self.redis.clone(), key, member, lease_ms));
                 }
                 Ok(Ok(_)) => s.answers.fetch_add(1, Relaxed),
-                Ok(Err(e)) => return self.slot_unreachable(user, until, e.to_string()).await,
-                Err(_) => {
-                    let e = format!("no answer within {:?}", s.config.timeout);
-                    return self.slot_unreachable(user, until, e).await;
-                }
+                Ok(Err(e)) => return Err(Some(e.to_string())),
+                Err(_) => return Err(Some(format!("no answer within {:?}", s.config.timeout))),
             };
             let now = Instant::now();
             if now >= until {
-                return Err(NoSlot::InTime);
+                return Err(None);
             }
             tokio::time::sleep_until((now + pause).min(until)).await;
             pause = (pause * 2).min(Duration::from_millis(50));
@@ -883,8 +932,10 @@ impl Limiter for RedisLimiter {
 
     fn try_slot<'a>(&'a self, scope: &Scope<'a>) -> Option<Permit<'a>> {
         match scope {
-            // A user's slots are leases in Redis: always asked for (and waited on).
+            // A user's slots are leases in Redis: always asked for (and waited on);
+            // so are the cluster's, when it has a limit.
             Scope::User(u) if !u.local_only => None,
+            Scope::Global if self.redis.inner.config.cluster_concurrency.is_some() => None,
             _ => self.local.try_slot(scope),
         }
     }
@@ -895,7 +946,11 @@ impl Limiter for RedisLimiter {
         until: Instant,
     ) -> BoxFuture<'a, Result<Permit<'a>, NoSlot>> {
         match scope {
-            Scope::User(user) if !user.local_only => Box::pin(self.lease(user, until)),
+            Scope::User(user) if !user.local_only => Box::pin(self.user_slot(user, until)),
+            Scope::Global => match self.redis.inner.config.cluster_concurrency {
+                Some(limit) => Box::pin(self.cluster_slot(limit, until)),
+                None => self.local.slot(scope, until),
+            },
             _ => self.local.slot(scope, until),
         }
     }
