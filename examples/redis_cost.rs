@@ -16,8 +16,21 @@
 //! 4. `shed_precheck`: the same user with the local pre-check on: refused without a
 //!    round trip.
 //!
-//! The last line is `RESULT local_p50_ns=.. local_p99_ns=.. redis_p50_ns=..
-//! redis_p99_ns=.. shed_redis_p50_ns=.. shed_precheck_p50_ns=.. invariants=ok|FAILED`.
+//! Then the run log, with the same no-op call writing its events to a run:
+//!
+//! 5. `log_local`: into the process's own [`RunLog`];
+//! 6. `log_redis`: into a [`RunLog::redis`] (the sink queues, a batch per round trip);
+//! 7. `append_redis`: one awaited `append` to the Redis log (recorded, seq returned),
+//!    with nothing queued before it;
+//! 8. `frames_per_s`: 20,000 events queued through the sink, until the last is in
+//!    Redis.
+//!
+//! And, as the yardstick for all of them, a bare `PING` round trip (`ping`).
+//!
+//! The last line is `RESULT ping_p50_ns=.. local_p50_ns=.. local_p99_ns=.. redis_p50_ns=..
+//! redis_p99_ns=.. shed_redis_p50_ns=.. shed_precheck_p50_ns=.. log_local_p50_ns=..
+//! log_redis_p50_ns=.. log_redis_p99_ns=.. append_redis_p50_ns=..
+//! append_redis_p99_ns=.. frames_per_s=.. invariants=ok|FAILED`.
 
 use std::time::Instant;
 
@@ -59,8 +72,19 @@ fn engine(redis: Option<&Redis>, rate: Rate) -> Engine {
 
 /// Latencies (ns) of `n` calls by `user`; counts the outcomes.
 async fn round(engine: &Engine, user: &str, n: usize, ok: &mut usize) -> Vec<u64> {
+    calls(engine, NullSink, user, n, ok).await
+}
+
+/// Latencies (ns) of `n` calls by `user` writing their events to `sink`.
+async fn calls(
+    engine: &Engine,
+    sink: impl EventSink,
+    user: &str,
+    n: usize,
+    ok: &mut usize,
+) -> Vec<u64> {
     let ctx = UserContext::builder(user).build().expect("valid user");
-    let d = engine.dispatcher().sink(NullSink).user(ctx);
+    let d = engine.dispatcher().sink(sink).user(ctx);
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
         let t = Instant::now();
@@ -104,6 +128,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
     }
+    // The loopback round trip itself, measured between the same rounds' conditions.
+    let client = ::redis::Client::open(url.as_str())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let mut pings = Vec::with_capacity(calls);
+    for _ in 0..calls {
+        let t = Instant::now();
+        let _: String = ::redis::cmd("PING").query_async(&mut conn).await?;
+        pings.push(t.elapsed().as_nanos() as u64);
+    }
+    let ping_p50 = quantile(&mut pings, 0.5);
+    println!(
+        "{:>14}: p50 {ping_p50:>8} ns  p99 {:>8} ns",
+        "ping",
+        quantile(&mut pings, 0.99)
+    );
     let names = ["local", "redis", "shed_redis", "shed_precheck"];
     let mut summary = Vec::new();
     for (name, l) in names.iter().zip(lat.iter_mut()) {
@@ -122,7 +161,64 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         stats.failures,
         precheck.stats().shed_locally
     );
-    let verdict = if fine && stats.failures == 0 {
+
+    // The run log: the same calls writing to a run, in the process or in Redis.
+    let (here, there) = (
+        RunLog::new(RunLogConfig::default()),
+        RunLog::redis(RunLogConfig::default(), &shared).await?,
+    );
+    let mut log_lat: [Vec<u64>; 3] = Default::default();
+    let mut log_ok = [0usize; 2];
+    for r in 0..6 {
+        let n = if r == 0 { 200 } else { calls / 5 };
+        let run = format!("run-{r}");
+        let got_here = self::calls(&local, here.writer("u", &run), "u", n, &mut log_ok[0]).await;
+        let w = there.writer("u", &run);
+        let got_there = self::calls(&local, w.clone(), "u", n, &mut log_ok[1]).await;
+        w.append(json!({"type": "flush"})).await?; // recorded after the calls' events
+        let mut appends = Vec::with_capacity(n / 10);
+        for _ in 0..n / 10 {
+            let t = Instant::now();
+            w.append(json!({"type": "note"})).await?;
+            appends.push(t.elapsed().as_nanos() as u64);
+        }
+        if r > 0 {
+            log_lat[0].extend(got_here);
+            log_lat[1].extend(got_there);
+            log_lat[2].extend(appends);
+        }
+    }
+    let names = ["log_local", "log_redis", "append_redis"];
+    let mut log_summary = Vec::new();
+    for (name, l) in names.iter().zip(log_lat.iter_mut()) {
+        let (p50, p99) = (quantile(l, 0.5), quantile(l, 0.99));
+        println!("{name:>14}: p50 {p50:>8} ns  p99 {p99:>8} ns");
+        log_summary.push((p50, p99));
+    }
+    let w = there.writer("u", "firehose");
+    let ctx = UserContext::builder("u").build().expect("valid user");
+    let d = local.dispatcher().sink(w.clone()).user(ctx);
+    let before = shared.stats().log_appends;
+    let t = Instant::now();
+    const FRAMES: u64 = 20_000;
+    let mut refused = 0u64;
+    for i in 0..FRAMES {
+        // The node's queue never waits: past its bound an event is refused.
+        let update = event::AgentUpdate::Thinking(i.to_string());
+        refused += u64::from(d.notify(update).await.is_err());
+    }
+    w.append(json!({"type": "last"})).await?; // after every frame queued before it
+    let frames_per_s = (FRAMES + 1) as f64 / t.elapsed().as_secs_f64();
+    println!("{:>14}: {frames_per_s:.0}", "frames_per_s");
+    let stats = shared.stats();
+    let log_fine = log_ok == [counted + 200; 2]
+        && stats.log_failures == 0
+        && stats.log_appends - before == FRAMES + 1 - refused
+        && refused == 0;
+    if !log_fine {
+        eprintln!("run log: successes {log_ok:?}, {stats:?}");
+    }
+    let verdict = if fine && log_fine && stats.failures == 0 {
         "ok"
     } else {
         "FAILED"
@@ -134,8 +230,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     println!(
-        "RESULT local_p50_ns={} local_p99_ns={} redis_p50_ns={} redis_p99_ns={} shed_redis_p50_ns={} shed_precheck_p50_ns={} invariants={verdict}",
-        summary[0].0, summary[0].1, summary[1].0, summary[1].1, summary[2].0, summary[3].0
+        "RESULT ping_p50_ns={ping_p50} local_p50_ns={} local_p99_ns={} redis_p50_ns={} redis_p99_ns={} shed_redis_p50_ns={} shed_precheck_p50_ns={} log_local_p50_ns={} log_redis_p50_ns={} log_redis_p99_ns={} append_redis_p50_ns={} append_redis_p99_ns={} frames_per_s={frames_per_s:.0} invariants={verdict}",
+        summary[0].0,
+        summary[0].1,
+        summary[1].0,
+        summary[1].1,
+        summary[2].0,
+        summary[3].0,
+        log_summary[0].0,
+        log_summary[1].0,
+        log_summary[1].1,
+        log_summary[2].0,
+        log_summary[2].1
     );
     if verdict != "ok" {
         std::process::exit(1);

@@ -18,11 +18,11 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use serde_json::Value;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 
 use crate::event::Event;
-use crate::sink::{EventSink, TrySendError};
+use crate::sink::{EventSink, SinkError, TrySendError};
 
 /// The bounds of a [`RunLog`].
 ///
@@ -157,14 +157,24 @@ pub struct RunLogStats {
 pub(crate) trait Store: Send + Sync + 'static {
     /// The epoch shared by every process on the store, as last seen.
     fn epoch(&self) -> u64;
-    /// Queues JSON object text for the run, without waiting; `done` learns its seq.
-    fn append(
-        &self,
-        user: &str,
-        run: &str,
+    /// Queues JSON object text for the run, without waiting.
+    fn append(&self, user: &str, run: &str, text: String) -> Result<(), AppendError>;
+    /// Queues JSON object text for the run, waiting for room (the caller bounds the
+    /// wait).
+    fn send<'a>(
+        &'a self,
+        user: &'a str,
+        run: &'a str,
         text: String,
-        done: Option<oneshot::Sender<Result<u64, AppendError>>>,
-    ) -> Result<(), AppendError>;
+    ) -> BoxFuture<'a, Result<(), AppendError>>;
+    /// Records JSON object text for the run after what was queued before it, waiting
+    /// (boundedly) for room in the queue; its seq.
+    fn record<'a>(
+        &'a self,
+        user: &'a str,
+        run: &'a str,
+        text: String,
+    ) -> BoxFuture<'a, Result<u64, AppendError>>;
     /// The kept frames of the run after `after_seq`, checked as
     /// [`RunLog::resume`] says.
     fn replay<'a>(
@@ -233,6 +243,8 @@ struct RunState {
     frames: VecDeque<Frame>,
     /// The seq the next frame gets (with a shared store: the next one to read).
     next_seq: u64,
+    /// With a shared store: the highest seq this process appended to the run.
+    appended: u64,
     bytes: usize,
     last_write: Instant,
     readers: Vec<Reader>,
@@ -250,6 +262,7 @@ impl RunState {
         RunState {
             frames: VecDeque::new(),
             next_seq: 1,
+            appended: 0,
             bytes: 0,
             last_write: Instant::now(),
             readers: Vec::new(),
@@ -665,22 +678,21 @@ impl RunWriter {
         let Some(store) = &self.shared.store else {
             return self.append_here(&text);
         };
-        let (done, seq) = oneshot::channel();
-        self.queue(store, text, Some(done))?;
-        seq.await.unwrap_or(Err(AppendError::Unavailable))
-    }
-
-    /// Queues JSON object text for a shared store.
-    fn queue(
-        &self,
-        store: &Arc<dyn Store>,
-        text: String,
-        done: Option<oneshot::Sender<Result<u64, AppendError>>>,
-    ) -> Result<(), AppendError> {
         if text.len() > self.shared.config.max_bytes_per_run {
             return Err(AppendError::Full);
         }
-        store.append(&self.key.0, &self.key.1, text, done)
+        let seq = store.record(&self.key.0, &self.key.1, text).await?;
+        let mut st = lock(&self.run.state);
+        st.appended = st.appended.max(seq);
+        Ok(seq)
+    }
+
+    /// Queues JSON object text for a shared store.
+    fn queue(&self, store: &Arc<dyn Store>, text: String) -> Result<(), AppendError> {
+        if text.len() > self.shared.config.max_bytes_per_run {
+            return Err(AppendError::Full);
+        }
+        store.append(&self.key.0, &self.key.1, text)
     }
 
     /// Appends JSON object text, putting `"seq"` first.
@@ -744,14 +756,14 @@ impl RunWriter {
     }
 
     /// The `seq` of the last frame appended (0 before the first); with a shared log,
-    /// of the last one this process has read.
+    /// the highest this process has read or had returned by [`append`](Self::append).
     pub fn last_seq(&self) -> u64 {
         match self.shared.store {
             Some(_) => {
-                let key = &self.key;
-                lock(&self.shared.runs)
-                    .get(key)
-                    .map_or(0, |r| lock(&r.state).next_seq - 1)
+                let read = lock(&self.shared.runs)
+                    .get(&self.key)
+                    .map_or(0, |r| lock(&r.state).next_seq - 1);
+                read.max(lock(&self.run.state).appended)
             }
             None => lock(&self.run.state).next_seq - 1,
         }
@@ -766,13 +778,33 @@ pub(crate) fn with_seq(seq: u64, text: &str) -> Arc<str> {
 }
 
 impl EventSink for RunWriter {
+    /// With a shared log, waits for room in the node's queue (the delivery timeout
+    /// bounds the wait); a process's own log never waits.
+    fn send(&self, event: Event) -> BoxFuture<'_, Result<(), SinkError>> {
+        let Some(store) = &self.shared.store else {
+            let r = self.try_send(event).map_err(SinkError::from);
+            return Box::pin(std::future::ready(r));
+        };
+        Box::pin(async move {
+            let text = serde_json::to_string(&event).map_err(|_| SinkError::Closed)?;
+            if text.len() > self.shared.config.max_bytes_per_run {
+                return Err(SinkError::Full);
+            }
+            match store.send(&self.key.0, &self.key.1, text).await {
+                Ok(()) => Ok(()),
+                Err(AppendError::Gone | AppendError::Unavailable) => Err(SinkError::Closed),
+                Err(_) => Err(SinkError::Full),
+            }
+        })
+    }
+
     fn try_send(&self, event: Event) -> Result<(), TrySendError> {
         let text = match serde_json::to_string(&event) {
             Ok(t) => t,
             Err(_) => return Err(TrySendError::Closed(event)),
         };
         let appended = match &self.shared.store {
-            Some(store) => self.queue(store, text, None),
+            Some(store) => self.queue(store, text),
             None => self.append_here(&text).map(|_| ()),
         };
         match appended {

@@ -23,7 +23,7 @@ const PATIENCE: Duration = Duration::from_secs(10);
 async fn handle(server: &RedisServer, prefix: &str) -> Redis {
     let config = RedisConfig::default()
         .prefix(prefix)
-        .timeout(Duration::from_millis(200));
+        .timeout(Duration::from_millis(500));
     Redis::connect(&server.url(), config)
         .await
         .expect("redis answers")
@@ -433,4 +433,35 @@ async fn a_run_followed_on_another_node_is_followed() {
         !lb.is_followed("alice", "r").await,
         "nobody on B follows it any more"
     );
+}
+
+#[tokio::test]
+async fn a_flood_faster_than_redis_takes_it_waits_for_room_and_loses_nothing() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let redis = handle(&server, "flood").await;
+    let config = RunLogConfig::default().max_events_per_run(50_000);
+    let log = RunLog::redis(config, &redis).await.unwrap();
+    let engine = plain_engine(Registry::builder().tool(echo()).build().unwrap());
+    let ctx = UserContext::builder("alice").run_id("r").build().unwrap();
+    let w = log.writer("alice", "r");
+    let d = engine.dispatcher().sink(w.clone()).user(ctx);
+    // Far more than the node's queue holds, as fast as the sink takes them.
+    const N: u64 = 20_000;
+    for i in 0..N {
+        let update = tool_dispatch::event::AgentUpdate::Thinking(i.to_string());
+        d.notify(update).await.expect("delivered, waiting for room");
+    }
+    let last = w.append(json!({"type": "last"})).await;
+    let last = last.unwrap_or_else(|e| panic!("{e}: {:?}", redis.stats()));
+    assert_eq!(last, N + 1, "every frame recorded, in order, once");
+    let mut all = log.resume("alice", "r", 0, None).await.unwrap();
+    let frames = take(&mut all, N as usize + 1).await;
+    for (i, f) in frames.iter().take(N as usize).enumerate() {
+        assert_eq!(body(f)["message"], json!(i.to_string()));
+    }
+    let s = redis.stats();
+    assert_eq!((s.log_appends, s.log_failures), (N + 1, 0), "{s:?}");
+    assert_eq!(engine.metrics().sink_failures, 0);
 }

@@ -44,6 +44,10 @@ return seq
 
 /// Frames a node may have waiting for Redis.
 const QUEUE: usize = 8192;
+/// Frames replayed per request.
+const PAGE: usize = 1000;
+/// How long an awaited append waits for room in a full queue.
+const ROOM_WAIT: Duration = Duration::from_secs(5);
 /// Frames written in one round trip.
 const BATCH: usize = 128;
 /// How long the node's reader blocks on the followed runs at a time.
@@ -201,6 +205,24 @@ impl Inner {
         }
     }
 
+    /// The answer of a request, within the timeout; `Unavailable` otherwise.
+    async fn answer<T>(
+        &self,
+        asked: impl std::future::Future<Output = Result<T, ::redis::RedisError>>,
+    ) -> Result<T, Resync> {
+        match tokio::time::timeout(self.timeout(), asked).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(e)) => {
+                self.failed(e.to_string());
+                Err(Resync::Unavailable)
+            }
+            Err(_) => {
+                self.failed(format!("no answer within {:?}", self.timeout()));
+                Err(Resync::Unavailable)
+            }
+        }
+    }
+
     fn failed(&self, error: String) {
         self.down.store(true, Relaxed);
         tracing::warn!(error = %error, "the shared run log cannot reach Redis");
@@ -278,36 +300,73 @@ impl Inner {
     }
 }
 
-impl Store for RedisLog {
-    fn epoch(&self) -> u64 {
-        self.inner.epoch.load(Relaxed)
-    }
-
-    fn append(
+impl RedisLog {
+    /// A frame for the queue, refused at once while Redis is known to be away.
+    fn job(
         &self,
         user: &str,
         run: &str,
         text: String,
         done: Option<oneshot::Sender<Result<u64, AppendError>>>,
-    ) -> Result<(), AppendError> {
-        let stats = &self.inner.redis.inner;
+    ) -> Result<Job, AppendError> {
         if self.inner.down.load(Relaxed) {
-            stats.log_failures.fetch_add(1, Relaxed);
+            self.inner.redis.inner.log_failures.fetch_add(1, Relaxed);
             return Err(AppendError::Unavailable);
         }
         let body = match text.strip_prefix('{') {
             Some(rest) => rest.to_owned(),
             None => return Err(AppendError::NotAnObject),
         };
-        let job = Job {
+        Ok(Job {
             user: Arc::from(user),
             run: Arc::from(run),
             body,
             done,
-        };
-        self.jobs.try_send(job).map_err(|_| {
-            stats.log_failures.fetch_add(1, Relaxed);
-            AppendError::Full
+        })
+    }
+}
+
+impl Store for RedisLog {
+    fn epoch(&self) -> u64 {
+        self.inner.epoch.load(Relaxed)
+    }
+
+    fn append(&self, user: &str, run: &str, text: String) -> Result<(), AppendError> {
+        let job = self.job(user, run, text, None)?;
+        // Full is backpressure (the sink's caller may try again), not a lost frame.
+        self.jobs.try_send(job).map_err(|_| AppendError::Full)
+    }
+
+    fn send<'a>(
+        &'a self,
+        user: &'a str,
+        run: &'a str,
+        text: String,
+    ) -> BoxFuture<'a, Result<(), AppendError>> {
+        Box::pin(async move {
+            let job = self.job(user, run, text, None)?;
+            self.jobs
+                .send(job)
+                .await
+                .map_err(|_| AppendError::Unavailable)
+        })
+    }
+
+    fn record<'a>(
+        &'a self,
+        user: &'a str,
+        run: &'a str,
+        text: String,
+    ) -> BoxFuture<'a, Result<u64, AppendError>> {
+        Box::pin(async move {
+            let (done, seq) = oneshot::channel();
+            let job = self.job(user, run, text, Some(done))?;
+            // Room in the queue comes as fast as Redis takes batches; bounded anyway.
+            match tokio::time::timeout(ROOM_WAIT, self.jobs.send(job)).await {
+                Ok(Ok(())) => {}
+                _ => return Err(AppendError::Full),
+            }
+            seq.await.unwrap_or(Err(AppendError::Unavailable))
         })
     }
 
@@ -338,32 +397,42 @@ impl Store for RedisLog {
                 .cmd("XRANGE")
                 .arg(&key)
                 .arg(format!("({after_seq}-0"))
-                .arg("+");
+                .arg("+")
+                .arg("COUNT")
+                .arg(PAGE);
             let mut conn = inner.redis.inner.conn.clone();
             let asked = pipe.query_async::<(u64, Vec<Entry>, Vec<Entry>)>(&mut conn);
-            let (current, last, kept) = match tokio::time::timeout(inner.timeout(), asked).await {
-                Ok(Ok(answer)) => answer,
-                Ok(Err(e)) => {
-                    inner.failed(e.to_string());
-                    return Err(Resync::Unavailable);
-                }
-                Err(_) => {
-                    inner.failed(format!("no answer within {:?}", inner.timeout()));
-                    return Err(Resync::Unavailable);
-                }
-            };
+            let (current, last, kept) = inner.answer(asked).await?;
             if epoch.is_some_and(|e| e != current) {
                 return Err(Resync::EpochChanged);
             }
             let Some(last) = last.into_iter().next().and_then(frame) else {
                 return Err(Resync::UnknownRun);
             };
-            let frames: Vec<Frame> = kept.into_iter().filter_map(frame).collect();
+            let full = kept.len() == PAGE;
+            let mut frames: Vec<Frame> = kept.into_iter().filter_map(frame).collect();
             // Asking from past the last frame, or from before the first kept one:
             // either way the client's copy is not this run's.
             let from_start = frames.first().is_none_or(|f| f.seq == after_seq + 1);
             if after_seq > last.seq || (after_seq < last.seq && !from_start) {
                 return Err(Resync::Truncated);
+            }
+            // The rest page by page, each within the timeout, up to the last frame
+            // seen above (later ones come live).
+            let mut more = full;
+            while more && let Some(seen) = frames.last().map(|f| f.seq) {
+                if seen >= last.seq {
+                    break;
+                }
+                let mut cmd = ::redis::cmd("XRANGE");
+                cmd.arg(&key)
+                    .arg(format!("({seen}-0"))
+                    .arg(format!("{}-0", last.seq))
+                    .arg("COUNT")
+                    .arg(PAGE);
+                let page: Vec<Entry> = inner.answer(cmd.query_async(&mut conn)).await?;
+                more = page.len() == PAGE;
+                frames.extend(page.into_iter().filter_map(frame));
             }
             Ok(frames)
         })
