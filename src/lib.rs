@@ -16,6 +16,7 @@
 // floor 8: engine
 // floor 9: dispatcher
 // floor 10: provider axum redis
+// floor 11: mcp
 
 mod approval;
 mod blocking;
@@ -44,6 +45,8 @@ mod user;
 
 #[cfg(feature = "axum")]
 pub mod axum;
+#[cfg(feature = "mcp")]
+pub mod mcp;
 #[cfg(feature = "redis")]
 pub mod redis;
 

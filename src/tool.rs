@@ -96,6 +96,9 @@ pub struct ToolSettings {
     pub(crate) max_concurrency: Option<usize>,
     pub(crate) approval: Option<String>,
     pub(crate) approval_wait: Option<ApprovalWait>,
+    pub(crate) read_only: Option<bool>,
+    pub(crate) destructive: Option<bool>,
+    pub(crate) output_schema: Option<serde_json::Value>,
 }
 
 impl ToolSettings {
@@ -142,8 +145,42 @@ impl ToolSettings {
         self
     }
 
+    /// Tells clients the tool changes nothing (MCP's `readOnlyHint`; unset: not
+    /// said). A hint for the client's user interface, never a permission.
+    pub fn read_only(mut self, read_only: bool) -> Self {
+        self.read_only = Some(read_only);
+        self
+    }
+
+    /// Tells clients the tool may destroy or overwrite something (MCP's
+    /// `destructiveHint`; unset: not said). A hint, never a permission.
+    pub fn destructive(mut self, destructive: bool) -> Self {
+        self.destructive = Some(destructive);
+        self
+    }
+
+    /// The JSON Schema of the tool's result, published to MCP clients as its
+    /// `outputSchema`; the result (a JSON object) then goes out as
+    /// `structuredContent` too. Not checked here: the tool's own output type is the
+    /// contract.
+    pub fn output_schema(mut self, schema: serde_json::Value) -> Self {
+        self.output_schema = Some(schema);
+        self
+    }
+
     // Getters: the setters above are builder methods of the same names, so each
     // getter names what it returns.
+
+    /// The hints set by [`read_only`](Self::read_only) and
+    /// [`destructive`](Self::destructive): `(read_only, destructive)`.
+    pub fn hints(&self) -> (Option<bool>, Option<bool>) {
+        (self.read_only, self.destructive)
+    }
+
+    /// The schema set by [`output_schema`](Self::output_schema), if any.
+    pub fn result_schema(&self) -> Option<&serde_json::Value> {
+        self.output_schema.as_ref()
+    }
 
     /// The timeout set by [`timeout`](Self::timeout), if any.
     pub fn call_timeout(&self) -> Option<Duration> {

@@ -1,0 +1,29 @@
+//! MCP, the Model Context Protocol (feature `mcp`, on rmcp): this engine's tools
+//! served to any MCP client (Claude Desktop, IDEs, other agents) through the same
+//! pipeline, per user.
+//!
+//! [`McpServer`] is an rmcp `ServerHandler` written over an [`Engine`](crate::Engine)
+//! (not rmcp's `ToolRouter`, which decodes arguments itself): every `tools/call`
+//! runs as the request's authenticated user, with that user's limits, policy,
+//! redaction, approvals, events and cancellation. Serve it over stdio for one user
+//! with rmcp's `serve`, or over streamable HTTP with [`router`], which checks each
+//! request's bearer token first.
+//!
+//! ```no_run
+//! # async fn f(engine: tool_dispatch::Engine, alice: tool_dispatch::UserContext) -> Result<(), Box<dyn std::error::Error>> {
+//! use rmcp::ServiceExt;
+//! use tool_dispatch::mcp::McpServer;
+//! // stdio: the process serves one user.
+//! let running = McpServer::for_user(engine, alice).serve(rmcp::transport::stdio()).await?;
+//! running.waiting().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! [`provider::mcp`](crate::provider::mcp) stays the rmcp-free JSON layer; this
+//! module renders results through it, so both speak the same statuses.
+
+mod http;
+mod server;
+
+pub use http::{router, router_with};
+pub use server::McpServer;

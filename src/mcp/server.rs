@@ -1,0 +1,321 @@
+//! The MCP server: an rmcp `ServerHandler` written over an [`Engine`].
+
+use std::sync::{Arc, OnceLock};
+
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, CallToolResult, ErrorCode, ErrorData, Implementation,
+    ListToolsResult, PaginatedRequestParams, ProgressNotificationParam, ProgressToken,
+    ServerCapabilities, ServerConfig, Tool,
+};
+use rmcp::service::RequestContext;
+use rmcp::{Peer, RoleServer, ServerHandler};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::Engine;
+use crate::event::{Event, ToolProgress};
+use crate::provider::input_schema;
+use crate::provider::mcp::render_result;
+use crate::sink::{EventSink, SinkError, TrySendError};
+use crate::user::UserContext;
+use crate::{BoxFuture, ToolCall};
+
+/// Where the events of each user's MCP calls go: the integrator's choice per user
+/// (their run log, the sink of their open WebSocket, …).
+type Events = Arc<dyn Fn(&UserContext) -> Arc<dyn EventSink> + Send + Sync>;
+
+/// Progress notifications a call may have waiting for the client.
+const PROGRESS_BUFFER: usize = 64;
+
+/// Serves an [`Engine`]'s tools over MCP, every call through the engine's pipeline
+/// (validation, policy, limits, approval, cache, timeout, cancellation, events) as
+/// the user of the request.
+///
+/// - `tools/list`: the registry's tools in registration order, those whose scopes
+///   the user holds, with their input schema, an `outputSchema` when the tool set
+///   one ([`ToolSettings::output_schema`](crate::ToolSettings::output_schema)), and
+///   annotations (`idempotentHint` when cached, `readOnlyHint` / `destructiveHint`
+///   when set).
+/// - `tools/call`: an unknown tool is the JSON-RPC error `-32602`; every other ending
+///   (invalid input, tool error, denied, rate limited with its retry hint, busy,
+///   timeout, panicked, rejected, …) is a result with `isError: true` and the text a
+///   model may see, as [`provider::mcp`](crate::provider::mcp) renders it. A request
+///   with a `progressToken` gets `notifications/progress` for the tool's progress
+///   (strictly increasing, none after the result). A cancelled request
+///   (`notifications/cancelled`, or an HTTP client that closes its stream) drops the
+///   dispatch: the call ends `cancelled` with its paired events.
+/// - The user: fixed for stdio ([`McpServer::for_user`]); over HTTP, the
+///   [`UserContext`] that [`router`](super::router) put into the request after
+///   checking its bearer token ([`McpServer::per_request`]), never a default one. A
+///   session (protocol revisions with sessions) belongs to its first user and
+///   refuses another.
+/// - Events go where [`McpServer::events`] says, per user; by default nowhere
+///   (counted as delivered), so set it to show MCP calls on the user's page.
+#[derive(Clone)]
+pub struct McpServer {
+    engine: Engine,
+    fixed: Option<UserContext>,
+    events: Events,
+    /// The user this session (one handler instance) belongs to, once it has one.
+    bound: Arc<OnceLock<Arc<str>>>,
+}
+
+impl std::fmt::Debug for McpServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("McpServer")
+            .field("user", &self.fixed.as_ref().map(UserContext::user_id))
+            .field("session_of", &self.bound.get())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Takes every event and keeps none: where MCP calls' events go unless
+/// [`McpServer::events`] says otherwise.
+struct Nowhere;
+
+impl EventSink for Nowhere {
+    fn try_send(&self, _: Event) -> Result<(), TrySendError> {
+        Ok(())
+    }
+}
+
+impl McpServer {
+    /// A server whose every request is `user`'s: for stdio, where the process is
+    /// started for one user.
+    pub fn for_user(engine: Engine, user: UserContext) -> McpServer {
+        McpServer::with(engine, Some(user))
+    }
+
+    /// A server whose requests carry their user: over HTTP behind
+    /// [`router`](super::router), which authenticates each request. A request that
+    /// carries none is refused.
+    pub fn per_request(engine: Engine) -> McpServer {
+        McpServer::with(engine, None)
+    }
+
+    fn with(engine: Engine, fixed: Option<UserContext>) -> McpServer {
+        let nowhere: Arc<dyn EventSink> = Arc::new(Nowhere);
+        McpServer {
+            engine,
+            fixed,
+            events: Arc::new(move |_| Arc::clone(&nowhere)),
+            bound: Arc::default(),
+        }
+    }
+
+    /// Where each user's events go: `sink_for(user)` is asked at every call.
+    ///
+    /// ```no_run
+    /// # fn f(engine: tool_dispatch::Engine, runs: tool_dispatch::RunLog) {
+    /// use std::sync::Arc;
+    /// use tool_dispatch::mcp::McpServer;
+    /// // MCP calls show up in the user's "mcp" run, next to their web page's runs.
+    /// let server = McpServer::per_request(engine)
+    ///     .events(move |user| Arc::new(runs.writer(user.user_id(), "mcp")));
+    /// # }
+    /// ```
+    pub fn events<F>(mut self, sink_for: F) -> McpServer
+    where
+        F: Fn(&UserContext) -> Arc<dyn EventSink> + Send + Sync + 'static,
+    {
+        self.events = Arc::new(sink_for);
+        self
+    }
+
+    /// The same server for a new session: bound to no user yet.
+    pub fn session(&self) -> McpServer {
+        McpServer {
+            bound: Arc::default(),
+            ..self.clone()
+        }
+    }
+
+    /// The user of a request, or why it has none.
+    fn user(&self, extensions: &rmcp::model::Extensions) -> Result<UserContext, ErrorData> {
+        let user = match &self.fixed {
+            Some(u) => u.clone(),
+            None => extensions
+                .get::<axum::http::request::Parts>()
+                .and_then(|p| p.extensions.get::<UserContext>())
+                .cloned()
+                .ok_or_else(|| {
+                    ErrorData::new(ErrorCode::INVALID_REQUEST, "no authenticated user", None)
+                })?,
+        };
+        let owner = self.bound.get_or_init(|| Arc::from(user.user_id()));
+        if **owner != *user.user_id() {
+            return Err(ErrorData::new(
+                ErrorCode::INVALID_REQUEST,
+                "this session belongs to another user; start a new one",
+                None,
+            ));
+        }
+        Ok(user)
+    }
+
+    /// The tools `user` may call, as MCP lists them.
+    fn tools(&self, user: &UserContext) -> Vec<Tool> {
+        let registry = self.engine.registry();
+        registry
+            .definitions()
+            .filter_map(|def| {
+                let settings = registry.settings(&def.name)?;
+                if !settings.required_scopes().iter().all(|s| user.has_scope(s)) {
+                    return None;
+                }
+                let mut tool = json!({
+                    "name": def.name,
+                    "description": def.description,
+                    "inputSchema": input_schema(def),
+                });
+                if let Some(schema) = settings.result_schema() {
+                    tool["outputSchema"] = schema.clone();
+                }
+                let mut hints = serde_json::Map::new();
+                if settings.cache_ttl().is_some() {
+                    hints.insert("idempotentHint".into(), json!(true));
+                }
+                let (read_only, destructive) = settings.hints();
+                if let Some(r) = read_only {
+                    hints.insert("readOnlyHint".into(), json!(r));
+                }
+                if let Some(d) = destructive {
+                    hints.insert("destructiveHint".into(), json!(d));
+                }
+                if !hints.is_empty() {
+                    tool["annotations"] = Value::Object(hints);
+                }
+                serde_json::from_value(tool).ok()
+            })
+            .collect()
+    }
+}
+
+/// A call's sink: the user's events go to the integrator's sink; the tool's
+/// progress also to the MCP client, when it asked for it.
+struct CallSink {
+    events: Arc<dyn EventSink>,
+    progress: Option<mpsc::Sender<ToolProgress>>,
+}
+
+impl CallSink {
+    fn tee(&self, event: &Event) {
+        if let (Some(tx), Event::ToolProgress(p)) = (&self.progress, event) {
+            let _ = tx.try_send(p.clone()); // dropped when the client is behind
+        }
+    }
+}
+
+impl EventSink for CallSink {
+    fn try_send(&self, event: Event) -> Result<(), TrySendError> {
+        self.tee(&event);
+        self.events.try_send(event)
+    }
+
+    fn send(&self, event: Event) -> BoxFuture<'_, Result<(), SinkError>> {
+        self.tee(&event);
+        self.events.send(event)
+    }
+}
+
+/// Sends a call's progress to the client, each value above the last, until the call
+/// is over (`over`); then what is left, and stops.
+async fn forward_progress(
+    peer: Peer<RoleServer>,
+    token: ProgressToken,
+    mut rx: mpsc::Receiver<ToolProgress>,
+    over: CancellationToken,
+) {
+    let mut last = f64::NEG_INFINITY;
+    loop {
+        let p = tokio::select! {
+            biased;
+            p = rx.recv() => p,
+            () = over.cancelled() => rx.try_recv().ok(),
+        };
+        let Some(p) = p else { return };
+        if !p.progress.is_finite() || p.progress <= last {
+            continue;
+        }
+        last = p.progress;
+        let mut note = ProgressNotificationParam::new(token.clone(), p.progress).with_total(1.0);
+        if let Some(m) = p.message {
+            note = note.with_message(m);
+        }
+        let _ = peer.notify_progress(note).await;
+    }
+}
+
+impl ServerHandler for McpServer {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build()).with_server_info(
+            Implementation::new("tool-dispatch", env!("CARGO_PKG_VERSION")),
+        )
+    }
+
+    async fn list_tools(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, ErrorData> {
+        let user = self.user(&context.extensions)?;
+        Ok(ListToolsResult::with_all_items(self.tools(&user)))
+    }
+
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        let user = self.user(&context.extensions)?;
+        let arguments = request.arguments.map_or(json!({}), Value::Object);
+        let call = ToolCall::new(request.name.to_string(), arguments);
+        let token = context.meta.get_progress_token();
+        let (tx, rx) = mpsc::channel(PROGRESS_BUFFER);
+        let sink = CallSink {
+            events: (self.events)(&user),
+            progress: token.is_some().then_some(tx),
+        };
+        let over = CancellationToken::new();
+        let forwarding = token.map(|t| {
+            let peer = context.peer.clone();
+            tokio::spawn(forward_progress(peer, t, rx, over.clone()))
+        });
+        let dispatcher = self.engine.dispatcher().sink(sink).user(user);
+        // A cancelled request drops the dispatch: the call ends `cancelled`, paired.
+        let result = tokio::select! {
+            r = dispatcher.dispatch(call) => Some(r),
+            () = context.ct.cancelled() => None,
+        };
+        // The call is over: the forwarder sends what it has and stops, and only then
+        // the result goes out.
+        drop(dispatcher);
+        over.cancel();
+        if let Some(f) = forwarding {
+            let _ = f.await;
+        }
+        let Some(result) = result else {
+            return Err(ErrorData::new(
+                ErrorCode::INTERNAL_ERROR,
+                "the request was cancelled",
+                None,
+            ));
+        };
+        let response = render_result(&Value::Null, &result);
+        if let Some(error) = response.get("error") {
+            let message = error["message"]
+                .as_str()
+                .unwrap_or("unknown tool")
+                .to_owned();
+            return Err(ErrorData::new(
+                ErrorCode::INVALID_PARAMS,
+                message,
+                error.get("data").cloned(),
+            ));
+        }
+        let result: CallToolResult = serde_json::from_value(response["result"].clone())
+            .map_err(|e| ErrorData::internal_error(e.to_string(), None))?;
+        Ok(result.into())
+    }
+}
