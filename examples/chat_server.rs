@@ -188,7 +188,18 @@ pub fn demo_registry() -> Registry {
     .settings(
         ToolSettings::new()
             .scope("weather:read")
-            .sensitive("api_key"),
+            .sensitive("api_key")
+            .read_only(true)
+            // Published to MCP clients, which check `structuredContent` against it.
+            .output_schema(json!({
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string"},
+                    "temp_c": {"type": "number"},
+                    "conditions": {"type": "string"}
+                },
+                "required": ["city", "temp_c", "conditions"]
+            })),
     );
     let slow = tool_fn(
         "slow_task",
@@ -237,7 +248,11 @@ pub fn demo_registry() -> Registry {
                                       "bytes": i.body.len()}))
         },
     )
-    .settings(ToolSettings::new().requires_approval("sends an email in your name"));
+    .settings(
+        ToolSettings::new()
+            .requires_approval("sends an email in your name")
+            .destructive(false),
+    );
     let built = Registry::builder()
         .tool(weather)
         .tool(email)

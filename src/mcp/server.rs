@@ -4,7 +4,7 @@ use std::sync::{Arc, OnceLock};
 
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ErrorCode, ErrorData, Implementation,
-    ListToolsResult, PaginatedRequestParams, ProgressNotificationParam, ProgressToken,
+    ListToolsResult, PaginatedRequestParams, ProgressNotificationParam, ProgressToken, ResultType,
     ServerCapabilities, ServerConfig, Tool,
 };
 use rmcp::service::RequestContext;
@@ -314,8 +314,10 @@ impl ServerHandler for McpServer {
                 error.get("data").cloned(),
             ));
         }
-        let result: CallToolResult = serde_json::from_value(response["result"].clone())
+        let mut result: CallToolResult = serde_json::from_value(response["result"].clone())
             .map_err(|e| ErrorData::internal_error(e.to_string(), None))?;
+        // As rmcp's own constructors do; it clears this for older protocol revisions.
+        result.result_type = Some(ResultType::COMPLETE);
         Ok(result.into())
     }
 }
