@@ -503,11 +503,31 @@ impl Server {
 
 /// The routes: `/`, `/ws`, `/metrics`.
 pub fn router(server: Server) -> Router {
-    Router::new()
+    let app = Router::new()
         .route("/", get(page))
         .route("/ws", get(ws))
         .route("/metrics", get(metrics))
-        .with_state(server)
+        .with_state(server.clone());
+    #[cfg(feature = "mcp")]
+    let app = app.merge(mcp_router(&server));
+    app
+}
+
+/// The run of each user that their calls made by MCP clients go to.
+pub const MCP_RUN: &str = "mcp";
+
+/// `/mcp`: the same engine served over MCP (streamable HTTP, the demo bearer tokens).
+/// Each user's MCP calls go to their run [`MCP_RUN`], which every connection of
+/// theirs follows: the page shows calls made by an MCP client too.
+#[cfg(feature = "mcp")]
+fn mcp_router(server: &Server) -> Router {
+    use tool_dispatch::mcp::{McpServer, router};
+    let runs = server.runs.clone();
+    let mcp = McpServer::per_request(server.engine.clone())
+        .in_run(MCP_RUN)
+        .events(move |user| Arc::new(runs.writer(user.user_id(), MCP_RUN)));
+    let users = Arc::clone(&server.users);
+    router(mcp, move |token| users.get(token).cloned())
 }
 
 /// Serves until the listener fails.
@@ -1018,6 +1038,9 @@ async fn connection(server: Server, user: UserContext, socket: WebSocket) {
     // The default run enters the log with its first message: a reconnecting client
     // that only resumes an older run adds nothing that could crowd it out.
     conn.reply(ready).await;
+    // Calls the user makes through an MCP client show up here too, live.
+    #[cfg(feature = "mcp")]
+    conn.follow(MCP_RUN, server.runs.writer(&user_id, MCP_RUN).subscribe());
     server.log(ServerLog::Connected {
         user_id: user_id.clone(),
         run_id: default_run,

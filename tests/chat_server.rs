@@ -1169,3 +1169,72 @@ async fn two_nodes_on_one_redis_share_runs_rate_cancellation_and_approvals() {
     let rest = until_results(&mut bob_a2).await;
     assert_eq!(completed(&rest, "call_far")["status"], "cancelled");
 }
+
+/// A call made by alice's MCP client (rmcp's, over `/mcp` with her bearer token)
+/// shows up live on her WebSocket, in her run `mcp`, and nowhere on bob's; Stop on
+/// that run from her page ends her MCP call.
+#[cfg(feature = "mcp")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_made_over_mcp_shows_up_in_its_users_run_stream() {
+    use rmcp::ServiceExt;
+    use rmcp::model::CallToolRequestParams;
+    use rmcp::transport::StreamableHttpClientTransport;
+    use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+    let (addr, server) = start().await;
+    let (mut alice_ws, _) = connect_ready(addr, "alice-token").await;
+    let (mut bob_ws, _) = connect_ready(addr, "bob-token").await;
+    let config = StreamableHttpClientTransportConfig::with_uri(format!("http://{addr}/mcp"))
+        .auth_header("alice-token".to_owned());
+    let client =
+        ().serve(StreamableHttpClientTransport::from_config(config))
+            .await
+            .expect("an MCP session over the chat server's /mcp");
+    let args = json!({"city": "Paris"}).as_object().cloned().unwrap();
+    let result = client
+        .call_tool(CallToolRequestParams::new("get_weather").with_arguments(args))
+        .await
+        .unwrap();
+    assert_eq!(result.is_error, Some(false));
+    let frames = until(&mut alice_ws, |m| m["type"] == "tool_completed").await;
+    let kinds: Vec<&str> = frames.iter().filter_map(|m| m["type"].as_str()).collect();
+    assert_eq!(kinds, ["tool_executing", "tool_progress", "tool_completed"]);
+    assert!(
+        frames
+            .iter()
+            .all(|m| m["run_id"] == chat_server::MCP_RUN && m["seq"].is_u64())
+    );
+    assert_eq!(frames[2]["status"], "success");
+
+    // Stop pressed for the run `mcp` on her page ends her MCP call.
+    let long = CallToolRequestParams::new("slow_task").with_arguments(
+        json!({"steps": 1000, "step_ms": 60000})
+            .as_object()
+            .cloned()
+            .unwrap(),
+    );
+    let pending = tokio::spawn(async move { client.call_tool(long).await });
+    until(&mut alice_ws, |m| m["type"] == "tool_executing").await;
+    send(
+        &mut alice_ws,
+        json!({"type": "cancel", "run_id": chat_server::MCP_RUN}),
+    )
+    .await;
+    let rest = until(&mut alice_ws, |m| m["type"] == "tool_completed").await;
+    assert_eq!(rest.last().unwrap()["status"], "cancelled");
+    let outcome = tokio::time::timeout(Duration::from_secs(10), pending)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(outcome.is_error, Some(true), "{outcome:?}");
+    // bob saw none of it: the first thing on his socket is the answer to his own
+    // request, sent after all of alice's frames.
+    send(
+        &mut bob_ws,
+        json!({"type": "resume", "run_id": chat_server::MCP_RUN, "after_seq": 999}),
+    )
+    .await;
+    let first = recv(&mut bob_ws).await;
+    assert_eq!(first["type"], "resync_required", "bob got {first}");
+    assert_eq!(server.engine().active(), 0);
+}

@@ -57,6 +57,8 @@ pub struct McpServer {
     engine: Engine,
     fixed: Option<UserContext>,
     events: Events,
+    /// The run every call belongs to, if the integrator named one.
+    run: Option<Arc<str>>,
     /// The user this session (one handler instance) belongs to, once it has one.
     bound: Arc<OnceLock<Arc<str>>>,
 }
@@ -100,6 +102,7 @@ impl McpServer {
             engine,
             fixed,
             events: Arc::new(move |_| Arc::clone(&nowhere)),
+            run: None,
             bound: Arc::default(),
         }
     }
@@ -120,6 +123,16 @@ impl McpServer {
         F: Fn(&UserContext) -> Arc<dyn EventSink> + Send + Sync + 'static,
     {
         self.events = Arc::new(sink_for);
+        self
+    }
+
+    /// Every call made through this server belongs to the user's run `run_id`: its
+    /// events carry it, and [`Engine::cancel_run`](crate::Engine::cancel_run) for it
+    /// stops the user's MCP calls. With [`events`](Self::events) writing to the
+    /// same run of a [`RunLog`](crate::RunLog), the user's page follows their MCP
+    /// calls like any other run.
+    pub fn in_run(mut self, run_id: impl Into<String>) -> McpServer {
+        self.run = Some(Arc::from(run_id.into()));
         self
     }
 
@@ -151,7 +164,12 @@ impl McpServer {
                 None,
             ));
         }
-        Ok(user)
+        match &self.run {
+            None => Ok(user),
+            Some(run) => user.with_run_id(run).map_err(|e| {
+                ErrorData::new(ErrorCode::INTERNAL_ERROR, format!("bad run id: {e}"), None)
+            }),
+        }
     }
 
     /// The tools `user` may call, as MCP lists them.
