@@ -7,7 +7,7 @@
 // the sources; `docs/ARCHITECTURE.md` says what each floor is for.
 //
 // floor 1: call event json time user contain blocking
-// floor 2: sink cache limits redact approval
+// floor 2: sink cache limits redact approval schema
 // floor 3: error metrics runlog
 // floor 4: delivery
 // floor 5: tool state health
@@ -37,6 +37,7 @@ pub mod provider;
 mod redact;
 mod registry;
 mod runlog;
+mod schema;
 mod sink;
 mod state;
 mod time;
@@ -72,6 +73,7 @@ pub use runlog::{
 pub use sink::{EventSink, RecordingSink, SinkError, TrySendError};
 pub use state::{HasSink, HasUser, NoSink, NoUser, SinkUnset, UserUnset, WithSink, WithUser};
 pub use tool::{
-    BlockingFnTool, FnTool, Tool, ToolContext, ToolError, ToolSettings, blocking_fn, tool_fn,
+    BlockingFnTool, FnTool, SchemaTool, Tool, ToolContext, ToolError, ToolSettings, blocking_fn,
+    schema_tool, tool_fn,
 };
 pub use user::{MAX_ID_LEN, UserContext, UserContextBuilder, UserContextError};

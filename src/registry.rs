@@ -12,7 +12,9 @@ use serde_json::Value;
 use tokio::sync::Semaphore;
 
 use crate::redact::normalize;
-use crate::tool::{BlockingFnTool, CallScope, FnTool, Tool, ToolContext, ToolError, ToolSettings};
+use crate::tool::{
+    BlockingFnTool, CallScope, FnTool, SchemaTool, Tool, ToolContext, ToolError, ToolSettings,
+};
 
 /// Longest accepted tool name (the limit OpenAI and Anthropic put on function names).
 pub const MAX_TOOL_NAME_LEN: usize = 64;
@@ -222,6 +224,31 @@ where
     }
 }
 
+impl<F, Fut> Invoke for SchemaTool<F>
+where
+    F: Fn(Value, ToolContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Value, ToolError>> + Send + 'static,
+{
+    fn invoke(
+        &self,
+        args: &Value,
+        cx: ToolContext,
+    ) -> Result<BoxFuture<'_, Result<Value, ToolError>>, InputError> {
+        if let Err(v) = crate::schema::check(&self.input_schema, args) {
+            return Err(InputError {
+                path: v.path,
+                keys: v.keys,
+                message: v.message,
+            });
+        }
+        let args = args.clone();
+        Ok(Box::pin(async move { (self.f)(args, cx).await }))
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
 impl<F, I, O> Invoke for BlockingFnTool<F, I, O>
 where
     F: Fn(I, ToolContext) -> Result<O, ToolError> + Send + Sync + 'static,
@@ -365,6 +392,23 @@ where
             description: self.description.clone(),
             settings: self.settings.clone(),
             input_schema: schema_of::<I>(),
+            invoker: Box::new(self),
+        }
+    }
+}
+
+#[allow(private_interfaces)]
+impl<F, Fut> sealed::Sealed for SchemaTool<F>
+where
+    F: Fn(Value, ToolContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Value, ToolError>> + Send + 'static,
+{
+    fn into_parts(self) -> Parts {
+        Parts {
+            name: self.name.clone(),
+            description: self.description.clone(),
+            settings: self.settings.clone(),
+            input_schema: self.input_schema.clone(),
             invoker: Box::new(self),
         }
     }

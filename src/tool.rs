@@ -524,6 +524,70 @@ impl<F, I, O> BlockingFnTool<F, I, O> {
     }
 }
 
+/// A tool whose input schema is data rather than a Rust type; see [`schema_tool`].
+#[must_use = "a tool does nothing until it is added to a registry"]
+pub struct SchemaTool<F> {
+    pub(crate) name: String,
+    pub(crate) description: String,
+    pub(crate) settings: ToolSettings,
+    pub(crate) input_schema: serde_json::Value,
+    pub(crate) f: F,
+}
+
+impl<F> std::fmt::Debug for SchemaTool<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SchemaTool")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F> SchemaTool<F> {
+    /// Replaces the tool's settings.
+    pub fn settings(mut self, settings: ToolSettings) -> Self {
+        self.settings = settings;
+        self
+    }
+}
+
+/// Makes a tool whose arguments are JSON checked against `input_schema` (a JSON
+/// Schema from elsewhere: a remote MCP server, an OpenAPI document). Before the body
+/// runs, the arguments must fit the schema's `type`, `required`, `properties`,
+/// `additionalProperties: false`, `items` and `enum`, at every depth; otherwise the
+/// call ends `invalid_input` with a message that names the place, never the value.
+///
+/// ```
+/// use serde_json::json;
+/// use tool_dispatch::{schema_tool, Registry, ToolError};
+/// let greet = schema_tool(
+///     "greet",
+///     "Greets someone.",
+///     json!({"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}),
+///     |args, _cx| async move { Ok::<_, ToolError>(json!(format!("hello {}", args["name"]))) },
+/// );
+/// let registry = Registry::builder().tool(greet).build()?;
+/// assert_eq!(registry.definition("greet").unwrap().input_schema["required"][0], "name");
+/// # Ok::<(), tool_dispatch::RegistryError>(())
+/// ```
+pub fn schema_tool<F, Fut>(
+    name: impl Into<String>,
+    description: impl Into<String>,
+    input_schema: serde_json::Value,
+    f: F,
+) -> SchemaTool<F>
+where
+    F: Fn(serde_json::Value, ToolContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<serde_json::Value, ToolError>> + Send + 'static,
+{
+    SchemaTool {
+        name: name.into(),
+        description: description.into(),
+        settings: ToolSettings::default(),
+        input_schema,
+        f,
+    }
+}
+
 /// Makes a tool from an async closure, for small tools.
 ///
 /// ```

@@ -595,3 +595,239 @@ async fn a_session_belongs_to_its_first_user_and_refuses_another() {
     }
     assert_eq!(e.metrics().total, 0, "bob's call never ran");
 }
+
+// ------------------------------------------------------------------ import
+
+/// The Python with the `mcp` SDK (`.ci/run` makes `target/e2e/venv`); `None` outside
+/// CI when it is missing, with the command that makes it.
+fn python_with_mcp() -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("TOOL_DISPATCH_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/e2e/venv/bin/python")
+        });
+    let has_sdk = std::process::Command::new(&path)
+        .args(["-c", "import mcp.server.mcpserver"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_sdk {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{} has no `mcp` SDK; .ci/run installs it",
+            path.display()
+        );
+        eprintln!(
+            "skipped: no Python with the mcp SDK (python3 -m venv target/e2e/venv && \
+             target/e2e/venv/bin/pip install 'mcp>=2,<3')"
+        );
+        return None;
+    }
+    Some(path)
+}
+
+/// The remote test server, started over stdio; `log` receives what it saw.
+async fn remote(python: &std::path::Path, log: &std::path::Path) -> tool_dispatch::mcp::McpImport {
+    let mut command = tokio::process::Command::new(python);
+    command
+        .arg(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/clients/mcp_remote_server.py"),
+        )
+        .env("MCP_REMOTE_LOG", log);
+    tool_dispatch::mcp::McpImport::spawn(command)
+        .await
+        .expect("the Python MCP server starts and lists its tools")
+}
+
+fn temp_log(name: &str) -> std::path::PathBuf {
+    let path =
+        std::env::temp_dir().join(format!("tool-dispatch-{name}-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    path
+}
+
+async fn logged(path: &std::path::Path, line: &str) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.lines().any(|l| l == line) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the remote never logged {line:?}: {text:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_remote_servers_tools_run_through_the_pipeline_with_their_events() {
+    let Some(python) = python_with_mcp() else {
+        return;
+    };
+    let log = temp_log("import");
+    let remote = remote(&python, &log).await;
+    assert_eq!(remote.names(), ["add", "fail", "count", "sleep", "die"]);
+    let registry = Registry::builder()
+        .tool(echo())
+        .mcp(&remote)
+        .build()
+        .unwrap();
+    assert_eq!(
+        registry.definition("add").unwrap().input_schema["required"],
+        json!(["a", "b"])
+    );
+    let engine = Engine::builder(registry).build();
+    let (d, sink) = recorded(&engine, user("alice"));
+
+    let out = d
+        .dispatch(ToolCall::new("add", json!({"a": 2, "b": 3})))
+        .await
+        .unwrap();
+    // The remote's structuredContent, as it sent it (the SDK wraps a bare int).
+    assert_eq!(out.value, json!({"result": 5}));
+    // Checked against the remote's schema here, before the remote is asked.
+    for bad in [json!({"a": "two", "b": 3}), json!({"a": 2}), json!([1, 2])] {
+        let err = d
+            .dispatch(ToolCall::new("add", bad.clone()))
+            .await
+            .unwrap_err();
+        assert_eq!(err.status(), Status::InvalidInput, "{bad}: {err}");
+    }
+    // The remote's isError is a tool error with its text.
+    let err = d
+        .dispatch(ToolCall::new("fail", json!({"reason": "no"})))
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Status::ToolFailed);
+    assert!(err.to_string().contains("it failed: no"), "{err}");
+    // The remote's progress becomes tool_progress, in order.
+    let counted = d
+        .dispatch(ToolCall::new("count", json!({"steps": 5})))
+        .await
+        .unwrap();
+    assert_eq!(counted.value, json!({"result": "counted to 5"}));
+    let events = sink.events();
+    let progress: Vec<f64> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::ToolProgress(p) => Some(p.progress),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(progress, [0.2, 0.4, 0.6, 0.8, 1.0]);
+    assert_paired(&without_progress(events));
+    let m = engine.metrics();
+    assert_eq!((m.total, m.active), (6, 0));
+}
+
+#[tokio::test]
+async fn a_remote_name_like_a_local_one_is_a_build_error_unless_prefixed() {
+    let Some(python) = python_with_mcp() else {
+        return;
+    };
+    let remote = remote(&python, &temp_log("names")).await;
+    let add = tool_fn("add", "The local add.", |i: AddIn, _cx| async move {
+        Ok::<_, ToolError>(i.a + i.b)
+    });
+    let err = Registry::builder()
+        .tool(add)
+        .mcp(&remote)
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("add"), "{err}");
+    let add = tool_fn("add", "The local add.", |i: AddIn, _cx| async move {
+        Ok::<_, ToolError>(i.a + i.b)
+    });
+    let registry = Registry::builder()
+        .tool(add)
+        .mcp(&remote.clone().prefix("py_"))
+        .build()
+        .unwrap();
+    let names: Vec<&str> = registry.names().collect();
+    assert_eq!(
+        names,
+        ["add", "py_add", "py_fail", "py_count", "py_sleep", "py_die"]
+    );
+    let engine = Engine::builder(registry).build();
+    let (d, _) = recorded(&engine, user("alice"));
+    let out = d
+        .dispatch(ToolCall::new("py_add", json!({"a": 40, "b": 2})))
+        .await
+        .unwrap();
+    assert_eq!(
+        out.value,
+        json!({"result": 42}),
+        "the remote still gets its own name"
+    );
+}
+
+#[tokio::test]
+async fn a_remote_call_past_its_timeout_or_cancelled_is_cancelled_on_the_remote() {
+    let Some(python) = python_with_mcp() else {
+        return;
+    };
+    let log = temp_log("cancel");
+    let remote = remote(&python, &log)
+        .await
+        .settings(ToolSettings::new().timeout(Duration::from_millis(500)));
+    let engine = Engine::builder(Registry::builder().mcp(&remote).build().unwrap()).build();
+    let (d, sink) = recorded(&engine, user("alice"));
+    let err = tokio::time::timeout(
+        PATIENCE,
+        d.dispatch(ToolCall::new("sleep", json!({"seconds": 60}))),
+    )
+    .await
+    .expect("the timeout ends it")
+    .unwrap_err();
+    assert_eq!(err.status(), Status::Timeout);
+    logged(&log, "cancelled sleep").await;
+    assert_paired(&sink.events());
+
+    // cancel_user while the remote works: cancelled here and there.
+    let _ = std::fs::remove_file(&log);
+    let call = spawn(&d, ToolCall::new("sleep", json!({"seconds": 0.4})));
+    logged(&log, "started sleep").await;
+    assert_eq!(engine.cancel_user("alice").here, 1);
+    let err = call.await.unwrap().unwrap_err();
+    assert_eq!(err.status(), Status::Cancelled);
+    logged(&log, "cancelled sleep").await;
+    // The remote still serves the next call.
+    assert_eq!(
+        d.dispatch(ToolCall::new("add", json!({"a": 1, "b": 1})))
+            .await
+            .unwrap()
+            .value,
+        json!({"result": 2})
+    );
+}
+
+#[tokio::test]
+async fn a_remote_that_dies_mid_call_is_a_typed_error_not_a_hang() {
+    let Some(python) = python_with_mcp() else {
+        return;
+    };
+    let log = temp_log("die");
+    let remote = remote(&python, &log).await;
+    let engine = Engine::builder(Registry::builder().mcp(&remote).build().unwrap()).build();
+    let (d, sink) = recorded(&engine, user("alice"));
+    let err = tokio::time::timeout(PATIENCE, d.dispatch(ToolCall::new("die", json!({}))))
+        .await
+        .expect("no hang when the remote dies")
+        .unwrap_err();
+    assert_eq!(err.status(), Status::ToolFailed, "{err}");
+    assert!(err.to_string().contains("MCP server"), "{err}");
+    logged(&log, "started die").await;
+    // Later calls fail at once, typed, with their pairs.
+    let err = tokio::time::timeout(
+        PATIENCE,
+        d.dispatch(ToolCall::new("add", json!({"a": 1, "b": 1}))),
+    )
+    .await
+    .expect("no hang after the remote died")
+    .unwrap_err();
+    assert_eq!(err.status(), Status::ToolFailed, "{err}");
+    assert_paired(&sink.events());
+    assert_eq!(engine.active(), 0);
+}

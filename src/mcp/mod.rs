@@ -19,11 +19,17 @@
 //! # Ok(()) }
 //! ```
 //!
+//! The other way, [`McpImport`] brings a remote MCP server's tools into a
+//! [`Registry`](crate::Registry) (`Registry::builder().mcp(&remote)`), where they
+//! run through the same pipeline as local tools.
+//!
 //! [`provider::mcp`](crate::provider::mcp) stays the rmcp-free JSON layer; this
 //! module renders results through it, so both speak the same statuses.
 
 mod http;
+mod import;
 mod server;
 
 pub use http::{router, router_with};
+pub use import::{ImportError, McpImport};
 pub use server::McpServer;
