@@ -19,9 +19,24 @@ if [ ! -d "$out/ts/node_modules/@modelcontextprotocol/client" ]; then
 fi
 cp tests/clients/mcp_ts_client.mjs "$out/ts/"
 
-echo "==> build the mcp_server example"
-cargo build --example mcp_server --features mcp
+echo "==> build the mcp_server and mcp_import examples"
+cargo build --example mcp_server --example mcp_import --features mcp
 server=target/debug/examples/mcp_server
+
+echo "==> mcp_import: a Python MCPServer's tool, then mcp_server's, through the pipeline"
+target/debug/examples/mcp_import --call add --args '{"a":2,"b":3}' -- \
+    "$venv/bin/python" tests/clients/mcp_remote_server.py > "$out/mcp-import.out"
+grep -q '"type":"tool_completed".*"status":"success".*"result":{"result":5}' "$out/mcp-import.out"
+target/debug/examples/mcp_import --call get_weather --args '{"city":"Paris"}' -- "$server" \
+    > "$out/mcp-import-self.out" 2> /dev/null
+grep -q '"user_id":"importer".*"tool_name":"get_weather","status":"success"' "$out/mcp-import-self.out"
+if target/debug/examples/mcp_import --call fail --args '{"reason":"x"}' -- \
+    "$venv/bin/python" tests/clients/mcp_remote_server.py > "$out/mcp-import-fail.out" 2>&1; then
+    echo "a failing remote tool must fail the call" >&2
+    exit 1
+fi
+grep -q '"tool_name":"fail","status":"error".*it failed: x' "$out/mcp-import-fail.out"
+echo "mcp_import: ok"
 
 echo "==> Python mcp SDK over stdio"
 "$venv/bin/python" tests/clients/mcp_client.py stdio "$server"

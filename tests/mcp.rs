@@ -831,3 +831,56 @@ async fn a_remote_that_dies_mid_call_is_a_typed_error_not_a_hang() {
     assert_paired(&sink.events());
     assert_eq!(engine.active(), 0);
 }
+
+#[tokio::test]
+async fn tools_imported_over_http_run_on_the_remote_as_the_tokens_user() {
+    // The remote is this library's own server: each side keeps its own pipeline.
+    let gate = Arc::new(Semaphore::new(0));
+    let remote_engine = engine(&gate);
+    let remote_events = Events::default();
+    let addr =
+        serve_http(remote_events.attach(McpServer::per_request(remote_engine.clone()))).await;
+    let url = format!("http://{addr}/mcp");
+    let err = tool_dispatch::mcp::McpImport::http(&url, Some("not-a-token"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, tool_dispatch::mcp::ImportError::Handshake(_)),
+        "{err}"
+    );
+    let remote = tool_dispatch::mcp::McpImport::http(&url, Some("bob-token"))
+        .await
+        .unwrap()
+        .prefix("far_");
+    // bob lacks `admin`: the remote did not list admin_only to him.
+    assert_eq!(
+        remote.names(),
+        ["far_add", "far_weather", "far_steps", "far_wipe"]
+    );
+    let local = Engine::builder(Registry::builder().mcp(&remote).build().unwrap()).build();
+    let (d, sink) = recorded(&local, user("carol"));
+    let out = d
+        .dispatch(ToolCall::new("far_add", json!({"a": 20, "b": 22})))
+        .await
+        .unwrap();
+    assert_eq!(out.value, json!(42));
+    // Progress from the remote pipeline reaches the local one.
+    gate.add_permits(1);
+    d.dispatch(ToolCall::new("far_steps", json!({"steps": 4})))
+        .await
+        .unwrap();
+    let progress: Vec<f64> = sink
+        .events()
+        .iter()
+        .filter_map(|e| match e {
+            Event::ToolProgress(p) => Some(p.progress),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(progress, [0.25, 0.5, 0.75, 1.0]);
+    // Locally carol's calls; remotely bob's, each with its pairs.
+    assert!(sink.events().iter().all(|e| e.user_id() == "carol"));
+    let far = without_progress(remote_events.of("bob").events());
+    assert_paired(&far);
+    assert_eq!(far.len(), 4);
+}

@@ -8,7 +8,8 @@ use rmcp::model::{
     Request, ServerResult,
 };
 use rmcp::service::{NotificationContext, PeerRequestOptions, RequestHandle, RunningService};
-use rmcp::transport::TokioChildProcess;
+use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+use rmcp::transport::{StreamableHttpClientTransport, TokioChildProcess};
 use rmcp::{ClientHandler, RoleClient, ServiceExt};
 use serde_json::{Value, json};
 
@@ -83,6 +84,26 @@ impl McpImport {
     pub async fn spawn(command: tokio::process::Command) -> Result<McpImport, ImportError> {
         let transport =
             TokioChildProcess::new(command).map_err(|e| ImportError::Start(e.to_string()))?;
+        McpImport::connect(transport).await
+    }
+
+    /// Connects to the MCP server at `url` over streamable HTTP, with `bearer` as its
+    /// `Authorization: Bearer` token when given, and lists its tools. Plain `http`
+    /// works as is; `https` needs a TLS backend in rmcp's reqwest (add `rmcp` with
+    /// its `reqwest` feature to your own dependencies).
+    pub async fn http(url: &str, bearer: Option<&str>) -> Result<McpImport, ImportError> {
+        let mut config = StreamableHttpClientTransportConfig::with_uri(url);
+        if let Some(token) = bearer {
+            config = config.auth_header(token);
+        }
+        McpImport::connect(StreamableHttpClientTransport::from_config(config)).await
+    }
+
+    async fn connect<T, E, A>(transport: T) -> Result<McpImport, ImportError>
+    where
+        T: rmcp::transport::IntoTransport<RoleClient, E, A>,
+        E: std::error::Error + Send + Sync + 'static,
+    {
         let client = Progress::default()
             .serve(transport)
             .await
