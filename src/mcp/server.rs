@@ -3,20 +3,19 @@
 use std::sync::{Arc, OnceLock};
 
 use rmcp::model::{
-    CallToolRequestParams, CallToolResponse, CallToolResult, ErrorCode, ErrorData, Implementation,
-    ListToolsResult, PaginatedRequestParams, ProgressNotificationParam, ProgressToken, ResultType,
-    ServerCapabilities, ServerConfig, Tool,
+    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ErrorCode, ErrorData,
+    Implementation, ListToolsResult, PaginatedRequestParams, ProgressNotificationParam,
+    ProgressToken, ServerCapabilities, ServerConfig, Tool,
 };
 use rmcp::service::RequestContext;
 use rmcp::{Peer, RoleServer, ServerHandler};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use crate::engine::Engine;
 use crate::event::{Event, ToolProgress};
 use crate::provider::input_schema;
-use crate::provider::mcp::render_result;
+use crate::provider::mcp::{Outcome, outcome};
 use crate::sink::{EventSink, SinkError, TrySendError};
 use crate::user::UserContext;
 use crate::{BoxFuture, ToolCall};
@@ -237,31 +236,25 @@ impl EventSink for CallSink {
     }
 }
 
-/// Sends a call's progress to the client, each value above the last, until the call
-/// is over (`over`); then what is left, and stops.
-async fn forward_progress(
+/// A call's progress on its way to the client: each value above the last.
+struct Forward {
     peer: Peer<RoleServer>,
     token: ProgressToken,
-    mut rx: mpsc::Receiver<ToolProgress>,
-    over: CancellationToken,
-) {
-    let mut last = f64::NEG_INFINITY;
-    loop {
-        let p = tokio::select! {
-            biased;
-            p = rx.recv() => p,
-            () = over.cancelled() => rx.try_recv().ok(),
-        };
-        let Some(p) = p else { return };
-        if !p.progress.is_finite() || p.progress <= last {
-            continue;
+    last: f64,
+}
+
+impl Forward {
+    async fn send(&mut self, p: ToolProgress) {
+        if !p.progress.is_finite() || p.progress <= self.last {
+            return;
         }
-        last = p.progress;
-        let mut note = ProgressNotificationParam::new(token.clone(), p.progress).with_total(1.0);
+        self.last = p.progress;
+        let mut note =
+            ProgressNotificationParam::new(self.token.clone(), p.progress).with_total(1.0);
         if let Some(m) = p.message {
             note = note.with_message(m);
         }
-        let _ = peer.notify_progress(note).await;
+        let _ = self.peer.notify_progress(note).await;
     }
 }
 
@@ -295,23 +288,34 @@ impl ServerHandler for McpServer {
             events: (self.events)(&user),
             progress: token.is_some().then_some(tx),
         };
-        let over = CancellationToken::new();
-        let forwarding = token.map(|t| {
-            let peer = context.peer.clone();
-            tokio::spawn(forward_progress(peer, t, rx, over.clone()))
+        let mut forward = token.map(|token| Forward {
+            peer: context.peer.clone(),
+            token,
+            last: f64::NEG_INFINITY,
         });
         let dispatcher = self.engine.dispatcher().sink(sink).user(user);
-        // A cancelled request drops the dispatch: the call ends `cancelled`, paired.
-        let result = tokio::select! {
-            r = dispatcher.dispatch(call) => Some(r),
-            () = context.ct.cancelled() => None,
+        let dispatch = dispatcher.dispatch(call);
+        tokio::pin!(dispatch);
+        let mut rx = rx;
+        // The call and its progress on one task; a cancelled request drops the
+        // dispatch: the call ends `cancelled`, paired.
+        let result = loop {
+            tokio::select! {
+                biased;
+                r = &mut dispatch => break Some(r),
+                () = context.ct.cancelled() => break None,
+                Some(p) = rx.recv(), if forward.is_some() => {
+                    if let Some(f) = forward.as_mut() {
+                        f.send(p).await;
+                    }
+                }
+            }
         };
-        // The call is over: the forwarder sends what it has and stops, and only then
-        // the result goes out.
-        drop(dispatcher);
-        over.cancel();
-        if let Some(f) = forwarding {
-            let _ = f.await;
+        // What progress is left goes out before the result, and nothing after it.
+        if let Some(f) = forward.as_mut() {
+            while let Ok(p) = rx.try_recv() {
+                f.send(p).await;
+            }
         }
         let Some(result) = result else {
             return Err(ErrorData::new(
@@ -320,22 +324,29 @@ impl ServerHandler for McpServer {
                 None,
             ));
         };
-        let response = render_result(&Value::Null, &result);
-        if let Some(error) = response.get("error") {
-            let message = error["message"]
-                .as_str()
-                .unwrap_or("unknown tool")
-                .to_owned();
-            return Err(ErrorData::new(
-                ErrorCode::INVALID_PARAMS,
+        match outcome(&result) {
+            Outcome::Result {
+                text,
+                structured,
+                is_error,
+            } => {
+                let content = vec![ContentBlock::text(text)];
+                let mut answer = match is_error {
+                    true => CallToolResult::error(content),
+                    false => CallToolResult::success(content),
+                };
+                answer.structured_content = structured.cloned();
+                Ok(answer.into())
+            }
+            Outcome::ProtocolError {
+                code,
                 message,
-                error.get("data").cloned(),
-            ));
+                data,
+            } => Err(ErrorData::new(
+                ErrorCode(i32::try_from(code).unwrap_or(-32602)),
+                message,
+                Some(data),
+            )),
         }
-        let mut result: CallToolResult = serde_json::from_value(response["result"].clone())
-            .map_err(|e| ErrorData::internal_error(e.to_string(), None))?;
-        // As rmcp's own constructors do; it clears this for older protocol revisions.
-        result.result_type = Some(ResultType::COMPLETE);
-        Ok(result.into())
     }
 }

@@ -118,31 +118,68 @@ pub fn progress_token(request: &Value) -> Option<&Value> {
 /// result is a JSON object. A failed call: the same with the safe message and
 /// `"isError": true`, except an unknown tool, which is a JSON-RPC error `-32602`.
 pub fn render_result(id: &Value, result: &Result<ToolOutput, DispatchError>) -> Value {
-    let result = match result {
-        Ok(out) => {
+    let result = match outcome(result) {
+        Outcome::Result {
+            text,
+            structured,
+            is_error,
+        } => {
             let mut r = json!({
-                "content": [{ "type": "text", "text": output_text(&out.value) }],
-                "isError": false,
+                "content": [{ "type": "text", "text": text }],
+                "isError": is_error,
             });
-            if out.value.is_object() {
-                r["structuredContent"] = out.value.clone();
+            if let Some(s) = structured {
+                r["structuredContent"] = s.clone();
             }
             r
         }
-        Err(e @ DispatchError::UnknownTool { .. }) => {
-            return rpc_error(
-                id,
-                INVALID_PARAMS,
-                &e.to_string(),
-                Some(json!({"status": e.status()})),
-            );
-        }
-        Err(e) => json!({
-            "content": [{ "type": "text", "text": e.to_string() }],
-            "isError": true,
-        }),
+        Outcome::ProtocolError {
+            code,
+            message,
+            data,
+        } => return rpc_error(id, code, &message, Some(data)),
     };
     json!({ "jsonrpc": "2.0", "id": id, "result": result })
+}
+
+/// How MCP answers a call, whatever carries the answer (this module's JSON, or the
+/// rmcp server of the `mcp` feature): one mapping of statuses for both.
+#[cfg_attr(not(feature = "mcp"), allow(dead_code))]
+pub(crate) enum Outcome<'a> {
+    /// A `CallToolResult`: the text, the structured result (a JSON object), and
+    /// whether it is a tool execution error.
+    Result {
+        text: String,
+        structured: Option<&'a Value>,
+        is_error: bool,
+    },
+    /// A JSON-RPC error (an unknown tool).
+    ProtocolError {
+        code: i64,
+        message: String,
+        data: Value,
+    },
+}
+
+/// The MCP answer to a call's result.
+pub(crate) fn outcome(result: &Result<ToolOutput, DispatchError>) -> Outcome<'_> {
+    match result {
+        Ok(out) => Outcome::Result {
+            text: output_text(&out.value),
+            structured: out.value.is_object().then_some(&out.value),
+            is_error: false,
+        },
+        Err(e @ DispatchError::UnknownTool { .. }) => Outcome::ProtocolError {
+            code: INVALID_PARAMS,
+            message: e.to_string(),
+            data: json!({"status": e.status()}),
+        },
+        Err(e) => Outcome::Result {
+            text: e.to_string(),
+            structured: None,
+            is_error: true,
+        },
+    }
 }
 
 /// The JSON-RPC error response for a request [`parse_call`] refused: `-32601` when
