@@ -73,7 +73,8 @@ async fn round(client: &RunningService<RoleClient, ()>, n: usize, right: &mut us
         let r = client.call_tool(params).await;
         out.push(t.elapsed().as_nanos() as u64);
         let text = r.ok().and_then(|r| serde_json::to_value(&r.content).ok());
-        *right += usize::from(text.is_some_and(|t| t[0]["text"] == (i + 1).to_string()));
+        let want = (i + 1).to_string();
+        *right += usize::from(text.is_some_and(|t| t[0]["text"].as_str() == Some(want.as_str())));
     }
     out
 }
