@@ -1205,6 +1205,30 @@ async fn a_call_made_over_mcp_shows_up_in_its_users_run_stream() {
     );
     assert_eq!(frames[2]["status"], "success");
 
+    // A call that needs her approval waits for it on her own stream: the request
+    // shows on her page, she approves there, the MCP client gets the result.
+    let email = json!({"to": "ann@example.com", "subject": "hi", "body": "x"});
+    let mail = CallToolRequestParams::new("send_email")
+        .with_arguments(email.as_object().cloned().unwrap());
+    let peer = client.peer().clone();
+    let asked = tokio::spawn(async move { peer.call_tool(mail).await });
+    let request = until(&mut alice_ws, |m| m["type"] == "tool_approval_required").await;
+    let call_id = request.last().unwrap()["call_id"].clone();
+    assert_eq!(request.last().unwrap()["run_id"], chat_server::MCP_RUN);
+    send(
+        &mut alice_ws,
+        json!({"type": "tool_approval_decision", "call_id": call_id, "decision": "approve"}),
+    )
+    .await;
+    let sent = tokio::time::timeout(Duration::from_secs(10), asked)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(sent.is_error, Some(false), "{sent:?}");
+    assert_eq!(sent.structured_content.unwrap()["sent"], true);
+    until(&mut alice_ws, |m| m["type"] == "tool_completed").await;
+
     // Stop pressed for the run `mcp` on her page ends her MCP call.
     let long = CallToolRequestParams::new("slow_task").with_arguments(
         json!({"steps": 1000, "step_ms": 60000})

@@ -884,3 +884,35 @@ async fn tools_imported_over_http_run_on_the_remote_as_the_tokens_user() {
     assert_paired(&far);
     assert_eq!(far.len(), 4);
 }
+
+#[tokio::test]
+async fn a_remote_that_answers_with_garbage_or_not_at_all_is_a_typed_error_not_a_hang() {
+    let Some(python) = python_with_mcp() else {
+        return;
+    };
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/clients/mcp_malformed_server.py");
+    // Garbage is refused at once; a line that is not JSON, or nothing, meets the
+    // tool's timeout.
+    for (mode, want) in [
+        ("garbage", Status::ToolFailed),
+        ("not_json", Status::Timeout),
+        ("silent", Status::Timeout),
+    ] {
+        let mut command = tokio::process::Command::new(&python);
+        command.arg(&script).arg(mode);
+        let remote = tool_dispatch::mcp::McpImport::spawn(command)
+            .await
+            .unwrap()
+            .settings(ToolSettings::new().timeout(Duration::from_millis(500)));
+        let engine = Engine::builder(Registry::builder().mcp(&remote).build().unwrap()).build();
+        let (d, sink) = recorded(&engine, user("alice"));
+        let err = tokio::time::timeout(PATIENCE, d.dispatch(ToolCall::new("odd", json!({}))))
+            .await
+            .unwrap_or_else(|_| panic!("{mode}: a hang"))
+            .unwrap_err();
+        assert_eq!(err.status(), want, "{mode}: {err}");
+        assert_paired(&sink.events());
+        assert_eq!(engine.active(), 0, "{mode}");
+    }
+}
