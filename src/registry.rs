@@ -337,7 +337,7 @@ mod sealed {
     #[diagnostic::on_unimplemented(
         message = "`{Self}` is not a tool",
         label = "`IntoTool` is sealed",
-        note = "implement `tool_dispatch::Tool` for it, or wrap a closure with `tool_fn`; `IntoTool` comes with it"
+        note = "implement `tool_dispatch::Tool` for it, or wrap a closure with `tool_fn` (or `schema_tool` for a schema that is data); `IntoTool` comes with it"
     )]
     pub trait Sealed {
         fn into_parts(self) -> super::Parts;
@@ -349,8 +349,8 @@ mod sealed {
 /// kind, and the sealed trait's message explains a type that is none of them.
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not a tool",
-    label = "expected a `Tool`, a `tool_fn(..)` or a `blocking_fn(..)`",
-    note = "implement `tool_dispatch::Tool` for it, or wrap a closure with `tool_fn`"
+    label = "expected a `Tool`, a `tool_fn(..)`, a `blocking_fn(..)` or a `schema_tool(..)`",
+    note = "implement `tool_dispatch::Tool` for it, or wrap a closure with `tool_fn` (or `schema_tool` for a schema that is data)"
 )]
 pub trait IntoTool: sealed::Sealed {}
 

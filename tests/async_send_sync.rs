@@ -32,6 +32,26 @@ assert_impl_all!(MetricsSnapshot: Send, Sync);
 assert_impl_all!(RecordingSink: EventSink);
 assert_impl_all!(tokio::sync::mpsc::Sender<Event>: EventSink);
 assert_impl_all!(Arc<dyn EventSink>: Send, Sync, EventSink);
+assert_impl_all!(RunLog: Send, Sync, Clone);
+assert_impl_all!(RunWriter: Send, Sync, Clone, EventSink);
+assert_impl_all!(RunReader: Send);
+#[cfg(feature = "redis")]
+assert_impl_all!(tool_dispatch::redis::Redis: Send, Sync, Clone);
+#[cfg(feature = "mcp")]
+assert_impl_all!(tool_dispatch::mcp::McpServer: Send, Sync, Clone);
+#[cfg(feature = "mcp")]
+assert_impl_all!(tool_dispatch::mcp::McpImport: Send, Sync, Clone);
+#[cfg(feature = "mcp")]
+assert_impl_all!(tool_dispatch::mcp::ImportError: Send, Sync, std::error::Error);
+
+/// A `schema_tool` is a tool like any other: registered, and its future is `Send`.
+#[allow(dead_code)]
+fn schema_tools_register() {
+    let t = schema_tool("t", "d", serde_json::json!({}), |v, _cx| async move {
+        Ok::<_, ToolError>(v)
+    });
+    let _ = Registry::builder().tool(t);
+}
 
 /// Every future a caller awaits is `Send`: it can be spawned on a multi-thread runtime.
 #[allow(dead_code)]
