@@ -175,6 +175,35 @@ fn call(name: &str, args: Value) -> CallToolRequestParams {
     }
 }
 
+/// A `steps` call of one step, once its progress came: the call is waiting on the
+/// gate, in the pipeline.
+async fn one_step_started(
+    client: &Connected,
+    progress: &mut mpsc::UnboundedReceiver<ProgressNotificationParam>,
+) -> rmcp::service::RequestHandle<RoleClient> {
+    let handle = client
+        .send_cancellable_request(
+            ClientRequest::CallToolRequest(Request::new(call("steps", json!({"steps": 1})))),
+            PeerRequestOptions::no_options(),
+        )
+        .await
+        .unwrap();
+    tokio::time::timeout(PATIENCE, progress.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    handle
+}
+
+/// Waits until `engine` has no call in flight, or fails saying `what`.
+async fn until_idle(engine: &Engine, what: &str) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while engine.active() > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 fn without_progress(events: Vec<Event>) -> Vec<Event> {
     events
         .into_iter()
@@ -348,30 +377,13 @@ async fn a_cancelled_request_ends_the_call_cancelled_with_its_pair() {
     let events = Events::default();
     let (c, mut progress) =
         in_process(events.attach(McpServer::for_user(e.clone(), user("alice")))).await;
-    let handle = c
-        .send_cancellable_request(
-            ClientRequest::CallToolRequest(Request::new(call("steps", json!({"steps": 1})))),
-            PeerRequestOptions::no_options(),
-        )
-        .await
-        .unwrap();
-    tokio::time::timeout(PATIENCE, progress.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    let handle = one_step_started(&c, &mut progress).await;
     assert_eq!(e.active(), 1);
     handle
         .cancel(Some("the user pressed stop".into()))
         .await
         .unwrap();
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while e.active() > 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the call never ended"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until_idle(&e, "the call never ended").await;
     let seen = without_progress(events.of("alice").events());
     assert_paired(&seen);
     assert_eq!(pair(&seen).status, Status::Cancelled);
@@ -496,28 +508,11 @@ async fn over_http_closing_the_client_cancels_its_call() {
     let events = Events::default();
     let addr = serve_http(events.attach(McpServer::per_request(e.clone()))).await;
     let (alice, mut progress) = http_client(addr, "alice-token").await;
-    let handle = alice
-        .send_cancellable_request(
-            ClientRequest::CallToolRequest(Request::new(call("steps", json!({"steps": 1})))),
-            PeerRequestOptions::no_options(),
-        )
-        .await
-        .unwrap();
-    tokio::time::timeout(PATIENCE, progress.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    let handle = one_step_started(&alice, &mut progress).await;
     assert_eq!(e.active(), 1);
     drop(handle);
     alice.cancel().await.unwrap(); // the client goes away, its streams with it
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while e.active() > 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the call outlived its client"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until_idle(&e, "the call outlived its client").await;
     let seen = without_progress(events.of("alice").events());
     assert_paired(&seen);
     assert_eq!(pair(&seen).status, Status::Cancelled);

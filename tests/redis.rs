@@ -562,6 +562,25 @@ fn leasing_node(
     )
 }
 
+/// Waits until the sorted set `key` holds no lease: releases are sent without the
+/// call waiting for them.
+async fn no_leases_left(server: &RedisServer, key: &str) {
+    for _ in 0..200 {
+        if server.zcard(key) == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(server.zcard(key), 0, "every lease of {key} removed");
+}
+
+fn assert_busy(err: &DispatchError, scope: LimitScope) {
+    assert!(
+        matches!(err, DispatchError::Busy { scope: s, .. } if *s == scope),
+        "{err:?}"
+    );
+}
+
 async fn leasing(server: &RedisServer, prefix: &str, lease: Duration) -> Redis {
     let config = RedisConfig::default()
         .prefix(prefix)
@@ -595,16 +614,7 @@ async fn a_users_concurrency_holds_across_two_nodes() {
             .dispatch(ToolCall::new("hold", json!("x")))
             .await
             .unwrap_err();
-        assert!(
-            matches!(
-                err,
-                DispatchError::Busy {
-                    scope: LimitScope::User,
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
+        assert_busy(&err, LimitScope::User);
     }
     // bob has his own.
     let (bob, _) = recorded(&b, user("bob"));
@@ -621,17 +631,7 @@ async fn a_users_concurrency_holds_across_two_nodes() {
     }
     // Released: alice may run two again (the release reaches Redis without the call
     // waiting for it).
-    for _ in 0..200 {
-        if server.zcard("slots:u{alice}:slots") == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(
-        server.zcard("slots:u{alice}:slots"),
-        0,
-        "every lease removed"
-    );
+    no_leases_left(&server, "slots:u{alice}:slots").await;
     gate_a.add_permits(2);
     let both = [
         spawn(&on_a, ToolCall::new("hold", json!("again1"))),
@@ -677,16 +677,7 @@ async fn a_cluster_wide_limit_holds_across_two_nodes_and_each_nodes_own_still_ap
             .dispatch(ToolCall::new("hold", json!("dave")))
             .await
             .unwrap_err();
-        assert!(
-            matches!(
-                err,
-                DispatchError::Busy {
-                    scope: LimitScope::Global,
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
+        assert_busy(&err, LimitScope::Global);
         assert_eq!(pair(&sink.events()).status, Status::Busy);
     }
     assert!(started_a.try_recv().is_err() && started_b.try_recv().is_err());
@@ -695,17 +686,7 @@ async fn a_cluster_wide_limit_holds_across_two_nodes_and_each_nodes_own_still_ap
     for h in held {
         assert!(h.await.unwrap().is_ok());
     }
-    for _ in 0..200 {
-        if server.zcard("cluster:global:slots") == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(
-        server.zcard("cluster:global:slots"),
-        0,
-        "every lease removed"
-    );
+    no_leases_left(&server, "cluster:global:slots").await;
     // A node's own engine-wide limit still applies under the cluster's.
     let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
     let (tx, mut started) = tokio::sync::mpsc::unbounded_channel();
@@ -730,16 +711,7 @@ async fn a_cluster_wide_limit_holds_across_two_nodes_and_each_nodes_own_still_ap
         .dispatch(ToolCall::new("hold", json!("e2")))
         .await
         .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            DispatchError::Busy {
-                scope: LimitScope::Global,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert_busy(&err, LimitScope::Global);
     assert_eq!(
         server.zcard("cluster:global:slots"),
         1,
@@ -801,16 +773,7 @@ async fn a_killed_nodes_slots_are_free_again_within_one_lease() {
         .dispatch(ToolCall::new("hold", json!("now")))
         .await
         .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            DispatchError::Busy {
-                scope: LimitScope::User,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert_busy(&err, LimitScope::User);
 
     child.kill().unwrap(); // SIGKILL: no release, no renewal
     child.wait().unwrap();
