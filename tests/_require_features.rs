@@ -14,3 +14,10 @@ fn chat_server() {
 fn redis() {
     unreachable!("ignored: run `cargo test --all-features`");
 }
+
+#[cfg(not(feature = "mcp"))]
+#[test]
+#[ignore = "the MCP tests (tests/mcp.rs) need `--features mcp` (the README's test command)"]
+fn mcp() {
+    unreachable!("ignored: run `cargo test --all-features`");
+}
