@@ -283,7 +283,7 @@ impl ServerHandler for McpServer {
         let arguments = request.arguments.map_or(json!({}), Value::Object);
         let call = ToolCall::new(request.name.to_string(), arguments);
         let token = context.meta.get_progress_token();
-        let (tx, rx) = mpsc::channel(PROGRESS_BUFFER);
+        let (tx, mut rx) = mpsc::channel(PROGRESS_BUFFER);
         let sink = CallSink {
             events: (self.events)(&user),
             progress: token.is_some().then_some(tx),
@@ -296,7 +296,6 @@ impl ServerHandler for McpServer {
         let dispatcher = self.engine.dispatcher().sink(sink).user(user);
         let dispatch = dispatcher.dispatch(call);
         tokio::pin!(dispatch);
-        let mut rx = rx;
         // The call and its progress on one task; a cancelled request drops the
         // dispatch: the call ends `cancelled`, paired.
         let result = loop {
