@@ -23,7 +23,15 @@
 //!   taken by a Lua script only while fewer than the limit are unexpired, renewed
 //!   every third of [`RedisConfig::lease`] while the call holds it, removed when it
 //!   ends. A node that dies stops renewing: its slots are free again within one lease.
-//!   Waiting for one is bounded by the same `max_wait`, then `busy`.
+//!   Waiting for one is bounded by the same `max_wait`, then `busy`;
+//! - **optionally, one concurrency limit for the cluster**
+//!   ([`RedisConfig::cluster_concurrency`]): the same leases in
+//!   `{prefix}:global:slots`, each held with one of the node's own engine-wide slots;
+//! - **run logs on Redis Streams**: [`RunLog::redis`](crate::RunLog::redis) keeps
+//!   each run's frames in the stream `{prefix}:u{<user>}:run:<run>`, each `seq`
+//!   assigned in Redis with its append, so a client resumes its run on any node; see
+//!   [`RunLog::redis`](crate::RunLog::redis) for the bounds, the shared epoch and
+//!   what happens while Redis is away.
 //!
 //! When Redis cannot be reached (down, restarting, partitioned), every call to it is
 //! bounded by [`RedisConfig::timeout`] and the engine follows
@@ -34,24 +42,18 @@
 //!
 //! Keys: `{prefix}:u{<user id>}:rate`, `…:slots`, `…:approval:<call id>`,
 //! `…:run:<run id>` (a stream), `…:runs` (the user's runs by last append),
-//! `…:seen:<run id>` (a node follows the run), `{prefix}:runlog:epoch`,
-//! `{prefix}:node:<node>:wake`, and the channel `{prefix}:signals`; the user id is escaped so that its `{…}` is the key's
-//! Redis Cluster hash tag: one user's keys live on one slot.
+//! `…:seen:<run id>` (a node follows the run), `{prefix}:global:slots`,
+//! `{prefix}:runlog:epoch`, `{prefix}:node:<node>:wake`, and the channel
+//! `{prefix}:signals`. The user id is escaped so that its `{…}` is the key's Redis
+//! Cluster hash tag: one user's keys live on one slot.
 //!
 //! With [`RedisConfig::local_precheck`] (on by default), a call this node's own
 //! bucket refuses is refused without a round trip; a user who keeps retrying on one
 //! node while over the shared quota may then wait a little longer than the shared
 //! bucket alone would make them.
 //!
-//! - **run logs on Redis Streams**: [`RunLog::redis`](crate::RunLog::redis) keeps
-//!   each run's frames in the stream `{prefix}:u{<user>}:run:<run>`, each `seq`
-//!   assigned in Redis with its append, so a client resumes its run on any node;
-//!   see [`RunLog::redis`](crate::RunLog::redis) for the bounds, the shared epoch
-//!   and what happens while Redis is away.
-//!
-//! Not yet shared: the engine-wide and per-tool slots stay each node's own. While
-//! Redis is unreachable, an approval can be answered only on the node where the call
-//! waits.
+//! Not shared: the per-tool slots stay each node's own. While Redis is unreachable,
+//! an approval can be answered only on the node where the call waits.
 //!
 //! ```no_run
 //! # async fn f(registry: tool_dispatch::Registry) -> Result<(), Box<dyn std::error::Error>> {
