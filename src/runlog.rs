@@ -158,21 +158,21 @@ pub(crate) trait Store: Send + Sync + 'static {
     /// The epoch shared by every process on the store, as last seen.
     fn epoch(&self) -> u64;
     /// Queues JSON object text for the run, without waiting.
-    fn append(&self, user: &str, run: &str, text: String) -> Result<(), AppendError>;
+    fn append(&self, user: &Arc<str>, run: &Arc<str>, text: String) -> Result<(), AppendError>;
     /// Queues JSON object text for the run, waiting for room (the caller bounds the
     /// wait).
     fn send<'a>(
         &'a self,
-        user: &'a str,
-        run: &'a str,
+        user: &'a Arc<str>,
+        run: &'a Arc<str>,
         text: String,
     ) -> BoxFuture<'a, Result<(), AppendError>>;
     /// Records JSON object text for the run after what was queued before it, waiting
     /// (boundedly) for room in the queue; its seq.
     fn record<'a>(
         &'a self,
-        user: &'a str,
-        run: &'a str,
+        user: &'a Arc<str>,
+        run: &'a Arc<str>,
         text: String,
     ) -> BoxFuture<'a, Result<u64, AppendError>>;
     /// The kept frames of the run after `after_seq`, checked as

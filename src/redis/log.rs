@@ -18,7 +18,7 @@ use crate::runlog::{
 };
 
 /// Appends one frame. KEYS[1]: the run's stream; KEYS[2]: the user's runs (run id →
-/// last append, server ms). ARGV: the frame's JSON object text after its `{`, the
+/// last append, server ms). ARGV: the frame's JSON object text (from its `{`), the
 /// stream's length, its time to live (ms), the user's most runs, the run id, and the
 /// key of the user's runs without the run id. Returns the frame's seq.
 const APPEND: &str = r#"
@@ -26,7 +26,7 @@ local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 local seq = 1
 if last[1] then seq = tonumber(string.match(last[1][1], '^(%d+)')) + 1 end
 local id = string.format('%d', seq)
-local body = ARGV[1]
+local body = string.sub(ARGV[1], 2)
 local sep = ','
 if string.sub(body, 1, 1) == '}' then sep = '' end
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], id .. '-0', 'f', '{"seq":' .. id .. sep .. body)
@@ -61,8 +61,8 @@ const SEEN_MS: u64 = 5_000;
 struct Job {
     user: Arc<str>,
     run: Arc<str>,
-    /// The frame's JSON object text after its `{`.
-    body: String,
+    /// The frame's JSON object text; the script puts `"seq"` after its `{`.
+    text: String,
     done: Option<oneshot::Sender<Result<u64, AppendError>>>,
 }
 
@@ -247,7 +247,7 @@ impl Inner {
                 .arg(2)
                 .arg(run_key(prefix, &job.user, &job.run))
                 .arg(user_key(prefix, &job.user, "runs"))
-                .arg(&job.body)
+                .arg(&job.text)
                 .arg(self.config.max_events_per_run)
                 .arg(ttl_ms)
                 .arg(self.config.max_runs_per_user)
@@ -304,8 +304,8 @@ impl RedisLog {
     /// A frame for the queue, refused at once while Redis is known to be away.
     fn job(
         &self,
-        user: &str,
-        run: &str,
+        user: &Arc<str>,
+        run: &Arc<str>,
         text: String,
         done: Option<oneshot::Sender<Result<u64, AppendError>>>,
     ) -> Result<Job, AppendError> {
@@ -313,14 +313,13 @@ impl RedisLog {
             self.inner.redis.inner.log_failures.fetch_add(1, Relaxed);
             return Err(AppendError::Unavailable);
         }
-        let body = match text.strip_prefix('{') {
-            Some(rest) => rest.to_owned(),
-            None => return Err(AppendError::NotAnObject),
-        };
+        if !text.starts_with('{') {
+            return Err(AppendError::NotAnObject);
+        }
         Ok(Job {
-            user: Arc::from(user),
-            run: Arc::from(run),
-            body,
+            user: Arc::clone(user),
+            run: Arc::clone(run),
+            text,
             done,
         })
     }
@@ -331,7 +330,7 @@ impl Store for RedisLog {
         self.inner.epoch.load(Relaxed)
     }
 
-    fn append(&self, user: &str, run: &str, text: String) -> Result<(), AppendError> {
+    fn append(&self, user: &Arc<str>, run: &Arc<str>, text: String) -> Result<(), AppendError> {
         let job = self.job(user, run, text, None)?;
         // Full is backpressure (the sink's caller may try again), not a lost frame.
         self.jobs.try_send(job).map_err(|_| AppendError::Full)
@@ -339,8 +338,8 @@ impl Store for RedisLog {
 
     fn send<'a>(
         &'a self,
-        user: &'a str,
-        run: &'a str,
+        user: &'a Arc<str>,
+        run: &'a Arc<str>,
         text: String,
     ) -> BoxFuture<'a, Result<(), AppendError>> {
         Box::pin(async move {
@@ -354,8 +353,8 @@ impl Store for RedisLog {
 
     fn record<'a>(
         &'a self,
-        user: &'a str,
-        run: &'a str,
+        user: &'a Arc<str>,
+        run: &'a Arc<str>,
         text: String,
     ) -> BoxFuture<'a, Result<u64, AppendError>> {
         Box::pin(async move {
