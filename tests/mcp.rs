@@ -911,3 +911,77 @@ async fn a_remote_that_answers_with_garbage_or_not_at_all_is_a_typed_error_not_a
         assert_eq!(engine.active(), 0, "{mode}");
     }
 }
+
+/// A sink that panics on every event.
+struct Panicking;
+
+impl EventSink for Panicking {
+    fn try_send(&self, _: Event) -> Result<(), TrySendError> {
+        panic!("this sink panics");
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_events_sink_costs_only_its_call_and_the_server_goes_on() {
+    let gate = Arc::new(Semaphore::new(0));
+    let e = engine(&gate);
+    let server = McpServer::for_user(e.clone(), user("alice"))
+        .events(|_| Arc::new(Panicking) as Arc<dyn EventSink>);
+    let (c, _) = in_process(server).await;
+    for _ in 0..3 {
+        // tool_executing cannot be delivered: the tool does not run, the caller is told.
+        let r = c
+            .call_tool(call("add", json!({"a": 1, "b": 2})))
+            .await
+            .unwrap();
+        assert_eq!(r.is_error, Some(true), "{r:?}");
+    }
+    assert_eq!(c.list_all_tools().await.unwrap().len(), 4);
+    let m = e.metrics();
+    assert_eq!((m.by_status["undelivered"], m.active), (3, 0));
+}
+
+#[tokio::test]
+async fn megabytes_and_wrong_types_in_arguments_are_error_results_without_the_value() {
+    let gate = Arc::new(Semaphore::new(0));
+    let e = engine(&gate);
+    let events = Events::default();
+    let (c, _) = in_process(events.attach(McpServer::for_user(e.clone(), user("alice")))).await;
+    let big = "s3cr3t".repeat(500_000); // 3 MB
+    for args in [
+        json!({"a": big, "b": 1}),
+        json!({"a": [1, 2], "b": 1}),
+        json!({"a": {"b": {"c": null}}, "b": 1}),
+        json!({"a": 1.5, "b": 1}),
+        json!({}),
+    ] {
+        let r = c.call_tool(call("add", args.clone())).await.unwrap();
+        assert_eq!(r.is_error, Some(true));
+        let t = text(&r);
+        assert!(
+            t.len() < 1024 && !t.contains("s3cr3t"),
+            "{}",
+            &t[..t.len().min(200)]
+        );
+    }
+    // Megabytes where any value goes: the call runs, its event carries a cut copy.
+    let ok = c
+        .call_tool(call("weather", json!({"city": big})))
+        .await
+        .unwrap();
+    assert_eq!(ok.is_error, Some(false));
+    let seen = events.of("alice").events();
+    let shown = seen
+        .iter()
+        .find_map(|e| match e {
+            Event::ToolExecuting(x) if &*x.tool_name == "weather" => Some(x.parameters.to_string()),
+            _ => None,
+        })
+        .unwrap();
+    assert!(
+        shown.len() < 64 * 1024,
+        "{} bytes in the event",
+        shown.len()
+    );
+    assert_eq!(e.metrics().by_status["invalid_input"], 5);
+}
