@@ -85,3 +85,53 @@ fn every_module_uses_only_modules_on_lower_floors() {
     }
     assert!(uses.contains_key("engine") && uses["engine"].contains(&"registry".to_owned()));
 }
+
+/// The engine's steps are methods on one in-flight state: each step file imports only
+/// that state (`in_flight`), the result codecs (`codec`) and the engine's own items
+/// (`super::Inner`, `super::Engine`, ...), never another step, so the call core has no
+/// cycle and `pipeline.rs` is the one place that says the order.
+#[test]
+fn engine_step_files_import_only_the_in_flight_state() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/engine");
+    let files: Vec<String> = std::fs::read_dir(&dir)
+        .expect("src/engine")
+        .map(|e| {
+            let p = e.expect("entry").path();
+            p.file_stem()
+                .expect("a name")
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    assert!(files.iter().any(|f| f == "in_flight") && files.iter().any(|f| f == "pipeline"));
+    let allowed = ["in_flight", "codec"];
+    for file in &files {
+        if file == "mod" {
+            continue;
+        }
+        let source = std::fs::read_to_string(dir.join(format!("{file}.rs"))).expect("source");
+        // Code only: a doc comment may link to a sibling.
+        let text: String = source
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("//"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        for (i, _) in text.match_indices("super::") {
+            let name: String = text[i + 7..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            let is_sibling = files.contains(&name) && name != "mod";
+            assert!(
+                !is_sibling || allowed.contains(&name.as_str()) || name == *file,
+                "src/engine/{file}.rs uses `super::{name}`: a step may use only {allowed:?}"
+            );
+            if file == "in_flight" || file == "codec" {
+                assert!(
+                    !is_sibling || name == "codec",
+                    "src/engine/{file}.rs uses `super::{name}`: it sits below every step"
+                );
+            }
+        }
+    }
+}

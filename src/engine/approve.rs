@@ -11,9 +11,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use super::Claim;
-use super::ending::Unannounced;
-use super::pipeline::InFlight;
-use super::prepare::Refusal;
+use super::in_flight::{Approval, Gate, InFlight, Refusal, Unannounced};
 use crate::approval::{ApprovalWait, Verdict};
 use crate::delivery::{Delivered, NotSent, Now, Role, Watch};
 use crate::error::{DispatchError, LimitScope};
@@ -24,30 +22,6 @@ use crate::registry::Entry;
 
 /// How long a call out of time waits for an answer another node already took.
 const IN_FLIGHT_ANSWER: Duration = Duration::from_secs(2);
-
-/// Why a call must wait for approval, and for how long.
-pub(crate) struct Gate {
-    pub(crate) reason: String,
-    pub(crate) wait: Option<ApprovalWait>,
-}
-
-impl Gate {
-    /// The tool's own requirement ([`ToolSettings::requires_approval`](crate::ToolSettings::requires_approval)).
-    pub(super) fn of_tool(entry: &Entry) -> Option<Gate> {
-        entry.settings.approval.as_ref().map(|reason| Gate {
-            reason: reason.clone(),
-            wait: None,
-        })
-    }
-}
-
-/// A call's approval so far.
-pub(crate) struct Approval {
-    /// What its `tool_completed` reports (`Withdrawn` until a decision).
-    pub(crate) record: ApprovalRecord,
-    /// When the call was let through: its slot wait counts from here.
-    pub(crate) since: Instant,
-}
 
 impl<'a> InFlight<'a> {
     /// Announces the call, asks its user, waits, and takes the user's own slot once

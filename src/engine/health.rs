@@ -7,8 +7,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::Engine;
-use super::pipeline::Admission;
-use super::prepare::{Occurrence, Start};
+use super::in_flight::{Admission, Occurrence, Start};
 use crate::call::ToolCall;
 use crate::error::DispatchError;
 use crate::health::{Health, HealthStatus};

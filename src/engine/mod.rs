@@ -1,16 +1,24 @@
 //! The [`Engine`]: built once, shared by every request; it owns the registry, policy,
 //! limits, cache, supervisor and metrics, and runs every call through one pipeline.
 //!
-//! - `pipeline`: the call core (prepare → admit → announce → run → finish).
-//! - `shutdown`: `cancel_user` and `shutdown`.
+//! - `pipeline`: the call core, its steps in order (written once, there), each step in
+//!   its own file (`prepare`, `admit`, `approve`, `announce`, `run`), all of them
+//!   methods on the call's state in `in_flight`;
+//! - `codec`: how a result travels (JSON by name, typed);
+//! - `peers`: the seam a shared backend (Redis) plugs into;
+//! - `shutdown`: `cancel_user`, `cancel_run` and `shutdown`;
 //! - `health`: the probe call and the health report.
 
+mod admit;
+mod announce;
 mod approve;
 mod codec;
-mod ending;
 mod health;
+mod in_flight;
+mod peers;
 mod pipeline;
 mod prepare;
+mod run;
 mod shutdown;
 
 use std::sync::Arc;
@@ -26,7 +34,7 @@ use crate::blocking::BlockingJobs;
 use crate::cache::{Cache, CacheConfig};
 use crate::delivery::Outbox;
 use crate::json::{DEFAULT_MAX_DEPTH, MAX_DEPTH_LIMIT};
-use crate::limits::{Limiter, LimiterFactory, Limits, LocalLimiter, UserLimits, UserState, Users};
+use crate::limits::{Limiter, Limits, LocalLimiter, UserLimits, UserState, Users};
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::policy::Policy;
 use crate::redact::Redaction;
@@ -35,9 +43,9 @@ use crate::sink::EventSink;
 use crate::state::WithUser;
 use crate::tool::{ToolError, tool_fn};
 use crate::user::UserContext;
-use futures_util::future::BoxFuture;
 
-pub(crate) use prepare::Occurrence;
+pub(crate) use in_flight::Occurrence;
+pub(crate) use peers::{Claim, Peers, Shared, Signal};
 pub use shutdown::{CancelReport, ShutdownReport, UserShutdown};
 
 /// Default tool timeout.
@@ -61,52 +69,6 @@ pub(crate) struct Config {
     limits: Limits,
     approval_wait: ApprovalWait,
     max_pending_approvals: usize,
-}
-
-/// What one node tells the others sharing its users.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Signal {
-    /// Cancel the user's calls.
-    CancelUser(String),
-    /// Cancel the calls of the user's run.
-    CancelRun(String, String),
-}
-
-/// Who holds a pending approval, as the shared store says (and, in saying it,
-/// takes it: only one claim of a key ever succeeds).
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[cfg_attr(not(feature = "redis"), allow(dead_code))]
-pub(crate) enum Claim {
-    /// This node: decide here.
-    Here,
-    /// Another node, by name: the decision travels there.
-    Elsewhere(String),
-    /// Nobody: never pending, decided already, or no longer waiting.
-    Nobody,
-    /// The store cannot say now.
-    Unreachable,
-}
-
-/// The other nodes sharing this engine's users (through Redis).
-pub(crate) trait Peers: Send + Sync + 'static {
-    /// Tells them, without waiting; `false` if they cannot be told now.
-    fn tell(&self, signal: Signal) -> bool;
-    /// Records that this node holds `user`'s call waiting for approval, for `ttl`.
-    fn pending<'a>(&'a self, user: &'a str, call: &'a str, ttl: Duration) -> BoxFuture<'a, ()>;
-    /// Takes the pending approval of `user`'s call: whoever gets it decides.
-    fn claim<'a>(&'a self, user: &'a str, call: &'a str) -> BoxFuture<'a, Claim>;
-    /// Sends a decision to the node that holds the call.
-    fn deliver(&self, node: &str, user: &str, call: &str, verdict: Verdict) -> bool;
-    /// Removes `user`'s call from the store, without waiting (it stopped waiting).
-    fn forget(&self, user: &str, call: &str);
-}
-
-/// What a shared backend attaches to an engine: its limiter (built around the local
-/// one), its peers, and what to do with the built engine (follow the peers' signals).
-pub(crate) struct Shared {
-    pub(crate) limiter: LimiterFactory,
-    pub(crate) peers: Box<dyn Peers>,
-    pub(crate) on_build: Box<dyn FnOnce(&Engine) + Send>,
 }
 
 /// The health probe: a tool outside the registry and a user outside the user table,

@@ -1,104 +1,28 @@
 //! The synchronous half of a call: where it enters (by name, typed), its id, and the
 //! checks that come before anything waits (shutting down, unknown tool, duplicate id,
 //! size, depth, the tool's input type). What they refuse ends in
-//! [`InFlight::refuse`](super::pipeline::InFlight).
+//! [`InFlight::refuse`](super::in_flight::InFlight).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::Inner;
 use super::codec::{Json, Typed};
-use super::pipeline::{Admission, InFlight, Phase};
+use super::in_flight::{
+    Admission, Args, InFlight, MAX_NAME_SHOWN, Occurrence, Prepared, Refusal, Start,
+};
 use crate::call::{Arguments, ToolCall, ToolOutput};
 use crate::delivery::Outbox;
 use crate::error::DispatchError;
-use crate::event::Timestamp;
 use crate::json::{self, cut, drop_deep, exceeds_depth};
 use crate::registry::{Entry, InputError};
 use crate::state::WithUser;
-use crate::tool::{CallScope, Tool, ToolContext, ToolError};
+use crate::tool::{Tool, ToolContext, ToolError};
 use crate::user::MAX_ID_LEN;
-
-/// Longest unknown tool name repeated in events and errors.
-pub(super) const MAX_NAME_SHOWN: usize = 128;
-
-/// A call that passed the synchronous checks: its tool, its arguments as the policy
-/// and the events see them, and its body (not started).
-pub(super) struct Prepared<'a, F> {
-    pub(super) entry: &'a Entry,
-    pub(super) args: Value,
-    pub(super) body: F,
-}
-
-/// A call refused before it runs: the error, and the arguments its events show.
-pub(super) struct Refusal {
-    pub(super) error: DispatchError,
-    pub(super) shown: Value,
-}
-
-/// Arguments after the depth check (a value too deep is already torn down).
-pub(super) enum Args {
-    Value(Value),
-    Text(String),
-    TooDeep,
-}
-
-/// What a call is started with.
-pub(super) struct Start<'a> {
-    pub(super) occurrence: Occurrence,
-    pub(super) entry: Option<&'a Entry>,
-    pub(super) tool: Arc<str>,
-    pub(super) id: Option<String>,
-    pub(super) timeout: Option<Duration>,
-    pub(super) admission: Admission,
-}
-
-/// Whether a call's id appeared before in the same batch. A batch's calls run
-/// concurrently, but one may end before the next starts; a repeated id is refused
-/// whatever the timing, so the front end never sees two calls under one id.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(crate) enum Occurrence {
-    /// The id's first use.
-    First,
-    /// The id was used by an earlier call of the same batch.
-    Repeat,
-}
-
-impl<'a> Start<'a> {
-    /// How a call by name of `entry` starts (`None`: no tool has its name), and its
-    /// arguments.
-    pub(super) fn json(
-        entry: Option<&'a Entry>,
-        call: ToolCall,
-        occurrence: Occurrence,
-        admission: Admission,
-    ) -> (Self, Arguments) {
-        let ToolCall {
-            id,
-            name,
-            arguments,
-            timeout,
-        } = call;
-        let tool = match entry {
-            Some(e) => Arc::clone(&e.name),
-            None => Arc::from(name.chars().take(MAX_NAME_SHOWN).collect::<String>()),
-        };
-        let start = Start {
-            occurrence,
-            entry,
-            tool,
-            id,
-            timeout,
-            admission,
-        };
-        (start, arguments)
-    }
-}
 
 impl Inner {
     /// Dispatch by name with JSON arguments.
@@ -201,82 +125,6 @@ impl Inner {
 }
 
 impl<'a> InFlight<'a> {
-    pub(super) fn new(
-        inner: &'a Arc<Inner>,
-        outbox: &'a Arc<Outbox>,
-        user: &'a WithUser,
-        start: Start<'a>,
-    ) -> Self {
-        inner.metrics.start();
-        user.state.active.fetch_add(1, Relaxed);
-        let (mut id, given) = inner.call_id(start.id);
-        let (mut claimed, mut duplicate) = (false, None);
-        if let Some(given) = given {
-            if start.occurrence == Occurrence::First && user.state.claim_id(&given) {
-                claimed = true;
-            } else {
-                duplicate = Some(cut(&given, 64));
-                id = inner.generated_id();
-            }
-        }
-        let timeout = start
-            .timeout
-            .or(start.entry.and_then(|e| e.settings.timeout))
-            .unwrap_or(inner.config.default_timeout);
-        let now = Instant::now();
-        let span = if start.admission.counted {
-            tracing::info_span!(
-                "execute_tool",
-                gen_ai.operation.name = "execute_tool",
-                gen_ai.tool.name = &*start.tool,
-                gen_ai.tool.call.id = &*id,
-                user_id = &*user.ctx.user_id,
-                status = tracing::field::Empty,
-                duration_ms = tracing::field::Empty,
-            )
-        } else {
-            tracing::Span::none()
-        };
-        let (cancel, user_cancel) = match &user.ctx.run_id {
-            Some(run) => {
-                let (run_token, user_token) = user.state.run_tokens(run);
-                (run_token, Some(user_token))
-            }
-            None => (user.state.token(), None),
-        };
-        let scope = Arc::new(CallScope {
-            user: Arc::clone(&user.ctx),
-            outbox: Arc::clone(outbox),
-            call_id: id,
-            tool_name: start.tool,
-            cancel,
-            user_cancel,
-            timeout,
-            max_text: inner.max_text(),
-            max_depth: inner.config.max_depth,
-            gate: Default::default(),
-        });
-        InFlight {
-            inner,
-            outbox,
-            user,
-            duplicate,
-            claimed,
-            entry: start.entry,
-            admission: start.admission,
-            start: now,
-            timeout,
-            deadline: crate::time::deadline(now, timeout),
-            wall: Timestamp::now(),
-            phase: Phase::Fresh,
-            waited: false,
-            opening_queued: false,
-            approval: None,
-            scope,
-            span,
-        }
-    }
-
     /// Checks that come before anything waits; the same for every kind of call.
     pub(super) fn refusal(&self, shown: impl FnOnce() -> Value) -> Option<Refusal> {
         let error = if !self.inner.accepting.load(Relaxed) {

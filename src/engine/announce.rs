@@ -1,5 +1,5 @@
-//! How a call ends: its `tool_executing` and `tool_completed`, counted once, whatever
-//! happens to it; and the `Drop` that completes the pair of a future dropped midway.
+//! Announcing and ending: a call's `tool_executing` and `tool_completed` (and the
+//! events they are built from), counted once, whatever happens to it.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -7,48 +7,26 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::pipeline::{InFlight, Phase};
-use super::prepare::Refusal;
+use super::in_flight::{Ending, InFlight, Pending, Phase, Refusal, Source, Unannounced};
 use crate::delivery::{Delivered, NotSent, Now, Role, Watch};
-use crate::error::{CancelReason, DispatchError};
+use crate::error::DispatchError;
 use crate::event::{Event, Status, ToolCompleted, ToolExecuting};
 use crate::json::cut;
-use crate::sink::SinkError;
-
-/// Why `tool_executing` did not go out as confirmed.
-pub(super) enum Unannounced {
-    /// It is queued; the call stopped waiting (cancelled or out of time).
-    HandedOff,
-    /// The call was interrupted before it could even be queued.
-    NotQueued,
-    /// The sink refused it (counted).
-    Failed(SinkError),
-    /// The sink is full: it must wait in the backlog (boxed: this is the slow path,
-    /// and the call's future stays small).
-    Waiting(Box<Event>),
-}
-
-/// A `tool_completed` the sink could not take at once.
-pub(super) struct Pending(Event, Role);
-
-/// How a call ends, for its `tool_completed`.
-pub(super) enum Ending<'e> {
-    Success {
-        result: Value,
-        source: Source,
-        /// Why `result` is `null` although the call succeeded.
-        note: Option<String>,
-    },
-    Failure(&'e DispatchError),
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(super) enum Source {
-    Ran,
-    Cache,
-}
 
 impl InFlight<'_> {
+    /// Ends a call whose `tool_executing` did not go out as confirmed: undeliverable
+    /// (the tool does not run), or interrupted while it waited for room.
+    pub(super) async fn unannounced(&mut self, u: Unannounced) -> DispatchError {
+        let error = match u {
+            Unannounced::Failed(e) => {
+                self.record(Status::Undelivered, self.start.elapsed());
+                return DispatchError::Undelivered(e);
+            }
+            _ => self.interruption(),
+        };
+        self.end_with(error, Err(u)).await
+    }
+
     /// Sends `tool_executing` if the sink takes it now; otherwise hands it back as
     /// [`Unannounced::Waiting`] for [`announce`](Self::announce). If it cannot be
     /// delivered the tool must not run.
@@ -261,36 +239,5 @@ impl InFlight<'_> {
             approval: self.approval.as_ref().map(|a| Box::new(a.record)),
             timestamp: self.wall.after(took),
         })
-    }
-}
-
-impl Ending<'_> {
-    pub(super) fn status(&self) -> Status {
-        match self {
-            Ending::Success { .. } => Status::Success,
-            Ending::Failure(e) => e.status(),
-        }
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        if self.phase == Phase::Done {
-            return;
-        }
-        // The caller dropped the future: complete the pair as cancelled, without
-        // waiting (the outbox queues what the sink cannot take now). A call dropped
-        // while it waited for approval leaves the shared store too.
-        if self
-            .approval
-            .as_ref()
-            .is_some_and(|a| a.record.decision == crate::event::ApprovalOutcome::Withdrawn)
-        {
-            self.forget_shared();
-        }
-        let err = DispatchError::Cancelled {
-            reason: CancelReason::Dropped,
-        };
-        self.end_detached(&err);
     }
 }
