@@ -174,7 +174,8 @@ impl Waiting<'_> {
     /// the call) is returned: it was accepted, so it must count.
     pub(crate) fn withdraw(&mut self) -> Option<Verdict> {
         let key = self.key.take()?;
-        if lock(&self.approvals.table).take(&key).is_some() {
+        let taken = lock(&self.approvals.table).take(&key); // dropped after the lock
+        if taken.is_some() {
             return None;
         }
         self.rx.try_recv().ok()
@@ -184,7 +185,8 @@ impl Waiting<'_> {
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         if let Some(key) = self.key.take() {
-            lock(&self.approvals.table).take(&key);
+            let taken = lock(&self.approvals.table).take(&key);
+            drop(taken); // after the lock: a sender's drop wakes its receiver
         }
     }
 }

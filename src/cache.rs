@@ -122,6 +122,8 @@ impl Cache {
     }
 
     pub(crate) fn lookup(&self, key: Key, now: Instant) -> Lookup<'_> {
+        // Declared before the guard, so what is removed is dropped after the lock.
+        let mut _expired = None;
         let mut inner = self.lock();
         match inner.map.get(&key) {
             Some(Slot::Ready { value, expires, .. }) if *expires > now => {
@@ -132,7 +134,7 @@ impl Cache {
                 let size = *size;
                 inner.bytes -= size;
                 inner.ready -= 1;
-                inner.map.remove(&key);
+                _expired = inner.map.remove(&key);
             }
             None => {}
         }
@@ -179,8 +181,10 @@ impl Leader<'_> {
         let size = serde_json::to_string(&*value).map_or(usize::MAX, |s| s.len());
         let _ = self.tx.send(Some(Arc::clone(&value)));
         let c = self.cache;
+        // Declared before the guard, so what is removed is dropped after the lock.
+        let mut removed = Vec::new();
         let mut inner = c.lock();
-        inner.map.remove(&key);
+        removed.extend(inner.map.remove(&key));
         if size > c.config.max_bytes || c.config.max_entries == 0 {
             return;
         }
@@ -209,7 +213,7 @@ impl Leader<'_> {
                 let size = *size;
                 inner.bytes -= size;
                 inner.ready -= 1;
-                inner.map.remove(&k);
+                removed.extend(inner.map.remove(&k));
             }
         }
         // Keep the order queue from growing with stale entries.
@@ -223,9 +227,10 @@ impl Leader<'_> {
 impl Drop for Leader<'_> {
     fn drop(&mut self) {
         if let Some(key) = self.key.take() {
+            let mut _removed = None;
             let mut inner = self.cache.lock();
             if matches!(inner.map.get(&key), Some(Slot::Pending(_))) {
-                inner.map.remove(&key);
+                _removed = inner.map.remove(&key); // dropped after the lock
             }
         }
     }

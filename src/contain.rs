@@ -13,26 +13,66 @@ use std::task::{Context, Poll};
 pub(crate) type Panic = Box<dyn Any + Send>;
 
 pin_project_lite::pin_project! {
-    /// Polls `F` and drops it with panics caught. A panic while polling ends the
-    /// future with `Err(payload)`; a panic while dropping is logged and swallowed.
-    pub(crate) struct Contained<F> {
+    /// Holds `F` (a future, or any value of code we call) and drops it with panics
+    /// caught and logged: a tool's input or unstarted body can be dropped anywhere
+    /// (a refusal, a cache hit, a cancelled call) without unwinding into the
+    /// pipeline. Polls `F` as is.
+    pub(crate) struct DropSafe<F> {
         #[pin]
         inner: Option<F>,
     }
 
-    impl<F> PinnedDrop for Contained<F> {
+    impl<F> PinnedDrop for DropSafe<F> {
         fn drop(this: Pin<&mut Self>) {
-            let mut inner = this.project().inner;
-            if let Err(p) = catch_unwind(AssertUnwindSafe(|| inner.set(None))) {
-                tracing::error!(panic = %panic_message(&*p), "a future panicked while being dropped");
-            }
+            this.clear();
         }
+    }
+}
+
+impl<F> DropSafe<F> {
+    pub(crate) fn new(f: F) -> Self {
+        DropSafe { inner: Some(f) }
+    }
+
+    /// Drops the value now, its panic caught and logged.
+    fn clear(self: Pin<&mut Self>) {
+        let mut inner = self.project().inner;
+        contained(|| inner.set(None));
+    }
+}
+
+impl<F: Future> Future for DropSafe<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        match self.project().inner.as_pin_mut() {
+            Some(f) => f.poll(cx),
+            None => Poll::Pending, // dropped already: never ready again
+        }
+    }
+}
+
+/// Runs `f` (a drop of code we call, typically) with its panic caught and logged.
+pub(crate) fn contained(f: impl FnOnce()) {
+    if let Err(p) = catch_unwind(AssertUnwindSafe(f)) {
+        tracing::error!(panic = %panic_message(&*p), "code we call panicked while being dropped");
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Polls `F` and drops it with panics caught. A panic while polling ends the
+    /// future with `Err(payload)`; a panic while dropping is logged and swallowed.
+    pub(crate) struct Contained<F> {
+        #[pin]
+        inner: DropSafe<F>,
     }
 }
 
 impl<F> Contained<F> {
     pub(crate) fn new(f: F) -> Self {
-        Contained { inner: Some(f) }
+        Contained {
+            inner: DropSafe::new(f),
+        }
     }
 }
 
@@ -41,18 +81,16 @@ impl<F: Future> Future for Contained<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut inner = self.project().inner;
-        let Some(f) = inner.as_mut().as_pin_mut() else {
+        if inner.inner.is_none() {
             return Poll::Pending; // polled after completion: never again ready
-        };
-        let r = match catch_unwind(AssertUnwindSafe(|| f.poll(cx))) {
+        }
+        let r = match catch_unwind(AssertUnwindSafe(|| inner.as_mut().poll(cx))) {
             Ok(Poll::Pending) => return Poll::Pending,
             Ok(Poll::Ready(v)) => Ok(v),
             Err(p) => Err(p),
         };
         // Drop the finished (or broken) future now, still inside the isolation.
-        if let Err(p) = catch_unwind(AssertUnwindSafe(|| inner.set(None))) {
-            tracing::error!(panic = %panic_message(&*p), "a future panicked while being dropped");
-        }
+        inner.clear();
         Poll::Ready(r)
     }
 }

@@ -8,38 +8,70 @@
 //! still goes out, once. Because the backlog task finishes every `send` it starts and
 //! never repeats one, a sink whose `send` is not cancel-safe cannot see an event twice.
 //!
-//! Bounds: the backlog holds at most `capacity` events, plus the completions of calls
-//! whose `tool_executing` went out (at most one per call in flight, so a call that
-//! opened its pair can always close it). Progress never queues: it is sent at once or
-//! dropped and counted. A sink that panics is caught, counted, and treated as closed
-//! from then on, so it is never called again, from a destructor or anywhere else. A
-//! sink that let a `send` run out of delivery time is *stalled*: until it takes an
-//! event again, an event that finds it full fails at once, so one stuck socket costs
-//! its user one delivery timeout, not one per call.
+//! **Pairs.** A call's `tool_executing` that waits in the backlog carries a [`Pair`]
+//! ticket, and so does its `tool_completed` queued behind it: the drain records on the
+//! ticket whether the opening went out, and a completion whose opening failed is never
+//! sent alone (it is counted instead). The ticket belongs to the call, not to its id
+//! text, so a later call reusing an ended call's id is never mistaken for it. A
+//! completion whose opening is queued or sent is always accepted, even while the sink is
+//! stalled, so a socket that recovers never shows an opening without its completion.
+//!
+//! **Bounds.** The backlog holds at most `capacity` events of running calls (their
+//! `tool_executing` and approval requests wait for room), plus one `tool_completed` per
+//! call whose `tool_executing` went out or is queued, plus the pairs of calls that ended
+//! while they waited to be announced (a dropped future, a call cancelled before its
+//! opening could queue), which cannot wait: those are kept, in order, up to
+//! [`ENDED_PAIRS_PER_SLOT`] times `capacity` events, and counted as undelivered past
+//! it. Progress never queues: it is sent at once or dropped and counted. A sink that
+//! panics is caught, counted, and treated as closed from then on. A sink that let a
+//! `send` run out of delivery time is *stalled*: until it takes an event again, an event
+//! that would open something new and finds it full fails at once, so one stuck socket
+//! costs its user one delivery timeout, not one per call.
+//!
+//! **Locks.** The backlog's lock guards only the queue and its counts: nothing is
+//! spawned, sent, answered or dropped while it is held (a runtime that is shutting down
+//! drops a spawned task at once, and that task's `Drop` takes this lock).
 
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::blocking::BlockingJobs;
 use crate::contain::{Contained, Panic, panic_message};
 use crate::event::Event;
 use crate::metrics::Metrics;
 use crate::sink::{EventSink, SinkError, TrySendError};
 use crate::time::deadline;
 
+/// How many events of ended calls' pairs a backlog keeps per event of its `capacity`.
+pub(crate) const ENDED_PAIRS_PER_SLOT: usize = 64;
+
+/// The ticket a queued `tool_executing` shares with its call and its `tool_completed`:
+/// whether the opening went out. Set once, by the drain.
+#[derive(Default, Debug)]
+pub(crate) struct Pair(OnceLock<Result<(), SinkError>>);
+
+impl Pair {
+    /// The opening's fate: `None` while it waits.
+    fn outcome(&self) -> Option<&Result<(), SinkError>> {
+        self.0.get()
+    }
+
+    fn settle(&self, r: &Result<(), SinkError>) {
+        let _ = self.0.set(r.clone());
+    }
+}
+
 /// One sink with its ordered, bounded backlog.
 pub(crate) struct Outbox {
     sink: Arc<dyn EventSink>,
     metrics: Arc<Metrics>,
-    blocking: Arc<BlockingJobs>,
     timeout: Duration,
     capacity: usize,
     /// Events queued and not yet answered (the one being sent included). While it is
@@ -47,9 +79,7 @@ pub(crate) struct Outbox {
     queued: AtomicUsize,
     /// The sink panicked once; it is not called again.
     broken: AtomicBool,
-    /// The last `send` ran out of delivery time and nothing has gone through since:
-    /// until the sink takes an event again, one that finds it full fails at once
-    /// instead of making its call wait another delivery timeout.
+    /// The last `send` ran out of delivery time and nothing has gone through since.
     stalled: AtomicBool,
     backlog: Mutex<Backlog>,
     room: Notify,
@@ -59,29 +89,57 @@ pub(crate) struct Outbox {
 struct Backlog {
     items: VecDeque<Queued>,
     draining: bool,
+    /// Queued events of running calls (bounded by `capacity`).
+    running: usize,
+    /// Queued events of ended calls' pairs.
+    ended: usize,
+}
+
+/// What an event is to the backlog's bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    /// From a running call that may wait for room: within `capacity`.
+    Running,
+    /// The completion of a call whose opening went out or is queued: always accepted.
+    Closing,
+    /// Half of the pair of a call that ended before it was announced.
+    Ended,
 }
 
 struct Queued {
     event: Event,
+    class: Class,
     deadline: Instant,
     ack: Option<oneshot::Sender<Result<(), SinkError>>>,
+    /// For an opening: the ticket it settles; for a completion: its opening's ticket.
+    pair: Option<Arc<Pair>>,
 }
 
 /// Where an event stands in its call's pair; decides whether it may wait and how much
 /// of the backlog it may use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub(crate) enum Role {
     /// `tool_executing`: queued only within the backlog's bound.
     Opens,
-    /// The `tool_completed` of a call whose `tool_executing` went out or was queued:
-    /// may always queue. `behind_opening` when that `tool_executing` is still queued
-    /// (or unconfirmed): then the completion must queue behind it.
+    /// A `tool_completed`. `opening` is its `tool_executing`'s ticket when that one was
+    /// queued rather than confirmed: then the completion goes after it, and only if it
+    /// went out.
     Closes {
-        /// The call's `tool_executing` was handed off rather than confirmed.
-        behind_opening: bool,
+        /// The opening's ticket, if it was queued.
+        opening: Option<Arc<Pair>>,
     },
-    /// Any other event that may wait (agent lifecycle events).
+    /// Any other event that may wait (an approval request, agent lifecycle events).
     Other,
+}
+
+impl Role {
+    fn what(&self) -> &'static str {
+        match self {
+            Role::Opens => "tool_executing",
+            Role::Closes { .. } => "tool_completed",
+            Role::Other => "an event",
+        }
+    }
 }
 
 /// What a waiting delivery also watches: the call's cancellation and deadline.
@@ -137,7 +195,8 @@ pub(crate) enum Now {
     Sent,
     /// It has to wait: pass it to [`Outbox::deliver`].
     Wait(Event),
-    /// The sink refused it for good (closed, panicked); counted.
+    /// It will never go out (the sink is closed or panicked, or its opening failed);
+    /// counted.
     Failed(SinkError),
 }
 
@@ -146,17 +205,24 @@ enum Refused {
     Gone(SinkError),
 }
 
+/// Why a `push` did not queue its items.
+enum NoRoom {
+    /// Not now: the caller may wait for room.
+    Wait,
+    /// Never: counted by the caller.
+    Never(SinkError),
+}
+
 impl Outbox {
     pub(crate) fn new(
         sink: Arc<dyn EventSink>,
-        (metrics, blocking): (Arc<Metrics>, Arc<BlockingJobs>),
+        metrics: Arc<Metrics>,
         timeout: Duration,
         capacity: usize,
     ) -> Self {
         Outbox {
             sink,
             metrics,
-            blocking,
             timeout,
             capacity: capacity.max(2),
             queued: AtomicUsize::new(0),
@@ -171,11 +237,6 @@ impl Outbox {
         &self.metrics
     }
 
-    /// The engine's list of blocking bodies, for the calls made through this outbox.
-    pub(crate) fn blocking(&self) -> &Arc<BlockingJobs> {
-        &self.blocking
-    }
-
     fn lock(&self) -> MutexGuard<'_, Backlog> {
         self.backlog.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -184,14 +245,22 @@ impl Outbox {
     /// (the path of almost every event); otherwise hands it back for
     /// [`deliver`](Self::deliver). A refusal is counted.
     #[inline]
-    pub(crate) fn send_now(&self, event: Event, role: Role) -> Now {
-        if matches!(
-            role,
-            Role::Closes {
-                behind_opening: true
-            }
-        ) || self.queued.load(Ordering::Acquire) != 0
+    pub(crate) fn send_now(&self, event: Event, role: &Role) -> Now {
+        if let Role::Closes {
+            opening: Some(pair),
+        } = role
         {
+            match pair.outcome() {
+                None => return Now::Wait(event),
+                Some(Err(e)) => {
+                    let e = e.clone();
+                    self.failed(role, &e);
+                    return Now::Failed(e);
+                }
+                Some(Ok(())) => {}
+            }
+        }
+        if self.queued.load(Ordering::Acquire) != 0 {
             return Now::Wait(event);
         }
         match self.try_send(event) {
@@ -205,19 +274,21 @@ impl Outbox {
     }
 
     /// Delivers `event` through the backlog (after [`send_now`](Self::send_now) handed
-    /// it back): waits for room, then for the backlog's answer, under `watch`.
-    /// `queued` is set the moment the event joins the backlog, so a caller whose
-    /// future is dropped while it waits knows the event will still go out.
+    /// it back): waits for room, then for the backlog's answer, under `watch`. An
+    /// opening's ticket is put in `ticket` the moment it joins the backlog, so a caller
+    /// whose future is dropped while it waits knows the event will still go out, and
+    /// its completion can follow it.
     pub(crate) async fn deliver(
         self: &Arc<Self>,
         event: Event,
-        role: Role,
+        role: &Role,
         watch: Watch<'_>,
-        queued: &mut bool,
+        ticket: &mut Option<Arc<Pair>>,
     ) -> Result<Delivered, NotSent> {
         let (tx, rx) = oneshot::channel();
-        let queued_by = self.enqueue(event, role, tx, watch).await?;
-        *queued = true;
+        self.enqueue(event, role, tx, watch, ticket).await?;
+        // The backlog answers every event it holds: sent, refused, or failed when its
+        // task is dropped (a runtime shutting down), so no timer is needed here.
         tokio::select! {
             biased;
             r = rx => match r {
@@ -226,37 +297,52 @@ impl Outbox {
                 Err(_) => Err(NotSent::Sink(SinkError::Closed)),
             },
             () = watch.interrupted() => Ok(Delivered::HandedOff),
-            // The backlog answers within the delivery timeout; this only guards
-            // against a runtime that stopped its task.
-            () = tokio::time::sleep_until(queued_by) => Ok(Delivered::HandedOff),
         }
     }
 
-    /// Queues `event`, waiting for room up to the delivery timeout; returns the
-    /// instant by which the backlog will have answered.
+    /// Queues `event`, waiting for room up to the delivery timeout.
     async fn enqueue(
         self: &Arc<Self>,
         event: Event,
-        role: Role,
+        role: &Role,
         ack: oneshot::Sender<Result<(), SinkError>>,
         watch: Watch<'_>,
-    ) -> Result<Instant, NotSent> {
-        let may_exceed = matches!(role, Role::Closes { .. });
+        ticket: &mut Option<Arc<Pair>>,
+    ) -> Result<(), NotSent> {
+        let (class, pair) = match role {
+            Role::Opens => (Class::Running, Some(Arc::new(Pair::default()))),
+            Role::Closes { opening } => (Class::Closing, opening.clone()),
+            Role::Other => (Class::Running, None),
+        };
         let give_up = deadline(Instant::now(), self.timeout);
         let mut item = Queued {
             event,
+            class,
             deadline: give_up,
             ack: Some(ack),
+            pair,
         };
         loop {
             let mut room = pin!(self.room.notified());
             room.as_mut().enable();
             item.deadline = deadline(Instant::now(), self.timeout);
-            let by = item.deadline + Duration::from_millis(1);
-            match self.push(item, may_exceed) {
-                Ok(()) => return Ok(by),
-                Err((back, None)) => item = back,
-                Err((_, Some(e))) => {
+            let opening = match role {
+                Role::Opens => item.pair.clone(),
+                _ => None,
+            };
+            match self.push(vec![item]) {
+                Ok(()) => {
+                    if opening.is_some() {
+                        *ticket = opening;
+                    }
+                    return Ok(());
+                }
+                Err((mut back, NoRoom::Wait)) => match back.pop() {
+                    Some(b) => item = b,
+                    None => return Err(NotSent::Interrupted), // unreachable: one item
+                },
+                Err((back, NoRoom::Never(e))) => {
+                    drop(back);
                     self.failed(role, &e);
                     return Err(NotSent::Sink(e));
                 }
@@ -274,59 +360,77 @@ impl Outbox {
         }
     }
 
-    /// Puts `item` at the back of the backlog and makes sure a task drains it.
-    /// `Err((item, None))`: no room now; `Err((_, Some(e)))`: it can never be queued.
-    #[allow(clippy::result_large_err)] // the item comes back so the caller can retry
-    fn push(
-        self: &Arc<Self>,
-        item: Queued,
-        may_exceed: bool,
-    ) -> Result<(), (Queued, Option<SinkError>)> {
+    /// Puts `items` (one event, or an ended call's pair) at the back of the backlog,
+    /// all or none, and makes sure a task drains it. The items come back when they do
+    /// not fit, to be dropped outside the lock.
+    #[allow(clippy::result_large_err)] // the items come back so the caller can retry
+    fn push(self: &Arc<Self>, items: Vec<Queued>) -> Result<(), (Vec<Queued>, NoRoom)> {
         if self.broken.load(Ordering::Acquire) {
-            return Err((item, Some(SinkError::Panicked)));
+            return Err((items, NoRoom::Never(SinkError::Panicked)));
         }
-        if self.stalled.load(Ordering::Acquire) {
-            return Err((item, Some(SinkError::TimedOut(self.timeout))));
+        let opens_something = items.iter().any(|i| i.class != Class::Closing);
+        if opens_something && self.stalled.load(Ordering::Acquire) {
+            return Err((items, NoRoom::Never(SinkError::TimedOut(self.timeout))));
         }
-        let mut b = self.lock();
-        if !may_exceed && b.items.len() >= self.capacity {
-            return Err((item, None));
+        let start = {
+            let mut b = self.lock();
+            let running = items.iter().filter(|i| i.class == Class::Running).count();
+            let ended = items.iter().filter(|i| i.class == Class::Ended).count();
+            if running > 0 && b.running + running > self.capacity {
+                return Err((items, NoRoom::Wait));
+            }
+            if ended > 0 && b.ended + ended > self.capacity * ENDED_PAIRS_PER_SLOT {
+                return Err((items, NoRoom::Never(SinkError::Full)));
+            }
+            b.running += running;
+            b.ended += ended;
+            self.queued.fetch_add(items.len(), Ordering::AcqRel);
+            b.items.extend(items);
+            !std::mem::replace(&mut b.draining, true)
+        };
+        if start {
+            self.start_drain();
         }
-        if !b.draining {
-            let Ok(rt) = tokio::runtime::Handle::try_current() else {
-                let e = SinkError::Failed("no async runtime to deliver on".into());
-                return Err((item, Some(e)));
-            };
-            b.draining = true;
-            let drain = Drain {
-                outbox: Arc::clone(self),
-                finished: false,
-            };
-            rt.spawn(drain.run());
-        }
-        b.items.push_back(item);
-        self.queued.fetch_add(1, Ordering::AcqRel);
         Ok(())
     }
 
+    /// Starts the task that drains the backlog (never under the lock: a runtime that
+    /// is shutting down drops the task at once, and its `Drop` takes the lock).
+    fn start_drain(self: &Arc<Self>) {
+        let drain = Drain {
+            outbox: Arc::clone(self),
+            current: None,
+            finished: false,
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn(drain.run())),
+            Err(_) => drop(drain), // fails what it would have sent: there is no runtime
+        }
+    }
+
     /// The events of a call that cannot wait (its future is being dropped, or it was
-    /// interrupted before it could queue): sent now where the sink has room, else
-    /// queued without waiting. `opening` is the call's `tool_executing` when it has not
-    /// gone out yet; then both go, or neither.
+    /// interrupted before its opening could queue): sent now where the sink has room,
+    /// else queued without waiting. `opening` is the call's `tool_executing` when it
+    /// has not gone out yet: then both go, or neither.
     pub(crate) fn hand_off(self: &Arc<Self>, opening: Option<Event>, closing: Event, role: Role) {
-        let behind = matches!(
-            role,
-            Role::Closes {
-                behind_opening: true
-            }
-        );
+        let Role::Closes { opening: ticket } = &role else {
+            return; // only a completion is handed off
+        };
         let (mut opening, mut closing) = (opening, Some(closing));
+        let behind = ticket.as_ref().is_some_and(|t| t.outcome().is_none());
+        if let Some(Err(e)) = ticket.as_ref().and_then(|t| t.outcome()) {
+            let e = e.clone();
+            return self.failed(&role, &e); // its opening failed: not sent alone
+        }
         if !behind && self.queued.load(Ordering::Acquire) == 0 {
             if let Some(ev) = opening.take() {
                 match self.try_send(ev) {
                     Ok(()) => {}
                     Err(Refused::Full(ev)) => opening = Some(ev),
-                    Err(Refused::Gone(e)) => return self.failed(Role::Opens, &e),
+                    Err(Refused::Gone(e)) => {
+                        self.failed(&Role::Opens, &e);
+                        return self.failed(&role, &e);
+                    }
                 }
             }
             if opening.is_none()
@@ -335,27 +439,41 @@ impl Outbox {
                 match self.try_send(ev) {
                     Ok(()) => return,
                     Err(Refused::Full(ev)) => closing = Some(ev),
-                    Err(Refused::Gone(e)) => return self.failed(role, &e),
+                    Err(Refused::Gone(e)) => return self.failed(&role, &e),
                 }
             }
         }
-        let queued = |event| Queued {
+        let Some(closing) = closing else { return };
+        let by = deadline(Instant::now(), self.timeout);
+        let queued = |event, class, pair| Queued {
             event,
-            deadline: deadline(Instant::now(), self.timeout),
+            class,
+            deadline: by,
             ack: None,
+            pair,
         };
-        if let Some(ev) = opening {
-            // Both must fit: the completion may exceed the bound once its opening is in.
-            if let Err((_, e)) = self.push(queued(ev), false) {
-                let e = e.unwrap_or(SinkError::Full);
-                self.failed(Role::Opens, &e);
-                return self.failed(role, &e); // its completion is not sent alone
+        let items = match opening {
+            // Both, or neither: the completion follows its opening's fate.
+            Some(open) => {
+                let pair = Some(Arc::new(Pair::default()));
+                vec![
+                    queued(open, Class::Ended, pair.clone()),
+                    queued(closing, Class::Ended, pair),
+                ]
             }
-        }
-        if let Some(ev) = closing
-            && let Err((_, e)) = self.push(queued(ev), true)
-        {
-            self.failed(role, &e.unwrap_or(SinkError::Full));
+            None => vec![queued(closing, Class::Closing, ticket.clone())],
+        };
+        let pair = items.len() == 2;
+        if let Err((items, no_room)) = self.push(items) {
+            drop(items);
+            let e = match no_room {
+                NoRoom::Never(e) => e,
+                NoRoom::Wait => SinkError::Full,
+            };
+            if pair {
+                self.failed(&Role::Opens, &e);
+            }
+            self.failed(&role, &e);
         }
     }
 
@@ -429,93 +547,134 @@ impl Outbox {
     }
 
     /// Counts and logs an event that was not delivered.
-    fn failed(&self, role: Role, e: &SinkError) {
+    fn failed(&self, role: &Role, e: &SinkError) {
         self.metrics.sink_failure();
-        let what = match role {
-            Role::Opens => "tool_executing",
-            Role::Closes { .. } => "tool_completed",
-            Role::Other => "an event",
+        tracing::warn!(error = %e, "{} could not be delivered", role.what());
+    }
+
+    /// The backlog's head, with its counts updated; `None` (and the drain marked
+    /// stopped) when it is empty.
+    fn next(&self) -> Option<Queued> {
+        let mut b = self.lock();
+        let item = b.items.pop_front();
+        match &item {
+            None => b.draining = false,
+            Some(i) if i.class == Class::Running => b.running -= 1,
+            Some(i) if i.class == Class::Ended => b.ended -= 1,
+            Some(_) => {}
+        }
+        item
+    }
+
+    /// Answers one queued event: settles an opening's ticket, counts a failure, wakes
+    /// the callers waiting for room and the one waiting for this answer.
+    fn answer(&self, a: Answer, r: Result<(), SinkError>) {
+        let Answer { role, pair, ack } = a;
+        if let (Role::Opens, Some(p)) = (&role, &pair) {
+            p.settle(&r);
+        }
+        self.queued.fetch_sub(1, Ordering::AcqRel);
+        self.room.notify_waiters();
+        if let Err(e) = &r {
+            self.failed(&role, e);
+        }
+        if let Some(ack) = ack {
+            let _ = ack.send(r);
+        }
+    }
+}
+
+/// What answering a queued event needs once the event itself is gone.
+struct Answer {
+    role: Role,
+    pair: Option<Arc<Pair>>,
+    ack: Option<oneshot::Sender<Result<(), SinkError>>>,
+}
+
+impl Queued {
+    fn split(self) -> (Event, Instant, Answer) {
+        let role = role_of(&self.event, self.pair.as_ref());
+        let answer = Answer {
+            role,
+            pair: self.pair,
+            ack: self.ack,
         };
-        tracing::warn!(error = %e, "{what} could not be delivered");
+        (self.event, self.deadline, answer)
+    }
+}
+
+/// An event's part in its pair, as the drain sees it.
+fn role_of(event: &Event, pair: Option<&Arc<Pair>>) -> Role {
+    match event {
+        Event::ToolExecuting(_) => Role::Opens,
+        Event::ToolCompleted(_) => Role::Closes {
+            opening: pair.cloned(),
+        },
+        _ => Role::Other,
     }
 }
 
 /// The task that drains one outbox's backlog; while it runs, the outbox says so.
 struct Drain {
     outbox: Arc<Outbox>,
+    /// The event being sent, to answer if the task is dropped midway.
+    current: Option<Answer>,
     finished: bool,
 }
 
 impl Drain {
     async fn run(mut self) {
         let o = Arc::clone(&self.outbox);
-        // Calls whose `tool_executing` failed here: their later events are not sent
-        // alone (a completion without its opening would make no sense on the wire).
-        let mut failed: VecDeque<(Arc<str>, SinkError)> = VecDeque::new();
-        loop {
-            let item = {
-                let mut b = o.lock();
-                match b.items.pop_front() {
-                    Some(item) => item,
-                    None => {
-                        b.draining = false;
-                        self.finished = true;
-                        return;
-                    }
-                }
-            };
-            let Queued {
-                event,
-                deadline: by,
-                ack,
-            } = item;
-            let role = match &event {
-                Event::ToolExecuting(_) => Role::Opens,
-                Event::ToolCompleted(_) => Role::Closes {
-                    behind_opening: false,
+        while let Some(item) = o.next() {
+            let (event, by, answer) = item.split();
+            // A completion goes out only after its opening did. The drain sends in
+            // order, so an opening not settled by now was abandoned midway.
+            let orphan = match (&answer.role, &answer.pair) {
+                (Role::Closes { .. }, Some(p)) => match p.outcome() {
+                    Some(Ok(())) => None,
+                    Some(Err(e)) => Some(e.clone()),
+                    None => Some(SinkError::Closed),
                 },
-                _ => Role::Other,
+                _ => None,
             };
-            let call = call_of(&event).cloned();
-            let orphan = call
-                .as_ref()
-                .and_then(|id| failed.iter().find(|(f, _)| f == id));
-            let r = match orphan {
-                Some((_, e)) => Err(e.clone()),
-                None => o.send_by(event, by).await,
-            };
-            o.queued.fetch_sub(1, Ordering::AcqRel);
-            o.room.notify_waiters();
-            if let Err(e) = &r {
-                o.failed(role, e);
-                if let (Role::Opens, Some(id)) = (role, call) {
-                    if failed.len() >= o.capacity {
-                        failed.pop_front();
-                    }
-                    failed.push_back((id, e.clone()));
-                }
+            if let Some(e) = orphan {
+                drop(event);
+                o.answer(answer, Err(e));
+                continue;
             }
-            if let Some(ack) = ack {
-                let _ = ack.send(r);
+            self.current = Some(answer);
+            let r = o.send_by(event, by).await;
+            if let Some(answer) = self.current.take() {
+                o.answer(answer, r);
             }
         }
+        self.finished = true;
     }
 }
 
 impl Drop for Drain {
     fn drop(&mut self) {
-        // Only when the runtime dropped the task midway: the next event starts another.
-        if !self.finished {
-            self.outbox.lock().draining = false;
+        if self.finished {
+            return;
         }
-    }
-}
-
-fn call_of(event: &Event) -> Option<&Arc<str>> {
-    match event {
-        Event::ToolExecuting(e) => Some(&e.call_id),
-        Event::ToolCompleted(e) => Some(&e.call_id),
-        Event::ToolProgress(e) => Some(&e.call_id),
-        _ => None,
+        // The task was dropped midway, or never ran (a runtime shutting down, or none
+        // at all): nothing will send the rest, so every event still queued is answered
+        // as failed, outside the lock, and the next event starts another drain.
+        let items = {
+            let mut b = self.outbox.lock();
+            b.draining = false;
+            b.running = 0;
+            b.ended = 0;
+            std::mem::take(&mut b.items)
+        };
+        let gone = SinkError::Failed("the runtime delivering these events stopped".into());
+        if let Some(answer) = self.current.take() {
+            self.outbox.answer(answer, Err(gone.clone()));
+        }
+        for item in items {
+            let (event, _, answer) = item.split();
+            drop(event);
+            self.outbox.answer(answer, Err(gone.clone()));
+        }
     }
 }

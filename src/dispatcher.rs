@@ -213,13 +213,13 @@ impl<S, U> Dispatcher<S, U> {
         };
         let outbox = self.sink.sink();
         Box::pin(async move {
-            let event = match outbox.send_now(event, Role::Other) {
+            let event = match outbox.send_now(event, &Role::Other) {
                 Now::Sent => return Ok(()),
                 Now::Failed(e) => return Err(e),
                 Now::Wait(event) => event,
             };
             match outbox
-                .deliver(event, Role::Other, Watch::default(), &mut false)
+                .deliver(event, &Role::Other, Watch::default(), &mut None)
                 .await
             {
                 Ok(_) | Err(NotSent::Interrupted) => Ok(()),

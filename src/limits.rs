@@ -391,22 +391,27 @@ impl Users {
         if n % 64 == 63 {
             self.sweep_shard((n / 64) % SHARDS, Instant::now());
         }
-        let mut shard = self
-            .shard(&ctx.user_id)
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(s) = shard.get(&ctx.user_id) {
+        let shard = self.shard(&ctx.user_id);
+        let lock = || shard.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(s) = lock().get(&ctx.user_id) {
             return Arc::clone(s);
         }
-        // The resolver is the application's code: a panic in it gives this user the
-        // default limits rather than unwinding into the request.
+        // The resolver is the application's code, so it runs outside the lock (it may
+        // call back into the engine), and a panic in it gives this user the default
+        // limits rather than unwinding into the request.
         let limits = catch_unwind(AssertUnwindSafe(|| resolver(ctx))).unwrap_or_else(|p| {
             tracing::error!(panic = %panic_message(&*p), "the user-limit resolver panicked; default limits apply");
             UserLimits::default()
         });
-        let state = Arc::new(UserState::detached(ctx.user_id.clone(), limits, token()));
-        shard.insert(ctx.user_id.clone(), Arc::clone(&state));
-        state
+        let fresh = Arc::new(UserState::detached(ctx.user_id.clone(), limits, token()));
+        // Another dispatcher of this user may have been bound meanwhile: its state wins.
+        let bound = Arc::clone(
+            lock()
+                .entry(ctx.user_id.clone())
+                .or_insert_with(|| Arc::clone(&fresh)),
+        );
+        drop(fresh); // outside the lock
+        bound
     }
 
     /// Drops states nobody holds (no dispatcher, no call) whose rate bucket is full.
@@ -415,9 +420,13 @@ impl Users {
         let mut shard = self.shards[i]
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        shard.retain(|_, s| {
-            Arc::strong_count(s) > 1 || s.rate.as_ref().is_some_and(|g| !g.is_idle(now_ns))
-        });
+        let gone: Vec<_> = shard
+            .extract_if(|_, s| {
+                Arc::strong_count(s) == 1 && s.rate.as_ref().is_none_or(|g| g.is_idle(now_ns))
+            })
+            .collect();
+        drop(shard);
+        drop(gone); // the states (and their tokens) are dropped outside the lock
     }
 
     /// Sweeps every shard; returns how many states remain.

@@ -264,10 +264,9 @@ where
         let f = Arc::clone(&self.f);
         Ok(Box::pin(async move {
             let s = &cx.scope;
-            let job =
-                s.outbox
-                    .blocking()
-                    .start(&s.call_id, &s.tool_name, &s.user.user_id, s.timeout);
+            let job = s
+                .blocking
+                .start(&s.call_id, &s.tool_name, &s.user.user_id, s.timeout);
             let scope = Arc::clone(s);
             let handle = tokio::task::spawn_blocking(move || {
                 let _job = job; // stays registered until the body really returns

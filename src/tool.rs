@@ -13,6 +13,7 @@ use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
 use crate::approval::ApprovalWait;
+use crate::blocking::BlockingJobs;
 use crate::delivery::Outbox;
 use crate::event::{Event, Timestamp, ToolProgress};
 use crate::json::cut;
@@ -256,6 +257,8 @@ pub struct ToolContext {
 pub(crate) struct CallScope {
     pub(crate) user: Arc<UserContext>,
     pub(crate) outbox: Arc<Outbox>,
+    /// The engine's list of blocking bodies still running.
+    pub(crate) blocking: Arc<BlockingJobs>,
     pub(crate) call_id: Arc<str>,
     pub(crate) tool_name: Arc<str>,
     pub(crate) cancel: Arc<CancellationToken>,
@@ -337,16 +340,14 @@ impl ToolContext {
         user: UserContext,
         sink: impl crate::sink::EventSink,
     ) -> ToolContext {
-        let host = (
-            Arc::new(crate::metrics::Metrics::new(0)),
-            Arc::new(crate::blocking::BlockingJobs::default()),
-        );
-        let outbox = Outbox::new(Arc::new(sink), host, Duration::from_secs(5), 64);
+        let metrics = Arc::new(crate::metrics::Metrics::new(0));
+        let outbox = Outbox::new(Arc::new(sink), metrics, Duration::from_secs(5), 64);
         let tool_name: String = tool_name.into();
         ToolContext {
             scope: Arc::new(CallScope {
                 user: Arc::new(user),
                 outbox: Arc::new(outbox),
+                blocking: Arc::default(),
                 call_id: Arc::from("standalone"),
                 tool_name: Arc::from(tool_name),
                 cancel: Arc::new(CancellationToken::new()),

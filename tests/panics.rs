@@ -155,3 +155,214 @@ async fn a_panicking_tool_reports_panicked_and_the_next_call_succeeds() {
     );
     assert_eq!(m.active, 0);
 }
+
+// ------------------------------------------------------------ an input that panics in Drop
+
+/// A tool input whose destructor panics: it is dropped by the pipeline whenever the
+/// call ends before its body ran.
+#[derive(serde::Deserialize, serde::Serialize, schemars::JsonSchema)]
+struct Fragile {
+    n: u64,
+}
+
+impl Drop for Fragile {
+    fn drop(&mut self) {
+        panic!("the input panicked while being dropped");
+    }
+}
+
+/// Every way a call can end with its body unstarted (denied, rate limited, busy,
+/// undeliverable, a cache hit, cancelled while it waits for a slot, shutting down),
+/// in a batch with two healthy calls: the batch returns every result, the fragile
+/// call costs only itself, and the process survives (in a child process, since a
+/// panic that escaped into a destructor would abort it).
+#[tokio::test]
+async fn an_input_that_panics_in_drop_before_its_body_ran_costs_only_its_call() {
+    if !in_child("an_input_that_panics_in_drop_before_its_body_ran_costs_only_its_call") {
+        return;
+    }
+    let fragile = |name: &str, settings: ToolSettings| {
+        tool_fn(
+            name,
+            "Takes a fragile input.",
+            |i: Fragile, _cx| async move {
+                let n = i.n;
+                std::mem::forget(i); // a body that ran disposes of its input quietly
+                Ok::<_, ToolError>(n)
+            },
+        )
+        .settings(settings)
+    };
+    struct DenyDenied;
+    impl Policy for DenyDenied {
+        fn check<'a>(
+            &'a self,
+            req: PolicyRequest<'a>,
+        ) -> BoxFuture<'a, Result<Decision, PolicyError>> {
+            let d = match req.tool.name.as_str() {
+                "denied" => Decision::Deny {
+                    missing_scopes: vec![],
+                    reason: Some("no".into()),
+                },
+                _ => Decision::Allow,
+            };
+            Box::pin(async move { Ok(d) })
+        }
+    }
+    let reg = Registry::builder()
+        .tool(fragile("denied", ToolSettings::new()))
+        .tool(fragile("plain", ToolSettings::new()))
+        .tool(fragile(
+            "cached",
+            ToolSettings::new().cache(Duration::from_secs(60)),
+        ))
+        .tool(echo())
+        .tool(tool_fn(
+            "hold",
+            "Waits until cancelled.",
+            |_: String, cx| async move {
+                cx.cancelled().await;
+                Ok::<_, ToolError>(0)
+            },
+        ))
+        .build()
+        .unwrap();
+    let engine = Engine::builder(reg)
+        .policy(DenyDenied)
+        .limits(
+            Limits::default()
+                .per_user(no_rate(2))
+                .max_wait(Duration::from_millis(1)),
+        )
+        .build();
+    let batch = |tool: &str| {
+        vec![
+            ToolCall::new(tool, json!({"n": 7})),
+            ToolCall::new("echo", json!(1)),
+            ToolCall::new("echo", json!(2)),
+        ]
+    };
+    let check = |what: &str, out: Vec<Result<ToolOutput, DispatchError>>, status: Status| {
+        assert_eq!(out.len(), 3, "{what}");
+        match &out[0] {
+            Ok(o) => assert_eq!(status, Status::Success, "{what}: {:?}", o.value),
+            Err(e) => assert_eq!(e.status(), status, "{what}: {e:?}"),
+        }
+        assert_eq!(out[1].as_ref().unwrap().value, json!(1), "{what}");
+        assert_eq!(out[2].as_ref().unwrap().value, json!(2), "{what}");
+    };
+    let (d, _) = recorded(&engine, user("alice"));
+
+    check(
+        "denied",
+        d.dispatch_all(batch("denied")).await,
+        Status::Denied,
+    );
+    // A cache hit: the second call's body never runs.
+    check(
+        "cached",
+        d.dispatch_all(batch("cached")).await,
+        Status::Success,
+    );
+    check(
+        "cache hit",
+        d.dispatch_all(batch("cached")).await,
+        Status::Success,
+    );
+
+    // Undeliverable: a sink that is closed.
+    let closed = RecordingSink::new();
+    closed.close();
+    let gone = engine.dispatcher().sink(closed).user(user("carol"));
+    let out = gone.dispatch(ToolCall::new("plain", json!({"n": 1}))).await;
+    assert_eq!(out.unwrap_err().status(), Status::Undelivered);
+
+    // Busy: bob's two slots are held; his fragile call waits a millisecond, then ends.
+    let (bob, _) = recorded(&engine, user("bob"));
+    let held = [
+        spawn(&bob, ToolCall::new("hold", json!("a"))),
+        spawn(&bob, ToolCall::new("hold", json!("b"))),
+    ];
+    settle().await;
+    let out = bob.dispatch(ToolCall::new("plain", json!({"n": 1}))).await;
+    assert_eq!(out.unwrap_err().status(), Status::Busy);
+    // Cancelled while it waits for one of those slots; then the held calls too.
+    let waiting = spawn(&bob, ToolCall::new("plain", json!({"n": 2})));
+    settle().await;
+    engine.cancel_user("bob");
+    assert_eq!(
+        waiting.await.unwrap().unwrap_err().status(),
+        Status::Cancelled
+    );
+    for h in held {
+        assert_eq!(h.await.unwrap().unwrap_err().status(), Status::Cancelled);
+    }
+
+    // Rate limited: a user with no calls left.
+    let limited = Engine::builder(
+        Registry::builder()
+            .tool(fragile("plain", ToolSettings::new()))
+            .tool(echo())
+            .build()
+            .unwrap(),
+    )
+    .limits(Limits::default().per_user(UserLimits {
+        concurrency: 10,
+        rate: Some(Rate::per_minute(2)),
+    }))
+    .build();
+    let (dave, _) = recorded(&limited, user("dave"));
+    let used = dave
+        .dispatch_all(vec![
+            ToolCall::new("echo", json!(1)),
+            ToolCall::new("echo", json!(2)),
+        ])
+        .await;
+    assert!(used.iter().all(Result::is_ok));
+    let out = dave.dispatch(ToolCall::new("plain", json!({"n": 1}))).await;
+    assert_eq!(out.unwrap_err().status(), Status::RateLimited);
+
+    // Shutting down: a typed call is refused before anything, its input dropped.
+    let typed = tool_fn("typed", "Typed.", |i: Fragile, _cx| async move {
+        let n = i.n;
+        std::mem::forget(i);
+        Ok::<_, ToolError>(n)
+    });
+    let closing = Engine::builder(Registry::builder().tool(typed).build().unwrap()).build();
+    let _ = closing.shutdown(Duration::ZERO).await;
+    let (erin, _) = recorded(&closing, user("erin"));
+    let out = erin.dispatch(ToolCall::new("typed", json!({"n": 3}))).await;
+    assert_eq!(out.unwrap_err().status(), Status::Unavailable);
+}
+
+/// An input type whose `Deserialize` panics: the call ends `panicked`, with its pair.
+#[tokio::test]
+async fn an_input_whose_deserialize_panics_ends_panicked_with_its_pair() {
+    #[derive(serde::Serialize)]
+    struct Explosive;
+    impl<'de> serde::Deserialize<'de> for Explosive {
+        fn deserialize<D: serde::Deserializer<'de>>(_: D) -> Result<Self, D::Error> {
+            panic!("deserialize exploded");
+        }
+    }
+    impl schemars::JsonSchema for Explosive {
+        fn schema_name() -> std::borrow::Cow<'static, str> {
+            "Explosive".into()
+        }
+        fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+            schemars::json_schema!({"type": "object"})
+        }
+    }
+    let tool = tool_fn("explosive", "Explodes.", |_: Explosive, _cx| async move {
+        Ok::<_, ToolError>(0)
+    });
+    let engine = Engine::builder(Registry::builder().tool(tool).build().unwrap()).build();
+    let (d, sink) = recorded(&engine, user("alice"));
+    let err = d
+        .dispatch(ToolCall::new("explosive", json!({})).with_id("x"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Status::Panicked);
+    assert_eq!(completed(&sink, "x").status, Status::Panicked);
+    assert_eq!(engine.metrics().count(Status::Panicked), 1);
+}

@@ -34,7 +34,7 @@ impl InFlight<'_> {
     pub(super) fn announce_now(&mut self, parameters: Value) -> Result<(), Unannounced> {
         match self
             .outbox
-            .send_now(self.executing(parameters), Role::Opens)
+            .send_now(self.executing(parameters), &Role::Opens)
         {
             Now::Sent => {
                 self.phase = Phase::Announced;
@@ -55,11 +55,12 @@ impl InFlight<'_> {
         };
         let outbox = self.outbox;
         match outbox
-            .deliver(ev, Role::Opens, watch, &mut self.opening_queued)
+            .deliver(ev, &Role::Opens, watch, &mut self.opening)
             .await
         {
             Ok(Delivered::Sent) => {
                 self.phase = Phase::Announced;
+                self.opening = None; // confirmed: its completion need not follow a ticket
                 Ok(())
             }
             Ok(Delivered::HandedOff) => {
@@ -109,14 +110,14 @@ impl InFlight<'_> {
     /// otherwise returns it for [`complete_later`](Self::complete_later).
     #[inline]
     pub(super) fn complete_now(&mut self, ending: Ending<'_>) -> Option<Pending> {
-        let behind_opening =
-            self.phase == Phase::HandedOff || self.opening_queued && self.phase == Phase::Fresh;
         let took = self.start.elapsed();
         let status = ending.status();
         let ev = self.completed(ending, took);
         self.record(status, took);
-        let role = Role::Closes { behind_opening };
-        match self.outbox.send_now(ev, role) {
+        let role = Role::Closes {
+            opening: self.opening.clone(),
+        };
+        match self.outbox.send_now(ev, &role) {
             Now::Wait(ev) => Some(Pending(ev, role)),
             Now::Sent | Now::Failed(_) => None, // a refusal is counted
         }
@@ -129,23 +130,19 @@ impl InFlight<'_> {
             cancel: Some(&self.scope.cancel),
             deadline: None,
         };
-        let mut queued = false;
-        let _ = self.outbox.deliver(ev, role, watch, &mut queued).await; // failures are counted there
+        let _ = self.outbox.deliver(ev, &role, watch, &mut None).await; // failures are counted there
     }
 
     /// Ends the call without waiting: its completion (and its `tool_executing`, if
     /// that never went out) handed to the outbox.
     pub(super) fn end_detached(&mut self, err: &DispatchError) {
-        let phase = match self.phase {
-            Phase::Fresh if self.opening_queued => Phase::HandedOff,
-            p => p,
-        };
+        let never_sent = self.phase == Phase::Fresh && self.opening.is_none();
         let took = self.start.elapsed();
         let closing = self.completed(Ending::Failure(err), took);
         self.record(err.status(), took);
-        let opening = (phase == Phase::Fresh).then(|| self.executing(Value::Null));
+        let opening = never_sent.then(|| self.executing(Value::Null));
         let role = Role::Closes {
-            behind_opening: phase == Phase::HandedOff,
+            opening: self.opening.clone(),
         };
         self.outbox.hand_off(opening, closing, role);
     }

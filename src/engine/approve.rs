@@ -178,7 +178,7 @@ impl<'a> InFlight<'a> {
     /// Delivers `tool_approval_required`: if it cannot reach the user, nobody can
     /// decide, so the call ends `undelivered`.
     async fn request(&mut self, ev: Event) -> Result<(), DispatchError> {
-        let ev = match self.outbox.send_now(ev, Role::Other) {
+        let ev = match self.outbox.send_now(ev, &Role::Other) {
             Now::Sent => return Ok(()),
             Now::Failed(e) => return Err(DispatchError::Undelivered(e)),
             Now::Wait(ev) => ev,
@@ -187,10 +187,9 @@ impl<'a> InFlight<'a> {
             cancel: Some(&self.scope.cancel),
             deadline: None,
         };
-        let mut queued = false;
         match self
             .outbox
-            .deliver(ev, Role::Other, watch, &mut queued)
+            .deliver(ev, &Role::Other, watch, &mut None)
             .await
         {
             Ok(Delivered::Sent) => Ok(()),

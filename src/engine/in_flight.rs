@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use super::Inner;
 use crate::approval::ApprovalWait;
 use crate::call::{Arguments, ToolCall};
-use crate::delivery::{Outbox, Role};
+use crate::delivery::{Outbox, Pair, Role};
 use crate::error::{CancelReason, DispatchError};
 use crate::event::{ApprovalRecord, Event, Status, Timestamp};
 use crate::json::cut;
@@ -76,9 +76,10 @@ pub(super) struct InFlight<'a> {
     /// The call waited somewhere (a slot, room in its sink, a policy that was not
     /// ready): its deadline may have passed before the body starts.
     pub(super) waited: bool,
-    /// `tool_executing` joined the outbox's backlog (so it will go out even if this
-    /// call's future is dropped before the outbox answers).
-    pub(super) opening_queued: bool,
+    /// The ticket of a `tool_executing` that joined the outbox's backlog and is not
+    /// confirmed yet: it will go out (or fail) even if this call's future is dropped,
+    /// and the call's completion follows it (and is not sent if it failed).
+    pub(super) opening: Option<Arc<Pair>>,
     /// The call's identity, cancellation and progress gate, shared with its tool.
     pub(super) scope: Arc<CallScope>,
     /// For a call that needed approval: how that went (boxed: most calls need none,
@@ -267,6 +268,7 @@ impl<'a> InFlight<'a> {
         let scope = Arc::new(CallScope {
             user: Arc::clone(&user.ctx),
             outbox: Arc::clone(outbox),
+            blocking: Arc::clone(&inner.blocking),
             call_id: id,
             tool_name: start.tool,
             cancel,
@@ -290,7 +292,7 @@ impl<'a> InFlight<'a> {
             wall: Timestamp::now(),
             phase: Phase::Fresh,
             waited: false,
-            opening_queued: false,
+            opening: None,
             approval: None,
             scope,
             span,

@@ -112,7 +112,7 @@ impl Inner {
     pub(crate) fn outbox(&self, sink: Arc<dyn EventSink>) -> Arc<Outbox> {
         Arc::new(Outbox::new(
             sink,
-            (Arc::clone(&self.metrics), Arc::clone(&self.blocking)),
+            Arc::clone(&self.metrics),
             self.config.delivery_timeout,
             self.config.delivery_backlog,
         ))
@@ -194,9 +194,13 @@ impl EngineBuilder {
         self
     }
 
-    /// How many events one sink holds back, in order, while it is full (default 64,
-    /// at least 2). A call whose `tool_executing` went out may always add its
-    /// `tool_completed`, so the bound is this plus one per call in flight.
+    /// How many events of running calls one sink holds back, in order, while it is
+    /// full (default 64, at least 2); a call's `tool_executing` waits for room past
+    /// it. A call whose `tool_executing` went out (or is queued) may always add its
+    /// `tool_completed`, and the pairs of calls that ended while they waited to be
+    /// announced (a dropped future, a cancellation) are kept up to 64 times this
+    /// bound, then counted as undelivered. So a sink holds back at most this, plus one
+    /// completion per call in flight, plus 64 times this.
     pub fn delivery_backlog(mut self, n: usize) -> Self {
         self.config.delivery_backlog = n.max(2);
         self

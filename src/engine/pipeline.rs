@@ -31,6 +31,7 @@ use super::codec::{Codec, Ran};
 use super::in_flight::{Gate, InFlight, Prepared, Refusal, Unannounced};
 use crate::cache::Key;
 use crate::call::ToolOutput;
+use crate::contain::DropSafe;
 use crate::error::{DispatchError, LimitScope};
 use crate::limits::Scope;
 use crate::state::WithUser;
@@ -50,6 +51,10 @@ impl<'a> InFlight<'a> {
         // call that waits for nothing stays small.
         // Blocks keep each step's temporaries out of the later steps' state.
         let Prepared { entry, args, body } = p;
+        // The body holds the tool's input: wherever the call ends before the body
+        // runs (a refusal, a cache hit, a shared slot it never got), dropping it may
+        // run the input's code, which must not unwind out of the pipeline.
+        let body = DropSafe::new(body);
         let user: &'a WithUser = self.user;
         let gate = {
             let decided = match self.policy_now(entry, &args) {
@@ -120,7 +125,7 @@ impl<'a> InFlight<'a> {
                     .await,
                 None,
             ),
-            Some(key) => Box::pin(self.run_cached::<C, F>(entry, key, body)).await,
+            Some(key) => Box::pin(self.run_cached::<C, _>(entry, key, body)).await,
         };
         drop(shared); // released before the completion waits on the user's sink
         let (out, pending) = self.finish::<C>(entry, ran, leader);

@@ -15,7 +15,10 @@ use super::codec::{Json, Typed};
 use super::in_flight::{
     Admission, Args, InFlight, MAX_NAME_SHOWN, Occurrence, Prepared, Refusal, Start,
 };
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
 use crate::call::{Arguments, ToolCall, ToolOutput};
+use crate::contain::{contained, panic_message};
 use crate::delivery::Outbox;
 use crate::error::DispatchError;
 use crate::json::{self, cut, drop_deep, exceeds_depth};
@@ -192,12 +195,28 @@ impl<'a> InFlight<'a> {
             unreachable!("refusal() returned None, so the tool is known")
         };
         let cx = self.context();
-        match entry.invoker.invoke(&args, cx) {
-            Ok(body) => Ok(Prepared { entry, args, body }),
-            Err(e) => Err(Refusal {
+        // The tool's input type decides what its arguments mean: its `Deserialize`
+        // is code we call, so a panic in it (or in a destructor it runs) costs this
+        // call only.
+        let invoked = catch_unwind(AssertUnwindSafe(|| entry.invoker.invoke(&args, cx)));
+        match invoked {
+            Ok(Ok(body)) => Ok(Prepared { entry, args, body }),
+            Ok(Err(e)) => Err(Refusal {
                 error: self.invalid_input(entry, &e),
                 shown: args,
             }),
+            Err(p) => {
+                let detail = panic_message(&*p);
+                contained(|| drop(p));
+                tracing::error!(call_id = %self.scope.call_id, tool = %entry.name, panic = %detail, "reading the tool's input panicked");
+                Err(Refusal {
+                    error: DispatchError::Panicked {
+                        tool: entry.name.to_string(),
+                        detail,
+                    },
+                    shown: args,
+                })
+            }
         }
     }
 
@@ -214,13 +233,13 @@ impl<'a> InFlight<'a> {
             Err(_) => hidden("not shown"),
         };
         if let Some(r) = self.refusal(shown) {
-            json::drop_any(input);
+            contained(|| json::drop_any(input));
             return Err(r);
         }
         let args = match args {
             Ok(v) => v,
             Err(e) => {
-                json::drop_any(input);
+                contained(|| json::drop_any(input));
                 let msg = format!("the input cannot be shown as JSON: {}", e.0);
                 return Err(self.refuse_input(msg, hidden("not shown")));
             }
