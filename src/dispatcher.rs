@@ -13,6 +13,7 @@ use crate::engine::{Engine, Inner, Occurrence};
 use crate::error::DispatchError;
 use crate::event::{AgentEvent, AgentUpdate, Event, Timestamp};
 use crate::json::cut;
+use crate::redact::encoded_len;
 use crate::sink::{EventSink, SinkError};
 use crate::state::{HasSink, HasUser, NoSink, NoUser, SinkUnset, UserUnset, WithSink, WithUser};
 use crate::tool::Tool;
@@ -202,7 +203,10 @@ impl<S, U> Dispatcher<S, U> {
             AgentUpdate::Completed(mut r) => {
                 // What the front end sees of the agent's result: redacted and cut,
                 // with nothing recursing over a value nested too deep.
-                self.inner.redaction().apply(&mut r, &[]);
+                let ids = [ctx.run_id.as_deref(), ctx.thread_id.as_deref()];
+                let others = 200 + encoded_len(&ctx.user_id);
+                let others = others + ids.into_iter().flatten().map(encoded_len).sum::<usize>();
+                self.inner.redaction().apply_beside(&mut r, &[], others);
                 e.result = Some(r);
                 Event::AgentCompleted(e)
             }

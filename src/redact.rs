@@ -1,6 +1,8 @@
-//! What events show of arguments and results: sensitive keys redacted, long values cut.
+//! What events show of arguments and results: sensitive keys redacted, long values cut,
+//! and the whole event kept within a size bound.
 //!
 //! Only event payloads are rewritten; the value a caller gets back is never altered.
+//! Every cut leaves a marker that says what was cut.
 
 use serde_json::Value;
 
@@ -45,7 +47,19 @@ pub struct Redaction {
     max_string_len: usize,
     max_array_len: usize,
     max_depth: usize,
+    max_event_bytes: usize,
 }
+
+/// Default bound on an event's encoded size.
+pub(crate) const DEFAULT_MAX_EVENT_BYTES: usize = 64 * 1024;
+/// Room a payload always keeps, whatever the rest of its event takes: enough for a
+/// marker at each of a few levels.
+const MIN_PAYLOAD_BYTES: usize = 256;
+/// The most a container's marker takes, encoded (reserved when the container is
+/// entered, so a cut anywhere below still leaves room for it).
+const MARKER_BYTES: usize = 112;
+/// What a container that does not fit at all becomes.
+const CUT: &str = "[TRUNCATED]";
 
 impl Default for Redaction {
     fn default() -> Self {
@@ -55,6 +69,7 @@ impl Default for Redaction {
             max_string_len: 1024,
             max_array_len: 100,
             max_depth: 16,
+            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
         }
     }
 }
@@ -108,9 +123,22 @@ impl Redaction {
         self
     }
 
-    /// Values nested deeper than this are replaced by a marker (default 16).
+    /// Values nested deeper than this are replaced by a marker (default 16, at most
+    /// 1024).
     pub fn max_depth(mut self, n: usize) -> Self {
-        self.max_depth = n;
+        self.max_depth = n.min(crate::json::MAX_DEPTH_LIMIT);
+        self
+    }
+
+    /// The largest an event may be once encoded as JSON, in bytes (default 64 KiB,
+    /// at least 1 KiB). Per-field cuts (strings, arrays, depth) are not enough on
+    /// their own: 20,000 keys of a kilobyte each pass every one of them. So the
+    /// arguments, results and approval requests events show are also cut to what
+    /// fits beside the event's other fields (ids, error text, timestamps), in
+    /// document order: the first members are kept and the rest of each container is
+    /// replaced by one marker saying how many were cut.
+    pub fn max_event_bytes(mut self, n: usize) -> Self {
+        self.max_event_bytes = n.max(1024);
         self
     }
 
@@ -130,46 +158,186 @@ impl Redaction {
     }
 
     /// Rewrites `value` in place for an event; `extra` are the tool's own sensitive
-    /// argument names (exact match, already lower-case with `_` for `-`).
+    /// argument names (exact match, already lower-case with `_` for `-`). The result
+    /// encodes to at most [`max_event_bytes`](Self::max_event_bytes).
     pub fn apply(&self, value: &mut Value, extra: &[String]) {
-        self.walk(value, extra, 0);
+        self.apply_beside(value, extra, 0);
     }
 
-    fn walk(&self, value: &mut Value, extra: &[String], depth: usize) {
-        if depth >= self.max_depth && matches!(value, Value::Object(_) | Value::Array(_)) {
+    /// A text of an event (an error, a message, a reason) cut to the longest string
+    /// and to what fits beside `others` bytes of the rest of its event.
+    pub(crate) fn fit(&self, text: &str, others: usize) -> String {
+        cut_to(text, self.max_string_len, self.room(others))
+    }
+
+    /// The bytes a payload or text may take beside `others` bytes of its event.
+    pub(crate) fn room(&self, others: usize) -> usize {
+        self.max_event_bytes
+            .saturating_sub(others)
+            .max(MIN_PAYLOAD_BYTES)
+    }
+
+    /// [`apply`](Self::apply) for a payload whose event's other fields encode to
+    /// `others` bytes: the whole event stays within the bound.
+    pub(crate) fn apply_beside(&self, value: &mut Value, extra: &[String], others: usize) {
+        let mut budget = self.room(others);
+        self.walk(value, extra, 0, &mut budget);
+    }
+
+    fn walk(&self, value: &mut Value, extra: &[String], depth: usize, budget: &mut usize) {
+        let container = matches!(value, Value::Object(_) | Value::Array(_));
+        if container && (depth >= self.max_depth || *budget < 2 + MARKER_BYTES) {
+            let marker = match depth >= self.max_depth && *budget >= 32 {
+                true => "[TRUNCATED: nested too deep]",
+                false => CUT,
+            };
             // The cut-off part may be deeper than a recursive drop can go.
-            let rest = std::mem::replace(value, Value::from("[TRUNCATED: nested too deep]"));
-            crate::json::drop_deep(rest);
+            crate::json::drop_deep(std::mem::replace(value, Value::from(marker)));
+            spend(budget, marker.len() + 2);
             return;
         }
         match value {
-            Value::String(s) => cut_text(s, self.max_string_len),
+            Value::String(s) => {
+                cut_text(s, self.max_string_len);
+                let len = encoded_len(s);
+                if len > *budget {
+                    fit_text(s, *budget);
+                }
+                spend(budget, encoded_len(s));
+            }
             Value::Array(items) => {
+                spend(budget, 2 + MARKER_BYTES); // its marker's room, given back if unused
                 let len = items.len();
                 for rest in items.drain(self.max_array_len.min(len)..) {
                     crate::json::drop_deep(rest);
                 }
+                let mut kept = 0;
                 for v in items.iter_mut() {
-                    self.walk(v, extra, depth + 1);
+                    if *budget < MIN_MEMBER_BYTES {
+                        break;
+                    }
+                    self.walk(v, extra, depth + 1, budget);
+                    spend(budget, 1);
+                    kept += 1;
                 }
-                if len > self.max_array_len {
+                let over_bound = items.len() - kept;
+                for rest in items.drain(kept..) {
+                    crate::json::drop_deep(rest);
+                }
+                if over_bound > 0 {
+                    items.push(Value::from(format!(
+                        "[TRUNCATED: {} more items; events are at most {} bytes]",
+                        over_bound + len.saturating_sub(self.max_array_len),
+                        self.max_event_bytes
+                    )));
+                } else if len > self.max_array_len {
                     items.push(Value::from(format!(
                         "[TRUNCATED: {} more items]",
                         len - self.max_array_len
                     )));
+                } else {
+                    *budget += MARKER_BYTES;
                 }
             }
             Value::Object(map) => {
-                for (k, v) in map.iter_mut() {
+                spend(budget, 2 + MARKER_BYTES); // its marker's room, given back if unused
+                let mut cut_from = None;
+                for (i, (k, v)) in map.iter_mut().enumerate() {
+                    let key = encoded_len(k) + 2;
+                    if *budget < key + MIN_MEMBER_BYTES {
+                        cut_from = Some(i);
+                        break;
+                    }
+                    spend(budget, key);
                     if self.is_sensitive(k, extra) {
                         crate::json::drop_deep(std::mem::replace(v, Value::from(REDACTED)));
+                        spend(budget, REDACTED.len() + 2);
                     } else {
-                        self.walk(v, extra, depth + 1);
+                        self.walk(v, extra, depth + 1, budget);
                     }
                 }
+                if let Some(i) = cut_from {
+                    let rest: Vec<String> = map.keys().skip(i).cloned().collect();
+                    let n = rest.len();
+                    for k in rest {
+                        if let Some(v) = map.remove(&k) {
+                            crate::json::drop_deep(v);
+                        }
+                    }
+                    map.insert(
+                        CUT.to_owned(),
+                        Value::from(format!(
+                            "{n} more keys; events are at most {} bytes",
+                            self.max_event_bytes
+                        )),
+                    );
+                } else {
+                    *budget += MARKER_BYTES;
+                }
             }
-            _ => {}
+            Value::Number(n) => spend(budget, number_len(n)),
+            Value::Bool(_) | Value::Null => spend(budget, 5),
         }
+    }
+}
+
+/// The least room a further member of a container needs; below it the rest of the
+/// container is cut.
+const MIN_MEMBER_BYTES: usize = 32;
+
+fn spend(budget: &mut usize, n: usize) {
+    *budget = budget.saturating_sub(n);
+}
+
+/// The bytes a string takes encoded as a JSON string, quotes included.
+pub(crate) fn encoded_len(s: &str) -> usize {
+    2 + s
+        .bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+            0..=0x1f => 6,
+            _ => 1,
+        })
+        .sum::<usize>()
+}
+
+/// An upper bound on the bytes of a number in JSON.
+fn number_len(n: &serde_json::Number) -> usize {
+    match (n.as_u64(), n.as_i64()) {
+        (Some(u), _) => u.checked_ilog10().unwrap_or(0) as usize + 1,
+        (None, Some(i)) => i.unsigned_abs().checked_ilog10().unwrap_or(0) as usize + 2,
+        _ => 24, // a float: at most 24 bytes as serde_json writes it
+    }
+}
+
+/// `s` cut to at most `max_chars` characters and `max_bytes` encoded bytes, with a
+/// marker when it was cut.
+pub(crate) fn cut_to(s: &str, max_chars: usize, max_bytes: usize) -> String {
+    let mut out = crate::json::cut(s, max_chars);
+    if encoded_len(&out) > max_bytes {
+        fit_text(&mut out, max_bytes);
+    }
+    out
+}
+
+/// Cuts `s` so that it encodes to at most `max` bytes, marker included.
+fn fit_text(s: &mut String, max: usize) {
+    const SUFFIX: usize = 40; // "…[truncated N bytes]" and the quotes
+    let mut used = 0;
+    let mut chars = 0;
+    for c in s.chars() {
+        let mut buf = [0u8; 4];
+        let w = encoded_len(c.encode_utf8(&mut buf)) - 2;
+        if used + w + SUFFIX > max {
+            break;
+        }
+        used += w;
+        chars += 1;
+    }
+    cut_text(s, chars);
+    if encoded_len(s) > max {
+        s.clear(); // not even the marker fits
+        s.push_str("[TRUNCATED]");
     }
 }
 

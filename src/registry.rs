@@ -126,8 +126,11 @@ pub(crate) fn parse_input<I: DeserializeOwned>(v: &Value) -> Result<I, InputErro
             let keys = e
                 .path()
                 .iter()
+                // Every named segment counts, map keys and enum variants alike: a
+                // value under `{"Password": ..}` is as secret as one under a key.
                 .filter_map(|s| match s {
                     serde_path_to_error::Segment::Map { key } => Some(key.clone()),
+                    serde_path_to_error::Segment::Enum { variant } => Some(variant.clone()),
                     _ => None,
                 })
                 .collect();

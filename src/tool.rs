@@ -16,7 +16,7 @@ use crate::approval::ApprovalWait;
 use crate::blocking::BlockingJobs;
 use crate::delivery::Outbox;
 use crate::event::{Event, Timestamp, ToolProgress};
-use crate::json::cut;
+use crate::redact::cut_to;
 use crate::user::UserContext;
 
 /// A tool an LLM can call: typed input, typed output, one async body.
@@ -268,6 +268,8 @@ pub(crate) struct CallScope {
     pub(crate) timeout: Duration,
     /// Longest text an event carries.
     pub(crate) max_text: usize,
+    /// Most bytes a progress message takes encoded (what its event has room for).
+    pub(crate) max_message_bytes: usize,
     /// Deepest result accepted.
     pub(crate) max_depth: usize,
     /// Closed when the call's `tool_completed` is sent or handed off: nothing of
@@ -354,6 +356,7 @@ impl ToolContext {
                 user_cancel: None,
                 timeout: Duration::from_secs(30),
                 max_text: 1024,
+                max_message_bytes: 16 * 1024,
                 max_depth: crate::json::DEFAULT_MAX_DEPTH,
                 gate: Gate::default(),
             }),
@@ -410,7 +413,8 @@ impl ToolContext {
             user_id: s.user.user_id.clone(),
             tool_name: s.tool_name.clone(),
             progress: fraction,
-            message: (!message.is_empty()).then(|| cut(&message, s.max_text)),
+            message: (!message.is_empty())
+                .then(|| cut_to(&message, s.max_text, s.max_message_bytes)),
             timestamp: Timestamp::now(),
         });
         // Through the gate, so the call's completion cannot slip in before it.

@@ -736,3 +736,70 @@ async fn an_unknown_tool_is_its_own_error_with_both_events() {
     let m = engine.metrics();
     assert_eq!((m.count(Status::UnknownTool), m.total, m.active), (2, 2, 0));
 }
+
+// ------------------------------------------------------------ a secret under an enum variant
+
+/// A password type whose `Deserialize` refuses weak passwords by quoting them.
+#[derive(Serialize, JsonSchema)]
+struct Pw(String);
+
+impl<'de> Deserialize<'de> for Pw {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Err(serde::de::Error::custom(format!(
+            "password {s:?} is too weak"
+        )))
+    }
+}
+
+#[derive(Deserialize, Serialize, JsonSchema)]
+#[allow(dead_code)]
+enum Credential {
+    Password(Pw),
+    Pin { pin: Pw },
+    Plain(Pw),
+}
+
+#[derive(Deserialize, Serialize, JsonSchema)]
+#[allow(dead_code)]
+struct SignInIn {
+    auth: Credential,
+}
+
+/// A value refused under an enum variant whose name is sensitive (`Password`), under
+/// a tool's own sensitive name (`pin`) inside a variant, and under a sensitive key
+/// with a variant below it: no error text, event or model message repeats it.
+#[tokio::test]
+async fn a_secret_refused_under_an_enum_variant_is_never_repeated() {
+    let login = tool_fn("login", "Logs in.", |_: SignInIn, _cx| async move {
+        Ok::<_, ToolError>(true)
+    })
+    .settings(ToolSettings::new().sensitive("pin"));
+    let engine = engine_with(Registry::builder().tool(login).build().unwrap());
+    let (d, sink) = recorded(&engine, user("alice"));
+    let inputs = [
+        json!({"auth": {"Password": "SEC-PW-9"}}),
+        json!({"auth": {"Pin": {"pin": "SEC-PW-9"}}}),
+        json!({"token": {"auth": {"Plain": "SEC-PW-9"}}}),
+    ];
+    for (i, args) in inputs.into_iter().enumerate() {
+        let calls = vec![ToolCall::new("login", args).with_id(format!("c{i}"))];
+        let results = d.dispatch_all(calls.clone()).await;
+        let err = results[0].as_ref().unwrap_err();
+        assert_eq!(err.status(), tool_dispatch::event::Status::InvalidInput);
+        assert!(!err.to_string().contains("SEC-PW"), "{err}");
+        let to_model = tool_dispatch::provider::openai::render_results(&calls, &results);
+        assert!(!to_model.to_string().contains("SEC-PW"), "{to_model}");
+    }
+    let wire = serde_json::to_string(&sink.events()).unwrap();
+    assert!(!wire.contains("SEC-PW"), "{wire}");
+    // The same refusal under a plain variant and key keeps the tool's own message.
+    let err = d
+        .dispatch(ToolCall::new(
+            "login",
+            json!({"auth": {"Plain": "weak-but-public"}}),
+        ))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("too weak"), "{err}");
+}

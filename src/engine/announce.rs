@@ -7,11 +7,12 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::in_flight::{Ending, InFlight, Pending, Phase, Refusal, Source, Unannounced};
+use super::in_flight::{
+    Ending, InFlight, Pending, Phase, Refusal, Source, Unannounced, header_bytes,
+};
 use crate::delivery::{Delivered, NotSent, Now, Role, Watch};
 use crate::error::DispatchError;
 use crate::event::{Event, Status, ToolCompleted, ToolExecuting};
-use crate::json::cut;
 
 impl InFlight<'_> {
     /// Ends a call whose `tool_executing` did not go out as confirmed: undeliverable
@@ -186,17 +187,27 @@ impl InFlight<'_> {
         }
     }
 
-    /// The arguments as events show them: sensitive keys redacted, long values cut.
+    /// The arguments as events show them: sensitive keys redacted, long values cut,
+    /// the event within its size bound beside `text` more bytes of its own.
     #[inline]
-    pub(super) fn shown(&self, mut parameters: Value) -> Value {
+    pub(super) fn shown(&self, mut parameters: Value, text: usize) -> Value {
         let sensitive = self.entry.map_or(&[][..], |e| &e.settings.sensitive);
-        self.inner.redaction().apply(&mut parameters, sensitive);
+        let others = self.header_bytes() + text;
+        self.inner
+            .redaction()
+            .apply_beside(&mut parameters, sensitive, others);
         parameters
+    }
+
+    /// What an event of this call takes besides its payload and texts, encoded: the
+    /// ids, the field names, the timestamps, the status.
+    pub(super) fn header_bytes(&self) -> usize {
+        header_bytes(&self.scope.call_id, &self.scope.tool_name, &self.user.ctx)
     }
 
     #[inline]
     pub(super) fn executing(&self, parameters: Value) -> Event {
-        let parameters = self.shown(parameters);
+        let parameters = self.shown(parameters, 0);
         let u = &self.user.ctx;
         Event::ToolExecuting(ToolExecuting {
             call_id: Arc::clone(&self.scope.call_id),
@@ -212,7 +223,6 @@ impl InFlight<'_> {
     #[inline]
     pub(super) fn completed(&self, ending: Ending<'_>, took: Duration) -> Event {
         let u = &self.user.ctx;
-        let max = self.inner.max_text();
         let status = ending.status();
         let (result, error, cached) = match ending {
             Ending::Success {
@@ -220,8 +230,12 @@ impl InFlight<'_> {
                 source,
                 note,
             } => (result, note, source == Source::Cache),
-            Ending::Failure(e) => (Value::Null, Some(cut(&e.to_string(), max)), false),
+            Ending::Failure(e) => (Value::Null, Some(e.to_string()), false),
         };
+        // The payload was fitted beside the header; a text (with a `null` result)
+        // gets the same room.
+        let r = self.inner.redaction();
+        let error = error.map(|e| r.fit(&e, self.header_bytes()));
         Event::ToolCompleted(ToolCompleted {
             call_id: Arc::clone(&self.scope.call_id),
             run_id: u.run_id.clone(),

@@ -16,8 +16,8 @@ use crate::approval::{ApprovalWait, Verdict};
 use crate::delivery::{Delivered, NotSent, Now, Role, Watch};
 use crate::error::{DispatchError, LimitScope};
 use crate::event::{ApprovalOutcome, ApprovalRecord, Event, Timestamp, ToolApprovalRequired};
-use crate::json::cut;
 use crate::limits::{Permit, Scope};
+use crate::redact::encoded_len;
 use crate::registry::Entry;
 
 /// How long a call out of time waits for an answer another node already took.
@@ -72,7 +72,11 @@ impl<'a> InFlight<'a> {
             },
             since: now,
         }));
-        let reason = cut(&gate.reason, inner.max_text());
+        // The reason takes at most half of what the request has beside its header;
+        // the arguments get the rest.
+        let r = inner.redaction();
+        let header = self.header_bytes();
+        let reason = r.fit(&gate.reason, header + r.room(header) / 2);
         let expires_at = expires.map(|e| wall.after(e.saturating_duration_since(now)));
         let request = self.approval_request(args, reason, expires_at, wall);
         let (user, call) = (
@@ -207,7 +211,7 @@ impl<'a> InFlight<'a> {
         expires_at: Option<Timestamp>,
         timestamp: Timestamp,
     ) -> Event {
-        let parameters = self.shown(parameters);
+        let parameters = self.shown(parameters, encoded_len(&reason) + 64);
         let u = &self.user.ctx;
         Event::ToolApprovalRequired(ToolApprovalRequired {
             call_id: Arc::clone(&self.scope.call_id),

@@ -17,10 +17,12 @@ use crate::delivery::{Outbox, Pair, Role};
 use crate::error::{CancelReason, DispatchError};
 use crate::event::{ApprovalRecord, Event, Status, Timestamp};
 use crate::json::cut;
+use crate::redact::encoded_len;
 use crate::registry::Entry;
 use crate::sink::SinkError;
 use crate::state::WithUser;
 use crate::tool::CallScope;
+use crate::user::UserContext;
 
 /// How a call is admitted.
 #[derive(Clone, Copy)]
@@ -265,6 +267,7 @@ impl<'a> InFlight<'a> {
             }
             None => (user.state.token(), None),
         };
+        let header = header_bytes(&id, &start.tool, &user.ctx);
         let scope = Arc::new(CallScope {
             user: Arc::clone(&user.ctx),
             outbox: Arc::clone(outbox),
@@ -275,6 +278,7 @@ impl<'a> InFlight<'a> {
             user_cancel,
             timeout,
             max_text: inner.max_text(),
+            max_message_bytes: inner.redaction().room(header),
             max_depth: inner.config.max_depth,
             gate: Default::default(),
         });
@@ -329,4 +333,19 @@ impl Drop for InFlight<'_> {
         };
         self.end_detached(&err);
     }
+}
+
+/// What an event of a call takes besides its payload and texts, encoded: the ids, the
+/// field names, the timestamps, the status.
+pub(super) fn header_bytes(call_id: &str, tool: &str, u: &UserContext) -> usize {
+    /// Field names, type tag, timestamps, status, duration, flags, punctuation.
+    const FIELDS: usize = 400;
+    let ids = [
+        Some(call_id),
+        u.run_id.as_deref(),
+        u.thread_id.as_deref(),
+        Some(&*u.user_id),
+        Some(tool),
+    ];
+    FIELDS + ids.into_iter().flatten().map(encoded_len).sum::<usize>()
 }

@@ -147,9 +147,10 @@ impl<'a> InFlight<'a> {
         };
         let (result, note) = match json {
             Ok(mut j) => {
+                let others = self.header_bytes();
                 self.inner
                     .redaction()
-                    .apply(&mut j, &entry.settings.sensitive);
+                    .apply_beside(&mut j, &entry.settings.sensitive, others);
                 (j, None)
             }
             Err(e) => {
