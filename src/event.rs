@@ -33,6 +33,10 @@ pub enum Event {
     /// A call waits for its user's approval (after its `tool_executing`, before it
     /// runs); answer with [`Engine::resolve_approval`](crate::Engine::resolve_approval).
     ToolApprovalRequired(ToolApprovalRequired),
+    /// A call's wait for approval ended (approved, rejected, expired or withdrawn),
+    /// whoever answered and wherever: every view of the run learns the decision at
+    /// once, before the call runs or ends.
+    ToolApprovalResolved(ToolApprovalResolved),
     /// The agent started working on the user's request.
     AgentStarted(AgentEvent),
     /// The agent is thinking (a message for the user's screen).
@@ -51,6 +55,7 @@ impl Event {
             Event::ToolCompleted(e) => Some(&e.call_id),
             Event::ToolProgress(e) => Some(&e.call_id),
             Event::ToolApprovalRequired(e) => Some(&e.call_id),
+            Event::ToolApprovalResolved(e) => Some(&e.call_id),
             _ => None,
         }
     }
@@ -62,6 +67,7 @@ impl Event {
             Event::ToolCompleted(e) => &e.user_id,
             Event::ToolProgress(e) => &e.user_id,
             Event::ToolApprovalRequired(e) => &e.user_id,
+            Event::ToolApprovalResolved(e) => &e.user_id,
             Event::AgentStarted(e)
             | Event::AgentThinking(e)
             | Event::AgentCompleted(e)
@@ -76,6 +82,7 @@ impl Event {
             Event::ToolCompleted(_) => "tool_completed",
             Event::ToolProgress(_) => "tool_progress",
             Event::ToolApprovalRequired(_) => "tool_approval_required",
+            Event::ToolApprovalResolved(_) => "tool_approval_resolved",
             Event::AgentStarted(_) => "agent_started",
             Event::AgentThinking(_) => "agent_thinking",
             Event::AgentCompleted(_) => "agent_completed",
@@ -156,6 +163,28 @@ pub struct ToolApprovalRequired {
     /// until a decision.
     pub expires_at: Option<Timestamp>,
     /// When the approval was requested.
+    pub timestamp: Timestamp,
+}
+
+/// `tool_approval_resolved`: a call's wait for approval ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolApprovalResolved {
+    /// The call's id.
+    pub call_id: Arc<str>,
+    /// The agent run.
+    pub run_id: Option<Arc<str>>,
+    /// The conversation thread.
+    pub thread_id: Option<Arc<str>>,
+    /// The user who was asked.
+    pub user_id: Arc<str>,
+    /// The tool.
+    pub tool_name: Arc<str>,
+    /// How the wait ended: `approved` (the call goes on), `rejected`, `expired` or
+    /// `withdrawn` (it ends; its `tool_completed` follows).
+    pub decision: ApprovalOutcome,
+    /// The user's message with a rejection, cut like every event text.
+    pub message: Option<String>,
+    /// When the wait ended.
     pub timestamp: Timestamp,
 }
 

@@ -72,16 +72,34 @@ fn gated_pair(sink: &RecordingSink, call_id: &str, asked: bool) -> ToolCompleted
         .filter(|e| e.call_id() == Some(call_id))
         .collect();
     let kinds: Vec<&str> = events.iter().map(Event::kind).collect();
-    let want: &[&str] = if asked {
-        &["tool_executing", "tool_approval_required", "tool_completed"]
-    } else {
-        &["tool_executing", "tool_completed"]
+    let Some(Event::ToolCompleted(done)) = events.last() else {
+        panic!("{call_id}: no completion last: {kinds:?}");
+    };
+    // A decision (approved, rejected, expired) is told to every view at once; a call
+    // that stopped waiting for another reason says so in its completion only.
+    let decided = done
+        .approval
+        .as_ref()
+        .is_some_and(|a| a.decision != ApprovalOutcome::Withdrawn);
+    let want: &[&str] = match (asked, decided) {
+        (false, _) => &["tool_executing", "tool_completed"],
+        (true, false) => &["tool_executing", "tool_approval_required", "tool_completed"],
+        (true, true) => &[
+            "tool_executing",
+            "tool_approval_required",
+            "tool_approval_resolved",
+            "tool_completed",
+        ],
     };
     assert_eq!(kinds, want, "{call_id}");
-    match events.last() {
-        Some(Event::ToolCompleted(c)) => c.clone(),
-        _ => unreachable!(),
+    if let Some(Event::ToolApprovalResolved(r)) = events.get(2) {
+        assert_eq!(
+            Some(r.decision),
+            done.approval.as_ref().map(|a| a.decision),
+            "{call_id}"
+        );
     }
+    done.clone()
 }
 
 #[track_caller]

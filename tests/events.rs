@@ -125,6 +125,10 @@ fn normalize(event: &mut Event) {
             e.timestamp = at(1);
             e.expires_at = Some(at(300_001));
         }
+        Event::ToolApprovalResolved(e) => {
+            fix_id(&mut e.call_id);
+            e.timestamp = at(9);
+        }
         Event::AgentStarted(e)
         | Event::AgentThinking(e)
         | Event::AgentCompleted(e)
@@ -205,6 +209,7 @@ async fn produce() -> Vec<(&'static str, Event)> {
         "tool_completed_error",
         "",
         "tool_approval_required",
+        "tool_approval_resolved",
         "tool_completed_rejected",
         "agent_error",
         "agent_completed",
@@ -242,6 +247,7 @@ async fn every_event_kind_matches_its_golden_json_and_round_trips() {
         "tool_completed",
         "tool_progress",
         "tool_approval_required",
+        "tool_approval_resolved",
         "agent_started",
         "agent_thinking",
         "agent_completed",

@@ -15,7 +15,9 @@ use super::in_flight::{Approval, Gate, InFlight, Refusal, Unannounced};
 use crate::approval::{ApprovalWait, Verdict};
 use crate::delivery::{Delivered, NotSent, Now, Role, Watch};
 use crate::error::{DispatchError, LimitScope};
-use crate::event::{ApprovalOutcome, ApprovalRecord, Event, Timestamp, ToolApprovalRequired};
+use crate::event::{
+    ApprovalOutcome, ApprovalRecord, Event, Timestamp, ToolApprovalRequired, ToolApprovalResolved,
+};
 use crate::limits::{Permit, Scope};
 use crate::redact::encoded_len;
 use crate::registry::Entry;
@@ -133,6 +135,10 @@ impl<'a> InFlight<'a> {
         };
         drop(waiting);
         let tool = entry.name.to_string();
+        let said = match &verdict {
+            Some(Verdict::Reject { message }) => message.clone(),
+            _ => None,
+        };
         let (outcome, ending) = match verdict {
             Some(Verdict::Approve) => (ApprovalOutcome::Approved, None),
             Some(Verdict::Reject { message }) => (
@@ -156,6 +162,7 @@ impl<'a> InFlight<'a> {
             };
             a.since = now;
         }
+        self.resolved(outcome, said).await;
         if let Some(error) = ending {
             return Err(self.end_with(error, Ok(())).await);
         }
@@ -177,6 +184,38 @@ impl<'a> InFlight<'a> {
         if let Some(peers) = &self.inner.peers {
             peers.forget(&self.user.ctx.user_id, &self.scope.call_id);
         }
+    }
+
+    /// Tells the user's views how the wait ended (`tool_approval_resolved`), in order
+    /// before anything else of the call. It is news, not a question: a failure is
+    /// counted by the outbox and the call goes on; a cancelled call stops waiting
+    /// for room and leaves it queued.
+    async fn resolved(&mut self, decision: ApprovalOutcome, message: Option<String>) {
+        let u = &self.user.ctx;
+        let message = message.map(|m| self.inner.redaction().fit(&m, self.header_bytes()));
+        let at = Instant::now().saturating_duration_since(self.start);
+        let ev = Event::ToolApprovalResolved(ToolApprovalResolved {
+            call_id: Arc::clone(&self.scope.call_id),
+            run_id: u.run_id.clone(),
+            thread_id: u.thread_id.clone(),
+            user_id: Arc::clone(&u.user_id),
+            tool_name: Arc::clone(&self.scope.tool_name),
+            decision,
+            message,
+            timestamp: self.wall.after(at),
+        });
+        let ev = match self.outbox.send_now(ev, &Role::Other) {
+            Now::Sent | Now::Failed(_) => return,
+            Now::Wait(ev) => ev,
+        };
+        let watch = Watch {
+            cancel: Some(&self.scope.cancel),
+            deadline: None,
+        };
+        let _ = self
+            .outbox
+            .deliver(ev, &Role::Other, watch, &mut None)
+            .await;
     }
 
     /// Delivers `tool_approval_required`: if it cannot reach the user, nobody can

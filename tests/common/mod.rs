@@ -236,8 +236,8 @@ pub fn kinds_of(events: &[Event], call_id: &str) -> Vec<&'static str> {
         .collect()
 }
 
-/// Checks every call in `events` has exactly `[tool_executing, (tool_approval_required),
-/// (progress…), tool_completed]`.
+/// Checks every call in `events` has exactly `[tool_executing, (tool_approval_required,
+/// tool_approval_resolved?), (progress…), tool_completed]`.
 pub fn assert_paired(events: &[Event]) {
     let mut ids: Vec<&str> = events.iter().filter_map(Event::call_id).collect();
     ids.sort_unstable();
@@ -246,6 +246,9 @@ pub fn assert_paired(events: &[Event]) {
         let mut k = kinds_of(events, id);
         if k.get(1) == Some(&"tool_approval_required") {
             k.remove(1);
+            if k.get(1) == Some(&"tool_approval_resolved") {
+                k.remove(1);
+            }
         }
         assert!(
             k.len() >= 2
