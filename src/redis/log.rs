@@ -12,35 +12,10 @@ use futures_util::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::{Redis, RedisError, user_key};
+use super::{Redis, RedisError};
 use crate::runlog::{
     AppendError, Frame, Resync, RunLog, RunLogConfig, Store, WeakRunLog, fresh_epoch,
 };
-
-/// Appends one frame. KEYS[1]: the run's stream; KEYS[2]: the user's runs (run id →
-/// last append, server ms). ARGV: the frame's JSON object text (from its `{`), the
-/// stream's length, its time to live (ms), the user's most runs, the run id, and the
-/// key of the user's runs without the run id. Returns the frame's seq.
-const APPEND: &str = r#"
-local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-local seq = 1
-if last[1] then seq = tonumber(string.match(last[1][1], '^(%d+)')) + 1 end
-local id = string.format('%d', seq)
-local body = string.sub(ARGV[1], 2)
-local sep = ','
-if string.sub(body, 1, 1) == '}' then sep = '' end
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], id .. '-0', 'f', '{"seq":' .. id .. sep .. body)
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-local t = redis.call('TIME')
-redis.call('ZADD', KEYS[2], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), ARGV[5])
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
-while redis.call('ZCARD', KEYS[2]) > tonumber(ARGV[4]) do
-  local old = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
-  redis.call('ZREM', KEYS[2], old)
-  if old ~= ARGV[5] then redis.call('DEL', ARGV[6] .. old) end
-end
-return seq
-"#;
 
 /// Frames a node may have waiting for Redis.
 const QUEUE: usize = 8192;
@@ -71,7 +46,6 @@ struct Inner {
     epoch: AtomicU64,
     /// Redis failed last time it was asked: appends are refused until it answers.
     down: AtomicBool,
-    script: ::redis::Script,
     config: RunLogConfig,
     epoch_key: String,
     wake_key: String,
@@ -127,15 +101,14 @@ impl RunLog {
     /// # let _ = log; Ok(()) }
     /// ```
     pub async fn redis(config: RunLogConfig, redis: &Redis) -> Result<RunLog, RedisError> {
-        let prefix = &redis.inner.config.prefix;
+        let keys = &redis.link.keys;
         let inner = Arc::new(Inner {
             redis: redis.clone(),
             epoch: AtomicU64::new(0),
             down: AtomicBool::new(false),
-            script: ::redis::Script::new(APPEND),
             config,
-            epoch_key: format!("{prefix}:runlog:epoch"),
-            wake_key: format!("{prefix}:node:{}:wake", redis.inner.node),
+            epoch_key: keys.epoch(),
+            wake_key: keys.wake(&redis.link.node),
         });
         let epoch = inner
             .shared_epoch()
@@ -154,18 +127,11 @@ impl RunLog {
     }
 }
 
-fn run_key(prefix: &str, user: &str, run: &str) -> String {
-    user_key(prefix, user, &format!("run:{run}"))
-}
-
-fn seen_key(prefix: &str, user: &str, run: &str) -> String {
-    user_key(prefix, user, &format!("seen:{run}"))
-}
-
 /// A stream entry as Redis sends it: its id and its fields and values.
 type Entry = (String, Vec<String>);
 
-/// The frame of a stream entry written by [`APPEND`]; `None` for anything else.
+/// The frame of a stream entry written by the append script; `None` for anything
+/// else.
 fn frame((id, fields): Entry) -> Option<Frame> {
     let seq = id.strip_suffix("-0")?.parse().ok()?;
     match fields.as_slice() {
@@ -178,17 +144,17 @@ fn frame((id, fields): Entry) -> Option<Frame> {
 }
 
 impl Inner {
-    fn prefix(&self) -> &str {
-        &self.redis.inner.config.prefix
+    fn keys(&self) -> &super::keys::Keys {
+        &self.redis.link.keys
     }
 
     fn timeout(&self) -> Duration {
-        self.redis.inner.config.timeout
+        self.redis.link.config.timeout
     }
 
     /// The cluster's epoch, set by whichever node asks first after Redis starts empty.
     async fn shared_epoch(&self) -> Result<u64, String> {
-        let mut conn = self.redis.inner.conn.clone();
+        let mut conn = self.redis.link.conn.clone();
         let mut pipe = ::redis::pipe();
         pipe.cmd("SET")
             .arg(&self.epoch_key)
@@ -226,42 +192,38 @@ impl Inner {
     fn failed(&self, error: String) {
         self.down.store(true, Relaxed);
         tracing::warn!(error = %error, "the shared run log cannot reach Redis");
-        *self
-            .redis
-            .inner
-            .last_error
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(error);
+        *self.redis.link.counters.last_error() = Some(error);
     }
 
     /// Writes a batch in one round trip: the seqs, in order.
     async fn write(&self, batch: &[Job]) -> Result<Vec<u64>, ::redis::RedisError> {
-        let prefix = self.prefix();
+        let keys = self.keys();
         let ttl_ms = u64::try_from(self.config.ttl.as_millis())
             .unwrap_or(u64::MAX)
             .max(1);
+        let script = &self.redis.link.scripts.append;
         let mut pipe = ::redis::pipe();
         for job in batch {
             pipe.cmd("EVALSHA")
-                .arg(self.script.get_hash())
+                .arg(script.get_hash())
                 .arg(2)
-                .arg(run_key(prefix, &job.user, &job.run))
-                .arg(user_key(prefix, &job.user, "runs"))
+                .arg(keys.run(&job.user, &job.run))
+                .arg(keys.runs(&job.user))
                 .arg(&job.text)
                 .arg(self.config.max_events_per_run)
                 .arg(ttl_ms)
                 .arg(self.config.max_runs_per_user)
                 .arg(&*job.run)
-                .arg(user_key(prefix, &job.user, "run:"));
+                .arg(keys.runs_of(&job.user));
         }
-        let mut conn = self.redis.inner.conn.clone();
+        let mut conn = self.redis.link.conn.clone();
         let first = pipe.query_async::<Vec<u64>>(&mut conn).await;
         match first {
             Err(e)
                 if e.kind() == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript) =>
             {
                 // Redis started afresh since the script was loaded: nothing was written.
-                self.script.load_async(&mut conn).await?;
+                script.load_async(&mut conn).await?;
                 pipe.query_async::<Vec<u64>>(&mut conn).await
             }
             other => other,
@@ -286,13 +248,13 @@ impl Inner {
         let mut pipe = ::redis::pipe();
         for (user, run, _) in followed {
             pipe.cmd("SET")
-                .arg(seen_key(self.prefix(), user, run))
-                .arg(&self.redis.inner.node)
+                .arg(self.keys().seen(user, run))
+                .arg(&self.redis.link.node)
                 .arg("PX")
                 .arg(SEEN_MS)
                 .ignore();
         }
-        let mut conn = self.redis.inner.conn.clone();
+        let mut conn = self.redis.link.conn.clone();
         let marked = tokio::time::timeout(self.timeout(), pipe.query_async::<()>(&mut conn));
         if let Ok(Err(e)) = marked.await {
             self.failed(e.to_string());
@@ -310,7 +272,12 @@ impl RedisLog {
         done: Option<oneshot::Sender<Result<u64, AppendError>>>,
     ) -> Result<Job, AppendError> {
         if self.inner.down.load(Relaxed) {
-            self.inner.redis.inner.log_failures.fetch_add(1, Relaxed);
+            self.inner
+                .redis
+                .link
+                .counters
+                .log_failures
+                .fetch_add(1, Relaxed);
             return Err(AppendError::Unavailable);
         }
         if !text.starts_with('{') {
@@ -378,7 +345,7 @@ impl Store for RedisLog {
     ) -> BoxFuture<'a, Result<Vec<Frame>, Resync>> {
         Box::pin(async move {
             let inner = &self.inner;
-            let key = run_key(inner.prefix(), user, run);
+            let key = inner.keys().run(user, run);
             let mut pipe = ::redis::pipe();
             pipe.cmd("SET")
                 .arg(&inner.epoch_key)
@@ -399,7 +366,7 @@ impl Store for RedisLog {
                 .arg("+")
                 .arg("COUNT")
                 .arg(PAGE);
-            let mut conn = inner.redis.inner.conn.clone();
+            let mut conn = inner.redis.link.conn.clone();
             let asked = pipe.query_async::<(u64, Vec<Entry>, Vec<Entry>)>(&mut conn);
             let (current, last, kept) = inner.answer(asked).await?;
             if epoch.is_some_and(|e| e != current) {
@@ -440,14 +407,14 @@ impl Store for RedisLog {
     fn followed<'a>(&'a self, user: &'a str, run: &'a str) -> BoxFuture<'a, bool> {
         Box::pin(async move {
             let inner = &self.inner;
-            let mut conn = inner.redis.inner.conn.clone();
+            let mut conn = inner.redis.link.conn.clone();
             let mut cmd = ::redis::cmd("GET");
-            cmd.arg(seen_key(inner.prefix(), user, run));
+            cmd.arg(inner.keys().seen(user, run));
             let asked = cmd.query_async::<Option<String>>(&mut conn);
             // Marked by another node; this node's own mark may be stale, and the log
             // has asked its own readers already.
             match tokio::time::timeout(inner.timeout(), asked).await {
-                Ok(Ok(Some(node))) => node != inner.redis.inner.node,
+                Ok(Ok(Some(node))) => node != inner.redis.link.node,
                 _ => false,
             }
         })
@@ -457,7 +424,7 @@ impl Store for RedisLog {
 /// Writes the node's queued frames in order, a batch per round trip, until the log
 /// is dropped.
 async fn write(inner: Arc<Inner>, mut queue: mpsc::Receiver<Job>, log: WeakRunLog) {
-    let stats = &inner.redis.inner;
+    let stats = &inner.redis.link.counters;
     let mut batch = Vec::with_capacity(BATCH);
     while queue.recv_many(&mut batch, BATCH).await > 0 {
         let written = tokio::time::timeout(inner.timeout(), inner.write(&batch)).await;
@@ -494,7 +461,7 @@ async fn write(inner: Arc<Inner>, mut queue: mpsc::Receiver<Job>, log: WeakRunLo
 /// read last, hands the frames to the log, and refreshes the epoch and the runs'
 /// marks, until the log is dropped.
 async fn read(inner: Arc<Inner>, weak: WeakRunLog) {
-    let stop = inner.redis.inner.stop.clone();
+    let stop = inner.redis.link.stop.clone();
     let mut conn: Option<MultiplexedConnection> = None;
     let mut refreshed: Option<Instant> = None;
     // The runs marked as followed at the last refresh: a run followed since is marked
@@ -546,7 +513,7 @@ async fn read(inner: Arc<Inner>, weak: WeakRunLog) {
             .arg(BLOCK.as_millis() as u64);
         cmd.arg("STREAMS");
         for (user, run, _) in &followed {
-            let key = run_key(inner.prefix(), user, run);
+            let key = inner.keys().run(user, run);
             cmd.arg(&key);
             keys.insert(key, (Arc::clone(user), Arc::clone(run)));
         }
@@ -594,7 +561,7 @@ async fn blocking_connection(inner: &Inner) -> Result<MultiplexedConnection, Str
     let config = ::redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(inner.timeout()))
         .set_response_timeout(None);
-    let client = &inner.redis.inner.client;
+    let client = &inner.redis.link.client;
     let connect = client.get_multiplexed_async_connection_with_config(&config);
     match tokio::time::timeout(inner.timeout().saturating_mul(4), connect).await {
         Ok(Ok(c)) => Ok(c),
@@ -605,7 +572,7 @@ async fn blocking_connection(inner: &Inner) -> Result<MultiplexedConnection, Str
 
 /// Ends the reader's current block early, so that it reads a run just followed.
 async fn wake(inner: &Inner) {
-    let mut conn = inner.redis.inner.conn.clone();
+    let mut conn = inner.redis.link.conn.clone();
     let mut pipe = ::redis::pipe();
     pipe.cmd("XADD")
         .arg(&inner.wake_key)
