@@ -10,15 +10,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::redis_server::RedisServer;
+use common::redis_server::{PATIENCE, RedisServer, eventually, resumed, take};
 use common::*;
 use serde_json::{Value, json};
 use tool_dispatch::event::Status;
 use tool_dispatch::redis::{Redis, RedisConfig};
 use tool_dispatch::*;
-
-/// Long enough for anything on loopback; a hang fails instead of blocking the run.
-const PATIENCE: Duration = Duration::from_secs(10);
 
 async fn handle(server: &RedisServer, prefix: &str) -> Redis {
     let config = RedisConfig::default()
@@ -42,41 +39,6 @@ fn body(frame: &Frame) -> Value {
     let v: Value = serde_json::from_str(&frame.json).expect("frames are JSON");
     assert_eq!(v["seq"], json!(frame.seq), "the seq inside the frame");
     v
-}
-
-/// The next `n` frames of `reader`, or a failure if they do not come in time.
-async fn take(reader: &mut RunReader, n: usize) -> Vec<Frame> {
-    let mut frames = Vec::with_capacity(n);
-    while frames.len() < n {
-        let next = tokio::time::timeout(PATIENCE, reader.next())
-            .await
-            .unwrap_or_else(|_| panic!("only {} of {n} frames came", frames.len()));
-        frames.push(next.expect("the run goes on").expect("no resync"));
-    }
-    frames
-}
-
-/// A reader of the run once its frames have reached Redis.
-async fn resumed(log: &RunLog, user: &str, run: &str, after: u64) -> RunReader {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        match log.resume(user, run, after, None).await {
-            Ok(r) => return r,
-            Err(Resync::UnknownRun) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            Err(e) => panic!("{user}'s {run}: {e}"),
-        }
-    }
-}
-
-/// Runs `f` until it is true, or fails after [`PATIENCE`].
-async fn eventually<F: std::future::Future<Output = bool>>(what: &str, mut f: impl FnMut() -> F) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !f().await {
-        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test]
