@@ -427,3 +427,87 @@ async fn a_flood_faster_than_redis_takes_it_waits_for_room_and_loses_nothing() {
     assert_eq!((s.log_appends, s.log_failures), (N + 1, 0), "{s:?}");
     assert_eq!(engine.metrics().sink_failures, 0);
 }
+
+#[tokio::test]
+async fn a_failed_resume_leaves_nothing_that_stops_the_runs_next_frames() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let (la, lb) = two_logs(&server, "failed", RunLogConfig::default()).await;
+    let engine = plain_engine(Registry::builder().tool(echo()).build().unwrap());
+    // A turn in `run` on A, as a session starts one after telling its client to
+    // resync: a writer, a reader of what comes next, one call.
+    let next_turn = |run: &'static str| {
+        let writer = la.writer("alice", run);
+        let reader = writer.subscribe();
+        let ctx = UserContext::builder("alice").run_id(run).build().unwrap();
+        (reader, engine.dispatcher().sink(writer).user(ctx))
+    };
+    let kinds = |frames: &[Frame]| -> Vec<Value> {
+        frames.iter().map(|f| body(f)["type"].clone()).collect()
+    };
+
+    // A run nobody ever wrote, resumed from seq 5 (and 0): unknown; then its first call.
+    for (run, after) in [("new5", 5), ("new0", 0)] {
+        let got = la.resume("alice", run, after, None).await.unwrap_err();
+        assert_eq!(got, Resync::UnknownRun);
+        let (mut reader, d) = next_turn(run);
+        d.dispatch(ToolCall::new("echo", json!(1))).await.unwrap();
+        let frames = take(&mut reader, 2).await;
+        assert_eq!(
+            frames.iter().map(|f| f.seq).collect::<Vec<_>>(),
+            [1, 2],
+            "{run}"
+        );
+        assert_eq!(kinds(&frames), ["tool_executing", "tool_completed"]);
+    }
+
+    // A run of three frames (written on B), resumed on A past its end: truncated;
+    // then the next call in it is seen on A, after what the run kept.
+    let wb = lb.writer("alice", "kept");
+    for _ in 0..3 {
+        wb.append(json!({"type": "x"})).await.unwrap();
+    }
+    let got = la.resume("alice", "kept", 9, None).await.unwrap_err();
+    assert_eq!(got, Resync::Truncated);
+    let (mut reader, d) = next_turn("kept");
+    d.dispatch(ToolCall::new("echo", json!(2))).await.unwrap();
+    let frames = take(&mut reader, 5).await;
+    assert_eq!(
+        frames.iter().map(|f| f.seq).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5]
+    );
+
+    // The writer made before the failed resume (the session's own run): the same.
+    let held = la.writer("alice", "held");
+    assert_eq!(
+        la.resume("alice", "held", 7, None).await.unwrap_err(),
+        Resync::UnknownRun
+    );
+    let (mut reader, d) = next_turn("held");
+    d.dispatch(ToolCall::new("echo", json!(3))).await.unwrap();
+    assert_eq!(
+        kinds(&take(&mut reader, 2).await),
+        ["tool_executing", "tool_completed"]
+    );
+    drop(held);
+
+    // A reader already following the run is not moved by someone's failed resume.
+    let (mut following, d) = next_turn("followed");
+    d.dispatch(ToolCall::new("echo", json!(4))).await.unwrap();
+    assert_eq!(take(&mut following, 2).await[1].seq, 2);
+    for after in [3, 1_000, u64::MAX] {
+        let got = la
+            .resume("alice", "followed", after, None)
+            .await
+            .unwrap_err();
+        assert_eq!(got, Resync::Truncated);
+    }
+    d.dispatch(ToolCall::new("echo", json!(5))).await.unwrap();
+    let seqs: Vec<u64> = take(&mut following, 2)
+        .await
+        .iter()
+        .map(|f| f.seq)
+        .collect();
+    assert_eq!(seqs, [3, 4]);
+}
