@@ -1,10 +1,10 @@
-//! A held concurrency lease: renewed while held, released when dropped.
+//! A held concurrency lease: renewed while held, given back when dropped.
 
 use std::time::Duration;
 
 use super::Redis;
 
-/// A held lease: renewed every third of its length while held; released (without
+/// A held lease: renewed every third of its length while held; given back (without
 /// waiting) when dropped. A process that dies stops renewing: its leases expire.
 pub(super) struct Lease {
     redis: Redis,
@@ -20,13 +20,10 @@ impl Lease {
             let every = Duration::from_millis(lease_ms / 3);
             loop {
                 tokio::time::sleep(every).await;
-                let s = &r.link;
-                let mut conn = s.conn.clone();
-                let mut invoke = s.scripts.renew.prepare_invoke();
+                let mut conn = r.conn();
+                let mut invoke = r.link.scripts.renew.prepare_invoke();
                 invoke.key(&k).arg(lease_ms).arg(&m);
-                let renewed =
-                    tokio::time::timeout(s.config.timeout, invoke.invoke_async::<i64>(&mut conn));
-                if !matches!(renewed.await, Ok(Ok(1))) {
+                if !matches!(r.ask(invoke.invoke_async::<i64>(&mut conn)).await, Ok(1)) {
                     tracing::warn!(lease = %m, "a concurrency lease could not be renewed");
                 }
             }
@@ -38,19 +35,23 @@ impl Lease {
             renew,
         }
     }
+
+    /// Removes `member` from the sorted set `key`, without waiting (best effort:
+    /// outside a runtime, or if Redis cannot answer, the lease expires by itself).
+    pub(super) fn give_back(redis: &Redis, key: String, member: String) {
+        let mut cmd = ::redis::cmd("ZREM");
+        cmd.arg(key).arg(member);
+        redis.run_later(cmd, "a lease could not be given back; it expires by itself");
+    }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         self.renew.abort();
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return; // it expires
-        };
-        let redis = self.redis.clone();
-        let mut cmd = ::redis::cmd("ZREM");
-        cmd.arg(&self.key).arg(&self.member);
-        rt.spawn(async move {
-            redis.run(cmd).await;
-        });
+        let (key, member) = (
+            std::mem::take(&mut self.key),
+            std::mem::take(&mut self.member),
+        );
+        Lease::give_back(&self.redis, key, member);
     }
 }

@@ -13,6 +13,9 @@ use crate::limits::{
     Gcra, Limiter, LocalLimiter, NoSlot, Permit, RateCheck, RateRefusal, Scope, UserState,
 };
 
+/// What a call refused because Redis cannot answer is told to wait.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
 pub(super) struct RedisLimiter {
     local: LocalLimiter,
     redis: Redis,
@@ -47,45 +50,38 @@ impl RedisLimiter {
     ) -> Result<(), RateRefusal> {
         let s = &self.redis.link;
         let (interval_us, tolerance_us) = gcra.micros();
-        let mut conn = s.conn.clone();
-        let key = s.keys.rate(&user.user_id);
+        let mut conn = self.redis.conn();
         let mut call = s.scripts.gcra.prepare_invoke();
-        call.key(key).arg(interval_us).arg(tolerance_us);
-        let answer: Result<(i64, i64), String> =
-            match tokio::time::timeout(s.config.timeout, call.invoke_async(&mut conn)).await {
-                Ok(Ok(a)) => Ok(a),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err(format!("no answer within {:?}", s.config.timeout)),
-            };
-        let mut last = s.counters.last_error();
-        match answer {
+        call.key(s.keys.rate(&user.user_id))
+            .arg(interval_us)
+            .arg(tolerance_us);
+        let answer = self
+            .redis
+            .ask(call.invoke_async::<(i64, i64)>(&mut conn))
+            .await;
+        let error = match answer {
             Ok((1, _)) => {
                 s.counters.answers.fetch_add(1, Relaxed);
-                *last = None;
-                Ok(())
+                return Ok(());
             }
             Ok((_, retry_us)) => {
                 s.counters.answers.fetch_add(1, Relaxed);
-                *last = None;
                 let retry = Duration::from_micros(u64::try_from(retry_us).unwrap_or(0));
-                Err(RateRefusal::Limited(retry))
+                return Err(RateRefusal::Limited(retry));
             }
-            Err(e) => {
-                s.counters.failures.fetch_add(1, Relaxed);
-                tracing::warn!(error = %e, "the shared rate limit could not be checked");
-                *last = Some(e);
-                drop(last);
-                match s.config.on_unreachable {
-                    OnUnreachable::FailClosed => Err(RateRefusal::Unreachable {
-                        retry_after: Duration::from_secs(1),
-                    }),
-                    OnUnreachable::UseLocalLimits => {
-                        s.counters.fallbacks.fetch_add(1, Relaxed);
-                        match prechecked {
-                            true => Ok(()), // counted in the pre-check already
-                            false => self.local.rate_here(user, Instant::now()),
-                        }
-                    }
+            Err(e) => e,
+        };
+        s.counters.failures.fetch_add(1, Relaxed);
+        tracing::warn!(error = %error, "the shared rate limit could not be checked");
+        match s.config.on_unreachable {
+            OnUnreachable::FailClosed => Err(RateRefusal::Unreachable {
+                retry_after: RETRY_AFTER,
+            }),
+            OnUnreachable::UseLocalLimits => {
+                s.counters.fallbacks.fetch_add(1, Relaxed);
+                match prechecked {
+                    true => Ok(()), // counted in the pre-check already
+                    false => self.local.rate_here(user, Instant::now()),
                 }
             }
         }
@@ -122,10 +118,9 @@ impl RedisLimiter {
                 let s = &self.redis.link;
                 s.counters.failures.fetch_add(1, Relaxed);
                 tracing::warn!(error = %e, "a cluster-wide slot could not be leased");
-                *s.counters.last_error() = Some(e);
                 match s.config.on_unreachable {
                     OnUnreachable::FailClosed => Err(NoSlot::Unreachable {
-                        retry_after: Duration::from_secs(1),
+                        retry_after: RETRY_AFTER,
                     }),
                     OnUnreachable::UseLocalLimits => {
                         s.counters.fallbacks.fetch_add(1, Relaxed);
@@ -152,19 +147,21 @@ impl RedisLimiter {
             .max(3);
         let mut pause = Duration::from_millis(2);
         loop {
-            let mut conn = s.conn.clone();
+            let mut conn = self.redis.conn();
             let mut invoke = s.scripts.acquire.prepare_invoke();
             invoke.key(&key).arg(limit).arg(lease_ms).arg(&member);
-            let got =
-                tokio::time::timeout(s.config.timeout, invoke.invoke_async::<i64>(&mut conn)).await;
-            match got {
-                Ok(Ok(1)) => {
+            match self.redis.ask(invoke.invoke_async::<i64>(&mut conn)).await {
+                Ok(1) => {
                     s.counters.answers.fetch_add(1, Relaxed);
                     return Ok(Lease::hold(self.redis.clone(), key, member, lease_ms));
                 }
-                Ok(Ok(_)) => s.counters.answers.fetch_add(1, Relaxed),
-                Ok(Err(e)) => return Err(Some(e.to_string())),
-                Err(_) => return Err(Some(format!("no answer within {:?}", s.config.timeout))),
+                Ok(_) => s.counters.answers.fetch_add(1, Relaxed),
+                Err(e) => {
+                    // Redis may still take the lease once it answers again: give it
+                    // back then, rather than hold a slot nobody renews for a lease.
+                    Lease::give_back(&self.redis, key, member);
+                    return Err(Some(e));
+                }
             };
             let now = Instant::now();
             if now >= until {
@@ -185,10 +182,9 @@ impl RedisLimiter {
         let s = &self.redis.link;
         s.counters.failures.fetch_add(1, Relaxed);
         tracing::warn!(error = %error, "a shared concurrency slot could not be leased");
-        *s.counters.last_error() = Some(error);
         match s.config.on_unreachable {
             OnUnreachable::FailClosed => Err(NoSlot::Unreachable {
-                retry_after: Duration::from_secs(1),
+                retry_after: RETRY_AFTER,
             }),
             OnUnreachable::UseLocalLimits => {
                 s.counters.fallbacks.fetch_add(1, Relaxed);
@@ -241,16 +237,13 @@ impl Limiter for RedisLimiter {
 
     fn probe(&self) -> BoxFuture<'_, Option<String>> {
         Box::pin(async move {
-            let s = &self.redis.link;
-            let mut conn = s.conn.clone();
-            let cmd = ::redis::cmd("PING");
-            let ping = cmd.query_async::<String>(&mut conn);
-            let error = match tokio::time::timeout(s.config.timeout, ping).await {
-                Ok(Ok(_)) => return None,
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => format!("no answer within {:?}", s.config.timeout),
+            let mut conn = self.redis.conn();
+            let ping = ::redis::cmd("PING");
+            let error = match self.redis.ask(ping.query_async::<String>(&mut conn)).await {
+                Ok(_) => return None,
+                Err(e) => e,
             };
-            let policy = match s.config.on_unreachable {
+            let policy = match self.redis.link.config.on_unreachable {
                 OnUnreachable::FailClosed => "calls that have a rate limit end `unavailable`",
                 OnUnreachable::UseLocalLimits => "this node's own limits apply meanwhile",
             };

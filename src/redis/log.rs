@@ -2,9 +2,9 @@
 //! client resumes its run on whichever node its reconnect lands. What it guarantees
 //! is documented on [`RunLog::redis`].
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use ::redis::aio::MultiplexedConnection;
@@ -12,6 +12,7 @@ use futures_util::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use super::keys::Keys;
 use super::{Redis, RedisError};
 use crate::runlog::{
     AppendError, Frame, Resync, RunLog, RunLogConfig, Store, WeakRunLog, fresh_epoch,
@@ -21,14 +22,18 @@ use crate::runlog::{
 const QUEUE: usize = 8192;
 /// Frames replayed per request.
 const PAGE: usize = 1000;
-/// How long an awaited append waits for room in a full queue.
+/// How long an awaited append waits for room in a full queue (Redis answering, but
+/// slower than the frames come).
 const ROOM_WAIT: Duration = Duration::from_secs(5);
 /// Frames written in one round trip.
 const BATCH: usize = 128;
 /// How long the node's reader blocks on the followed runs at a time.
 const BLOCK: Duration = Duration::from_millis(500);
-/// How often the node checks the shared epoch and marks the runs it follows.
+/// How often the node checks the shared epoch and marks the runs it follows; the
+/// longest it waits to try again while Redis is away.
 const REFRESH: Duration = Duration::from_secs(1);
+/// The first wait before trying again once Redis failed.
+const RETRY: Duration = Duration::from_millis(50);
 /// How long a run stays marked as followed without a refresh.
 const SEEN_MS: u64 = 5_000;
 
@@ -41,7 +46,9 @@ struct Job {
     done: Option<oneshot::Sender<Result<u64, AppendError>>>,
 }
 
-struct Inner {
+/// The run log's side of a node's link to Redis, shared by its store and its writer
+/// and reader tasks.
+struct Streams {
     redis: Redis,
     epoch: AtomicU64,
     /// Redis failed last time it was asked: appends are refused until it answers.
@@ -49,11 +56,13 @@ struct Inner {
     config: RunLogConfig,
     epoch_key: String,
     wake_key: String,
+    /// The log whose readers are told when their frames cannot come.
+    log: OnceLock<WeakRunLog>,
 }
 
 /// The [`Store`] on Redis.
 struct RedisLog {
-    inner: Arc<Inner>,
+    streams: Arc<Streams>,
     jobs: mpsc::Sender<Job>,
 }
 
@@ -79,15 +88,25 @@ impl RunLog {
     /// - The epoch lives in Redis and is shared by every node: `epoch_changed` means
     ///   the stream's data is gone (Redis started afresh), not that a node restarted.
     ///   Followers of a run whose data went are told to resync.
-    /// - While Redis cannot be reached, the first batch fails within
-    ///   [`RedisConfig::timeout`](super::RedisConfig::timeout) and later appends are
-    ///   refused at once: a call whose `tool_executing` cannot be recorded does not
-    ///   run, and a call already running still gives its caller its result. Each
-    ///   frame not recorded is counted in
-    ///   [`RedisStats::log_failures`](super::RedisStats) and the run's followers are
-    ///   told to resync. A run log does not fall back to the node's memory: a frame
-    ///   no other node could see would break every resume after it. The node notices
-    ///   Redis is back within a second and records again.
+    /// - While Redis cannot be reached, nothing waits on it longer than
+    ///   [`RedisConfig::timeout`](super::RedisConfig::timeout) (`T`), and no reader
+    ///   is left waiting in silence:
+    ///   - the first batch of frames fails within `T`; the frames queued behind it,
+    ///     and every append until Redis answers again, are refused at once
+    ///     ([`AppendError::Unavailable`]; to a dispatcher, a closed sink). A call
+    ///     whose `tool_executing` cannot be recorded does not run; a call already
+    ///     running still gives its caller its result. Each frame not recorded is
+    ///     counted in [`RedisStats::log_failures`](super::RedisStats) and its run's
+    ///     readers on the node are told to resync;
+    ///   - every reader following a run on the node is told to resync (its `next`
+    ///     gives `Err(Resync::Truncated)`) within 0.5 s + `T` of Redis failing,
+    ///     whether or not its run is written to; a run followed afresh meanwhile,
+    ///     within `T`;
+    ///   - `resume` answers [`Resync::Unavailable`] within `T`.
+    ///
+    ///   A run log does not fall back to the node's memory: a frame no other node
+    ///   could see would break every resume after it. The node notices Redis is back
+    ///   within a second and records again.
     /// - [`RunLog::is_followed`] also sees followers on other nodes (each node marks
     ///   the runs it follows every second), so a grace period that cancels abandoned
     ///   runs does not cancel one whose client reconnected elsewhere.
@@ -102,27 +121,29 @@ impl RunLog {
     /// ```
     pub async fn redis(config: RunLogConfig, redis: &Redis) -> Result<RunLog, RedisError> {
         let keys = &redis.link.keys;
-        let inner = Arc::new(Inner {
+        let streams = Arc::new(Streams {
             redis: redis.clone(),
             epoch: AtomicU64::new(0),
             down: AtomicBool::new(false),
             config,
             epoch_key: keys.epoch(),
             wake_key: keys.wake(&redis.link.node),
+            log: OnceLock::new(),
         });
-        let epoch = inner
+        let epoch = streams
             .shared_epoch()
             .await
             .map_err(RedisError::Unreachable)?;
-        inner.epoch.store(epoch, Relaxed);
+        streams.epoch.store(epoch, Relaxed);
         let (jobs, queue) = mpsc::channel(QUEUE);
         let store = RedisLog {
-            inner: Arc::clone(&inner),
+            streams: Arc::clone(&streams),
             jobs,
         };
         let log = RunLog::shared(config, Arc::new(store));
-        tokio::spawn(write(Arc::clone(&inner), queue, log.downgrade()));
-        tokio::spawn(read(inner, log.downgrade()));
+        let _ = streams.log.set(log.downgrade());
+        tokio::spawn(write(Arc::clone(&streams), queue));
+        tokio::spawn(read(streams, log.downgrade()));
         Ok(log)
     }
 }
@@ -143,8 +164,8 @@ fn frame((id, fields): Entry) -> Option<Frame> {
     }
 }
 
-impl Inner {
-    fn keys(&self) -> &super::keys::Keys {
+impl Streams {
+    fn keys(&self) -> &Keys {
         &self.redis.link.keys
     }
 
@@ -154,7 +175,7 @@ impl Inner {
 
     /// The cluster's epoch, set by whichever node asks first after Redis starts empty.
     async fn shared_epoch(&self) -> Result<u64, String> {
-        let mut conn = self.redis.link.conn.clone();
+        let mut conn = self.redis.conn();
         let mut pipe = ::redis::pipe();
         pipe.cmd("SET")
             .arg(&self.epoch_key)
@@ -163,40 +184,68 @@ impl Inner {
             .ignore()
             .cmd("GET")
             .arg(&self.epoch_key);
-        let asked = tokio::time::timeout(self.timeout(), pipe.query_async::<(u64,)>(&mut conn));
-        match asked.await {
-            Ok(Ok((epoch,))) => Ok(epoch),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("no answer within {:?}", self.timeout())),
-        }
+        let (epoch,) = self
+            .redis
+            .ask(pipe.query_async::<(u64,)>(&mut conn))
+            .await?;
+        Ok(epoch)
     }
 
-    /// The answer of a request, within the timeout; `Unavailable` otherwise.
+    /// The answer of a request for a reader, within the timeout; `Unavailable`
+    /// otherwise.
     async fn answer<T>(
         &self,
-        asked: impl std::future::Future<Output = Result<T, ::redis::RedisError>>,
+        asked: impl Future<Output = Result<T, ::redis::RedisError>>,
     ) -> Result<T, Resync> {
-        match tokio::time::timeout(self.timeout(), asked).await {
-            Ok(Ok(answer)) => Ok(answer),
-            Ok(Err(e)) => {
-                self.failed(e.to_string());
-                Err(Resync::Unavailable)
-            }
-            Err(_) => {
-                self.failed(format!("no answer within {:?}", self.timeout()));
-                Err(Resync::Unavailable)
-            }
-        }
+        self.redis.ask(asked).await.map_err(|e| {
+            self.failed(e);
+            Resync::Unavailable
+        })
     }
 
+    /// Redis could not answer: appends are refused until it does.
     fn failed(&self, error: String) {
         self.down.store(true, Relaxed);
         tracing::warn!(error = %error, "the shared run log cannot reach Redis");
-        *self.redis.link.counters.last_error() = Some(error);
+        self.redis.link.counters.failed(error);
+    }
+
+    /// Frames of `user`'s `run` were not recorded: its readers here are told.
+    fn lost(&self, user: &str, run: &str) {
+        if let Some(log) = self.log.get().and_then(WeakRunLog::upgrade) {
+            log.lost(user, run);
+        }
+    }
+
+    /// Redis is away: every reader here is told, rather than left waiting for
+    /// frames that cannot come.
+    fn cut_off(&self, log: &RunLog) {
+        for (user, run, _) in log.followed_runs() {
+            log.lost(&user, &run);
+        }
+    }
+
+    /// Runs `pipe`, whose requests all call `script`, loading the script first if
+    /// Redis started afresh since it was loaded (nothing ran then).
+    async fn scripted<T: ::redis::FromRedisValue>(
+        &self,
+        script: &::redis::Script,
+        pipe: &::redis::Pipeline,
+    ) -> ::redis::RedisResult<T> {
+        let mut conn = self.redis.conn();
+        match pipe.query_async::<T>(&mut conn).await {
+            Err(e)
+                if e.kind() == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript) =>
+            {
+                script.load_async(&mut conn).await?;
+                pipe.query_async::<T>(&mut conn).await
+            }
+            other => other,
+        }
     }
 
     /// Writes a batch in one round trip: the seqs, in order.
-    async fn write(&self, batch: &[Job]) -> Result<Vec<u64>, ::redis::RedisError> {
+    async fn write(&self, batch: &[Job]) -> Result<Vec<u64>, String> {
         let keys = self.keys();
         let ttl_ms = u64::try_from(self.config.ttl.as_millis())
             .unwrap_or(u64::MAX)
@@ -216,26 +265,18 @@ impl Inner {
                 .arg(&*job.run)
                 .arg(keys.runs_of(&job.user));
         }
-        let mut conn = self.redis.link.conn.clone();
-        let first = pipe.query_async::<Vec<u64>>(&mut conn).await;
-        match first {
-            Err(e)
-                if e.kind() == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript) =>
-            {
-                // Redis started afresh since the script was loaded: nothing was written.
-                script.load_async(&mut conn).await?;
-                pipe.query_async::<Vec<u64>>(&mut conn).await
-            }
-            other => other,
-        }
+        self.redis.ask(self.scripted(script, &pipe)).await
     }
 
     /// Checks the shared epoch (telling the log when Redis started afresh) and marks
-    /// the runs followed here as followed.
-    async fn refresh(&self, log: &RunLog, followed: &[(Arc<str>, Arc<str>, u64)]) {
+    /// the runs followed here as followed; whether Redis answered.
+    async fn refresh(&self, log: &RunLog, followed: &[(Arc<str>, Arc<str>, u64)]) -> bool {
         let epoch = match self.shared_epoch().await {
             Ok(e) => e,
-            Err(e) => return self.failed(e),
+            Err(e) => {
+                self.failed(e);
+                return false;
+            }
         };
         self.down.store(false, Relaxed);
         if self.epoch.swap(epoch, Relaxed) != epoch {
@@ -243,7 +284,7 @@ impl Inner {
             log.restarted();
         }
         if followed.is_empty() {
-            return;
+            return true;
         }
         let mut pipe = ::redis::pipe();
         for (user, run, _) in followed {
@@ -254,16 +295,54 @@ impl Inner {
                 .arg(SEEN_MS)
                 .ignore();
         }
-        let mut conn = self.redis.link.conn.clone();
-        let marked = tokio::time::timeout(self.timeout(), pipe.query_async::<()>(&mut conn));
-        if let Ok(Err(e)) = marked.await {
-            self.failed(e.to_string());
+        let mut conn = self.redis.conn();
+        match self.redis.ask(pipe.query_async::<()>(&mut conn)).await {
+            Ok(()) => true,
+            Err(e) => {
+                self.failed(e);
+                false
+            }
         }
+    }
+
+    /// A connection of the reader's own: a blocking read would hold up everyone
+    /// else's commands on the shared one.
+    async fn blocking_connection(&self) -> Result<MultiplexedConnection, String> {
+        let config = ::redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout()))
+            .set_response_timeout(None);
+        let client = &self.redis.link.client;
+        let connect = client.get_multiplexed_async_connection_with_config(&config);
+        match tokio::time::timeout(self.timeout(), connect).await {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no connection within {:?}", self.timeout())),
+        }
+    }
+
+    /// Ends the reader's current block early, so that it reads a run just followed.
+    async fn wake(&self) {
+        let mut conn = self.redis.conn();
+        let mut pipe = ::redis::pipe();
+        pipe.cmd("XADD")
+            .arg(&self.wake_key)
+            .arg("MAXLEN")
+            .arg(1)
+            .arg("*")
+            .arg("w")
+            .arg(1)
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(&self.wake_key)
+            .arg(60_000)
+            .ignore();
+        let _ = self.redis.ask(pipe.query_async::<()>(&mut conn)).await;
     }
 }
 
 impl RedisLog {
-    /// A frame for the queue, refused at once while Redis is known to be away.
+    /// A frame for the queue, refused at once while Redis is known to be away (and
+    /// its run's readers here told).
     fn job(
         &self,
         user: &Arc<str>,
@@ -271,13 +350,10 @@ impl RedisLog {
         text: String,
         done: Option<oneshot::Sender<Result<u64, AppendError>>>,
     ) -> Result<Job, AppendError> {
-        if self.inner.down.load(Relaxed) {
-            self.inner
-                .redis
-                .link
-                .counters
-                .log_failures
-                .fetch_add(1, Relaxed);
+        if self.streams.down.load(Relaxed) {
+            let counters = &self.streams.redis.link.counters;
+            counters.log_failures.fetch_add(1, Relaxed);
+            self.streams.lost(user, run);
             return Err(AppendError::Unavailable);
         }
         if !text.starts_with('{') {
@@ -294,7 +370,7 @@ impl RedisLog {
 
 impl Store for RedisLog {
     fn epoch(&self) -> u64 {
-        self.inner.epoch.load(Relaxed)
+        self.streams.epoch.load(Relaxed)
     }
 
     fn append(&self, user: &Arc<str>, run: &Arc<str>, text: String) -> Result<(), AppendError> {
@@ -327,7 +403,8 @@ impl Store for RedisLog {
         Box::pin(async move {
             let (done, seq) = oneshot::channel();
             let job = self.job(user, run, text, Some(done))?;
-            // Room in the queue comes as fast as Redis takes batches; bounded anyway.
+            // Room in the queue comes as fast as Redis takes batches, and at once
+            // when Redis fails (the queue is emptied); bounded anyway.
             match tokio::time::timeout(ROOM_WAIT, self.jobs.send(job)).await {
                 Ok(Ok(())) => {}
                 _ => return Err(AppendError::Full),
@@ -344,16 +421,16 @@ impl Store for RedisLog {
         epoch: Option<u64>,
     ) -> BoxFuture<'a, Result<Vec<Frame>, Resync>> {
         Box::pin(async move {
-            let inner = &self.inner;
-            let key = inner.keys().run(user, run);
+            let streams = &self.streams;
+            let key = streams.keys().run(user, run);
             let mut pipe = ::redis::pipe();
             pipe.cmd("SET")
-                .arg(&inner.epoch_key)
+                .arg(&streams.epoch_key)
                 .arg(fresh_epoch())
                 .arg("NX")
                 .ignore()
                 .cmd("GET")
-                .arg(&inner.epoch_key)
+                .arg(&streams.epoch_key)
                 .cmd("XREVRANGE")
                 .arg(&key)
                 .arg("+")
@@ -366,9 +443,9 @@ impl Store for RedisLog {
                 .arg("+")
                 .arg("COUNT")
                 .arg(PAGE);
-            let mut conn = inner.redis.link.conn.clone();
+            let mut conn = streams.redis.conn();
             let asked = pipe.query_async::<(u64, Vec<Entry>, Vec<Entry>)>(&mut conn);
-            let (current, last, kept) = inner.answer(asked).await?;
+            let (current, last, kept) = streams.answer(asked).await?;
             if epoch.is_some_and(|e| e != current) {
                 return Err(Resync::EpochChanged);
             }
@@ -396,7 +473,7 @@ impl Store for RedisLog {
                     .arg(format!("{}-0", last.seq))
                     .arg("COUNT")
                     .arg(PAGE);
-                let page: Vec<Entry> = inner.answer(cmd.query_async(&mut conn)).await?;
+                let page: Vec<Entry> = streams.answer(cmd.query_async(&mut conn)).await?;
                 more = page.len() == PAGE;
                 frames.extend(page.into_iter().filter_map(frame));
             }
@@ -406,15 +483,15 @@ impl Store for RedisLog {
 
     fn followed<'a>(&'a self, user: &'a str, run: &'a str) -> BoxFuture<'a, bool> {
         Box::pin(async move {
-            let inner = &self.inner;
-            let mut conn = inner.redis.link.conn.clone();
+            let streams = &self.streams;
+            let mut conn = streams.redis.conn();
             let mut cmd = ::redis::cmd("GET");
-            cmd.arg(inner.keys().seen(user, run));
+            cmd.arg(streams.keys().seen(user, run));
             let asked = cmd.query_async::<Option<String>>(&mut conn);
             // Marked by another node; this node's own mark may be stale, and the log
             // has asked its own readers already.
-            match tokio::time::timeout(inner.timeout(), asked).await {
-                Ok(Ok(Some(node))) => node != inner.redis.link.node,
+            match streams.redis.ask(asked).await {
+                Ok(Some(node)) => node != streams.redis.link.node,
                 _ => false,
             }
         })
@@ -422,16 +499,16 @@ impl Store for RedisLog {
 }
 
 /// Writes the node's queued frames in order, a batch per round trip, until the log
-/// is dropped.
-async fn write(inner: Arc<Inner>, mut queue: mpsc::Receiver<Job>, log: WeakRunLog) {
-    let stats = &inner.redis.link.counters;
+/// is dropped. When a batch fails, the frames queued behind it are refused with it:
+/// they would meet the same Redis, a timeout each.
+async fn write(streams: Arc<Streams>, mut queue: mpsc::Receiver<Job>) {
+    let counters = &streams.redis.link.counters;
     let mut batch = Vec::with_capacity(BATCH);
     while queue.recv_many(&mut batch, BATCH).await > 0 {
-        let written = tokio::time::timeout(inner.timeout(), inner.write(&batch)).await;
-        let error = match written {
-            Ok(Ok(seqs)) if seqs.len() == batch.len() => {
-                inner.down.store(false, Relaxed);
-                stats.log_appends.fetch_add(seqs.len() as u64, Relaxed);
+        let error = match streams.write(&batch).await {
+            Ok(seqs) if seqs.len() == batch.len() => {
+                streams.down.store(false, Relaxed);
+                counters.log_appends.fetch_add(seqs.len() as u64, Relaxed);
                 for (job, seq) in batch.drain(..).zip(seqs) {
                     if let Some(done) = job.done {
                         let _ = done.send(Ok(seq));
@@ -439,17 +516,16 @@ async fn write(inner: Arc<Inner>, mut queue: mpsc::Receiver<Job>, log: WeakRunLo
                 }
                 continue;
             }
-            Ok(Ok(seqs)) => format!("{} answers to {} appends", seqs.len(), batch.len()),
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => format!("no answer within {:?}", inner.timeout()),
+            Ok(seqs) => format!("{} answers to {} appends", seqs.len(), batch.len()),
+            Err(e) => e,
         };
-        inner.failed(error);
-        stats.log_failures.fetch_add(batch.len() as u64, Relaxed);
-        let log = log.upgrade();
+        streams.failed(error);
+        while let Ok(job) = queue.try_recv() {
+            batch.push(job);
+        }
+        counters.log_failures.fetch_add(batch.len() as u64, Relaxed);
         for job in batch.drain(..) {
-            if let Some(log) = &log {
-                log.lost(&job.user, &job.run);
-            }
+            streams.lost(&job.user, &job.run);
             if let Some(done) = job.done {
                 let _ = done.send(Err(AppendError::Unavailable));
             }
@@ -459,15 +535,18 @@ async fn write(inner: Arc<Inner>, mut queue: mpsc::Receiver<Job>, log: WeakRunLo
 
 /// The node's one blocking reader: follows every run followed here from the `seq`
 /// read last, hands the frames to the log, and refreshes the epoch and the runs'
-/// marks, until the log is dropped.
-async fn read(inner: Arc<Inner>, weak: WeakRunLog) {
-    let stop = inner.redis.link.stop.clone();
+/// marks, until the log is dropped. When Redis cannot answer it, every reader here
+/// is told, and it tries again (at once for a run followed afresh, else after a wait
+/// that doubles up to [`REFRESH`]).
+async fn read(streams: Arc<Streams>, weak: WeakRunLog) {
+    let stop = streams.redis.link.stop.clone();
     let mut conn: Option<MultiplexedConnection> = None;
+    let mut connected = false;
     let mut refreshed: Option<Instant> = None;
     // The runs marked as followed at the last refresh: a run followed since is marked
     // at once, so a node whose client left it learns quickly that it reconnected here.
-    let mut marked: std::collections::HashSet<(Arc<str>, Arc<str>)> = Default::default();
-    let mut backoff = Duration::from_millis(50);
+    let mut marked: HashSet<(Arc<str>, Arc<str>)> = HashSet::new();
+    let mut retry = RETRY;
     loop {
         if stop.is_cancelled() {
             return;
@@ -477,31 +556,49 @@ async fn read(inner: Arc<Inner>, weak: WeakRunLog) {
         let unmarked = followed
             .iter()
             .any(|(u, r, _)| !marked.contains(&(Arc::clone(u), Arc::clone(r))));
-        if unmarked || refreshed.is_none_or(|t| t.elapsed() >= REFRESH) {
-            inner.refresh(&log, &followed).await;
+        let due = refreshed.is_none_or(|t| t.elapsed() >= REFRESH);
+        let mut away = false;
+        if streams.down.load(Relaxed) || unmarked || due {
+            away = !streams.refresh(&log, &followed).await;
             refreshed = Some(Instant::now());
             marked = followed
                 .iter()
                 .map(|(u, r, _)| (Arc::clone(u), Arc::clone(r)))
                 .collect();
         }
-        if followed.is_empty() {
+        if !away && !followed.is_empty() && conn.is_none() {
+            match streams.blocking_connection().await {
+                Ok(c) => {
+                    if std::mem::replace(&mut connected, true) {
+                        streams.redis.link.counters.reconnected();
+                    }
+                    conn = Some(c);
+                }
+                Err(e) => {
+                    streams.failed(e);
+                    away = true;
+                }
+            }
+        }
+        if away {
+            streams.cut_off(&log);
+            conn = None;
+            let wait = retry;
+            retry = (retry * 2).min(REFRESH);
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = log.newly_followed() => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+            continue;
+        }
+        retry = RETRY;
+        let Some(mut c) = conn.clone() else {
+            // Nothing followed here.
             tokio::select! {
                 () = stop.cancelled() => return,
                 () = log.newly_followed() => {}
                 () = tokio::time::sleep(REFRESH) => {}
-            }
-            continue;
-        }
-        let Some(mut c) = conn.clone() else {
-            match blocking_connection(&inner).await {
-                Ok(c) => conn = Some(c),
-                Err(e) => {
-                    inner.failed(e);
-                    drop(log);
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                }
             }
             continue;
         };
@@ -513,80 +610,45 @@ async fn read(inner: Arc<Inner>, weak: WeakRunLog) {
             .arg(BLOCK.as_millis() as u64);
         cmd.arg("STREAMS");
         for (user, run, _) in &followed {
-            let key = inner.keys().run(user, run);
+            let key = streams.keys().run(user, run);
             cmd.arg(&key);
             keys.insert(key, (Arc::clone(user), Arc::clone(run)));
         }
-        cmd.arg(&inner.wake_key);
+        cmd.arg(&streams.wake_key);
         for (_, _, last) in &followed {
             cmd.arg(format!("{last}-0"));
         }
         cmd.arg("$");
         type Reply = Option<Vec<(String, Vec<Entry>)>>;
-        let reading =
-            tokio::time::timeout(BLOCK + inner.timeout(), cmd.query_async::<Reply>(&mut c));
+        let limit = BLOCK + streams.timeout();
+        let reading = streams
+            .redis
+            .ask_within(limit, cmd.query_async::<Reply>(&mut c));
         tokio::pin!(reading);
         let reply = loop {
             tokio::select! {
                 biased;
                 r = &mut reading => break r,
-                () = log.newly_followed() => wake(&inner).await,
+                () = log.newly_followed() => streams.wake().await,
                 () = stop.cancelled() => return,
             }
         };
         match reply {
-            Ok(Ok(streams)) => {
-                backoff = Duration::from_millis(50);
-                for (key, entries) in streams.unwrap_or_default() {
+            Ok(read) => {
+                for (key, entries) in read.unwrap_or_default() {
                     if let Some((user, run)) = keys.get(&key) {
                         log.deliver(user, run, entries.into_iter().filter_map(frame).collect());
                     }
                 }
             }
-            Ok(Err(e)) => {
-                inner.failed(e.to_string());
-                conn = None;
-            }
-            Err(_) => {
-                inner.failed(format!("no answer within {:?}", BLOCK + inner.timeout()));
+            Err(e) => {
+                // Its followers would wait in silence: told now.
+                streams.failed(e);
+                streams.cut_off(&log);
                 conn = None;
             }
         }
     }
-}
-
-/// A connection of the reader's own: a blocking read would hold up everyone else's
-/// commands on the shared one.
-async fn blocking_connection(inner: &Inner) -> Result<MultiplexedConnection, String> {
-    let config = ::redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(inner.timeout()))
-        .set_response_timeout(None);
-    let client = &inner.redis.link.client;
-    let connect = client.get_multiplexed_async_connection_with_config(&config);
-    match tokio::time::timeout(inner.timeout().saturating_mul(4), connect).await {
-        Ok(Ok(c)) => Ok(c),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("timed out connecting".into()),
-    }
-}
-
-/// Ends the reader's current block early, so that it reads a run just followed.
-async fn wake(inner: &Inner) {
-    let mut conn = inner.redis.link.conn.clone();
-    let mut pipe = ::redis::pipe();
-    pipe.cmd("XADD")
-        .arg(&inner.wake_key)
-        .arg("MAXLEN")
-        .arg(1)
-        .arg("*")
-        .arg("w")
-        .arg(1)
-        .ignore()
-        .cmd("PEXPIRE")
-        .arg(&inner.wake_key)
-        .arg(60_000)
-        .ignore();
-    let _ = tokio::time::timeout(inner.timeout(), pipe.query_async::<()>(&mut conn)).await;
 }
 
 #[cfg(test)]

@@ -180,14 +180,60 @@ impl Redis {
         self.link.counters.snapshot()
     }
 
+    /// The answer to one request (a command, a script or a pipeline: one round trip
+    /// on `conn`), within the timeout, counted; why there is none otherwise. Every
+    /// request of every part goes through here (or [`ask_within`](Self::ask_within)).
+    async fn ask<T>(
+        &self,
+        request: impl Future<Output = ::redis::RedisResult<T>>,
+    ) -> Result<T, String> {
+        self.ask_within(self.link.config.timeout, request).await
+    }
+
+    /// [`ask`](Self::ask) with a longer limit, for a read that blocks on purpose.
+    async fn ask_within<T>(
+        &self,
+        limit: Duration,
+        request: impl Future<Output = ::redis::RedisResult<T>>,
+    ) -> Result<T, String> {
+        let counters = &self.link.counters;
+        counters.sent();
+        match tokio::time::timeout(limit, request).await {
+            Ok(Ok(answer)) => {
+                counters.answered();
+                Ok(answer)
+            }
+            Ok(Err(e)) => Err(counters.error(&e)),
+            Err(_) => Err(counters.timed_out(limit)),
+        }
+    }
+
+    /// The shared connection (a handle: cheap to clone, multiplexed, re-established
+    /// by itself after Redis comes back).
+    fn conn(&self) -> ConnectionManager {
+        self.link.conn.clone()
+    }
+
     /// Runs `cmd` within the timeout, ignoring its answer (best effort).
     async fn run(&self, cmd: ::redis::Cmd) -> bool {
-        let mut conn = self.link.conn.clone();
-        let sent = tokio::time::timeout(
-            self.link.config.timeout,
-            cmd.query_async::<::redis::Value>(&mut conn),
-        );
-        matches!(sent.await, Ok(Ok(_)))
+        let mut conn = self.conn();
+        let sent = self.ask(cmd.query_async::<::redis::Value>(&mut conn));
+        sent.await.is_ok()
+    }
+
+    /// Runs `cmd` on a task of its own, within the timeout (best effort: `failed` is
+    /// logged if Redis cannot run it); `false` outside a runtime.
+    fn run_later(&self, cmd: ::redis::Cmd, failed: &'static str) -> bool {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return false;
+        };
+        let redis = self.clone();
+        rt.spawn(async move {
+            if !redis.run(cmd).await {
+                tracing::warn!("{failed}");
+            }
+        });
+        true
     }
 }
 

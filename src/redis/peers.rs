@@ -34,23 +34,12 @@ struct Wire {
 impl Redis {
     /// Publishes `wire` without waiting; `false` outside a runtime.
     fn publish(&self, wire: &Wire) -> bool {
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return false;
-        };
         let Ok(payload) = serde_json::to_string(wire) else {
             return false;
         };
-        let s = &self.link;
-        let (mut conn, channel, timeout) = (s.conn.clone(), s.keys.signals(), s.config.timeout);
-        rt.spawn(async move {
-            let mut cmd = ::redis::cmd("PUBLISH");
-            cmd.arg(&channel).arg(&payload);
-            let sent = tokio::time::timeout(timeout, cmd.query_async::<i64>(&mut conn)).await;
-            if !matches!(sent, Ok(Ok(_))) {
-                tracing::warn!(signal = %payload, "the other nodes could not be told");
-            }
-        });
-        true
+        let mut cmd = ::redis::cmd("PUBLISH");
+        cmd.arg(self.link.keys.signals()).arg(&payload);
+        self.run_later(cmd, "the other nodes could not be told")
     }
 }
 
@@ -92,18 +81,15 @@ impl Peers for Redis {
     fn claim<'a>(&'a self, user: &'a str, call: &'a str) -> BoxFuture<'a, Claim> {
         Box::pin(async move {
             let s = &self.link;
-            let mut conn = s.conn.clone();
+            let mut conn = self.conn();
             let mut invoke = s.scripts.claim.prepare_invoke();
             invoke.key(s.keys.approval(user, call));
-            let owner = tokio::time::timeout(
-                s.config.timeout,
-                invoke.invoke_async::<Option<String>>(&mut conn),
-            );
+            let owner = self.ask(invoke.invoke_async::<Option<String>>(&mut conn));
             match owner.await {
-                Ok(Ok(Some(node))) if node == s.node => Claim::Here,
-                Ok(Ok(Some(node))) => Claim::Elsewhere(node),
-                Ok(Ok(None)) => Claim::Nobody,
-                _ => Claim::Unreachable,
+                Ok(Some(node)) if node == s.node => Claim::Here,
+                Ok(Some(node)) => Claim::Elsewhere(node),
+                Ok(None) => Claim::Nobody,
+                Err(_) => Claim::Unreachable,
             }
         })
     }
@@ -126,15 +112,9 @@ impl Peers for Redis {
     }
 
     fn forget(&self, user: &str, call: &str) {
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let redis = self.clone();
         let mut cmd = ::redis::cmd("DEL");
         cmd.arg(self.link.keys.approval(user, call));
-        rt.spawn(async move {
-            redis.run(cmd).await;
-        });
+        self.run_later(cmd, "a withdrawn approval stays in Redis until it expires");
     }
 }
 
@@ -179,7 +159,11 @@ pub(super) async fn listen(first: ::redis::aio::PubSub, link: Weak<Link>) {
                     () = tokio::time::sleep(backoff) => {}
                 }
                 match subscribe(&client, &channel, timeout).await {
-                    Ok(p) => p,
+                    Ok(p) => {
+                        let Some(s) = link.upgrade() else { return };
+                        s.counters.reconnected();
+                        p
+                    }
                     Err(_) => {
                         backoff = (backoff * 2).min(Duration::from_secs(2));
                         continue;
