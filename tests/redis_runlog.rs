@@ -511,3 +511,94 @@ async fn a_failed_resume_leaves_nothing_that_stops_the_runs_next_frames() {
         .collect();
     assert_eq!(seqs, [3, 4]);
 }
+
+/// `used_memory` of the server, from `INFO memory`.
+async fn used_memory(conn: &mut ::redis::aio::MultiplexedConnection) -> i64 {
+    let info: String = ::redis::cmd("INFO")
+        .arg("memory")
+        .query_async(conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("used_memory in INFO memory")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumes_of_unknown_runs_keep_nothing_in_redis_or_on_the_node() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let (la, lb) = two_logs(&server, "junk", RunLogConfig::default()).await;
+    // A run that exists, followed on A, so that A's reader is busy reading.
+    let w = lb.writer("alice", "real");
+    w.append(json!({"type": "x"})).await.unwrap();
+    let _follower = la.resume("alice", "real", 0, None).await.unwrap();
+    let client = ::redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    // Marked as followed by A: a run that exists.
+    eventually("A marks the run it follows", || async {
+        server.exists("junk:u{alice}:seen:real")
+    })
+    .await;
+    let keys = |c: &mut ::redis::aio::MultiplexedConnection| {
+        let mut c = c.clone();
+        async move {
+            let all: Vec<String> = ::redis::cmd("KEYS")
+                .arg("*")
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            all.into_iter()
+                .collect::<std::collections::BTreeSet<String>>()
+        }
+    };
+    let (keys_before, memory_before) = (keys(&mut conn).await, used_memory(&mut conn).await);
+    let runs_before = la.stats().runs;
+
+    // 2,000 resumes of unique 60 KB run ids, unknown or past the end of nothing,
+    // four at a time as a client's pipelined messages would come.
+    const N: usize = 2_000;
+    const LONG: usize = 60 << 10;
+    let la = Arc::new(la);
+    let mut tasks = Vec::new();
+    for t in 0..4 {
+        let la = Arc::clone(&la);
+        tasks.push(tokio::spawn(async move {
+            for i in (t..N).step_by(4) {
+                let run = format!("{i:08}{}", "x".repeat(LONG));
+                let after = (i % 3) as u64;
+                let got = la.resume("alice", &run, after, None).await.unwrap_err();
+                assert_eq!(got, Resync::UnknownRun);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // At once, before any marker could have expired: not one key more in Redis, and
+    // not one run more kept on the node.
+    // (A node may have made its wake stream meanwhile: one key a node, whatever the
+    // number of resumes.)
+    let keys_after = keys(&mut conn).await;
+    let new: Vec<&String> = keys_after.difference(&keys_before).collect();
+    let made: Vec<&str> = new
+        .iter()
+        .filter(|k| !(k.starts_with("junk:node:") && k.ends_with(":wake")))
+        .map(|k| &k[..k.len().min(40)])
+        .collect();
+    assert!(
+        made.is_empty(),
+        "{} keys made by failed resumes: {:?}",
+        made.len(),
+        &made[..made.len().min(3)]
+    );
+    assert_eq!(la.stats().runs, runs_before, "runs kept on the node");
+    let grown = used_memory(&mut conn).await - memory_before;
+    assert!(
+        grown < 8 << 20,
+        "Redis grew by {grown} bytes for {N} resumes of {} MB of ids",
+        N * LONG >> 20
+    );
+}

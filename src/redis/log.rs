@@ -107,6 +107,8 @@ impl RunLog {
     ///   A run log does not fall back to the node's memory: a frame no other node
     ///   could see would break every resume after it. The node notices Redis is back
     ///   within a second and records again.
+    /// - A resume that fails leaves nothing behind, on the node or in Redis: a run
+    ///   is marked as followed in Redis only while its stream exists.
     /// - [`RunLog::is_followed`] also sees followers on other nodes (each node marks
     ///   the runs it follows every second), so a grace period that cancels abandoned
     ///   runs does not cancel one whose client reconnected elsewhere.
@@ -269,7 +271,7 @@ impl Streams {
     }
 
     /// Checks the shared epoch (telling the log when Redis started afresh) and marks
-    /// the runs followed here as followed; whether Redis answered.
+    /// the runs followed here, that exist, as followed; whether Redis answered.
     async fn refresh(&self, log: &RunLog, followed: &[(Arc<str>, Arc<str>, u64)]) -> bool {
         let epoch = match self.shared_epoch().await {
             Ok(e) => e,
@@ -286,17 +288,19 @@ impl Streams {
         if followed.is_empty() {
             return true;
         }
+        let script = &self.redis.link.scripts.mark;
         let mut pipe = ::redis::pipe();
         for (user, run, _) in followed {
-            pipe.cmd("SET")
+            pipe.cmd("EVALSHA")
+                .arg(script.get_hash())
+                .arg(2)
+                .arg(self.keys().run(user, run))
                 .arg(self.keys().seen(user, run))
                 .arg(&self.redis.link.node)
-                .arg("PX")
                 .arg(SEEN_MS)
                 .ignore();
         }
-        let mut conn = self.redis.conn();
-        match self.redis.ask(pipe.query_async::<()>(&mut conn)).await {
+        match self.redis.ask(self.scripted::<()>(script, &pipe)).await {
             Ok(()) => true,
             Err(e) => {
                 self.failed(e);

@@ -82,6 +82,16 @@ end
 return seq
 "#;
 
+/// Marks a run as followed by a node, only if the run exists: a run nobody wrote
+/// (an unknown id a client asked to resume) leaves no key behind. KEYS[1]: the run's
+/// stream; KEYS[2]: its mark. ARGV: the node, the mark's time to live (ms). Returns 1
+/// when marked.
+const MARK: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+return 1
+";
+
 /// Every script, hashed once per handle.
 pub(super) struct Scripts {
     pub(super) gcra: Script,
@@ -89,6 +99,7 @@ pub(super) struct Scripts {
     pub(super) acquire: Script,
     pub(super) renew: Script,
     pub(super) append: Script,
+    pub(super) mark: Script,
 }
 
 impl Scripts {
@@ -99,6 +110,7 @@ impl Scripts {
             acquire: Script::new(ACQUIRE),
             renew: Script::new(RENEW),
             append: Script::new(APPEND),
+            mark: Script::new(MARK),
         }
     }
 }
