@@ -251,3 +251,52 @@ async fn redis_frozen_mid_call_fail_closed_nothing_is_silent() {
 async fn redis_frozen_mid_call_local_limits_nothing_is_silent() {
     outage(Fault::Freeze, OnUnreachable::UseLocalLimits).await;
 }
+
+#[tokio::test]
+async fn a_mute_signal_connection_is_noticed_and_cancellations_reach_the_other_node_again() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let url = server.url();
+    let connect = || {
+        let config = RedisConfig::default().prefix("mute").timeout(TIMEOUT);
+        Redis::connect(&url, config)
+    };
+    let (ra, rb) = (connect().await.unwrap(), connect().await.unwrap());
+    let gate = Arc::new(Semaphore::new(0));
+    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let holding = |redis: &Redis, tx| {
+        let registry = Registry::builder()
+            .tool(hold(&gate, tx, ToolSettings::new()))
+            .build()
+            .unwrap();
+        Engine::builder(registry)
+            .limits(Limits::default().per_user(no_rate(10)))
+            .redis(redis)
+            .build()
+    };
+    let (a, b) = (holding(&ra, started_tx.clone()), holding(&rb, started_tx));
+    // Frozen, its sockets open: nothing closes, nothing answers. A's listener asks
+    // its connection, hears nothing, and subscribes anew once Redis thaws.
+    server.pause();
+    eventually("A's listener finds its connection mute", || async {
+        ra.stats().timeouts >= 1
+    })
+    .await;
+    server.unpause();
+    eventually("A's listener subscribes anew", || async {
+        ra.stats().reconnects >= 1
+    })
+    .await;
+    let (d, _) = recorded(&a, user("alice"));
+    let call = spawn(&d, ToolCall::new("hold", json!("x")));
+    started.recv().await.unwrap();
+    let report = b.cancel_user("alice");
+    assert!(report.peers_told);
+    let err = tokio::time::timeout(PATIENCE, call)
+        .await
+        .expect("the cancellation reached node A")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.status(), Status::Cancelled);
+}

@@ -118,6 +118,9 @@ impl Peers for Redis {
     }
 }
 
+/// How often the listener makes sure its connection still answers.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+
 /// A subscription to `channel`, within `timeout`.
 pub(super) async fn subscribe(
     client: &::redis::Client,
@@ -172,11 +175,23 @@ pub(super) async fn listen(first: ::redis::aio::PubSub, link: Weak<Link>) {
             }
         };
         backoff = Duration::from_millis(100);
-        let mut messages = current.into_on_message();
+        let (mut sink, mut messages) = current.split();
+        let mut beat = tokio::time::interval(HEARTBEAT);
+        beat.reset();
         loop {
             let msg = tokio::select! {
                 () = stop.cancelled() => return,
                 m = messages.next() => m,
+                _ = beat.tick() => {
+                    // A connection that died without closing (a partition, a frozen
+                    // server) says nothing: ask it, and subscribe anew if it is mute.
+                    let Some(s) = link.upgrade() else { return };
+                    let redis = Redis { link: s };
+                    match redis.ask(sink.ping::<::redis::Value>()).await {
+                        Ok(_) => continue,
+                        Err(_) => break,
+                    }
+                }
             };
             let Some(msg) = msg else { break }; // the connection dropped: re-subscribe
             let Some(s) = link.upgrade() else { return };
