@@ -300,3 +300,41 @@ async fn a_mute_signal_connection_is_noticed_and_cancellations_reach_the_other_n
         .unwrap_err();
     assert_eq!(err.status(), Status::Cancelled);
 }
+
+#[tokio::test]
+async fn connecting_to_a_frozen_or_dead_redis_fails_within_the_bound() {
+    let Some(mut server) = RedisServer::start() else {
+        return;
+    };
+    let config = || RedisConfig::default().prefix("connect").timeout(TIMEOUT);
+    let earlier = Redis::connect(&server.url(), config()).await.unwrap();
+    for fault in [Fault::Freeze, Fault::Kill] {
+        match fault {
+            Fault::Freeze => server.pause(),
+            Fault::Kill => server.stop(),
+        }
+        // The kernel still accepts connections for a frozen server: only the
+        // handshake goes unanswered.
+        let t = Instant::now();
+        let err = tokio::time::timeout(PATIENCE, Redis::connect(&server.url(), config()))
+            .await
+            .expect("answered")
+            .unwrap_err();
+        assert!(matches!(err, redis::RedisError::Unreachable(_)), "{err}");
+        assert!(
+            t.elapsed() <= TIMEOUT * 4 * MARGIN,
+            "{fault:?}: {:?}",
+            t.elapsed()
+        );
+        let t = Instant::now();
+        let log = tokio::time::timeout(PATIENCE, RunLog::redis(RunLogConfig::default(), &earlier))
+            .await
+            .expect("answered");
+        assert!(log.is_err(), "{fault:?}");
+        assert!(
+            t.elapsed() <= TIMEOUT * MARGIN,
+            "{fault:?}: {:?}",
+            t.elapsed()
+        );
+    }
+}

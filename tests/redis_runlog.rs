@@ -599,6 +599,6 @@ async fn resumes_of_unknown_runs_keep_nothing_in_redis_or_on_the_node() {
     assert!(
         grown < 8 << 20,
         "Redis grew by {grown} bytes for {N} resumes of {} MB of ids",
-        N * LONG >> 20
+        (N * LONG) >> 20
     );
 }

@@ -134,17 +134,20 @@ impl std::fmt::Debug for Redis {
 }
 
 impl Redis {
-    /// Connects to `url` (`redis://host:port/db`), within the config's timeout. The
-    /// connection is re-established by itself if Redis goes away later.
+    /// Connects to `url` (`redis://host:port/db`) and subscribes to the other nodes'
+    /// signals, within four times the config's timeout in all (a connection is tried
+    /// up to three times). The connections are re-established by themselves if Redis
+    /// goes away later.
     pub async fn connect(url: &str, config: RedisConfig) -> Result<Redis, RedisError> {
         let client = ::redis::Client::open(url).map_err(|e| RedisError::BadUrl(e.to_string()))?;
+        let deadline = tokio::time::Instant::now() + config.timeout.saturating_mul(4);
         let manager = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.timeout))
             .set_response_timeout(Some(config.timeout))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_secs(1));
         let connect = ConnectionManager::new_with_config(client.clone(), manager);
-        let conn = match tokio::time::timeout(config.timeout.saturating_mul(4), connect).await {
+        let conn = match tokio::time::timeout_at(deadline, connect).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => return Err(RedisError::Unreachable(e.to_string())),
             Err(_) => return Err(RedisError::Unreachable("timed out".into())),
@@ -154,9 +157,12 @@ impl Redis {
             std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), std::process::id())
         );
         let keys = Keys::new(&config.prefix);
-        let pubsub = peers::subscribe(&client, &keys.signals(), config.timeout)
-            .await
-            .map_err(RedisError::Unreachable)?;
+        let signals = keys.signals();
+        let subscribe = peers::subscribe(&client, &signals, config.timeout);
+        let pubsub = match tokio::time::timeout_at(deadline, subscribe).await {
+            Ok(subscribed) => subscribed.map_err(RedisError::Unreachable)?,
+            Err(_) => return Err(RedisError::Unreachable("timed out".into())),
+        };
         let redis = Redis {
             link: Arc::new(Link {
                 conn,
