@@ -132,10 +132,13 @@ impl RedisServer {
         self.signal("-CONT");
     }
 
+    /// Sends `which` to the server through the shell's own `kill` (a `sh` is on
+    /// every machine the tests run on; a `kill` binary is not).
     fn signal(&self, which: &str) {
-        let pid = self.child.as_ref().expect("running").id().to_string();
-        let sent = Command::new("kill").args([which, &pid]).status();
-        assert!(sent.is_ok_and(|s| s.success()), "kill {which} {pid}");
+        let pid = self.child.as_ref().expect("running").id();
+        let line = format!("kill {which} {pid}");
+        let sent = Command::new("sh").args(["-c", &line]).status();
+        assert!(sent.is_ok_and(|s| s.success()), "{line}");
     }
 
     /// Kills the server (as a crash would) and waits for it to exit.
