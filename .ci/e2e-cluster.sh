@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end across nodes: a redis-server and two chat_server processes sharing it,
-# driven by the Python `websockets` client (tests/clients/cluster_client.py).
+# driven by the Python `websockets` client (tests/clients/cluster_client.py), which
+# kills the redis-server under a running call last.
 #
 # Needs: cargo, redis-server, python3 with venv (the venv of .ci/e2e.sh is reused).
 set -euo pipefail
@@ -31,7 +32,8 @@ trap stop_all EXIT
 redis_port=$(free_port)
 echo "==> redis-server on $redis_port"
 redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no > "$out/redis.out" 2>&1 &
-pids+=($!)
+redis_pid=$!
+pids+=("$redis_pid")
 for _ in $(seq 1 100); do
     redis-cli -p "$redis_port" ping > /dev/null 2>&1 && break
     sleep 0.1
@@ -60,7 +62,7 @@ for node in a b; do
 done
 
 echo "==> python websockets client across the nodes"
-"$venv/bin/python" tests/clients/cluster_client.py "ws://${addrs[0]}" "ws://${addrs[1]}"
+"$venv/bin/python" tests/clients/cluster_client.py "ws://${addrs[0]}" "ws://${addrs[1]}" "$redis_pid"
 
 stop_all
 trap - EXIT

@@ -412,10 +412,18 @@ impl RunLog {
         };
         // Follow first, then replay: whatever is appended meanwhile comes through the
         // live side, and the reader drops what it has had already.
-        let mut reader = self.follow(user_id, run_id, Some(after_seq));
-        let replay = store.replay(user_id, run_id, after_seq, epoch).await?;
-        reader.replay = replay.into();
-        Ok(reader)
+        let (mut reader, moved) = self.follow(user_id, run_id, Some(after_seq));
+        match store.replay(user_id, run_id, after_seq, epoch).await {
+            Ok(replay) => {
+                reader.replay = replay.into();
+                Ok(reader)
+            }
+            Err(resync) => {
+                drop(reader);
+                self.unfollow(user_id, run_id, moved);
+                Err(resync)
+            }
+        }
     }
 
     fn resume_here(
@@ -464,8 +472,9 @@ impl RunLog {
     }
 
     /// With a shared store: a live reader of the run from after `last`, the run
-    /// followed from there if nobody here followed it yet.
-    fn follow(&self, user_id: &str, run_id: &str, last: Option<u64>) -> RunReader {
+    /// followed from there if nobody here followed it yet (then also the read
+    /// position it replaced).
+    fn follow(&self, user_id: &str, run_id: &str, last: Option<u64>) -> (RunReader, Option<u64>) {
         let s = &self.shared;
         let key: RunKey = (Arc::from(user_id), Arc::from(run_id));
         let run = Arc::clone(lock(&s.runs).entry(key).or_insert_with(|| {
@@ -476,8 +485,9 @@ impl RunLog {
         let mut st = lock(&run.state);
         st.readers.retain(|r| !r.tx.is_closed());
         let first = st.readers.is_empty();
+        let mut moved = None;
         if first && let Some(after) = last {
-            st.next_seq = after.saturating_add(1);
+            moved = Some(std::mem::replace(&mut st.next_seq, after.saturating_add(1)));
         }
         st.gone = false;
         let reader = st.reader(s.config.reader_buffer, last);
@@ -485,7 +495,30 @@ impl RunLog {
         if first {
             s.followed.notify_one();
         }
-        reader
+        (reader, moved)
+    }
+
+    /// Undoes the `follow` of a resume that failed, so that it leaves nothing behind:
+    /// the read position it moved goes back (never forward: a frame read twice is
+    /// skipped by readers, a frame skipped is lost), and the run is forgotten here if
+    /// nothing else uses it.
+    fn unfollow(&self, user_id: &str, run_id: &str, moved: Option<u64>) {
+        let key: RunKey = (Arc::from(user_id), Arc::from(run_id));
+        let mut runs = lock(&self.shared.runs);
+        let Some(run) = runs.get(&key).cloned() else {
+            return;
+        };
+        let mut st = lock(&run.state);
+        st.readers.retain(|r| !r.tx.is_closed());
+        if let Some(before) = moved {
+            st.next_seq = st.next_seq.min(before);
+        }
+        // Held by the map and by `run` only: no reader, no writer.
+        let unused = st.readers.is_empty() && Arc::strong_count(&run) == 2;
+        drop(st);
+        let removed = if unused { runs.remove(&key) } else { None };
+        drop(runs); // the run itself goes outside the lock
+        drop((run, removed));
     }
 
     /// Whether some connection, in this process or (with a shared log) another,
@@ -750,7 +783,7 @@ impl RunWriter {
             let log = RunLog {
                 shared: Arc::clone(&self.shared),
             };
-            return log.follow(&self.key.0, &self.key.1, None);
+            return log.follow(&self.key.0, &self.key.1, None).0;
         }
         lock(&self.run.state).reader(self.shared.config.reader_buffer, None)
     }

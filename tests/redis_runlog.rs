@@ -10,15 +10,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::redis_server::RedisServer;
+use common::redis_server::{PATIENCE, RedisServer, eventually, resumed, take};
 use common::*;
 use serde_json::{Value, json};
 use tool_dispatch::event::Status;
 use tool_dispatch::redis::{Redis, RedisConfig};
 use tool_dispatch::*;
-
-/// Long enough for anything on loopback; a hang fails instead of blocking the run.
-const PATIENCE: Duration = Duration::from_secs(10);
 
 async fn handle(server: &RedisServer, prefix: &str) -> Redis {
     let config = RedisConfig::default()
@@ -42,41 +39,6 @@ fn body(frame: &Frame) -> Value {
     let v: Value = serde_json::from_str(&frame.json).expect("frames are JSON");
     assert_eq!(v["seq"], json!(frame.seq), "the seq inside the frame");
     v
-}
-
-/// The next `n` frames of `reader`, or a failure if they do not come in time.
-async fn take(reader: &mut RunReader, n: usize) -> Vec<Frame> {
-    let mut frames = Vec::with_capacity(n);
-    while frames.len() < n {
-        let next = tokio::time::timeout(PATIENCE, reader.next())
-            .await
-            .unwrap_or_else(|_| panic!("only {} of {n} frames came", frames.len()));
-        frames.push(next.expect("the run goes on").expect("no resync"));
-    }
-    frames
-}
-
-/// A reader of the run once its frames have reached Redis.
-async fn resumed(log: &RunLog, user: &str, run: &str, after: u64) -> RunReader {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        match log.resume(user, run, after, None).await {
-            Ok(r) => return r,
-            Err(Resync::UnknownRun) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            Err(e) => panic!("{user}'s {run}: {e}"),
-        }
-    }
-}
-
-/// Runs `f` until it is true, or fails after [`PATIENCE`].
-async fn eventually<F: std::future::Future<Output = bool>>(what: &str, mut f: impl FnMut() -> F) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !f().await {
-        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test]
@@ -464,4 +426,179 @@ async fn a_flood_faster_than_redis_takes_it_waits_for_room_and_loses_nothing() {
     let s = redis.stats();
     assert_eq!((s.log_appends, s.log_failures), (N + 1, 0), "{s:?}");
     assert_eq!(engine.metrics().sink_failures, 0);
+}
+
+#[tokio::test]
+async fn a_failed_resume_leaves_nothing_that_stops_the_runs_next_frames() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let (la, lb) = two_logs(&server, "failed", RunLogConfig::default()).await;
+    let engine = plain_engine(Registry::builder().tool(echo()).build().unwrap());
+    // A turn in `run` on A, as a session starts one after telling its client to
+    // resync: a writer, a reader of what comes next, one call.
+    let next_turn = |run: &'static str| {
+        let writer = la.writer("alice", run);
+        let reader = writer.subscribe();
+        let ctx = UserContext::builder("alice").run_id(run).build().unwrap();
+        (reader, engine.dispatcher().sink(writer).user(ctx))
+    };
+    let kinds = |frames: &[Frame]| -> Vec<Value> {
+        frames.iter().map(|f| body(f)["type"].clone()).collect()
+    };
+
+    // A run nobody ever wrote, resumed from seq 5 (and 0): unknown; then its first call.
+    for (run, after) in [("new5", 5), ("new0", 0)] {
+        let got = la.resume("alice", run, after, None).await.unwrap_err();
+        assert_eq!(got, Resync::UnknownRun);
+        let (mut reader, d) = next_turn(run);
+        d.dispatch(ToolCall::new("echo", json!(1))).await.unwrap();
+        let frames = take(&mut reader, 2).await;
+        assert_eq!(
+            frames.iter().map(|f| f.seq).collect::<Vec<_>>(),
+            [1, 2],
+            "{run}"
+        );
+        assert_eq!(kinds(&frames), ["tool_executing", "tool_completed"]);
+    }
+
+    // A run of three frames (written on B), resumed on A past its end: truncated;
+    // then the next call in it is seen on A, after what the run kept.
+    let wb = lb.writer("alice", "kept");
+    for _ in 0..3 {
+        wb.append(json!({"type": "x"})).await.unwrap();
+    }
+    let got = la.resume("alice", "kept", 9, None).await.unwrap_err();
+    assert_eq!(got, Resync::Truncated);
+    let (mut reader, d) = next_turn("kept");
+    d.dispatch(ToolCall::new("echo", json!(2))).await.unwrap();
+    let frames = take(&mut reader, 5).await;
+    assert_eq!(
+        frames.iter().map(|f| f.seq).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5]
+    );
+
+    // The writer made before the failed resume (the session's own run): the same.
+    let held = la.writer("alice", "held");
+    assert_eq!(
+        la.resume("alice", "held", 7, None).await.unwrap_err(),
+        Resync::UnknownRun
+    );
+    let (mut reader, d) = next_turn("held");
+    d.dispatch(ToolCall::new("echo", json!(3))).await.unwrap();
+    assert_eq!(
+        kinds(&take(&mut reader, 2).await),
+        ["tool_executing", "tool_completed"]
+    );
+    drop(held);
+
+    // A reader already following the run is not moved by someone's failed resume.
+    let (mut following, d) = next_turn("followed");
+    d.dispatch(ToolCall::new("echo", json!(4))).await.unwrap();
+    assert_eq!(take(&mut following, 2).await[1].seq, 2);
+    for after in [3, 1_000, u64::MAX] {
+        let got = la
+            .resume("alice", "followed", after, None)
+            .await
+            .unwrap_err();
+        assert_eq!(got, Resync::Truncated);
+    }
+    d.dispatch(ToolCall::new("echo", json!(5))).await.unwrap();
+    let seqs: Vec<u64> = take(&mut following, 2)
+        .await
+        .iter()
+        .map(|f| f.seq)
+        .collect();
+    assert_eq!(seqs, [3, 4]);
+}
+
+/// `used_memory` of the server, from `INFO memory`.
+async fn used_memory(conn: &mut ::redis::aio::MultiplexedConnection) -> i64 {
+    let info: String = ::redis::cmd("INFO")
+        .arg("memory")
+        .query_async(conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("used_memory in INFO memory")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumes_of_unknown_runs_keep_nothing_in_redis_or_on_the_node() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let (la, lb) = two_logs(&server, "junk", RunLogConfig::default()).await;
+    // A run that exists, followed on A, so that A's reader is busy reading.
+    let w = lb.writer("alice", "real");
+    w.append(json!({"type": "x"})).await.unwrap();
+    let _follower = la.resume("alice", "real", 0, None).await.unwrap();
+    let client = ::redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    // Marked as followed by A: a run that exists.
+    eventually("A marks the run it follows", || async {
+        server.exists("junk:u{alice}:seen:real")
+    })
+    .await;
+    let keys = |c: &mut ::redis::aio::MultiplexedConnection| {
+        let mut c = c.clone();
+        async move {
+            let all: Vec<String> = ::redis::cmd("KEYS")
+                .arg("*")
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            all.into_iter()
+                .collect::<std::collections::BTreeSet<String>>()
+        }
+    };
+    let (keys_before, memory_before) = (keys(&mut conn).await, used_memory(&mut conn).await);
+    let runs_before = la.stats().runs;
+
+    // 2,000 resumes of unique 60 KB run ids, unknown or past the end of nothing,
+    // four at a time as a client's pipelined messages would come.
+    const N: usize = 2_000;
+    const LONG: usize = 60 << 10;
+    let la = Arc::new(la);
+    let mut tasks = Vec::new();
+    for t in 0..4 {
+        let la = Arc::clone(&la);
+        tasks.push(tokio::spawn(async move {
+            for i in (t..N).step_by(4) {
+                let run = format!("{i:08}{}", "x".repeat(LONG));
+                let after = (i % 3) as u64;
+                let got = la.resume("alice", &run, after, None).await.unwrap_err();
+                assert_eq!(got, Resync::UnknownRun);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // At once, before any marker could have expired: not one key more in Redis, and
+    // not one run more kept on the node.
+    // (A node may have made its wake stream meanwhile: one key a node, whatever the
+    // number of resumes.)
+    let keys_after = keys(&mut conn).await;
+    let new: Vec<&String> = keys_after.difference(&keys_before).collect();
+    let made: Vec<&str> = new
+        .iter()
+        .filter(|k| !(k.starts_with("junk:node:") && k.ends_with(":wake")))
+        .map(|k| &k[..k.len().min(40)])
+        .collect();
+    assert!(
+        made.is_empty(),
+        "{} keys made by failed resumes: {:?}",
+        made.len(),
+        &made[..made.len().min(3)]
+    );
+    assert_eq!(la.stats().runs, runs_before, "runs kept on the node");
+    let grown = used_memory(&mut conn).await - memory_before;
+    assert!(
+        grown < 8 << 20,
+        "Redis grew by {grown} bytes for {N} resumes of {} MB of ids",
+        (N * LONG) >> 20
+    );
 }

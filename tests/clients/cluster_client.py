@@ -1,16 +1,23 @@
 #!/usr/bin/env python3
 """Drives two chat_server nodes that share one Redis, with the `websockets` package:
 a run started on one node resumes on the other after the socket is dropped, with
-every frame once and `seq` contiguous; a user's rate holds across the nodes, an approval answered on one node runs the call
-on the other, and "stop" pressed on one node ends a call running on the other.
+every frame once and `seq` contiguous; a user's rate holds across the nodes, an
+approval answered on one node runs the call on the other, and "stop" pressed on one
+node ends a call running on the other. Last, Redis is killed under a running call:
+both sockets following the run, and a new turn on the other node, are told
+`resync_required` within the bound docs/several-nodes.md states, not left silent.
 
-Usage: cluster_client.py ws://127.0.0.1:PORT_A ws://127.0.0.1:PORT_B
-(both nodes started with --rate-per-minute 5 and the same --redis).
+Usage: cluster_client.py ws://127.0.0.1:PORT_A ws://127.0.0.1:PORT_B REDIS_PID
+(both nodes started with --rate-per-minute 5 and the same --redis, whose server
+has the process id REDIS_PID; it is killed by the last check).
 Exits 0 when every check passes, 1 otherwise.
 """
 import asyncio
 import json
+import os
+import signal
 import sys
+import time
 
 try:  # websockets >= 13
     from websockets.asyncio.client import connect
@@ -18,6 +25,9 @@ except ImportError:  # pragma: no cover
     from websockets import connect
 
 TIMEOUT = 30  # seconds; a bound on a stuck server, not a performance threshold
+# The nodes' Redis timeout is 250 ms: a follower is told within 0.5 s + 250 ms. Three
+# times that, for a loaded machine; the defect guarded against is silence.
+TOLD_WITHIN = 3 * 0.75
 
 
 async def recv_json(ws):
@@ -72,7 +82,44 @@ async def resume_on_the_other_node(a, b):
     assert status(after, "call_cluster_slow") == "success", after
 
 
-async def main(a, b):
+async def told_to_resync(ws, what):
+    """The next frames of `ws` until `resync_required`, which must come within
+    TOLD_WITHIN seconds (frames already on their way may come first)."""
+    start = time.monotonic()
+    while True:
+        left = TOLD_WITHIN - (time.monotonic() - start)
+        assert left > 0, f"{what}: no resync_required within {TOLD_WITHIN} s"
+        try:
+            msg = json.loads(await asyncio.wait_for(ws.recv(), left))
+        except asyncio.TimeoutError:
+            raise AssertionError(f"{what}: silent for {TOLD_WITHIN} s") from None
+        if msg["type"] == "resync_required":
+            return msg
+
+
+async def redis_killed_under_a_running_call(a, b, redis_pid):
+    """bob's slow call runs on A, followed there and on B; Redis is killed: both
+    sockets are told to resync, and a new turn on B is answered with a resync too."""
+    async with connect(f"{a}/ws?token=bob-token") as on_a, connect(f"{b}/ws?token=bob-token") as on_b:
+        ready = await recv_json(on_a)
+        await recv_json(on_b)
+        run_id = ready["run_id"]
+        await on_a.send(call("call_cluster_outage", "slow_task", {"steps": 1000, "step_ms": 200}))
+        await until(on_a, lambda m: m["type"] == "tool_progress")
+        await on_b.send(json.dumps({"type": "resume", "run_id": run_id, "after_seq": 0}))
+        await until(on_b, lambda m: m["type"] == "tool_progress")
+        os.kill(redis_pid, signal.SIGKILL)
+        for ws, where in ((on_a, "A"), (on_b, "B")):
+            told = await told_to_resync(ws, f"the follower on {where}")
+            assert told["run_id"] == run_id, told
+        turn = json.loads(call("call_cluster_during", "get_weather", {"city": "Paris"}))
+        turn["run_id"] = "outage-turn"
+        await on_b.send(json.dumps(turn))
+        told = await told_to_resync(on_b, "a new turn on B")
+        assert told["run_id"] == "outage-turn", told
+
+
+async def main(a, b, redis_pid):
     checks = 0
     await resume_on_the_other_node(a, b)
     checks += 1
@@ -112,15 +159,17 @@ async def main(a, b):
         assert status(msgs, "call_cluster_long") == "cancelled", msgs
         checks += 1
 
+    await redis_killed_under_a_running_call(a, b, redis_pid)
+    checks += 1
     print(f"cluster client: {checks} checks passed across two nodes")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
+    if len(sys.argv) != 4:
         print(__doc__, file=sys.stderr)
         sys.exit(2)
     try:
-        asyncio.run(main(sys.argv[1].rstrip("/"), sys.argv[2].rstrip("/")))
+        asyncio.run(main(sys.argv[1].rstrip("/"), sys.argv[2].rstrip("/"), int(sys.argv[3])))
     except Exception as e:  # noqa: BLE001
         import traceback
         traceback.print_exc()

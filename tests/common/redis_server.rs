@@ -1,12 +1,18 @@
 //! A real `redis-server` on a free loopback port, with no persistence, stopped when
 //! dropped. Without the binary, [`RedisServer::start`] says how to install it and
-//! returns `None`, except under `CI`, where a missing server fails the test.
+//! returns `None`, except under `CI`, where a missing server fails the test. Also the
+//! readers of shared run logs that the Redis tests use.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+use tool_dispatch::{Frame, Resync, RunLog, RunReader};
+
+/// Long enough for anything on loopback; a hang fails instead of blocking the run.
+pub const PATIENCE: Duration = Duration::from_secs(10);
 
 /// A running `redis-server`.
 pub struct RedisServer {
@@ -115,6 +121,26 @@ impl RedisServer {
             .expect("an integer reply")
     }
 
+    /// Freezes the server (`SIGSTOP`): its sockets stay open and nothing answers, as
+    /// with a server stuck in a long command or a network partition.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused server go on (`SIGCONT`).
+    pub fn unpause(&self) {
+        self.signal("-CONT");
+    }
+
+    /// Sends `which` to the server through the shell's own `kill` (a `sh` is on
+    /// every machine the tests run on; a `kill` binary is not).
+    fn signal(&self, which: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        let line = format!("kill {which} {pid}");
+        let sent = Command::new("sh").args(["-c", &line]).status();
+        assert!(sent.is_ok_and(|s| s.success()), "{line}");
+    }
+
     /// Kills the server (as a crash would) and waits for it to exit.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -128,5 +154,43 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The next `n` frames of `reader`, or a failure if they do not come in time.
+pub async fn take(reader: &mut RunReader, n: usize) -> Vec<Frame> {
+    let mut frames = Vec::with_capacity(n);
+    while frames.len() < n {
+        let next = tokio::time::timeout(PATIENCE, reader.next())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {n} frames came", frames.len()));
+        frames.push(next.expect("the run goes on").expect("no resync"));
+    }
+    frames
+}
+
+/// A reader of the run once its frames have reached Redis.
+pub async fn resumed(log: &RunLog, user: &str, run: &str, after: u64) -> RunReader {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        match log.resume(user, run, after, None).await {
+            Ok(r) => return r,
+            Err(Resync::UnknownRun) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(e) => panic!("{user}'s {run}: {e}"),
+        }
+    }
+}
+
+/// Runs `f` until it is true, or fails after [`PATIENCE`].
+pub async fn eventually<F: std::future::Future<Output = bool>>(
+    what: &str,
+    mut f: impl FnMut() -> F,
+) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !f().await {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
