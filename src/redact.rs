@@ -289,16 +289,15 @@ fn spend(budget: &mut usize, n: usize) {
     *budget = budget.saturating_sub(n);
 }
 
-/// The bytes a string takes encoded as a JSON string, quotes included.
+/// The bytes a string takes encoded as a JSON string, quotes included: exact for
+/// text without control characters, an upper bound with them (each counted as a
+/// six-byte `\uXXXX`). Branch-free, so it runs at memory speed over ids and text.
 pub(crate) fn encoded_len(s: &str) -> usize {
-    2 + s
+    let extra: usize = s
         .bytes()
-        .map(|b| match b {
-            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
-            0..=0x1f => 6,
-            _ => 1,
-        })
-        .sum::<usize>()
+        .map(|b| usize::from(b < 0x20) * 5 + usize::from(b == b'"' || b == b'\\'))
+        .sum();
+    2 + s.len() + extra
 }
 
 /// An upper bound on the bytes of a number in JSON.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::in_flight::{
-    Ending, InFlight, Pending, Phase, Refusal, Source, Unannounced, header_bytes,
+    Ending, InFlight, Pending, Phase, Refusal, Source, Unannounced,
 };
 use crate::delivery::{Delivered, NotSent, Now, Role, Watch};
 use crate::error::DispatchError;
@@ -201,8 +201,9 @@ impl InFlight<'_> {
 
     /// What an event of this call takes besides its payload and texts, encoded: the
     /// ids, the field names, the timestamps, the status.
+    #[inline]
     pub(super) fn header_bytes(&self) -> usize {
-        header_bytes(&self.scope.call_id, &self.scope.tool_name, &self.user.ctx)
+        self.header
     }
 
     #[inline]

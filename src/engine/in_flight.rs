@@ -82,6 +82,9 @@ pub(super) struct InFlight<'a> {
     /// confirmed yet: it will go out (or fail) even if this call's future is dropped,
     /// and the call's completion follows it (and is not sent if it failed).
     pub(super) opening: Option<Arc<Pair>>,
+    /// What this call's events take besides their payload and texts, encoded (see
+    /// [`header_bytes`]): computed once.
+    pub(super) header: usize,
     /// The call's identity, cancellation and progress gate, shared with its tool.
     pub(super) scope: Arc<CallScope>,
     /// For a call that needed approval: how that went (boxed: most calls need none,
@@ -297,6 +300,7 @@ impl<'a> InFlight<'a> {
             phase: Phase::Fresh,
             waited: false,
             opening: None,
+            header,
             approval: None,
             scope,
             span,
