@@ -413,6 +413,8 @@ export class ToolDispatchClient implements AsyncIterable<ClientEvent | DroppedEv
   cancel(runId?: string): void;
   /** Follows a run of this user (another tab's, say) from after `afterSeq` (default 0), now and at every reconnect. */
   follow(runId: string, options?: { afterSeq?: number }): void;
+  /** Stops following a run: no longer resumed nor stored (the current run becomes a new one). */
+  forget(runId: string): void;
   /** Makes a new, empty run the current one; returns its id. */
   newRun(): string;
   /** Sends any message: an object as JSON, a string as it is. */

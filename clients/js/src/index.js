@@ -420,6 +420,16 @@ export class ToolDispatchClient {
     this.#persist();
   }
 
+  /** Stops following a run: it is no longer resumed (nor kept in the storage). @param {string} runId */
+  forget(runId) {
+    const run = this.#runs.get(runId);
+    if (!run) return;
+    if (run.timer !== null) clearTimeout(run.timer);
+    this.#runs.delete(runId);
+    if (this.#current === runId) this.#current = this.#unusedRunId(runId);
+    this.#persist();
+  }
+
   /** Makes a new, empty run the current one; returns its id. */
   newRun() {
     this.#current = this.#unusedRunId();
@@ -744,11 +754,7 @@ export class ToolDispatchClient {
       }, delay);
       return;
     }
-    // Forget it; the current run starts again from scratch.
-    if (run.timer !== null) clearTimeout(run.timer);
-    this.#runs.delete(run.run_id);
-    if (this.#current === run.run_id) this.#current = this.#unusedRunId(run.run_id);
-    this.#persist();
+    this.forget(run.run_id); // the current run starts again from scratch
   }
 
   /**

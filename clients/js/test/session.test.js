@@ -2,6 +2,7 @@
 // events, approvals, cancel, a bad token, and hostile frames slipped into the
 // server's stream by a proxy (unknown, malformed, duplicated, an auth close).
 import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
 import { after, before, describe, test } from "node:test";
 
 import {
@@ -51,6 +52,19 @@ function checkPairs(events, callIds) {
     assert.equal(mine.filter((e) => e.type === "tool_completed").length, 1, id);
   }
 }
+
+describe("the example serves this client", () => {
+  test("GET /client/tool-dispatch.js is src/index.js itself, as JavaScript; the page imports it", opts, async () => {
+    const r = await fetch(`${server.http}/client/tool-dispatch.js`);
+    assert.equal(r.status, 200);
+    assert.match(r.headers.get("content-type"), /^text\/javascript/);
+    const served = await r.text();
+    assert.equal(served, readFileSync(new URL("../src/index.js", import.meta.url), "utf8"), "a stale or edited copy");
+    const page = await (await fetch(`${server.http}/`)).text();
+    assert.match(page, /import \{ ToolDispatchClient \} from "\/client\/tool-dispatch\.js";/);
+    assert.ok(!page.includes("new WebSocket"), "the page opens no socket of its own");
+  });
+});
 
 describe("a session", () => {
   test("ready names the user, the run, the epoch and the tools; the states go connecting → open", opts, async () => {
