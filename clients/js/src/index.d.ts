@@ -74,14 +74,15 @@ export interface ToolApprovalRequiredFrame extends ToolEventFields {
 /** What became of an approval request. */
 export type ApprovalDecision = "approved" | "rejected" | "expired" | "withdrawn";
 
-/** An approval request was answered (here, on another page, by MCP) or ended. */
-export interface ToolApprovalResolvedFrame extends RunFrame {
+/**
+ * An approval request was answered (on this page, another one, by MCP) or its wait
+ * ended: before the call runs or ends, so every view of the run learns it at once.
+ */
+export interface ToolApprovalResolvedFrame extends ToolEventFields {
   type: "tool_approval_resolved";
-  call_id: string;
-  user_id?: string;
-  tool_name?: string;
   decision: ApprovalDecision;
-  message?: string;
+  /** The user's message with a rejection. */
+  message: string | null;
 }
 
 /** How a call ended. */

@@ -142,6 +142,12 @@ describe("a session", () => {
     assert.equal(done.call_js_no.status, "rejected");
     assert.equal(done.call_js_no.approval.decision, "rejected");
     assert.match(done.call_js_no.error, /not today/);
+    const resolved = rec.frames("tool_approval_resolved").map((e) => [e.call_id, e.decision, e.message]);
+    assert.deepEqual(resolved.sort(), [["call_js_no", "rejected", "not today"], ["call_js_ok", "approved", null]]);
+    for (const id of ["call_js_ok", "call_js_no"]) {
+      const order = rec.events.filter((e) => e.call_id === id && e.type.startsWith("tool_approval")).map((e) => e.type);
+      assert.deepEqual(order, ["tool_approval_required", "tool_approval_resolved"], id);
+    }
     const recorded = rec.frames("decision_recorded").map((e) => [e.call_id, e.decision]);
     assert.deepEqual(recorded, [["call_js_ok", "approve"], ["call_js_no", "reject"]]);
     // A decision on a call that no longer waits: an `error` frame, as such.
@@ -197,18 +203,18 @@ describe("a session", () => {
     const proxy = await new Proxy(server.port).start();
     const { client, rec } = await alice(proxy.ws);
     const unknown = { type: "shiny_new_frame", nested: { list: [1, { deep: true }] }, note: "é ✓" };
-    const resolved = {
+    const later = {
       type: "tool_approval_resolved", call_id: "call_elsewhere", run_id: "run_js_other", user_id: "alice",
-      tool_name: "send_email", decision: "approved", seq: 1, field_from_the_future: [42],
+      tool_name: "send_email", decision: "escalated", seq: 1, field_from_the_future: [42],
     };
     proxy.inject(wsFrame(0x1, "this is { not json"));
     proxy.inject(wsFrame(0x1, "[1, 2, 3]"));
     proxy.inject(wsFrame(0x1, JSON.stringify({ type: 5 })));
     proxy.inject(wsFrame(0x2, Buffer.from([1, 2, 3])));
     proxy.inject(wsFrame(0x1, JSON.stringify(unknown)));
-    proxy.inject(wsFrame(0x1, JSON.stringify(resolved)));
+    proxy.inject(wsFrame(0x1, JSON.stringify(later)));
     const seen = await client.waitFor("tool_approval_resolved", () => true, { timeoutMs: DEADLINE_MS });
-    assert.deepEqual(seen, resolved);
+    assert.deepEqual(seen, later, "a known frame with a new value and a new field, unchanged");
     assert.deepEqual(rec.frames("shiny_new_frame"), [unknown]);
     const bad = rec.frames("malformed_frame");
     assert.equal(bad.length, 4);
