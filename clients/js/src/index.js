@@ -562,12 +562,11 @@ export class ToolDispatchClient {
       return;
     }
     this.#ws = ws;
-    const link = { opened: false, ready: false };
+    const link = { opened: false };
     this.#stats.connects += 1;
     ws.onopen = () => { link.opened = true; };
     ws.onmessage = (/** @type {{data: unknown}} */ e) => {
-      if (this.#ws !== ws) return;
-      if (this.#onData(e.data)) link.ready = true;
+      if (this.#ws === ws) this.#onData(e.data);
     };
     /** @param {{code: number, reason: string}} e */
     const finish = (e) => {
@@ -585,7 +584,7 @@ export class ToolDispatchClient {
   /**
    * The socket closed by itself: an auth failure ends the client; anything else is
    * retried.
-   * @param {{code: number, reason: string}} e @param {{opened: boolean, ready: boolean}} link
+   * @param {{code: number, reason: string}} e @param {{opened: boolean}} link
    * @param {URL} url @param {number} generation
    */
   async #closed(e, link, url, generation) {
@@ -659,35 +658,35 @@ export class ToolDispatchClient {
 
   // ---- internals: frames -----------------------------------------------------------
 
-  /** @param {unknown} data @returns {boolean} whether it was the `ready` frame */
+  /** @param {unknown} data */
   #onData(data) {
     if (typeof data !== "string") {
       this.#malformed("a binary frame; the protocol sends JSON text", "(binary)");
-      return false;
+      return;
     }
     let frame;
     try {
       frame = JSON.parse(data);
     } catch (error) {
       this.#malformed(`a frame that is not JSON: ${/** @type {Error} */ (error).message}`, excerpt(data));
-      return false;
+      return;
     }
     if (!isObject(frame) || typeof frame.type !== "string") {
       this.#malformed("a frame that is not a JSON object with a string `type`", excerpt(data));
-      return false;
+      return;
     }
     if ("seq" in frame && !isSeq(frame.seq)) {
       this.#malformed("a frame whose `seq` is not a whole number", excerpt(data));
-      return false;
+      return;
     }
     switch (frame.type) {
       case "ready":
         if (typeof frame.run_id !== "string" || frame.run_id === "" || ("epoch" in frame && !isSeq(frame.epoch))) {
           this.#malformed("a `ready` frame without a `run_id` string or with a bad `epoch`", excerpt(data));
-          return false;
+          return;
         }
         this.#onReady(frame);
-        return true;
+        return;
       case "resumed": {
         const run = typeof frame.run_id === "string" ? this.#runs.get(frame.run_id) : undefined;
         if (run) { run.resuming = false; run.retries = 0; }
@@ -697,10 +696,9 @@ export class ToolDispatchClient {
         this.#onResync(frame);
         break;
       default:
-        if (typeof frame.seq === "number" && typeof frame.run_id === "string" && !this.#accept(frame)) return false;
+        if (typeof frame.seq === "number" && typeof frame.run_id === "string" && !this.#accept(frame)) return;
     }
     this.#emit(frame);
-    return false;
   }
 
   /** @param {string} message @param {string} text */
