@@ -17,6 +17,8 @@
 //!   the upgrade. Demo tokens: `alice-token` (scopes `weather:read`, `admin`) and
 //!   `bob-token` (scope `weather:read`).
 //! - `GET /metrics` — the engine's counters as JSON.
+//! - `GET /client/tool-dispatch.js` — the session's JavaScript client
+//!   (`clients/js/src/index.js`), which the page imports.
 //!
 //! ## Protocol
 //!
@@ -501,12 +503,13 @@ impl Server {
     }
 }
 
-/// The routes: `/`, `/ws`, `/metrics`.
+/// The routes: `/`, `/ws`, `/metrics`, `/client/tool-dispatch.js`.
 pub fn router(server: Server) -> Router {
     let app = Router::new()
         .route("/", get(page))
         .route("/ws", get(ws))
         .route("/metrics", get(metrics))
+        .route("/client/tool-dispatch.js", get(client_js))
         .with_state(server.clone());
     #[cfg(feature = "mcp")]
     let app = app.merge(mcp_router(&server));
@@ -537,6 +540,13 @@ pub async fn serve(listener: tokio::net::TcpListener, server: Server) -> std::io
 
 async fn page() -> Html<&'static str> {
     Html(PAGE)
+}
+
+async fn client_js() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        CLIENT_JS,
+    )
 }
 
 async fn metrics(State(server): State<Server>) -> Response {
@@ -1263,3 +1273,5 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 const PAGE: &str = include_str!("chat_server/index.html");
+/// The session's client, served from `clients/js` (not a copy).
+const CLIENT_JS: &str = include_str!("../clients/js/src/index.js");

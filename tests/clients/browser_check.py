@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Loads the chat_server demo page in headless Chromium, clicks the sample-call
 buttons like a person would (real mouse events through the DevTools protocol),
-checks the call cards in the DOM, and saves a screenshot and the DOM.
+checks the call cards in the DOM, and saves a screenshot and the DOM. The page is
+built on the session's client (clients/js, served at /client/tool-dispatch.js);
+the check makes sure it is loaded from there.
 
 The page is served through a TCP proxy that this script controls, so that the
 network can be cut under the page mid-call: the page must reconnect by itself,
@@ -158,6 +160,12 @@ async def check(base, out):
             await cdp.until("document.readyState === 'complete' && "
                             "document.getElementById('status')?.dataset.state === 'open'", "the socket to open")
             await cdp.until("document.querySelector('#notices li[data-type=ready]')", "the ready message")
+            # The page is built on the session's client, served from clients/js.
+            loaded = await cdp.js("performance.getEntriesByType('resource').map(r => new URL(r.name).pathname)")
+            assert "/client/tool-dispatch.js" in loaded, loaded
+            assert await cdp.js("typeof window.chatClient.sendTurn") == "function"
+            assert not await cdp.js("[...document.scripts].some(s => s.textContent.includes('new WebSocket'))"), \
+                "the page opens a WebSocket of its own"
 
             await cdp.click("#send-openai")
             await cdp.until("document.querySelector('#notices li[data-type=tool_results]')", "OpenAI results")
