@@ -14,8 +14,7 @@ use tokio::sync::mpsc;
 
 use crate::engine::Engine;
 use crate::event::{Event, ToolProgress};
-use crate::provider::input_schema;
-use crate::provider::mcp::{Outcome, outcome};
+use crate::provider::mcp::{Outcome, outcome, tool_schema};
 use crate::sink::{EventSink, SinkError, TrySendError};
 use crate::user::UserContext;
 use crate::{BoxFuture, ToolCall};
@@ -184,7 +183,7 @@ impl McpServer {
                 let mut tool = json!({
                     "name": def.name,
                     "description": def.description,
-                    "inputSchema": input_schema(def),
+                    "inputSchema": tool_schema(def),
                 });
                 if let Some(schema) = settings.result_schema() {
                     tool["outputSchema"] = schema.clone();
@@ -325,11 +324,15 @@ impl ServerHandler for McpServer {
         };
         match outcome(&result) {
             Outcome::Result {
-                text,
+                content,
                 structured,
                 is_error,
             } => {
-                let content = vec![ContentBlock::text(text)];
+                // The blocks are MCP's own JSON shapes.
+                let content: Vec<ContentBlock> = content
+                    .into_iter()
+                    .filter_map(|b| serde_json::from_value(b).ok())
+                    .collect();
                 let mut answer = match is_error {
                     true => CallToolResult::error(content),
                     false => CallToolResult::success(content),
