@@ -29,7 +29,10 @@
 mod http;
 mod import;
 mod server;
+mod sessions;
+mod stats;
 
 pub use http::{router, router_with};
 pub use import::{ImportError, McpImport};
 pub use server::McpServer;
+pub use stats::McpStats;

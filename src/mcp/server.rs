@@ -3,21 +3,25 @@
 use std::sync::{Arc, OnceLock};
 
 use rmcp::model::{
-    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ErrorCode, ErrorData,
-    Implementation, ListToolsResult, PaginatedRequestParams, ProgressNotificationParam,
-    ProgressToken, ServerCapabilities, ServerConfig, Tool,
+    CallToolRequestParams, CallToolResponse, CallToolResult, CompleteRequestParams, CompleteResult,
+    ContentBlock, CustomRequest, CustomResult, ErrorCode, ErrorData, GetPromptRequestParams,
+    GetPromptResponse, Implementation, InitializeRequestParams, InitializeResult,
+    ListPromptsResult, ListResourceTemplatesResult, ListResourcesResult, ListToolsResult,
+    PaginatedRequestParams, ProgressNotificationParam, ProgressToken, ReadResourceRequestParams,
+    ReadResourceResponse, ServerCapabilities, ServerConfig, Tool,
 };
 use rmcp::service::RequestContext;
 use rmcp::{Peer, RoleServer, ServerHandler};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
+use super::stats::{Counters, McpStats};
 use crate::engine::Engine;
 use crate::event::{Event, ToolProgress};
 use crate::provider::mcp::{Outcome, outcome, tool_schema};
 use crate::sink::{EventSink, SinkError, TrySendError};
 use crate::user::UserContext;
-use crate::{BoxFuture, ToolCall};
+use crate::{BoxFuture, DispatchError, ToolCall, ToolOutput};
 
 /// Where the events of each user's MCP calls go: the integrator's choice per user
 /// (their run log, the sink of their open WebSocket, …).
@@ -31,23 +35,32 @@ const PROGRESS_BUFFER: usize = 64;
 /// the user of the request.
 ///
 /// - `tools/list`: the registry's tools in registration order, those whose scopes
-///   the user holds, with their input schema, an `outputSchema` when the tool set
-///   one ([`ToolSettings::output_schema`](crate::ToolSettings::output_schema)), and
+///   the user holds, with their input schema (`$schema` and `$defs` kept), an
+///   `outputSchema` when the tool set one
+///   ([`ToolSettings::output_schema`](crate::ToolSettings::output_schema)), and
 ///   annotations (`idempotentHint` when cached, `readOnlyHint` / `destructiveHint`
 ///   when set).
-/// - `tools/call`: an unknown tool is the JSON-RPC error `-32602`; every other ending
-///   (invalid input, tool error, denied, rate limited with its retry hint, busy,
-///   timeout, panicked, rejected, …) is a result with `isError: true` and the text a
-///   model may see, as [`provider::mcp`](crate::provider::mcp) renders it. A request
-///   with a `progressToken` gets `notifications/progress` for the tool's progress
-///   (strictly increasing, none after the result). A cancelled request
-///   (`notifications/cancelled`, or an HTTP client that closes its stream) drops the
-///   dispatch: the call ends `cancelled` with its paired events.
+/// - `tools/call`: an unknown tool is the JSON-RPC error `-32602`, as is a request
+///   whose params do not fit `tools/call` (no `name`, a `name` that is not a
+///   string, `arguments` that are not an object); a method the server does not
+///   know is `-32601`. Every other ending (invalid input, tool error, denied, rate
+///   limited with its retry hint, busy, timeout, panicked, rejected, …) is a result
+///   with `isError: true` and the text a model may see, as
+///   [`provider::mcp`](crate::provider::mcp) renders it. A result in the library's
+///   [`Content`](crate::content::Content) form goes out as its content blocks. A
+///   request with a `progressToken` gets `notifications/progress` for the tool's
+///   progress (strictly increasing, none after the result).
+/// - Cancellation: `notifications/cancelled` for the request drops the dispatch;
+///   the call ends `cancelled` with its paired events. Over HTTP with sessions a
+///   client that only closes its response stream has not cancelled (the
+///   specification says so): the call runs on and its answer can be resumed.
+/// - Approval: a call that needs it waits for its user's answer given elsewhere
+///   (their page).
 /// - The user: fixed for stdio ([`McpServer::for_user`]); over HTTP, the
 ///   [`UserContext`] that [`router`](super::router) put into the request after
 ///   checking its bearer token ([`McpServer::per_request`]), never a default one. A
-///   session (protocol revisions with sessions) belongs to its first user and
-///   refuses another.
+///   session (protocol revisions with sessions) belongs to the user who initialized
+///   it.
 /// - Events go where [`McpServer::events`] says, per user; by default nowhere
 ///   (counted as delivered), so set it to show MCP calls on the user's page.
 #[derive(Clone)]
@@ -59,6 +72,7 @@ pub struct McpServer {
     run: Option<Arc<str>>,
     /// The user this session (one handler instance) belongs to, once it has one.
     bound: Arc<OnceLock<Arc<str>>>,
+    counters: Arc<Counters>,
 }
 
 impl std::fmt::Debug for McpServer {
@@ -102,6 +116,7 @@ impl McpServer {
             events: Arc::new(move |_| Arc::clone(&nowhere)),
             run: None,
             bound: Arc::default(),
+            counters: Arc::default(),
         }
     }
 
@@ -134,7 +149,8 @@ impl McpServer {
         self
     }
 
-    /// The same server for a new session: bound to no user yet.
+    /// The same server for a new session: bound to no user yet (its counters are
+    /// shared).
     pub fn session(&self) -> McpServer {
         McpServer {
             bound: Arc::default(),
@@ -142,7 +158,17 @@ impl McpServer {
         }
     }
 
-    /// The user of a request, or why it has none.
+    /// The server's counters (requests by method, errors by code, sessions), shared
+    /// by every session: plain atomics, cheap to read.
+    pub fn stats(&self) -> McpStats {
+        self.counters.snapshot()
+    }
+
+    pub(super) fn counters(&self) -> &Arc<Counters> {
+        &self.counters
+    }
+
+    /// The user of a request, or why it has none. The first user binds the session.
     fn user(&self, extensions: &rmcp::model::Extensions) -> Result<UserContext, ErrorData> {
         let user = match &self.fixed {
             Some(u) => u.clone(),
@@ -168,6 +194,14 @@ impl McpServer {
                 ErrorData::new(ErrorCode::INTERNAL_ERROR, format!("bad run id: {e}"), None)
             }),
         }
+    }
+
+    /// Counts an answer's error, if it is one.
+    fn counted<T>(&self, answer: Result<T, ErrorData>) -> Result<T, ErrorData> {
+        if let Err(e) = &answer {
+            self.counters.error(e.code.0);
+        }
+        answer
     }
 
     /// The tools `user` may call, as MCP lists them.
@@ -205,6 +239,89 @@ impl McpServer {
                 serde_json::from_value(tool).ok()
             })
             .collect()
+    }
+
+    async fn call(
+        &self,
+        request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        let user = self.user(&context.extensions)?;
+        let arguments = request.arguments.map_or(json!({}), Value::Object);
+        let call = ToolCall::new(request.name.to_string(), arguments);
+        let token = context.meta.get_progress_token();
+        let (tx, mut rx) = mpsc::channel(PROGRESS_BUFFER);
+        let sink = CallSink {
+            events: (self.events)(&user),
+            progress: token.is_some().then_some(tx),
+        };
+        let mut forward = token.map(|token| Forward {
+            peer: context.peer.clone(),
+            token,
+            last: f64::NEG_INFINITY,
+        });
+        let dispatcher = self.engine.dispatcher().sink(sink).user(user);
+        let dispatch = dispatcher.dispatch(call);
+        tokio::pin!(dispatch);
+        // The call and its progress on one task; a cancelled request drops the
+        // dispatch: the call ends `cancelled`, paired.
+        let result = loop {
+            tokio::select! {
+                biased;
+                r = &mut dispatch => break Some(r),
+                () = context.ct.cancelled() => break None,
+                Some(p) = rx.recv(), if forward.is_some() => {
+                    if let Some(f) = forward.as_mut() {
+                        f.send(p).await;
+                    }
+                }
+            }
+        };
+        // What progress is left goes out before the result, and nothing after it.
+        if let Some(f) = forward.as_mut() {
+            while let Ok(p) = rx.try_recv() {
+                f.send(p).await;
+            }
+        }
+        match result {
+            Some(r) => answer(&r),
+            None => Err(ErrorData::new(
+                ErrorCode::INTERNAL_ERROR,
+                "the request was cancelled",
+                None,
+            )),
+        }
+    }
+}
+
+/// The MCP answer to a call's result.
+fn answer(result: &Result<ToolOutput, DispatchError>) -> Result<CallToolResponse, ErrorData> {
+    match outcome(result) {
+        Outcome::Result {
+            content,
+            structured,
+            is_error,
+        } => {
+            let content: Vec<ContentBlock> = content
+                .into_iter()
+                .filter_map(|b| serde_json::from_value(b).ok())
+                .collect();
+            let mut answer = match is_error {
+                true => CallToolResult::error(content),
+                false => CallToolResult::success(content),
+            };
+            answer.structured_content = structured.cloned();
+            Ok(answer.into())
+        }
+        Outcome::ProtocolError {
+            code,
+            message,
+            data,
+        } => Err(ErrorData::new(
+            ErrorCode(i32::try_from(code).unwrap_or(-32602)),
+            message,
+            Some(data),
+        )),
     }
 }
 
@@ -257,6 +374,52 @@ impl Forward {
     }
 }
 
+/// The JSON-RPC error for a method the server does not serve.
+fn not_served(method: &str) -> ErrorData {
+    ErrorData::new(
+        ErrorCode::METHOD_NOT_FOUND,
+        format!("method not found: {method}"),
+        None,
+    )
+}
+
+/// Methods of the protocol: a request naming one that rmcp could not read had bad
+/// params (`-32602`), not an unknown method.
+const KNOWN_METHODS: &[&str] = &[
+    "initialize",
+    "ping",
+    "tools/list",
+    "tools/call",
+    "resources/list",
+    "resources/templates/list",
+    "resources/read",
+    "resources/subscribe",
+    "resources/unsubscribe",
+    "prompts/list",
+    "prompts/get",
+    "completion/complete",
+    "logging/setLevel",
+    "server/discover",
+    "subscriptions/listen",
+];
+
+/// What is wrong with the params of a `tools/call` rmcp could not read, in words
+/// that quote no value.
+fn bad_call_params(params: Option<&Value>) -> &'static str {
+    let Some(Value::Object(p)) = params else {
+        return "tools/call needs params: an object with `name`";
+    };
+    match p.get("name") {
+        None | Some(Value::Null) => return "tools/call params need `name`",
+        Some(Value::String(_)) => {}
+        Some(_) => return "tools/call `name` must be a string",
+    }
+    match p.get("arguments") {
+        None | Some(Value::Null | Value::Object(_)) => "tools/call params do not fit the method",
+        Some(_) => "tools/call `arguments` must be an object",
+    }
+}
+
 impl ServerHandler for McpServer {
     fn get_info(&self) -> ServerConfig {
         ServerConfig::new(ServerCapabilities::builder().enable_tools().build()).with_server_info(
@@ -264,12 +427,30 @@ impl ServerHandler for McpServer {
         )
     }
 
+    async fn initialize(
+        &self,
+        request: InitializeRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<InitializeResult, ErrorData> {
+        self.counters.request("initialize");
+        // The session is its initializer's from the first message.
+        self.counted(self.user(&context.extensions))?;
+        context.peer.set_peer_info(request.clone());
+        self.counted(self.negotiate_initialize(&request))
+    }
+
+    async fn ping(&self, _context: RequestContext<RoleServer>) -> Result<(), ErrorData> {
+        self.counters.request("ping");
+        Ok(())
+    }
+
     async fn list_tools(
         &self,
         _request: Option<PaginatedRequestParams>,
         context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
-        let user = self.user(&context.extensions)?;
+        self.counters.request("tools/list");
+        let user = self.counted(self.user(&context.extensions))?;
         Ok(ListToolsResult::with_all_items(self.tools(&user)))
     }
 
@@ -278,77 +459,81 @@ impl ServerHandler for McpServer {
         request: CallToolRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
-        let user = self.user(&context.extensions)?;
-        let arguments = request.arguments.map_or(json!({}), Value::Object);
-        let call = ToolCall::new(request.name.to_string(), arguments);
-        let token = context.meta.get_progress_token();
-        let (tx, mut rx) = mpsc::channel(PROGRESS_BUFFER);
-        let sink = CallSink {
-            events: (self.events)(&user),
-            progress: token.is_some().then_some(tx),
-        };
-        let mut forward = token.map(|token| Forward {
-            peer: context.peer.clone(),
-            token,
-            last: f64::NEG_INFINITY,
-        });
-        let dispatcher = self.engine.dispatcher().sink(sink).user(user);
-        let dispatch = dispatcher.dispatch(call);
-        tokio::pin!(dispatch);
-        // The call and its progress on one task; a cancelled request drops the
-        // dispatch: the call ends `cancelled`, paired.
-        let result = loop {
-            tokio::select! {
-                biased;
-                r = &mut dispatch => break Some(r),
-                () = context.ct.cancelled() => break None,
-                Some(p) = rx.recv(), if forward.is_some() => {
-                    if let Some(f) = forward.as_mut() {
-                        f.send(p).await;
-                    }
-                }
+        self.counters.request("tools/call");
+        let answer = self.call(request, context).await;
+        self.counted(answer)
+    }
+
+    async fn on_custom_request(
+        &self,
+        request: CustomRequest,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<CustomResult, ErrorData> {
+        let method = request.method.as_str();
+        self.counters.request(method);
+        let error = match method {
+            "tools/call" => {
+                ErrorData::invalid_params(bad_call_params(request.params.as_ref()), None)
             }
-        };
-        // What progress is left goes out before the result, and nothing after it.
-        if let Some(f) = forward.as_mut() {
-            while let Ok(p) = rx.try_recv() {
-                f.send(p).await;
+            m if KNOWN_METHODS.contains(&m) => {
+                ErrorData::invalid_params(format!("invalid params for {m}"), None)
             }
-        }
-        let Some(result) = result else {
-            return Err(ErrorData::new(
-                ErrorCode::INTERNAL_ERROR,
-                "the request was cancelled",
-                None,
-            ));
+            m => not_served(m),
         };
-        match outcome(&result) {
-            Outcome::Result {
-                content,
-                structured,
-                is_error,
-            } => {
-                // The blocks are MCP's own JSON shapes.
-                let content: Vec<ContentBlock> = content
-                    .into_iter()
-                    .filter_map(|b| serde_json::from_value(b).ok())
-                    .collect();
-                let mut answer = match is_error {
-                    true => CallToolResult::error(content),
-                    false => CallToolResult::success(content),
-                };
-                answer.structured_content = structured.cloned();
-                Ok(answer.into())
-            }
-            Outcome::ProtocolError {
-                code,
-                message,
-                data,
-            } => Err(ErrorData::new(
-                ErrorCode(i32::try_from(code).unwrap_or(-32602)),
-                message,
-                Some(data),
-            )),
-        }
+        self.counted(Err(error))
+    }
+
+    async fn list_resources(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListResourcesResult, ErrorData> {
+        self.counters.request("resources/list");
+        self.counted(Err(not_served("resources/list")))
+    }
+
+    async fn list_resource_templates(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListResourceTemplatesResult, ErrorData> {
+        self.counters.request("resources/templates/list");
+        self.counted(Err(not_served("resources/templates/list")))
+    }
+
+    async fn read_resource(
+        &self,
+        _request: ReadResourceRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ReadResourceResponse, ErrorData> {
+        self.counters.request("resources/read");
+        self.counted(Err(not_served("resources/read")))
+    }
+
+    async fn list_prompts(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListPromptsResult, ErrorData> {
+        self.counters.request("prompts/list");
+        self.counted(Err(not_served("prompts/list")))
+    }
+
+    async fn get_prompt(
+        &self,
+        _request: GetPromptRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<GetPromptResponse, ErrorData> {
+        self.counters.request("prompts/get");
+        self.counted(Err(not_served("prompts/get")))
+    }
+
+    async fn complete(
+        &self,
+        _request: CompleteRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<CompleteResult, ErrorData> {
+        self.counters.request("completion/complete");
+        self.counted(Err(not_served("completion/complete")))
     }
 }
