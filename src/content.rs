@@ -300,7 +300,7 @@ fn marker(mime_type: &str, data: &str) -> String {
     let n = decoded_len(data).to_string();
     let mut grouped = String::with_capacity(n.len() + n.len() / 3);
     for (i, c) in n.chars().enumerate() {
-        if i > 0 && (n.len() - i) % 3 == 0 {
+        if i > 0 && (n.len() - i).is_multiple_of(3) {
             grouped.push(',');
         }
         grouped.push(c);

@@ -22,7 +22,7 @@ const SESSION: &str = "mcp-session-id";
 const NO_SESSION: &str = "none";
 
 /// How a request's user is found: its user, or the response refusing it.
-pub(super) type Check = Arc<dyn Fn(&HeaderMap) -> Result<UserContext, Response> + Send + Sync>;
+pub(super) type Check = Arc<dyn Fn(&HeaderMap) -> Result<UserContext, Box<Response>> + Send + Sync>;
 
 /// An axum router serving `server` at `/mcp` over MCP's streamable HTTP transport,
 /// each request as the user `authenticate` finds for its `Authorization: Bearer`
@@ -83,12 +83,14 @@ where
 {
     let check: Check = Arc::new(move |headers: &HeaderMap| {
         bearer(headers).and_then(&authenticate).ok_or_else(|| {
-            (
-                StatusCode::UNAUTHORIZED,
-                [(header::WWW_AUTHENTICATE, "Bearer")],
-                "a valid bearer token is required",
+            Box::new(
+                (
+                    StatusCode::UNAUTHORIZED,
+                    [(header::WWW_AUTHENTICATE, "Bearer")],
+                    "a valid bearer token is required",
+                )
+                    .into_response(),
             )
-                .into_response()
         })
     });
     serve(server, check, config)
@@ -124,7 +126,7 @@ pub(super) fn serve(server: McpServer, check: Check, config: StreamableHttpServe
 async fn guard(
     mut request: Request,
     next: Next,
-    check: &(dyn Fn(&HeaderMap) -> Result<UserContext, Response> + Send + Sync),
+    check: &(dyn Fn(&HeaderMap) -> Result<UserContext, Box<Response>> + Send + Sync),
     sessions: &Sessions,
     default_origins: bool,
 ) -> Response {
@@ -137,7 +139,7 @@ async fn guard(
     }
     let user = match check(request.headers()) {
         Ok(user) => user,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let session = request
         .headers()

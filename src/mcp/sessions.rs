@@ -207,13 +207,12 @@ impl<M: SessionManager> SessionManager for Sessions<M> {
         id: &SessionId,
         message: ClientJsonRpcMessage,
     ) -> Result<(), Self::Error> {
-        if let ClientJsonRpcMessage::Notification(n) = &message {
-            if let ClientNotification::CancelledNotification(c) = &n.notification
-                && let Some(request) = &c.params.request_id
-            {
-                self.counters.request("notifications/cancelled");
-                self.retire(id, request);
-            }
+        if let ClientJsonRpcMessage::Notification(n) = &message
+            && let ClientNotification::CancelledNotification(c) = &n.notification
+            && let Some(request) = &c.params.request_id
+        {
+            self.counters.request("notifications/cancelled");
+            self.retire(id, request);
         }
         self.inner.accept_message(id, message).await
     }
