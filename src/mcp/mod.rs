@@ -26,6 +26,7 @@
 //! [`provider::mcp`](crate::provider::mcp) stays the rmcp-free JSON layer; this
 //! module renders results through it, so both speak the same statuses.
 
+mod approve;
 mod http;
 mod import;
 mod server;

@@ -7,15 +7,16 @@ use rmcp::model::{
     ContentBlock, CustomRequest, CustomResult, ErrorCode, ErrorData, GetPromptRequestParams,
     GetPromptResponse, Implementation, InitializeRequestParams, InitializeResult,
     ListPromptsResult, ListResourceTemplatesResult, ListResourcesResult, ListToolsResult,
-    PaginatedRequestParams, ProgressNotificationParam, ProgressToken, ReadResourceRequestParams,
-    ReadResourceResponse, ServerCapabilities, ServerConfig, Tool,
+    PaginatedRequestParams, ProgressNotificationParam, ProgressToken, ProtocolVersion,
+    ReadResourceRequestParams, ReadResourceResponse, ServerCapabilities, ServerConfig, Tool,
 };
 use rmcp::service::RequestContext;
 use rmcp::{Peer, RoleServer, ServerHandler};
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
-use super::stats::{Counters, McpStats};
+use super::approve::{self, Asked, Parked, Phase};
+use super::stats::{Counters, Elicitation, McpStats};
 use crate::engine::Engine;
 use crate::event::{Event, ToolProgress};
 use crate::provider::mcp::{Outcome, outcome, tool_schema};
@@ -54,8 +55,11 @@ const PROGRESS_BUFFER: usize = 64;
 ///   the call ends `cancelled` with its paired events. Over HTTP with sessions a
 ///   client that only closes its response stream has not cancelled (the
 ///   specification says so): the call runs on and its answer can be resumed.
-/// - Approval: a call that needs it waits for its user's answer given elsewhere
-///   (their page).
+/// - Approval: a call that needs it is asked of the client by elicitation when the
+///   client declared that capability (`elicitation/create` up to 2025-11-25, an
+///   `input_required` result in 2026-07-28); the first answer, the client's or the
+///   user's page's, wins. A client without elicitation waits for the answer given
+///   elsewhere.
 /// - The user: fixed for stdio ([`McpServer::for_user`]); over HTTP, the
 ///   [`UserContext`] that [`router`](super::router) put into the request after
 ///   checking its bearer token ([`McpServer::per_request`]), never a default one. A
@@ -73,6 +77,7 @@ pub struct McpServer {
     /// The user this session (one handler instance) belongs to, once it has one.
     bound: Arc<OnceLock<Arc<str>>>,
     counters: Arc<Counters>,
+    parked: Arc<Parked>,
 }
 
 impl std::fmt::Debug for McpServer {
@@ -117,6 +122,7 @@ impl McpServer {
             run: None,
             bound: Arc::default(),
             counters: Arc::default(),
+            parked: Arc::default(),
         }
     }
 
@@ -149,8 +155,8 @@ impl McpServer {
         self
     }
 
-    /// The same server for a new session: bound to no user yet (its counters are
-    /// shared).
+    /// The same server for a new session: bound to no user yet (its counters and
+    /// parked calls are shared).
     pub fn session(&self) -> McpServer {
         McpServer {
             bound: Arc::default(),
@@ -158,8 +164,8 @@ impl McpServer {
         }
     }
 
-    /// The server's counters (requests by method, errors by code, sessions), shared
-    /// by every session: plain atomics, cheap to read.
+    /// The server's counters (requests by method, errors by code, sessions,
+    /// elicitations), shared by every session: plain atomics, cheap to read.
     pub fn stats(&self) -> McpStats {
         self.counters.snapshot()
     }
@@ -247,24 +253,37 @@ impl McpServer {
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
         let user = self.user(&context.extensions)?;
-        let arguments = request.arguments.map_or(json!({}), Value::Object);
+        let modern = context
+            .protocol_version()
+            .is_some_and(|v| v.as_str() >= ProtocolVersion::V_2026_07_28.as_str());
+        let digest = self
+            .parked
+            .digest(&request.name, request.arguments.as_ref());
+        if modern && let Some(state) = &request.request_state {
+            return self.resume(&user, &request, state, digest, &context).await;
+        }
+        let asks = approve::can_ask(context.client_capabilities().as_ref());
+        let arguments = request.arguments.clone().map_or(json!({}), Value::Object);
         let call = ToolCall::new(request.name.to_string(), arguments);
         let token = context.meta.get_progress_token();
         let (tx, mut rx) = mpsc::channel(PROGRESS_BUFFER);
+        let (phase_tx, mut phase) = watch::channel(Phase::Idle);
         let sink = CallSink {
             events: (self.events)(&user),
             progress: token.is_some().then_some(tx),
+            phase: asks.then_some(phase_tx),
         };
         let mut forward = token.map(|token| Forward {
             peer: context.peer.clone(),
             token,
             last: f64::NEG_INFINITY,
         });
-        let dispatcher = self.engine.dispatcher().sink(sink).user(user);
-        let dispatch = dispatcher.dispatch(call);
-        tokio::pin!(dispatch);
-        // The call and its progress on one task; a cancelled request drops the
-        // dispatch: the call ends `cancelled`, paired.
+        let dispatcher = self.engine.dispatcher().sink(sink).user(user.clone());
+        let mut dispatch: BoxFuture<'static, Result<ToolOutput, DispatchError>> =
+            Box::pin(async move { dispatcher.dispatch(call).await });
+        let mut asked: Option<Asked> = None;
+        // The call, its progress and its approval on one task; a cancelled request
+        // drops the dispatch: the call ends `cancelled`, paired.
         let result = loop {
             tokio::select! {
                 biased;
@@ -275,8 +294,49 @@ impl McpServer {
                         f.send(p).await;
                     }
                 }
+                Ok(()) = phase.changed() => {
+                    let now = phase.borrow_and_update().clone();
+                    match now {
+                        Phase::Waiting(q) if modern => {
+                            let parked = self.parked.park(
+                                user.user_id(), &request.name, digest, q.clone(),
+                                phase.clone(), dispatch,
+                            );
+                            match parked {
+                                Ok(state) => {
+                                    let Some(ask) = approve::input_required(&q, &state) else {
+                                        return Err(internal("the approval question"));
+                                    };
+                                    self.counters.elicitation(Elicitation::Asked);
+                                    self.counters.elicitation(Elicitation::InputRequired);
+                                    return Ok(CallToolResponse::InputRequired(ask));
+                                }
+                                Err(call) => dispatch = call,
+                            }
+                        }
+                        Phase::Waiting(q) => {
+                            if asked.is_none() {
+                                asked = Asked::send(&context.peer, q, &self.counters).await;
+                            }
+                        }
+                        Phase::Decided => {
+                            if let Some(a) = asked.take() {
+                                a.withdraw(&self.counters).await;
+                            }
+                        }
+                        Phase::Idle => {}
+                    }
+                }
+                answer = async { asked.as_mut()?.answer().await }, if asked.is_some() => {
+                    if let (Some(a), Some(r)) = (asked.take(), answer) {
+                        approve::decide(&self.engine, user.user_id(), a.question(), &r, &self.counters).await;
+                    }
+                }
             }
         };
+        if let Some(a) = asked.take() {
+            a.withdraw(&self.counters).await;
+        }
         // What progress is left goes out before the result, and nothing after it.
         if let Some(f) = forward.as_mut() {
             while let Ok(p) = rx.try_recv() {
@@ -292,6 +352,79 @@ impl McpServer {
             )),
         }
     }
+
+    /// The retry of a call parked by an `input_required` result (2026-07-28).
+    async fn resume(
+        &self,
+        user: &UserContext,
+        request: &CallToolRequestParams,
+        state: &str,
+        digest: u64,
+        context: &RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        let unknown = || {
+            ErrorData::invalid_params(
+                "requestState is unknown, expired, or not this call's; call the tool again \
+                 without it",
+                None,
+            )
+        };
+        let Some(mut ticket) = self
+            .parked
+            .find(state, user.user_id(), &request.name, digest)
+        else {
+            return Err(unknown());
+        };
+        match approve::response(request.input_responses.as_ref()) {
+            Err(()) => {
+                return Err(ErrorData::invalid_params(
+                    "inputResponses.approval is not an elicitation result",
+                    None,
+                ));
+            }
+            Ok(Some(r)) => {
+                approve::decide(
+                    &self.engine,
+                    user.user_id(),
+                    &ticket.question,
+                    &r,
+                    &self.counters,
+                )
+                .await;
+            }
+            Ok(None) => {
+                let waiting = matches!(*ticket.phase.borrow(), Phase::Waiting(_));
+                if waiting && ticket.result.borrow().is_none() {
+                    // Asked again: the answer is still needed.
+                    let ask = approve::input_required(&ticket.question, state)
+                        .ok_or_else(|| internal("the approval question"))?;
+                    self.counters.elicitation(Elicitation::InputRequired);
+                    return Ok(CallToolResponse::InputRequired(ask));
+                }
+            }
+        }
+        let outcome = tokio::select! {
+            r = ticket.result.wait_for(Option::is_some) => r.ok().and_then(|r| r.clone()),
+            () = context.ct.cancelled() => None,
+        };
+        let Some(outcome) = outcome else {
+            return Err(ErrorData::new(
+                ErrorCode::INTERNAL_ERROR,
+                "the request was cancelled",
+                None,
+            ));
+        };
+        self.parked.spent(state);
+        answer(&outcome)
+    }
+}
+
+fn internal(what: &str) -> ErrorData {
+    ErrorData::new(
+        ErrorCode::INTERNAL_ERROR,
+        format!("{what} cannot be made"),
+        None,
+    )
 }
 
 /// The MCP answer to a call's result.
@@ -326,16 +459,21 @@ fn answer(result: &Result<ToolOutput, DispatchError>) -> Result<CallToolResponse
 }
 
 /// A call's sink: the user's events go to the integrator's sink; the tool's
-/// progress also to the MCP client, when it asked for it.
+/// progress also to the MCP client, when it asked for it; its approval is followed
+/// when the client can be asked.
 struct CallSink {
     events: Arc<dyn EventSink>,
     progress: Option<mpsc::Sender<ToolProgress>>,
+    phase: Option<watch::Sender<Phase>>,
 }
 
 impl CallSink {
     fn tee(&self, event: &Event) {
         if let (Some(tx), Event::ToolProgress(p)) = (&self.progress, event) {
             let _ = tx.try_send(p.clone()); // dropped when the client is behind
+        }
+        if let Some(phase) = &self.phase {
+            approve::observe(phase, event);
         }
     }
 }

@@ -32,6 +32,26 @@ pub(super) struct Counters {
     sessions_closed: AtomicU64,
     foreign_session: AtomicU64,
     duplicate_ids: AtomicU64,
+    elicitations_asked: AtomicU64,
+    elicitations_answered: AtomicU64,
+    elicitations_late: AtomicU64,
+    elicitations_withdrawn: AtomicU64,
+    input_required: AtomicU64,
+}
+
+/// What [`Counters::elicitation`] records.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Elicitation {
+    /// An approval was asked of the client.
+    Asked,
+    /// The client answered, and its answer decided the call.
+    Answered,
+    /// The client answered after the call was decided elsewhere.
+    Late,
+    /// The server took its question back (`notifications/cancelled`).
+    Withdrawn,
+    /// A 2026-07-28 client was sent an `input_required` result.
+    InputRequired,
 }
 
 impl Counters {
@@ -71,6 +91,17 @@ impl Counters {
         self.duplicate_ids.fetch_add(1, Relaxed);
     }
 
+    pub(super) fn elicitation(&self, what: Elicitation) {
+        let counter = match what {
+            Elicitation::Asked => &self.elicitations_asked,
+            Elicitation::Answered => &self.elicitations_answered,
+            Elicitation::Late => &self.elicitations_late,
+            Elicitation::Withdrawn => &self.elicitations_withdrawn,
+            Elicitation::InputRequired => &self.input_required,
+        };
+        counter.fetch_add(1, Relaxed);
+    }
+
     pub(super) fn snapshot(&self) -> McpStats {
         let opened = self.sessions_opened.load(Relaxed);
         let closed = self.sessions_closed.load(Relaxed);
@@ -89,6 +120,11 @@ impl Counters {
             sessions_opened: opened,
             foreign_session_requests: self.foreign_session.load(Relaxed),
             duplicate_request_ids: self.duplicate_ids.load(Relaxed),
+            elicitations_asked: self.elicitations_asked.load(Relaxed),
+            elicitations_answered: self.elicitations_answered.load(Relaxed),
+            elicitations_late: self.elicitations_late.load(Relaxed),
+            elicitations_withdrawn: self.elicitations_withdrawn.load(Relaxed),
+            input_required_results: self.input_required.load(Relaxed),
         }
     }
 }
@@ -124,6 +160,19 @@ pub struct McpStats {
     pub foreign_session_requests: u64,
     /// Requests refused because their id was still in flight on their session.
     pub duplicate_request_ids: u64,
+    /// Approvals asked of an MCP client (an `elicitation/create`, or an
+    /// `input_required` result's question).
+    pub elicitations_asked: u64,
+    /// Client answers that decided their call.
+    pub elicitations_answered: u64,
+    /// Client answers that came after the call was decided elsewhere (the user's
+    /// page, the approval window).
+    pub elicitations_late: u64,
+    /// Questions the server took back (`notifications/cancelled`) because the call
+    /// was decided elsewhere.
+    pub elicitations_withdrawn: u64,
+    /// `input_required` results sent (revision 2026-07-28).
+    pub input_required_results: u64,
 }
 
 impl McpStats {
