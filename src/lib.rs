@@ -7,7 +7,7 @@
 // the sources; `docs/ARCHITECTURE.md` says what each floor is for.
 //
 // floor 1: call content event json time user contain blocking
-// floor 2: sink cache limits redact approval schema
+// floor 2: sink cache limits redact approval schema oauth
 // floor 3: error metrics runlog
 // floor 4: delivery
 // floor 5: tool state health
@@ -49,6 +49,8 @@ mod user;
 pub mod axum;
 #[cfg(feature = "mcp")]
 pub mod mcp;
+#[cfg(feature = "oauth")]
+pub mod oauth;
 #[cfg(feature = "redis")]
 pub mod redis;
 

@@ -96,6 +96,31 @@ where
     serve(server, check, config)
 }
 
+/// [`router`] as an OAuth 2.1 resource server (features `mcp` and `oauth`): each
+/// request's bearer token is a JWT access token that `resource` checks (issuer,
+/// audience, time, signature, scopes); its subject is the user and its scopes
+/// the user's. A request without a valid token gets `401` with
+/// `WWW-Authenticate: Bearer resource_metadata="…"` (and `error="invalid_token"` for
+/// a bad one), or `403` with `error="insufficient_scope"`; the protected-resource
+/// metadata (RFC 9728) is served at `/.well-known/oauth-protected-resource` and at
+/// the same path followed by the resource's path, without a token.
+#[cfg(feature = "oauth")]
+pub fn oauth_router(server: McpServer, resource: crate::oauth::ResourceServer) -> Router {
+    oauth_router_with(server, resource, StreamableHttpServerConfig::default())
+}
+
+/// [`oauth_router`] with rmcp's own configuration of the transport.
+#[cfg(feature = "oauth")]
+pub fn oauth_router_with(
+    server: McpServer,
+    resource: crate::oauth::ResourceServer,
+    config: StreamableHttpServerConfig,
+) -> Router {
+    let metadata = resource.metadata_router();
+    let check: Check = Arc::new(move |headers: &HeaderMap| resource.check(headers));
+    serve(server, check, config).merge(metadata)
+}
+
 /// The token of an `Authorization: Bearer <token>` header.
 pub(super) fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers

@@ -33,6 +33,8 @@ mod server;
 mod sessions;
 mod stats;
 
+#[cfg(feature = "oauth")]
+pub use http::{oauth_router, oauth_router_with};
 pub use http::{router, router_with};
 pub use import::{ImportError, McpImport};
 pub use server::McpServer;
