@@ -78,7 +78,9 @@ pub fn list_tools(registry: &Registry) -> Value {
 
 /// A tool's `inputSchema` as MCP lists it: the schema whole, its dialect (`$schema`)
 /// and `$defs` kept, without the root `title` (the Rust type's name). A schema that
-/// names no dialect gets MCP's default, JSON Schema 2020-12, written out.
+/// names no dialect gets MCP's default, JSON Schema 2020-12, written out; one that
+/// names no type (a tool taking any JSON value) gets `"type": "object"`, which is
+/// all MCP's `arguments` can be.
 ///
 /// ```
 /// # use tool_dispatch::{provider, tool_fn, Registry, ToolError};
@@ -92,11 +94,20 @@ pub fn list_tools(registry: &Registry) -> Value {
 /// # Ok::<(), tool_dispatch::RegistryError>(())
 /// ```
 pub fn tool_schema(def: &ToolDefinition) -> Value {
-    let mut schema = def.input_schema.clone();
+    let mut schema = match &def.input_schema {
+        // `true` (any value): MCP's arguments are an object all the same.
+        Value::Bool(true) => json!({}),
+        other => other.clone(),
+    };
     if let Value::Object(root) = &mut schema {
         root.remove("title");
         if !root.contains_key("$schema") {
             root.insert("$schema".into(), Value::from(DEFAULT_DIALECT));
+        }
+        // A schema that says nothing of the type accepts an object, which is all
+        // `arguments` can be; MCP wants that said.
+        if !root.contains_key("type") {
+            root.insert("type".into(), Value::from("object"));
         }
     }
     schema
