@@ -502,7 +502,7 @@ async fn over_http_each_token_is_its_user_and_sees_only_its_own_events_and_cache
 }
 
 #[tokio::test]
-async fn over_http_closing_the_client_cancels_its_call() {
+async fn over_http_ending_the_session_cancels_its_call() {
     let gate = Arc::new(Semaphore::new(0));
     let e = engine(&gate);
     let events = Events::default();
@@ -511,7 +511,7 @@ async fn over_http_closing_the_client_cancels_its_call() {
     let handle = one_step_started(&alice, &mut progress).await;
     assert_eq!(e.active(), 1);
     drop(handle);
-    alice.cancel().await.unwrap(); // the client goes away, its streams with it
+    alice.cancel().await.unwrap(); // the client ends its session (DELETE) and goes away
     until_idle(&e, "the call outlived its client").await;
     let seen = without_progress(events.of("alice").events());
     assert_paired(&seen);

@@ -7,7 +7,11 @@
 //! runs as the request's authenticated user, with that user's limits, policy,
 //! redaction, approvals, events and cancellation. Serve it over stdio for one user
 //! with rmcp's `serve`, or over streamable HTTP with [`router`], which checks each
-//! request's bearer token first.
+//! request's `Origin`, then its bearer token (a static token list for local use, or
+//! with feature `oauth` JWT access tokens through `oauth_router`), then that the
+//! session it names is its user's. A call that needs approval is asked of a client
+//! that declared elicitation; results in the [`Content`](crate::content::Content)
+//! form go out as content blocks; [`McpServer::stats`] counts what was served.
 //!
 //! ```no_run
 //! # async fn f(engine: tool_dispatch::Engine, alice: tool_dispatch::UserContext) -> Result<(), Box<dyn std::error::Error>> {
