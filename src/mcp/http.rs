@@ -204,7 +204,13 @@ fn origin_allowed(headers: &HeaderMap) -> bool {
     let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
         return false;
     };
-    let plain = uri.path() == "/" && uri.query().is_none() && !authority.as_str().contains('@');
+    let port = &authority.as_str()[authority.host().len().min(authority.as_str().len())..];
+    let port_ok = port.is_empty()
+        || port
+            .strip_prefix(':')
+            .is_some_and(|p| p.parse::<u16>().is_ok());
+    let plain =
+        uri.path() == "/" && uri.query().is_none() && !authority.as_str().contains('@') && port_ok;
     if !plain || !matches!(scheme, "http" | "https") {
         return false;
     }
