@@ -22,7 +22,7 @@
 //!   error the way the format allows (`"Error: …"` text for OpenAI, `is_error` for
 //!   Anthropic, `isError` for MCP).
 //! * A result that is not a string is sent as its JSON text, except a result in the
-//!   [`Content`](crate::content::Content) form, which each format gets in the nearest
+//!   [`Content`] form, which each format gets in the nearest
 //!   form it supports (see [`content`](crate::content)).
 //!
 //! Input schemas come from the registry (schemars). OpenAI and Anthropic get them
