@@ -141,7 +141,7 @@ async fn another_users_requests_on_a_session_get_the_unknown_session_answer_and_
         .header("mcp-protocol-version", "2025-11-25")
         .whole()
         .await;
-    assert_eq!(bye.status, 202, "{bye:?}");
+    assert_eq!(bye.status, 204, "{bye:?}");
     let after = raw
         .post(
             "alice-token",

@@ -45,7 +45,8 @@ pub(super) type Check = Arc<dyn Fn(&HeaderMap) -> Result<UserContext, Box<Respon
 ///   who initialized it. Any request naming another user's session (`POST` of a
 ///   request, notification or response, `GET` with or without `Last-Event-ID`,
 ///   `DELETE`) gets the answer an unknown session gets (`404` for `GET` and `POST`
-///   as rmcp answers, `404` for `DELETE`) and changes nothing. A request whose id
+///   as rmcp answers, `404` for `DELETE`) and changes nothing. Its own user's
+///   `DELETE` ends it: `204`. A request whose id
 ///   is still in flight on its session is refused with a JSON-RPC error; the first
 ///   keeps its answer.
 ///
@@ -185,8 +186,15 @@ async fn guard(
                 .insert(SESSION, HeaderValue::from_static(NO_SESSION));
         }
     }
+    let ending = request.method() == Method::DELETE;
     request.extensions_mut().insert(user);
-    next.run(request).await
+    let mut response = next.run(request).await;
+    // A session ended: 204 No Content, which clients take for success (the Python
+    // SDK reports rmcp's 202 as a failed termination).
+    if ending && response.status() == StatusCode::ACCEPTED {
+        *response.status_mut() = StatusCode::NO_CONTENT;
+    }
+    response
 }
 
 /// Whether a request's `Origin` is absent, a loopback origin, or the server's own.
