@@ -345,6 +345,15 @@ async fn over_http_refusals_carry_the_challenge_and_the_metadata_is_served() {
     stranger["aud"] = json!("https://elsewhere.example.com/mcp");
     let mut scopeless = good.clone();
     scopeless["scope"] = json!("profile");
+    let mut foreign = good.clone();
+    foreign["iss"] = json!("https://evil.example.com");
+    let signed = key.sign(&good);
+    let mut parts: Vec<&str> = signed.split('.').collect();
+    let mut root = good.clone();
+    root["sub"] = json!("root");
+    let forged_payload = b64(root.to_string().as_bytes());
+    parts[1] = &forged_payload;
+    let tampered = parts.join(".");
     let none = format!(
         "{}.{}.",
         b64(br#"{"alg":"none"}"#),
@@ -353,6 +362,8 @@ async fn over_http_refusals_carry_the_challenge_and_the_metadata_is_served() {
     for (token, status, error) in [
         (key.sign(&expired), 401, "invalid_token"),
         (key.sign(&stranger), 401, "invalid_token"),
+        (key.sign(&foreign), 401, "invalid_token"),
+        (tampered, 401, "invalid_token"),
         (none, 401, "invalid_token"),
         (Key::ed25519("k1").sign(&good), 401, "invalid_token"),
         (key.sign(&scopeless), 403, "insufficient_scope"),
