@@ -256,15 +256,22 @@ impl McpServer {
         let modern = context
             .protocol_version()
             .is_some_and(|v| v.as_str() >= ProtocolVersion::V_2026_07_28.as_str());
-        let digest = self
-            .parked
-            .digest(&request.name, request.arguments.as_ref());
         if modern && let Some(state) = &request.request_state {
+            let digest = self
+                .parked
+                .digest(&request.name, request.arguments.as_ref());
             return self.resume(&user, &request, state, digest, &context).await;
         }
         let asks = approve::can_ask(context.client_capabilities().as_ref());
-        let arguments = request.arguments.clone().map_or(json!({}), Value::Object);
-        let call = ToolCall::new(request.name.to_string(), arguments);
+        // What binds a parked call to its retry: only a call that may be parked pays
+        // for it.
+        let digest = (modern && asks).then(|| {
+            self.parked
+                .digest(&request.name, request.arguments.as_ref())
+        });
+        let name = request.name.to_string();
+        let arguments = request.arguments.map_or(json!({}), Value::Object);
+        let call = ToolCall::new(name.clone(), arguments);
         let token = context.meta.get_progress_token();
         let (tx, mut rx) = mpsc::channel(PROGRESS_BUFFER);
         let (phase_tx, mut phase) = watch::channel(Phase::Idle);
@@ -297,9 +304,9 @@ impl McpServer {
                 Ok(()) = phase.changed() => {
                     let now = phase.borrow_and_update().clone();
                     match now {
-                        Phase::Waiting(q) if modern => {
+                        Phase::Waiting(q) if let Some(digest) = digest => {
                             let parked = self.parked.park(
-                                user.user_id(), &request.name, digest, q.clone(),
+                                user.user_id(), &name, digest, q.clone(),
                                 phase.clone(), dispatch,
                             );
                             match parked {
