@@ -12,6 +12,7 @@ use rmcp::model::{
 };
 use rmcp::service::RequestContext;
 use rmcp::{Peer, RoleServer, ServerHandler};
+use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 
@@ -19,7 +20,7 @@ use super::approve::{self, Asked, Parked, Phase};
 use super::stats::{Counters, Elicitation, McpStats};
 use crate::engine::Engine;
 use crate::event::{Event, ToolProgress};
-use crate::provider::mcp::{Outcome, outcome, tool_schema};
+use crate::provider::mcp::{Blocks, Outcome, outcome, tool_schema};
 use crate::sink::{EventSink, SinkError, TrySendError};
 use crate::user::UserContext;
 use crate::{BoxFuture, DispatchError, ToolCall, ToolOutput};
@@ -262,7 +263,15 @@ impl McpServer {
                 .digest(&request.name, request.arguments.as_ref());
             return self.resume(&user, &request, state, digest, &context).await;
         }
-        let asks = approve::can_ask(context.client_capabilities().as_ref());
+        // The session's capabilities are read in place; a 2026-07-28 request carries
+        // its own.
+        let asks = match modern {
+            true => approve::can_ask(context.meta.client_capabilities().as_ref()),
+            false => context
+                .peer
+                .peer_info()
+                .is_some_and(|info| approve::can_ask(Some(&info.capabilities))),
+        };
         // What binds a parked call to its retry: only a call that may be parked pays
         // for it.
         let digest = (modern && asks).then(|| {
@@ -274,18 +283,25 @@ impl McpServer {
         let call = ToolCall::new(name.clone(), arguments);
         let token = context.meta.get_progress_token();
         let (tx, mut rx) = mpsc::channel(PROGRESS_BUFFER);
-        let (phase_tx, mut phase) = watch::channel(Phase::Idle);
+        let (phase_tx, mut phase) = match asks {
+            true => {
+                let (tx, rx) = watch::channel(Phase::Idle);
+                (Some(tx), Some(rx))
+            }
+            false => (None, None),
+        };
         let sink = CallSink {
             events: (self.events)(&user),
             progress: token.is_some().then_some(tx),
-            phase: asks.then_some(phase_tx),
+            phase: phase_tx,
         };
         let mut forward = token.map(|token| Forward {
             peer: context.peer.clone(),
             token,
             last: f64::NEG_INFINITY,
         });
-        let dispatcher = self.engine.dispatcher().sink(sink).user(user.clone());
+        let who: Option<Arc<str>> = asks.then(|| Arc::from(user.user_id()));
+        let dispatcher = self.engine.dispatcher().sink(sink).user(user);
         let mut dispatch: BoxFuture<'static, Result<ToolOutput, DispatchError>> =
             Box::pin(async move { dispatcher.dispatch(call).await });
         let mut asked: Option<Asked> = None;
@@ -301,13 +317,11 @@ impl McpServer {
                         f.send(p).await;
                     }
                 }
-                Ok(()) = phase.changed() => {
-                    let now = phase.borrow_and_update().clone();
+                Some(now) = async { watched(phase.as_mut()?).await }, if phase.is_some() => {
                     match now {
-                        Phase::Waiting(q) if let Some(digest) = digest => {
+                        Phase::Waiting(q) if let (Some(digest), Some(rx), Some(who)) = (digest, &phase, &who) => {
                             let parked = self.parked.park(
-                                user.user_id(), &name, digest, q.clone(),
-                                phase.clone(), dispatch,
+                                who, &name, digest, q.clone(), rx.clone(), dispatch,
                             );
                             match parked {
                                 Ok(state) => {
@@ -335,8 +349,8 @@ impl McpServer {
                     }
                 }
                 answer = async { asked.as_mut()?.answer().await }, if asked.is_some() => {
-                    if let (Some(a), Some(r)) = (asked.take(), answer) {
-                        approve::decide(&self.engine, user.user_id(), a.question(), &r, &self.counters).await;
+                    if let (Some(a), Some(r), Some(who)) = (asked.take(), answer, &who) {
+                        approve::decide(&self.engine, who, a.question(), &r, &self.counters).await;
                     }
                 }
             }
@@ -426,6 +440,12 @@ impl McpServer {
     }
 }
 
+/// The next phase of a call's approval; `None` once the call's sink is gone.
+async fn watched(phase: &mut watch::Receiver<Phase>) -> Option<Phase> {
+    phase.changed().await.ok()?;
+    Some(phase.borrow_and_update().clone())
+}
+
 fn internal(what: &str) -> ErrorData {
     ErrorData::new(
         ErrorCode::INTERNAL_ERROR,
@@ -442,10 +462,14 @@ fn answer(result: &Result<ToolOutput, DispatchError>) -> Result<CallToolResponse
             structured,
             is_error,
         } => {
-            let content: Vec<ContentBlock> = content
-                .into_iter()
-                .filter_map(|b| serde_json::from_value(b).ok())
-                .collect();
+            let content: Vec<ContentBlock> = match content {
+                Blocks::Text(text) => vec![ContentBlock::text(text)],
+                // MCP's own shapes: read as rmcp's blocks.
+                Blocks::Json(blocks) => blocks
+                    .iter()
+                    .filter_map(|b| ContentBlock::deserialize(b).ok())
+                    .collect(),
+            };
             let mut answer = match is_error {
                 true => CallToolResult::error(content),
                 false => CallToolResult::success(content),

@@ -168,7 +168,7 @@ pub fn render_result(id: &Value, result: &Result<ToolOutput, DispatchError>) -> 
             is_error,
         } => {
             let mut r = json!({
-                "content": content,
+                "content": content.to_json(),
                 "isError": is_error,
             });
             if let Some(s) = structured {
@@ -189,10 +189,10 @@ pub fn render_result(id: &Value, result: &Result<ToolOutput, DispatchError>) -> 
 /// rmcp server of the `mcp` feature): one mapping of statuses for both.
 #[cfg_attr(not(feature = "mcp"), allow(dead_code))]
 pub(crate) enum Outcome<'a> {
-    /// A `CallToolResult`: the content blocks (MCP JSON), the structured result
-    /// (a JSON object), and whether it is a tool execution error.
+    /// A `CallToolResult`: its content, the structured result (a JSON object), and
+    /// whether it is a tool execution error.
     Result {
-        content: Vec<Value>,
+        content: Blocks<'a>,
         structured: Option<&'a Value>,
         is_error: bool,
     },
@@ -204,20 +204,38 @@ pub(crate) enum Outcome<'a> {
     },
 }
 
+/// A result's content: one text block (most results), or the blocks of a result
+/// in the [`Content`] form, as MCP JSON.
+#[cfg_attr(not(feature = "mcp"), allow(dead_code))]
+pub(crate) enum Blocks<'a> {
+    Text(String),
+    Json(&'a [Value]),
+}
+
+impl Blocks<'_> {
+    /// The `content` array.
+    fn to_json(&self) -> Value {
+        match self {
+            Blocks::Text(t) => json!([{ "type": "text", "text": t }]),
+            Blocks::Json(blocks) => Value::Array(blocks.to_vec()),
+        }
+    }
+}
+
 /// The MCP answer to a call's result.
 pub(crate) fn outcome(result: &Result<ToolOutput, DispatchError>) -> Outcome<'_> {
     match result {
         Ok(out) => match Content::from_json(&out.value) {
             Some(_) => Outcome::Result {
                 content: match out.value.get(CONTENT_KEY) {
-                    Some(Value::Array(blocks)) => blocks.clone(),
-                    _ => Vec::new(),
+                    Some(Value::Array(blocks)) => Blocks::Json(blocks),
+                    _ => Blocks::Json(&[]),
                 },
                 structured: None,
                 is_error: false,
             },
             None => Outcome::Result {
-                content: vec![text_block(output_text(&out.value))],
+                content: Blocks::Text(output_text(&out.value)),
                 structured: out.value.is_object().then_some(&out.value),
                 is_error: false,
             },
@@ -228,15 +246,11 @@ pub(crate) fn outcome(result: &Result<ToolOutput, DispatchError>) -> Outcome<'_>
             data: json!({"status": e.status()}),
         },
         Err(e) => Outcome::Result {
-            content: vec![text_block(e.to_string())],
+            content: Blocks::Text(e.to_string()),
             structured: None,
             is_error: true,
         },
     }
-}
-
-fn text_block(text: String) -> Value {
-    json!({ "type": "text", "text": text })
 }
 
 /// The JSON-RPC error response for a request [`parse_call`] refused: `-32601` when
