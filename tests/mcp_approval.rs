@@ -186,12 +186,25 @@ fn text(r: &CallToolResult) -> String {
 fn ending(sink: &RecordingSink) -> (Status, Option<ApprovalOutcome>) {
     let events = sink.events();
     assert_paired(&events);
+    let resolved: Vec<ApprovalOutcome> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::ToolApprovalResolved(r) => Some(r.decision),
+            _ => None,
+        })
+        .collect();
     match events
         .iter()
         .rev()
         .find(|e| matches!(e, Event::ToolCompleted(_)))
     {
-        Some(Event::ToolCompleted(c)) => (c.status, c.approval.as_ref().map(|a| a.decision)),
+        Some(Event::ToolCompleted(c)) => {
+            let decision = c.approval.as_ref().map(|a| a.decision);
+            // The page's view (one tool_approval_resolved) agrees with the ending.
+            let once: Vec<ApprovalOutcome> = decision.into_iter().collect();
+            assert_eq!(resolved, once, "{events:?}");
+            (c.status, decision)
+        }
         _ => panic!("no tool_completed: {events:?}"),
     }
 }

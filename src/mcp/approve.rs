@@ -8,8 +8,9 @@
 //! - revisions up to 2025-11-25: an `elicitation/create` request, sent while the
 //!   `tools/call` is open. Accept approves, decline and cancel reject, through
 //!   [`Engine::resolve_approval`]; when the call is decided first elsewhere (the
-//!   user's page, the approval window, a cancellation), the request is withdrawn
-//!   with `notifications/cancelled`.
+//!   user's page, the approval window, a cancellation: the call's
+//!   `tool_approval_resolved`), the request is withdrawn with
+//!   `notifications/cancelled`.
 //! - 2026-07-28, which has no server requests: the `tools/call` is answered with an
 //!   `input_required` result carrying the same `elicitation/create` under
 //!   `inputRequests.approval` and a `requestState`, while the call goes on waiting
@@ -103,11 +104,8 @@ pub(super) fn observe(phase: &watch::Sender<Phase>, event: &Event) {
                 true
             });
         }
-        // The wait ended: the core says so, or the call went on (its progress) or
-        // ended.
-        e if matches!(e, Event::ToolProgress(_) | Event::ToolCompleted(_))
-            || e.kind() == "tool_approval_resolved" =>
-        {
+        // The wait ended, whoever ended it; or the call ended.
+        Event::ToolApprovalResolved(_) | Event::ToolProgress(_) | Event::ToolCompleted(_) => {
             phase.send_if_modified(|p| match p {
                 Phase::Waiting(_) => {
                     *p = Phase::Decided;
