@@ -6,8 +6,8 @@
 // bottom-up and has no import cycle. `tests/architecture.rs` checks this list against
 // the sources; `docs/ARCHITECTURE.md` says what each floor is for.
 //
-// floor 1: call event json time user contain blocking
-// floor 2: sink cache limits redact approval schema
+// floor 1: call content event json time user contain blocking
+// floor 2: sink cache limits redact approval schema oauth
 // floor 3: error metrics runlog
 // floor 4: delivery
 // floor 5: tool state health
@@ -23,6 +23,7 @@ mod blocking;
 mod cache;
 mod call;
 mod contain;
+pub mod content;
 mod delivery;
 mod dispatcher;
 mod engine;
@@ -48,6 +49,8 @@ mod user;
 pub mod axum;
 #[cfg(feature = "mcp")]
 pub mod mcp;
+#[cfg(feature = "oauth")]
+pub mod oauth;
 #[cfg(feature = "redis")]
 pub mod redis;
 

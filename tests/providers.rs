@@ -829,3 +829,204 @@ async fn strict_nulls_for_optional_fields_dispatch() {
     let out = openai::render_results(&calls, &results);
     assert_eq!(out[0]["content"], "3 documents match \"refunds\"");
 }
+
+// ---------------------------------------------------------------- content blocks
+
+/// A PNG of one transparent pixel.
+const PIXEL: &[u8] = &[
+    0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 0x00, 0x00, 0x00, 0x0d, 0x49, 0x48, 0x44, 0x52,
+    0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x01, 0x08, 0x06, 0x00, 0x00, 0x00, 0x1f, 0x15, 0xc4,
+    0x89, 0x00, 0x00, 0x00, 0x0d, 0x49, 0x44, 0x41, 0x54, 0x78, 0x9c, 0x63, 0x00, 0x01, 0x00, 0x00,
+    0x05, 0x00, 0x01, 0x0d, 0x0a, 0x2d, 0xb4, 0x00, 0x00, 0x00, 0x00, 0x49, 0x45, 0x4e, 0x44, 0xae,
+    0x42, 0x60, 0x82,
+];
+
+#[derive(Debug, Deserialize, Serialize, JsonSchema)]
+struct ReportIn {
+    quarter: String,
+}
+
+/// `report`: a chart (PNG), a link to the data, the PDF, a note as an embedded text
+/// resource, a voice memo (WAV) and a TIFF, which no model API takes.
+fn content_registry() -> Registry {
+    use tool_dispatch::content::{Content, ResourceLink};
+    let report = tool_fn(
+        "report",
+        "The quarterly report.",
+        |i: ReportIn, _cx| async move {
+            Ok::<_, ToolError>(
+                Content::new()
+                    .text(format!("Report for {}.", i.quarter))
+                    .image(PIXEL, "image/png")
+                    .link(
+                        ResourceLink::new("https://example.com/q3.csv", "q3.csv")
+                            .mime_type("text/csv")
+                            .description("The raw numbers"),
+                    )
+                    .resource_bytes("file:///reports/q3.pdf", "application/pdf", b"%PDF-1.4")
+                    .resource_text("file:///reports/notes.txt", "text/plain", "Up 4%.")
+                    .audio(&[0u8; 44], "audio/wav")
+                    .image(&[0u8; 10], "image/tiff"),
+            )
+        },
+    );
+    Registry::builder().tool(report).build().expect("valid")
+}
+
+/// The same `report` call answered through each format: OpenAI Chat, Responses,
+/// Anthropic, MCP.
+async fn content_results() -> (Value, Value, Value, Value, Vec<Event>, ToolOutput) {
+    let engine = Engine::builder(content_registry()).build();
+    let sink = RecordingSink::new();
+    let d = engine
+        .dispatcher()
+        .sink(sink.clone())
+        .user(UserContext::builder("alice").build().expect("user"));
+    let args = json!({"quarter": "Q3"});
+    let chat = openai::parse_calls(&json!({"role": "assistant", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "report", "arguments": args.to_string()}}]}))
+    .expect("chat");
+    let chat_out = openai::render_results(&chat, &d.dispatch_all(chat.clone()).await);
+    let resp = responses::parse_calls(&json!([{"type": "function_call", "call_id": "call_2",
+        "name": "report", "arguments": args.to_string()}]))
+    .expect("responses");
+    let resp_out = responses::render_results(&resp, &d.dispatch_all(resp.clone()).await);
+    let anth = anthropic::parse_calls(&json!({"role": "assistant", "content": [
+        {"type": "tool_use", "id": "toolu_3", "name": "report", "input": args}]}))
+    .expect("anthropic");
+    let anth_out = anthropic::render_results(&anth, &d.dispatch_all(anth.clone()).await);
+    let request = json!({"jsonrpc": "2.0", "id": 4, "method": "tools/call",
+        "params": {"name": "report", "arguments": args}});
+    let (id, call) = mcp::parse_call(&request).expect("mcp");
+    let result = d.dispatch(call).await;
+    let mcp_out = mcp::render_result(&id, &result);
+    (
+        chat_out,
+        resp_out,
+        anth_out,
+        mcp_out,
+        sink.events(),
+        result.expect("a report"),
+    )
+}
+
+#[tokio::test]
+async fn content_blocks_reach_each_format_in_its_nearest_form() {
+    let (chat, resp, anth, mcp_out, events, out) = content_results().await;
+    golden("openai/content_results.json", &chat);
+    golden("responses/content_results.json", &resp);
+    golden("anthropic/content_results.json", &anth);
+    golden("mcp/content_results.json", &mcp_out);
+
+    // MCP: the blocks as they are, the image whole.
+    let blocks = &mcp_out["result"]["content"];
+    let kinds: Vec<&str> = blocks
+        .as_array()
+        .expect("blocks")
+        .iter()
+        .filter_map(|b| b["type"].as_str())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "text",
+            "image",
+            "resource_link",
+            "resource",
+            "resource",
+            "audio",
+            "image"
+        ]
+    );
+    assert_eq!(
+        blocks[1]["data"],
+        "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGMAAQAABQABDQottAAAAABJRU5ErkJggg=="
+    );
+    assert!(mcp_out["result"].get("structuredContent").is_none());
+    // Anthropic: an image block, a PDF document, text for the rest.
+    let a = &anth["content"][0]["content"];
+    assert_eq!(a[1]["source"]["media_type"], "image/png");
+    assert_eq!(a[3]["type"], "document");
+    assert_eq!(a[6]["type"], "text", "TIFF is described");
+    // Responses: an image data URL, the PDF as a file.
+    assert!(
+        resp[0]["output"][1]["image_url"]
+            .as_str()
+            .is_some_and(|u| u.starts_with("data:image/png;base64,iVBOR"))
+    );
+    assert_eq!(resp[0]["output"][3]["type"], "input_file");
+    // Chat: text only, each block described, the link as a link.
+    let text = chat[0]["content"].as_str().expect("text");
+    assert!(text.contains("[image/png, 67 bytes]"), "{text}");
+    assert!(
+        text.contains("[q3.csv](https://example.com/q3.csv)"),
+        "{text}"
+    );
+    assert!(!text.contains("iVBOR"), "no base64 in a text-only reply");
+
+    // The event carries markers, not bytes; the caller's value is whole.
+    for e in &events {
+        if let Event::ToolCompleted(c) = e {
+            let shown = c.result.to_string();
+            assert!(shown.contains("[image/png, 67 bytes]"), "{shown}");
+            assert!(shown.contains("[application/pdf, 8 bytes]"), "{shown}");
+            assert!(!shown.contains("iVBOR"), "{shown}");
+        }
+    }
+    assert_eq!(out.value["$content"][1]["data"], blocks[1]["data"]);
+}
+
+/// The Python with `openai` and `anthropic` (`.ci/run` installs them into
+/// `target/e2e/venv`); `None` outside CI when missing.
+fn python_with_sdks() -> Option<PathBuf> {
+    let path = std::env::var_os("TOOL_DISPATCH_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/e2e/venv/bin/python")
+        });
+    let ok = std::process::Command::new(&path)
+        .args(["-c", "import openai, anthropic, pydantic"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{} lacks the openai and anthropic SDKs; .ci/run installs them",
+            path.display()
+        );
+        eprintln!("skipped: target/e2e/venv/bin/pip install openai anthropic");
+        return None;
+    }
+    Some(path)
+}
+
+#[tokio::test]
+async fn content_results_fit_the_official_python_sdk_types() {
+    let Some(python) = python_with_sdks() else {
+        return;
+    };
+    let (chat, resp, anth, _, _, _) = content_results().await;
+    let all = json!({"openai": chat, "responses": resp, "anthropic": anth});
+    let dir = std::env::temp_dir().join(format!("tool-dispatch-sdk-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("results.json");
+    std::fs::write(&file, all.to_string()).expect("write");
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/clients/mcp_content_types.py");
+    let out = std::process::Command::new(python)
+        .arg(script)
+        .arg(&file)
+        .output()
+        .expect("python runs");
+    let _ = std::fs::remove_dir_all(&dir);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("valid: openai 1, responses 1, anthropic 1"),
+        "{said}"
+    );
+}

@@ -7,9 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::in_flight::{
-    Ending, InFlight, Pending, Phase, Refusal, Source, Unannounced,
-};
+use super::in_flight::{Ending, InFlight, Pending, Phase, Refusal, Source, Unannounced};
 use crate::delivery::{Delivered, NotSent, Now, Role, Watch};
 use crate::error::DispatchError;
 use crate::event::{Event, Status, ToolCompleted, ToolExecuting};

@@ -147,6 +147,7 @@ impl<'a> InFlight<'a> {
         };
         let (result, note) = match json {
             Ok(mut j) => {
+                crate::content::elide_binary(&mut j);
                 let others = self.header_bytes();
                 self.inner
                     .redaction()

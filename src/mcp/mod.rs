@@ -7,7 +7,11 @@
 //! runs as the request's authenticated user, with that user's limits, policy,
 //! redaction, approvals, events and cancellation. Serve it over stdio for one user
 //! with rmcp's `serve`, or over streamable HTTP with [`router`], which checks each
-//! request's bearer token first.
+//! request's `Origin`, then its bearer token (a static token list for local use, or
+//! with feature `oauth` JWT access tokens through `oauth_router`), then that the
+//! session it names is its user's. A call that needs approval is asked of a client
+//! that declared elicitation; results in the [`Content`](crate::content::Content)
+//! form go out as content blocks; [`McpServer::stats`] counts what was served.
 //!
 //! ```no_run
 //! # async fn f(engine: tool_dispatch::Engine, alice: tool_dispatch::UserContext) -> Result<(), Box<dyn std::error::Error>> {
@@ -26,10 +30,16 @@
 //! [`provider::mcp`](crate::provider::mcp) stays the rmcp-free JSON layer; this
 //! module renders results through it, so both speak the same statuses.
 
+mod approve;
 mod http;
 mod import;
 mod server;
+mod sessions;
+mod stats;
 
+#[cfg(feature = "oauth")]
+pub use http::{oauth_router, oauth_router_with};
 pub use http::{router, router_with};
 pub use import::{ImportError, McpImport};
 pub use server::McpServer;
+pub use stats::McpStats;

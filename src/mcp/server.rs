@@ -3,22 +3,27 @@
 use std::sync::{Arc, OnceLock};
 
 use rmcp::model::{
-    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ErrorCode, ErrorData,
-    Implementation, ListToolsResult, PaginatedRequestParams, ProgressNotificationParam,
-    ProgressToken, ServerCapabilities, ServerConfig, Tool,
+    CallToolRequestParams, CallToolResponse, CallToolResult, CompleteRequestParams, CompleteResult,
+    ContentBlock, CustomRequest, CustomResult, ErrorCode, ErrorData, GetPromptRequestParams,
+    GetPromptResponse, Implementation, InitializeRequestParams, InitializeResult,
+    ListPromptsResult, ListResourceTemplatesResult, ListResourcesResult, ListToolsResult,
+    PaginatedRequestParams, ProgressNotificationParam, ProgressToken, ProtocolVersion,
+    ReadResourceRequestParams, ReadResourceResponse, ServerCapabilities, ServerConfig, Tool,
 };
 use rmcp::service::RequestContext;
 use rmcp::{Peer, RoleServer, ServerHandler};
+use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
+use super::approve::{self, Asked, Parked, Phase};
+use super::stats::{Counters, Elicitation, McpStats};
 use crate::engine::Engine;
 use crate::event::{Event, ToolProgress};
-use crate::provider::input_schema;
-use crate::provider::mcp::{Outcome, outcome};
+use crate::provider::mcp::{Blocks, Outcome, outcome, tool_schema};
 use crate::sink::{EventSink, SinkError, TrySendError};
 use crate::user::UserContext;
-use crate::{BoxFuture, ToolCall};
+use crate::{BoxFuture, DispatchError, ToolCall, ToolOutput};
 
 /// Where the events of each user's MCP calls go: the integrator's choice per user
 /// (their run log, the sink of their open WebSocket, …).
@@ -32,23 +37,35 @@ const PROGRESS_BUFFER: usize = 64;
 /// the user of the request.
 ///
 /// - `tools/list`: the registry's tools in registration order, those whose scopes
-///   the user holds, with their input schema, an `outputSchema` when the tool set
-///   one ([`ToolSettings::output_schema`](crate::ToolSettings::output_schema)), and
+///   the user holds, with their input schema (`$schema` and `$defs` kept), an
+///   `outputSchema` when the tool set one
+///   ([`ToolSettings::output_schema`](crate::ToolSettings::output_schema)), and
 ///   annotations (`idempotentHint` when cached, `readOnlyHint` / `destructiveHint`
 ///   when set).
-/// - `tools/call`: an unknown tool is the JSON-RPC error `-32602`; every other ending
-///   (invalid input, tool error, denied, rate limited with its retry hint, busy,
-///   timeout, panicked, rejected, …) is a result with `isError: true` and the text a
-///   model may see, as [`provider::mcp`](crate::provider::mcp) renders it. A request
-///   with a `progressToken` gets `notifications/progress` for the tool's progress
-///   (strictly increasing, none after the result). A cancelled request
-///   (`notifications/cancelled`, or an HTTP client that closes its stream) drops the
-///   dispatch: the call ends `cancelled` with its paired events.
+/// - `tools/call`: an unknown tool is the JSON-RPC error `-32602`, as is a request
+///   whose params do not fit `tools/call` (no `name`, a `name` that is not a
+///   string, `arguments` that are not an object); a method the server does not
+///   know is `-32601`. Every other ending (invalid input, tool error, denied, rate
+///   limited with its retry hint, busy, timeout, panicked, rejected, …) is a result
+///   with `isError: true` and the text a model may see, as
+///   [`provider::mcp`](crate::provider::mcp) renders it. A result in the library's
+///   [`Content`](crate::content::Content) form goes out as its content blocks. A
+///   request with a `progressToken` gets `notifications/progress` for the tool's
+///   progress (strictly increasing, none after the result).
+/// - Cancellation: `notifications/cancelled` for the request drops the dispatch;
+///   the call ends `cancelled` with its paired events. Over HTTP with sessions a
+///   client that only closes its response stream has not cancelled (the
+///   specification says so): the call runs on and its answer can be resumed.
+/// - Approval: a call that needs it is asked of the client by elicitation when the
+///   client declared that capability (`elicitation/create` up to 2025-11-25, an
+///   `input_required` result in 2026-07-28); the first answer, the client's or the
+///   user's page's, wins. A client without elicitation waits for the answer given
+///   elsewhere.
 /// - The user: fixed for stdio ([`McpServer::for_user`]); over HTTP, the
 ///   [`UserContext`] that [`router`](super::router) put into the request after
 ///   checking its bearer token ([`McpServer::per_request`]), never a default one. A
-///   session (protocol revisions with sessions) belongs to its first user and
-///   refuses another.
+///   session (protocol revisions with sessions) belongs to the user who initialized
+///   it.
 /// - Events go where [`McpServer::events`] says, per user; by default nowhere
 ///   (counted as delivered), so set it to show MCP calls on the user's page.
 #[derive(Clone)]
@@ -60,6 +77,8 @@ pub struct McpServer {
     run: Option<Arc<str>>,
     /// The user this session (one handler instance) belongs to, once it has one.
     bound: Arc<OnceLock<Arc<str>>>,
+    counters: Arc<Counters>,
+    parked: Arc<Parked>,
 }
 
 impl std::fmt::Debug for McpServer {
@@ -103,6 +122,8 @@ impl McpServer {
             events: Arc::new(move |_| Arc::clone(&nowhere)),
             run: None,
             bound: Arc::default(),
+            counters: Arc::default(),
+            parked: Arc::default(),
         }
     }
 
@@ -135,7 +156,8 @@ impl McpServer {
         self
     }
 
-    /// The same server for a new session: bound to no user yet.
+    /// The same server for a new session: bound to no user yet (its counters and
+    /// parked calls are shared).
     pub fn session(&self) -> McpServer {
         McpServer {
             bound: Arc::default(),
@@ -143,7 +165,17 @@ impl McpServer {
         }
     }
 
-    /// The user of a request, or why it has none.
+    /// The server's counters (requests by method, errors by code, sessions,
+    /// elicitations), shared by every session: plain atomics, cheap to read.
+    pub fn stats(&self) -> McpStats {
+        self.counters.snapshot()
+    }
+
+    pub(super) fn counters(&self) -> &Arc<Counters> {
+        &self.counters
+    }
+
+    /// The user of a request, or why it has none. The first user binds the session.
     fn user(&self, extensions: &rmcp::model::Extensions) -> Result<UserContext, ErrorData> {
         let user = match &self.fixed {
             Some(u) => u.clone(),
@@ -171,6 +203,14 @@ impl McpServer {
         }
     }
 
+    /// Counts an answer's error, if it is one.
+    fn counted<T>(&self, answer: Result<T, ErrorData>) -> Result<T, ErrorData> {
+        if let Err(e) = &answer {
+            self.counters.error(e.code.0);
+        }
+        answer
+    }
+
     /// The tools `user` may call, as MCP lists them.
     fn tools(&self, user: &UserContext) -> Vec<Tool> {
         let registry = self.engine.registry();
@@ -184,7 +224,7 @@ impl McpServer {
                 let mut tool = json!({
                     "name": def.name,
                     "description": def.description,
-                    "inputSchema": input_schema(def),
+                    "inputSchema": tool_schema(def),
                 });
                 if let Some(schema) = settings.result_schema() {
                     tool["outputSchema"] = schema.clone();
@@ -207,19 +247,264 @@ impl McpServer {
             })
             .collect()
     }
+
+    async fn call(
+        &self,
+        request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        let user = self.user(&context.extensions)?;
+        let modern = context
+            .protocol_version()
+            .is_some_and(|v| v.as_str() >= ProtocolVersion::V_2026_07_28.as_str());
+        if modern && let Some(state) = &request.request_state {
+            let digest = self
+                .parked
+                .digest(&request.name, request.arguments.as_ref());
+            return self.resume(&user, &request, state, digest, &context).await;
+        }
+        // The session's capabilities are read in place; a 2026-07-28 request carries
+        // its own.
+        let asks = match modern {
+            true => approve::can_ask(context.meta.client_capabilities().as_ref()),
+            false => context
+                .peer
+                .peer_info()
+                .is_some_and(|info| approve::can_ask(Some(&info.capabilities))),
+        };
+        // What binds a parked call to its retry: only a call that may be parked pays
+        // for it.
+        let digest = (modern && asks).then(|| {
+            self.parked
+                .digest(&request.name, request.arguments.as_ref())
+        });
+        let name = request.name.to_string();
+        let arguments = request.arguments.map_or(json!({}), Value::Object);
+        let call = ToolCall::new(name.clone(), arguments);
+        let token = context.meta.get_progress_token();
+        let (tx, mut rx) = mpsc::channel(PROGRESS_BUFFER);
+        let (phase_tx, mut phase) = match asks {
+            true => {
+                let (tx, rx) = watch::channel(Phase::Idle);
+                (Some(tx), Some(rx))
+            }
+            false => (None, None),
+        };
+        let sink = CallSink {
+            events: (self.events)(&user),
+            progress: token.is_some().then_some(tx),
+            phase: phase_tx,
+        };
+        let mut forward = token.map(|token| Forward {
+            peer: context.peer.clone(),
+            token,
+            last: f64::NEG_INFINITY,
+        });
+        let who: Option<Arc<str>> = asks.then(|| Arc::from(user.user_id()));
+        let dispatcher = self.engine.dispatcher().sink(sink).user(user);
+        let mut dispatch: BoxFuture<'static, Result<ToolOutput, DispatchError>> =
+            Box::pin(async move { dispatcher.dispatch(call).await });
+        let mut asked: Option<Asked> = None;
+        // The call, its progress and its approval on one task; a cancelled request
+        // drops the dispatch: the call ends `cancelled`, paired.
+        let result = loop {
+            tokio::select! {
+                biased;
+                r = &mut dispatch => break Some(r),
+                () = context.ct.cancelled() => break None,
+                Some(p) = rx.recv(), if forward.is_some() => {
+                    if let Some(f) = forward.as_mut() {
+                        f.send(p).await;
+                    }
+                }
+                Some(now) = async { watched(phase.as_mut()?).await }, if phase.is_some() => {
+                    match now {
+                        Phase::Waiting(q) if let (Some(digest), Some(rx), Some(who)) = (digest, &phase, &who) => {
+                            let parked = self.parked.park(
+                                who, &name, digest, q.clone(), rx.clone(), dispatch,
+                            );
+                            match parked {
+                                Ok(state) => {
+                                    let Some(ask) = approve::input_required(&q, &state) else {
+                                        return Err(internal("the approval question"));
+                                    };
+                                    self.counters.elicitation(Elicitation::Asked);
+                                    self.counters.elicitation(Elicitation::InputRequired);
+                                    return Ok(CallToolResponse::InputRequired(ask));
+                                }
+                                Err(call) => dispatch = call,
+                            }
+                        }
+                        Phase::Waiting(q) => {
+                            if asked.is_none() {
+                                asked = Asked::send(&context.peer, q, &self.counters).await;
+                            }
+                        }
+                        Phase::Decided => {
+                            if let Some(a) = asked.take() {
+                                a.withdraw(&self.counters).await;
+                            }
+                        }
+                        Phase::Idle => {}
+                    }
+                }
+                answer = async { asked.as_mut()?.answer().await }, if asked.is_some() => {
+                    if let (Some(a), Some(r), Some(who)) = (asked.take(), answer, &who) {
+                        approve::decide(&self.engine, who, a.question(), &r, &self.counters).await;
+                    }
+                }
+            }
+        };
+        if let Some(a) = asked.take() {
+            a.withdraw(&self.counters).await;
+        }
+        // What progress is left goes out before the result, and nothing after it.
+        if let Some(f) = forward.as_mut() {
+            while let Ok(p) = rx.try_recv() {
+                f.send(p).await;
+            }
+        }
+        match result {
+            Some(r) => answer(&r),
+            None => Err(ErrorData::new(
+                ErrorCode::INTERNAL_ERROR,
+                "the request was cancelled",
+                None,
+            )),
+        }
+    }
+
+    /// The retry of a call parked by an `input_required` result (2026-07-28).
+    async fn resume(
+        &self,
+        user: &UserContext,
+        request: &CallToolRequestParams,
+        state: &str,
+        digest: u64,
+        context: &RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        let unknown = || {
+            ErrorData::invalid_params(
+                "requestState is unknown, expired, or not this call's; call the tool again \
+                 without it",
+                None,
+            )
+        };
+        let Some(mut ticket) = self
+            .parked
+            .find(state, user.user_id(), &request.name, digest)
+        else {
+            return Err(unknown());
+        };
+        match approve::response(request.input_responses.as_ref()) {
+            Err(()) => {
+                return Err(ErrorData::invalid_params(
+                    "inputResponses.approval is not an elicitation result",
+                    None,
+                ));
+            }
+            Ok(Some(r)) => {
+                approve::decide(
+                    &self.engine,
+                    user.user_id(),
+                    &ticket.question,
+                    &r,
+                    &self.counters,
+                )
+                .await;
+            }
+            Ok(None) => {
+                let waiting = matches!(*ticket.phase.borrow(), Phase::Waiting(_));
+                if waiting && ticket.result.borrow().is_none() {
+                    // Asked again: the answer is still needed.
+                    let ask = approve::input_required(&ticket.question, state)
+                        .ok_or_else(|| internal("the approval question"))?;
+                    self.counters.elicitation(Elicitation::InputRequired);
+                    return Ok(CallToolResponse::InputRequired(ask));
+                }
+            }
+        }
+        let outcome = tokio::select! {
+            r = ticket.result.wait_for(Option::is_some) => r.ok().and_then(|r| r.clone()),
+            () = context.ct.cancelled() => None,
+        };
+        let Some(outcome) = outcome else {
+            return Err(ErrorData::new(
+                ErrorCode::INTERNAL_ERROR,
+                "the request was cancelled",
+                None,
+            ));
+        };
+        self.parked.spent(state);
+        answer(&outcome)
+    }
+}
+
+/// The next phase of a call's approval; `None` once the call's sink is gone.
+async fn watched(phase: &mut watch::Receiver<Phase>) -> Option<Phase> {
+    phase.changed().await.ok()?;
+    Some(phase.borrow_and_update().clone())
+}
+
+fn internal(what: &str) -> ErrorData {
+    ErrorData::new(
+        ErrorCode::INTERNAL_ERROR,
+        format!("{what} cannot be made"),
+        None,
+    )
+}
+
+/// The MCP answer to a call's result.
+fn answer(result: &Result<ToolOutput, DispatchError>) -> Result<CallToolResponse, ErrorData> {
+    match outcome(result) {
+        Outcome::Result {
+            content,
+            structured,
+            is_error,
+        } => {
+            let content: Vec<ContentBlock> = match content {
+                Blocks::Text(text) => vec![ContentBlock::text(text)],
+                // MCP's own shapes: read as rmcp's blocks.
+                Blocks::Json(blocks) => blocks
+                    .iter()
+                    .filter_map(|b| ContentBlock::deserialize(b).ok())
+                    .collect(),
+            };
+            let mut answer = match is_error {
+                true => CallToolResult::error(content),
+                false => CallToolResult::success(content),
+            };
+            answer.structured_content = structured.cloned();
+            Ok(answer.into())
+        }
+        Outcome::ProtocolError {
+            code,
+            message,
+            data,
+        } => Err(ErrorData::new(
+            ErrorCode(i32::try_from(code).unwrap_or(-32602)),
+            message,
+            Some(data),
+        )),
+    }
 }
 
 /// A call's sink: the user's events go to the integrator's sink; the tool's
-/// progress also to the MCP client, when it asked for it.
+/// progress also to the MCP client, when it asked for it; its approval is followed
+/// when the client can be asked.
 struct CallSink {
     events: Arc<dyn EventSink>,
     progress: Option<mpsc::Sender<ToolProgress>>,
+    phase: Option<watch::Sender<Phase>>,
 }
 
 impl CallSink {
     fn tee(&self, event: &Event) {
         if let (Some(tx), Event::ToolProgress(p)) = (&self.progress, event) {
             let _ = tx.try_send(p.clone()); // dropped when the client is behind
+        }
+        if let Some(phase) = &self.phase {
+            approve::observe(phase, event);
         }
     }
 }
@@ -258,6 +543,52 @@ impl Forward {
     }
 }
 
+/// The JSON-RPC error for a method the server does not serve.
+fn not_served(method: &str) -> ErrorData {
+    ErrorData::new(
+        ErrorCode::METHOD_NOT_FOUND,
+        format!("method not found: {method}"),
+        None,
+    )
+}
+
+/// Methods of the protocol: a request naming one that rmcp could not read had bad
+/// params (`-32602`), not an unknown method.
+const KNOWN_METHODS: &[&str] = &[
+    "initialize",
+    "ping",
+    "tools/list",
+    "tools/call",
+    "resources/list",
+    "resources/templates/list",
+    "resources/read",
+    "resources/subscribe",
+    "resources/unsubscribe",
+    "prompts/list",
+    "prompts/get",
+    "completion/complete",
+    "logging/setLevel",
+    "server/discover",
+    "subscriptions/listen",
+];
+
+/// What is wrong with the params of a `tools/call` rmcp could not read, in words
+/// that quote no value.
+fn bad_call_params(params: Option<&Value>) -> &'static str {
+    let Some(Value::Object(p)) = params else {
+        return "tools/call needs params: an object with `name`";
+    };
+    match p.get("name") {
+        None | Some(Value::Null) => return "tools/call params need `name`",
+        Some(Value::String(_)) => {}
+        Some(_) => return "tools/call `name` must be a string",
+    }
+    match p.get("arguments") {
+        None | Some(Value::Null | Value::Object(_)) => "tools/call params do not fit the method",
+        Some(_) => "tools/call `arguments` must be an object",
+    }
+}
+
 impl ServerHandler for McpServer {
     fn get_info(&self) -> ServerConfig {
         ServerConfig::new(ServerCapabilities::builder().enable_tools().build()).with_server_info(
@@ -265,12 +596,30 @@ impl ServerHandler for McpServer {
         )
     }
 
+    async fn initialize(
+        &self,
+        request: InitializeRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<InitializeResult, ErrorData> {
+        self.counters.request("initialize");
+        // The session is its initializer's from the first message.
+        self.counted(self.user(&context.extensions))?;
+        context.peer.set_peer_info(request.clone());
+        self.counted(self.negotiate_initialize(&request))
+    }
+
+    async fn ping(&self, _context: RequestContext<RoleServer>) -> Result<(), ErrorData> {
+        self.counters.request("ping");
+        Ok(())
+    }
+
     async fn list_tools(
         &self,
         _request: Option<PaginatedRequestParams>,
         context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
-        let user = self.user(&context.extensions)?;
+        self.counters.request("tools/list");
+        let user = self.counted(self.user(&context.extensions))?;
         Ok(ListToolsResult::with_all_items(self.tools(&user)))
     }
 
@@ -279,73 +628,81 @@ impl ServerHandler for McpServer {
         request: CallToolRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
-        let user = self.user(&context.extensions)?;
-        let arguments = request.arguments.map_or(json!({}), Value::Object);
-        let call = ToolCall::new(request.name.to_string(), arguments);
-        let token = context.meta.get_progress_token();
-        let (tx, mut rx) = mpsc::channel(PROGRESS_BUFFER);
-        let sink = CallSink {
-            events: (self.events)(&user),
-            progress: token.is_some().then_some(tx),
-        };
-        let mut forward = token.map(|token| Forward {
-            peer: context.peer.clone(),
-            token,
-            last: f64::NEG_INFINITY,
-        });
-        let dispatcher = self.engine.dispatcher().sink(sink).user(user);
-        let dispatch = dispatcher.dispatch(call);
-        tokio::pin!(dispatch);
-        // The call and its progress on one task; a cancelled request drops the
-        // dispatch: the call ends `cancelled`, paired.
-        let result = loop {
-            tokio::select! {
-                biased;
-                r = &mut dispatch => break Some(r),
-                () = context.ct.cancelled() => break None,
-                Some(p) = rx.recv(), if forward.is_some() => {
-                    if let Some(f) = forward.as_mut() {
-                        f.send(p).await;
-                    }
-                }
+        self.counters.request("tools/call");
+        let answer = self.call(request, context).await;
+        self.counted(answer)
+    }
+
+    async fn on_custom_request(
+        &self,
+        request: CustomRequest,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<CustomResult, ErrorData> {
+        let method = request.method.as_str();
+        self.counters.request(method);
+        let error = match method {
+            "tools/call" => {
+                ErrorData::invalid_params(bad_call_params(request.params.as_ref()), None)
             }
-        };
-        // What progress is left goes out before the result, and nothing after it.
-        if let Some(f) = forward.as_mut() {
-            while let Ok(p) = rx.try_recv() {
-                f.send(p).await;
+            m if KNOWN_METHODS.contains(&m) => {
+                ErrorData::invalid_params(format!("invalid params for {m}"), None)
             }
-        }
-        let Some(result) = result else {
-            return Err(ErrorData::new(
-                ErrorCode::INTERNAL_ERROR,
-                "the request was cancelled",
-                None,
-            ));
+            m => not_served(m),
         };
-        match outcome(&result) {
-            Outcome::Result {
-                text,
-                structured,
-                is_error,
-            } => {
-                let content = vec![ContentBlock::text(text)];
-                let mut answer = match is_error {
-                    true => CallToolResult::error(content),
-                    false => CallToolResult::success(content),
-                };
-                answer.structured_content = structured.cloned();
-                Ok(answer.into())
-            }
-            Outcome::ProtocolError {
-                code,
-                message,
-                data,
-            } => Err(ErrorData::new(
-                ErrorCode(i32::try_from(code).unwrap_or(-32602)),
-                message,
-                Some(data),
-            )),
-        }
+        self.counted(Err(error))
+    }
+
+    async fn list_resources(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListResourcesResult, ErrorData> {
+        self.counters.request("resources/list");
+        self.counted(Err(not_served("resources/list")))
+    }
+
+    async fn list_resource_templates(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListResourceTemplatesResult, ErrorData> {
+        self.counters.request("resources/templates/list");
+        self.counted(Err(not_served("resources/templates/list")))
+    }
+
+    async fn read_resource(
+        &self,
+        _request: ReadResourceRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ReadResourceResponse, ErrorData> {
+        self.counters.request("resources/read");
+        self.counted(Err(not_served("resources/read")))
+    }
+
+    async fn list_prompts(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListPromptsResult, ErrorData> {
+        self.counters.request("prompts/list");
+        self.counted(Err(not_served("prompts/list")))
+    }
+
+    async fn get_prompt(
+        &self,
+        _request: GetPromptRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<GetPromptResponse, ErrorData> {
+        self.counters.request("prompts/get");
+        self.counted(Err(not_served("prompts/get")))
+    }
+
+    async fn complete(
+        &self,
+        _request: CompleteRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<CompleteResult, ErrorData> {
+        self.counters.request("completion/complete");
+        self.counted(Err(not_served("completion/complete")))
     }
 }

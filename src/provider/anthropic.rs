@@ -47,7 +47,8 @@
 
 use serde_json::{Map, Value, json};
 
-use crate::provider::{ProviderError, Reader, input_schema, result_id, result_text};
+use crate::content::{Block, Content};
+use crate::provider::{ProviderError, Reader, content_of, input_schema, result_id, result_text};
 use crate::{DispatchError, Registry, ToolCall, ToolOutput};
 
 const R: Reader = Reader {
@@ -105,7 +106,10 @@ fn parse_tool_use(b: &Map<String, Value>, path: &str) -> Result<ToolCall, Provid
 /// `{"role":"user","content":[{"type":"tool_result","tool_use_id","content"}, ..]}`,
 /// exactly one block per call, in call order. `content` is the result (JSON text
 /// unless it is a string); a failed call's block has the safe error message and
-/// `"is_error": true` (also a call that has no entry in `results`).
+/// `"is_error": true` (also a call that has no entry in `results`). A result in the
+/// [`Content`] form is a list of blocks instead: `text`, `image` (base64) for JPEG,
+/// PNG, GIF and WebP images, `document` for a PDF, and a `text` describing any other
+/// block.
 pub fn render_results(calls: &[ToolCall], results: &[Result<ToolOutput, DispatchError>]) -> Value {
     let blocks: Vec<Value> = calls
         .iter()
@@ -113,10 +117,14 @@ pub fn render_results(calls: &[ToolCall], results: &[Result<ToolOutput, Dispatch
         .map(|(i, call)| {
             let result = results.get(i);
             let (text, is_error) = result_text(result);
+            let content = match content_of(result) {
+                Some(c) => Value::Array(blocks(&c)),
+                None => Value::String(text),
+            };
             let mut block = json!({
                 "type": "tool_result",
                 "tool_use_id": result_id(call, result),
-                "content": text,
+                "content": content,
             });
             if is_error {
                 block["is_error"] = Value::Bool(true);
@@ -125,4 +133,35 @@ pub fn render_results(calls: &[ToolCall], results: &[Result<ToolOutput, Dispatch
         })
         .collect();
     json!({ "role": "user", "content": blocks })
+}
+
+/// Image types a `tool_result` takes.
+const IMAGES: &[&str] = &["image/jpeg", "image/png", "image/gif", "image/webp"];
+
+/// The `tool_result` content blocks of a content result.
+fn blocks(content: &Content) -> Vec<Value> {
+    content
+        .blocks()
+        .iter()
+        .map(|block| match block {
+            Block::Image { data, mime_type } if IMAGES.contains(&mime_type.as_str()) => json!({
+                "type": "image",
+                "source": {"type": "base64", "media_type": mime_type, "data": data},
+            }),
+            Block::Resource { resource: r }
+                if r.mime_type.as_deref() == Some("application/pdf") && r.blob.is_some() =>
+            {
+                json!({
+                    "type": "document",
+                    "source": {
+                        "type": "base64",
+                        "media_type": "application/pdf",
+                        "data": r.blob.as_deref().unwrap_or_default(),
+                    },
+                    "title": r.uri,
+                })
+            }
+            other => json!({"type": "text", "text": other.describe()}),
+        })
+        .collect()
 }

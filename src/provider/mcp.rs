@@ -42,8 +42,10 @@
 
 use serde_json::{Value, json};
 
+use crate::content::{CONTENT_KEY, Content};
 use crate::event::ToolProgress;
-use crate::provider::{ProviderError, Reader, input_schema, output_text};
+use crate::provider::{ProviderError, Reader, output_text};
+use crate::registry::ToolDefinition;
 use crate::{DispatchError, Registry, ToolCall, ToolOutput};
 
 const R: Reader = Reader { format: "mcp" };
@@ -55,6 +57,9 @@ pub const METHOD_NOT_FOUND: i64 = -32601;
 /// JSON-RPC "Invalid params" (also MCP's code for an unknown tool).
 pub const INVALID_PARAMS: i64 = -32602;
 
+/// The JSON Schema dialect a tool's input schema names when it names none.
+pub const DEFAULT_DIALECT: &str = "https://json-schema.org/draft/2020-12/schema";
+
 /// The `result` of `tools/list`: `{"tools":[{"name","description","inputSchema"}]}`,
 /// in registration order.
 pub fn list_tools(registry: &Registry) -> Value {
@@ -64,11 +69,48 @@ pub fn list_tools(registry: &Registry) -> Value {
             json!({
                 "name": d.name,
                 "description": d.description,
-                "inputSchema": input_schema(d),
+                "inputSchema": tool_schema(d),
             })
         })
         .collect();
     json!({ "tools": tools })
+}
+
+/// A tool's `inputSchema` as MCP lists it: the schema whole, its dialect (`$schema`)
+/// and `$defs` kept, without the root `title` (the Rust type's name). A schema that
+/// names no dialect gets MCP's default, JSON Schema 2020-12, written out; one that
+/// names no type (a tool taking any JSON value) gets `"type": "object"`, which is
+/// all MCP's `arguments` can be.
+///
+/// ```
+/// # use tool_dispatch::{provider, tool_fn, Registry, ToolError};
+/// # #[derive(serde::Deserialize, serde::Serialize, schemars::JsonSchema)]
+/// # struct In { city: String }
+/// let registry = Registry::builder()
+///     .tool(tool_fn("w", "Weather.", |i: In, _| async move { Ok::<_, ToolError>(i.city) }))
+///     .build()?;
+/// let schema = provider::mcp::tool_schema(registry.definition("w").unwrap());
+/// assert_eq!(schema["$schema"], "https://json-schema.org/draft/2020-12/schema");
+/// # Ok::<(), tool_dispatch::RegistryError>(())
+/// ```
+pub fn tool_schema(def: &ToolDefinition) -> Value {
+    let mut schema = match &def.input_schema {
+        // `true` (any value): MCP's arguments are an object all the same.
+        Value::Bool(true) => json!({}),
+        other => other.clone(),
+    };
+    if let Value::Object(root) = &mut schema {
+        root.remove("title");
+        if !root.contains_key("$schema") {
+            root.insert("$schema".into(), Value::from(DEFAULT_DIALECT));
+        }
+        // A schema that says nothing of the type accepts an object, which is all
+        // `arguments` can be; MCP wants that said.
+        if !root.contains_key("type") {
+            root.insert("type".into(), Value::from("object"));
+        }
+    }
+    schema
 }
 
 /// Reads a JSON-RPC `tools/call` request into its id and the call.
@@ -115,17 +157,18 @@ pub fn progress_token(request: &Value) -> Option<&Value> {
 ///
 /// Success: `{"content":[{"type":"text","text"}],"isError":false}`, the text being
 /// the result (JSON text unless it is a string), plus `structuredContent` when the
-/// result is a JSON object. A failed call: the same with the safe message and
-/// `"isError": true`, except an unknown tool, which is a JSON-RPC error `-32602`.
+/// result is a JSON object; a result in the [`Content`] form is its blocks, as they
+/// are. A failed call: the same with the safe message and `"isError": true`, except
+/// an unknown tool, which is a JSON-RPC error `-32602`.
 pub fn render_result(id: &Value, result: &Result<ToolOutput, DispatchError>) -> Value {
     let result = match outcome(result) {
         Outcome::Result {
-            text,
+            content,
             structured,
             is_error,
         } => {
             let mut r = json!({
-                "content": [{ "type": "text", "text": text }],
+                "content": content.to_json(),
                 "isError": is_error,
             });
             if let Some(s) = structured {
@@ -146,10 +189,10 @@ pub fn render_result(id: &Value, result: &Result<ToolOutput, DispatchError>) -> 
 /// rmcp server of the `mcp` feature): one mapping of statuses for both.
 #[cfg_attr(not(feature = "mcp"), allow(dead_code))]
 pub(crate) enum Outcome<'a> {
-    /// A `CallToolResult`: the text, the structured result (a JSON object), and
+    /// A `CallToolResult`: its content, the structured result (a JSON object), and
     /// whether it is a tool execution error.
     Result {
-        text: String,
+        content: Blocks<'a>,
         structured: Option<&'a Value>,
         is_error: bool,
     },
@@ -161,13 +204,41 @@ pub(crate) enum Outcome<'a> {
     },
 }
 
+/// A result's content: one text block (most results), or the blocks of a result
+/// in the [`Content`] form, as MCP JSON.
+#[cfg_attr(not(feature = "mcp"), allow(dead_code))]
+pub(crate) enum Blocks<'a> {
+    Text(String),
+    Json(&'a [Value]),
+}
+
+impl Blocks<'_> {
+    /// The `content` array.
+    fn to_json(&self) -> Value {
+        match self {
+            Blocks::Text(t) => json!([{ "type": "text", "text": t }]),
+            Blocks::Json(blocks) => Value::Array(blocks.to_vec()),
+        }
+    }
+}
+
 /// The MCP answer to a call's result.
 pub(crate) fn outcome(result: &Result<ToolOutput, DispatchError>) -> Outcome<'_> {
     match result {
-        Ok(out) => Outcome::Result {
-            text: output_text(&out.value),
-            structured: out.value.is_object().then_some(&out.value),
-            is_error: false,
+        Ok(out) => match Content::from_json(&out.value) {
+            Some(_) => Outcome::Result {
+                content: match out.value.get(CONTENT_KEY) {
+                    Some(Value::Array(blocks)) => Blocks::Json(blocks),
+                    _ => Blocks::Json(&[]),
+                },
+                structured: None,
+                is_error: false,
+            },
+            None => Outcome::Result {
+                content: Blocks::Text(output_text(&out.value)),
+                structured: out.value.is_object().then_some(&out.value),
+                is_error: false,
+            },
         },
         Err(e @ DispatchError::UnknownTool { .. }) => Outcome::ProtocolError {
             code: INVALID_PARAMS,
@@ -175,7 +246,7 @@ pub(crate) fn outcome(result: &Result<ToolOutput, DispatchError>) -> Outcome<'_>
             data: json!({"status": e.status()}),
         },
         Err(e) => Outcome::Result {
-            text: e.to_string(),
+            content: Blocks::Text(e.to_string()),
             structured: None,
             is_error: true,
         },

@@ -21,11 +21,14 @@
 //!   the [`DispatchError`]'s `Display` (its safe, model-facing message), marked as an
 //!   error the way the format allows (`"Error: …"` text for OpenAI, `is_error` for
 //!   Anthropic, `isError` for MCP).
-//! * A result that is not a string is sent as its JSON text.
+//! * A result that is not a string is sent as its JSON text, except a result in the
+//!   [`Content`] form, which each format gets in the nearest
+//!   form it supports (see [`content`](crate::content)).
 //!
-//! Input schemas come from the registry (schemars) and go through [`input_schema`]:
-//! `$schema` and the root `title` are removed, `$defs` stay at the root where every
-//! `$ref` (`#/$defs/…`) points. Providers want an object at the root (Anthropic
+//! Input schemas come from the registry (schemars). OpenAI and Anthropic get them
+//! through [`input_schema`]: `$schema` and the root `title` are removed, `$defs` stay
+//! at the root where every `$ref` (`#/$defs/…`) points. MCP keeps the dialect
+//! (`$schema`) too ([`mcp::tool_schema`]). Providers want an object at the root (Anthropic
 //! rejects `oneOf`/`anyOf`/`allOf` there); [`check_schemas`] finds tools whose input
 //! type does not give one (a bare `String`, `()`, an enum), so a server can refuse to
 //! start with them.
@@ -38,6 +41,7 @@ pub mod responses;
 use serde_json::{Map, Value};
 
 use crate::call::ToolOutput;
+use crate::content::{Block, Content};
 use crate::error::DispatchError;
 use crate::registry::{Registry, ToolDefinition};
 
@@ -159,11 +163,28 @@ pub fn check_schemas(registry: &Registry) -> Result<(), ProviderError> {
     Ok(())
 }
 
-/// A successful result as text: a string as is, anything else as its JSON text.
+/// A successful result as text: a string as is, content blocks described one per
+/// line, anything else as its JSON text.
 pub(crate) fn output_text(value: &Value) -> String {
     match value {
         Value::String(s) => s.clone(),
-        other => other.to_string(),
+        other => match Content::from_json(other) {
+            Some(c) => c
+                .blocks()
+                .iter()
+                .map(Block::describe)
+                .collect::<Vec<_>>()
+                .join("\n"),
+            None => other.to_string(),
+        },
+    }
+}
+
+/// The content blocks of a successful result, if it is in the content form.
+pub(crate) fn content_of(result: Option<&Result<ToolOutput, DispatchError>>) -> Option<Content> {
+    match result {
+        Some(Ok(out)) => Content::from_json(&out.value),
+        _ => None,
     }
 }
 

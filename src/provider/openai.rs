@@ -310,7 +310,10 @@ fn parse_one(c: &Value, path: &str) -> Result<ToolCall, ProviderError> {
 /// The `role: "tool"` messages answering a batch, one per call in call order:
 /// `{"role":"tool","tool_call_id","content"}`. `content` is the result (JSON text
 /// unless it is a string), or `"Error: <message>"` for a failed call (also for a
-/// call that has no entry in `results`).
+/// call that has no entry in `results`). Chat Completions takes only text from a
+/// tool, so a result in the [`Content`](crate::content::Content) form is its texts,
+/// with each other block described in a line of its own (`[image/png, 4 bytes]`, a
+/// link as `[name](uri)`).
 pub fn render_results(calls: &[ToolCall], results: &[Result<ToolOutput, DispatchError>]) -> Value {
     prefixed_results(calls, results)
         .map(|(id, content)| {

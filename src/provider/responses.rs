@@ -39,7 +39,8 @@
 
 use serde_json::{Value, json};
 
-use crate::provider::{ProviderError, Reader, function_definitions, prefixed_results};
+use crate::content::{Block, Content};
+use crate::provider::{ProviderError, Reader, content_of, function_definitions, prefixed_results};
 use crate::{DispatchError, Registry, ToolCall, ToolOutput};
 
 const R: Reader = Reader {
@@ -117,15 +118,51 @@ fn parse_item(item: &Value, path: &str) -> Result<Option<ToolCall>, ProviderErro
 
 /// The input items answering a batch, one per call in call order:
 /// `{"type":"function_call_output","call_id","output"}`. `output` is the result
-/// (JSON text unless it is a string), or `"Error: <message>"` for a failed call.
+/// (JSON text unless it is a string), or `"Error: <message>"` for a failed call. A
+/// result in the [`Content`] form is a list instead: `input_text` for text,
+/// `input_image` (a data URL) for PNG, JPEG, WebP and GIF images, `input_file` for a
+/// PDF, and an `input_text` describing any other block.
 pub fn render_results(calls: &[ToolCall], results: &[Result<ToolOutput, DispatchError>]) -> Value {
     prefixed_results(calls, results)
-        .map(|(call_id, output)| {
+        .enumerate()
+        .map(|(i, (call_id, text))| {
+            let output = match content_of(results.get(i)) {
+                Some(content) => Value::Array(items(&content)),
+                None => Value::String(text),
+            };
             json!({
                 "type": "function_call_output",
                 "call_id": call_id,
                 "output": output,
             })
+        })
+        .collect()
+}
+
+/// Image types the Responses API takes as input.
+const IMAGES: &[&str] = &["image/png", "image/jpeg", "image/webp", "image/gif"];
+
+/// The `output` items of a content result.
+fn items(content: &Content) -> Vec<Value> {
+    content
+        .blocks()
+        .iter()
+        .map(|block| match block {
+            Block::Image { data, mime_type } if IMAGES.contains(&mime_type.as_str()) => json!({
+                "type": "input_image",
+                "image_url": format!("data:{mime_type};base64,{data}"),
+            }),
+            Block::Resource { resource: r }
+                if r.mime_type.as_deref() == Some("application/pdf") && r.blob.is_some() =>
+            {
+                let name = r.uri.rsplit('/').next().unwrap_or("document.pdf");
+                json!({
+                    "type": "input_file",
+                    "filename": name,
+                    "file_data": format!("data:application/pdf;base64,{}", r.blob.as_deref().unwrap_or_default()),
+                })
+            }
+            other => json!({"type": "input_text", "text": other.describe()}),
         })
         .collect()
 }

@@ -6,6 +6,8 @@
 //! `dead_code` allowance.
 #![allow(dead_code)]
 
+#[cfg(feature = "mcp")]
+pub mod mcp;
 pub mod redis_server;
 
 use std::sync::Arc;
