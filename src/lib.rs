@@ -17,6 +17,7 @@
 // floor 9: dispatcher
 // floor 10: provider axum redis
 // floor 11: mcp
+// floor 12: prometheus
 
 mod approval;
 mod blocking;
@@ -51,6 +52,8 @@ pub mod axum;
 pub mod mcp;
 #[cfg(feature = "oauth")]
 pub mod oauth;
+#[cfg(feature = "prometheus")]
+pub mod prometheus;
 #[cfg(feature = "redis")]
 pub mod redis;
 

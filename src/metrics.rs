@@ -260,7 +260,7 @@ impl Metrics {
                     p50_ms: r.latency.quantile_ms(0.5),
                     p90_ms: r.latency.quantile_ms(0.9),
                     p99_ms: r.latency.quantile_ms(0.99),
-                    latency: r.latency,
+                    row: *r,
                 }
             })
             .collect();
@@ -394,8 +394,9 @@ pub struct ToolStats {
     pub p90_ms: Option<f64>,
     /// 99th percentile, ms.
     pub p99_ms: Option<f64>,
+    /// The row these figures come from.
     #[serde(skip)]
-    pub(crate) latency: Latency,
+    pub(crate) row: RowCounts,
 }
 
 /// One active user's counters.

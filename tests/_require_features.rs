@@ -21,3 +21,10 @@ fn redis() {
 fn mcp() {
     unreachable!("ignored: run `cargo test --all-features`");
 }
+
+#[cfg(not(feature = "prometheus"))]
+#[test]
+#[ignore = "the Prometheus tests (tests/prometheus.rs) need `--features prometheus` (the README's test command)"]
+fn prometheus() {
+    unreachable!("ignored: run `cargo test --all-features`");
+}
