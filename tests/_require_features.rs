@@ -28,3 +28,10 @@ fn mcp() {
 fn prometheus() {
     unreachable!("ignored: run `cargo test --all-features`");
 }
+
+#[cfg(not(feature = "otel"))]
+#[test]
+#[ignore = "the OpenTelemetry tests (tests/otel.rs) need `--features otel` (the README's test command)"]
+fn otel() {
+    unreachable!("ignored: run `cargo test --all-features`");
+}
