@@ -11,8 +11,14 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+#[cfg(feature = "prometheus")]
+pub(crate) mod labels;
+
 use crate::event::{ApprovalOutcome, Status};
 use crate::limits::UserState;
+use crate::sink::SinkError;
+#[cfg(feature = "prometheus")]
+use crate::user::UserContext;
 
 /// Upper bounds, in seconds, of the latency buckets: from 100 µs (in-process tools)
 /// to 10 minutes (long jobs). A last bucket, `+Inf`, holds the rest. These are the
@@ -51,6 +57,20 @@ const LATENCY_BOUNDS_NS: [u64; 21] = [
 pub(crate) const BUCKETS: usize = LATENCY_BOUNDS_S.len() + 1;
 
 const STATUSES: usize = Status::ALL.len();
+
+/// Why an event was not delivered, as counted (the [`SinkError`] kinds).
+pub(crate) const UNDELIVERED_REASONS: [&str; 5] =
+    ["closed", "timed_out", "full", "failed", "panicked"];
+
+fn reason_index(e: &SinkError) -> usize {
+    match e {
+        SinkError::Closed => 0,
+        SinkError::TimedOut(_) => 1,
+        SinkError::Full => 2,
+        SinkError::Failed(_) => 3,
+        SinkError::Panicked => 4,
+    }
+}
 
 /// One tool's live counters (or, last, those of calls that resolved to no tool).
 struct Row {
@@ -141,13 +161,20 @@ pub(crate) struct Metrics {
     /// no tool (an unknown name).
     rows: Box<[Row]>,
     active: AtomicUsize,
-    sink_failures: AtomicU64,
+    /// Events not delivered, per [`UNDELIVERED_REASONS`].
+    undelivered: [AtomicU64; UNDELIVERED_REASONS.len()],
+    /// Events a sink took (feature `prometheus`: one more addition per event).
+    #[cfg(feature = "prometheus")]
+    delivered: AtomicU64,
     progress_dropped: AtomicU64,
     cache_hits: AtomicU64,
     cache_misses: AtomicU64,
     cache_skipped: AtomicU64,
     unserializable_results: AtomicU64,
     approvals: [AtomicU64; 4],
+    /// The application's user label, once it asks for one.
+    #[cfg(feature = "prometheus")]
+    labels: std::sync::OnceLock<labels::UserLabels>,
 }
 
 impl Metrics {
@@ -155,13 +182,17 @@ impl Metrics {
         Metrics {
             rows: (0..=tools).map(|_| Row::new()).collect(),
             active: AtomicUsize::new(0),
-            sink_failures: AtomicU64::new(0),
+            undelivered: std::array::from_fn(|_| AtomicU64::new(0)),
+            #[cfg(feature = "prometheus")]
+            delivered: AtomicU64::new(0),
             progress_dropped: AtomicU64::new(0),
             cache_hits: AtomicU64::new(0),
             cache_misses: AtomicU64::new(0),
             cache_skipped: AtomicU64::new(0),
             unserializable_results: AtomicU64::new(0),
             approvals: std::array::from_fn(|_| AtomicU64::new(0)),
+            #[cfg(feature = "prometheus")]
+            labels: std::sync::OnceLock::new(),
         }
     }
 
@@ -170,6 +201,30 @@ impl Metrics {
     fn row(&self, tool: Option<usize>) -> usize {
         let unresolved = self.rows.len() - 1;
         tool.filter(|i| *i < unresolved).unwrap_or(unresolved)
+    }
+
+    /// Counts calls per value of `hook` from now on; `false` if a hook was set
+    /// before.
+    #[cfg(feature = "prometheus")]
+    pub(crate) fn count_by_user(&self, name: String, hook: Box<labels::Hook>) -> bool {
+        let l = labels::UserLabels::new(name, hook, self.rows.len());
+        self.labels.set(l).is_ok()
+    }
+
+    /// The application's user label and its counts, once set.
+    #[cfg(feature = "prometheus")]
+    pub(crate) fn user_labels(&self) -> Option<&labels::UserLabels> {
+        self.labels.get()
+    }
+
+    /// Counts an ended call of `user` under its label value, once the application
+    /// asked for that.
+    #[cfg(feature = "prometheus")]
+    #[inline]
+    pub(crate) fn label(&self, user: &UserContext, status: Status, tool: Option<usize>) {
+        if let Some(l) = self.labels.get() {
+            l.record(user, status, self.row(tool));
+        }
     }
 
     pub(crate) fn start(&self) {
@@ -192,8 +247,16 @@ impl Metrics {
         self.active.load(Relaxed)
     }
 
-    pub(crate) fn sink_failure(&self) {
-        self.sink_failures.fetch_add(1, Relaxed);
+    /// An event that was not delivered.
+    pub(crate) fn sink_failure(&self, e: &SinkError) {
+        self.undelivered[reason_index(e)].fetch_add(1, Relaxed);
+    }
+
+    /// An event a sink took (counted with feature `prometheus` only).
+    #[inline(always)]
+    pub(crate) fn delivered(&self) {
+        #[cfg(feature = "prometheus")]
+        self.delivered.fetch_add(1, Relaxed);
     }
 
     pub(crate) fn progress_dropped(&self) {
@@ -276,11 +339,13 @@ impl Metrics {
             .collect();
         active_users.sort_by(|a, b| b.active.cmp(&a.active).then(a.user_id.cmp(&b.user_id)));
         active_users.truncate(MAX_REPORTED_USERS);
+        let undelivered: [u64; UNDELIVERED_REASONS.len()] =
+            std::array::from_fn(|i| self.undelivered[i].load(Relaxed));
         MetricsSnapshot {
             total: by_status.values().sum(),
             by_status,
             active: self.active(),
-            sink_failures: self.sink_failures.load(Relaxed),
+            sink_failures: undelivered.iter().sum(),
             progress_dropped: self.progress_dropped.load(Relaxed),
             cache_hits: self.cache_hits.load(Relaxed),
             cache_misses: self.cache_misses.load(Relaxed),
@@ -298,6 +363,9 @@ impl Metrics {
             active_users,
             tracked_users,
             unresolved: rows.last().copied().unwrap_or_default(),
+            undelivered,
+            #[cfg(feature = "prometheus")]
+            delivered: self.delivered.load(Relaxed),
         }
     }
 }
@@ -366,6 +434,13 @@ pub struct MetricsSnapshot {
     /// Calls that resolved to no tool (an unknown name): in `total`, in no tool's row.
     #[serde(skip)]
     pub(crate) unresolved: RowCounts,
+    /// `sink_failures` per [`UNDELIVERED_REASONS`].
+    #[serde(skip)]
+    pub(crate) undelivered: [u64; UNDELIVERED_REASONS.len()],
+    /// Events a sink took.
+    #[cfg(feature = "prometheus")]
+    #[serde(skip)]
+    pub(crate) delivered: u64,
 }
 
 impl MetricsSnapshot {

@@ -398,13 +398,13 @@ async fn calls_total_summed_over_its_labels_is_every_call_made_whatever_its_endi
     made.add("send", &expired.await.unwrap());
 
     // Rate limited: eve may make one call a minute.
-    let (eve, _) = recorded(&engine, user("eve"));
+    let (eve, eve_sink) = recorded(&engine, user("eve"));
     for _ in 0..2 {
         made.add("ok", &eve.dispatch(ToolCall::new("ok", json!(1))).await);
     }
 
     // Busy: carol's one slot is held; then her held call is cancelled.
-    let (carol, _) = recorded(&engine, user("carol"));
+    let (carol, carol_sink) = recorded(&engine, user("carol"));
     let held = spawn(&carol, ToolCall::new("hold", json!(1)));
     settle().await;
     made.add("ok", &carol.dispatch(ToolCall::new("ok", json!(1))).await);
@@ -485,10 +485,21 @@ async fn calls_total_summed_over_its_labels_is_every_call_made_whatever_its_endi
         e.value("tool_dispatch_approvals_total", &[("outcome", "expired")]),
         Some(1.0)
     );
-    assert!(
-        e.value("tool_dispatch_events_undelivered_total", &[])
-            .unwrap()
-            >= 1.0
+    // Bob's tool_executing found his sink closed; every other event was taken.
+    assert_eq!(
+        e.value(
+            "tool_dispatch_events_undelivered_total",
+            &[("reason", "closed")]
+        ),
+        Some(1.0)
+    );
+    let taken = [&alice_sink, &eve_sink, &carol_sink]
+        .iter()
+        .map(|s| s.events().len())
+        .sum::<usize>();
+    assert_eq!(
+        e.value("tool_dispatch_events_delivered_total", &[]),
+        Some(taken as f64)
     );
 }
 
@@ -514,7 +525,10 @@ async fn no_series_carries_a_user_id_or_a_name_the_caller_made_up() {
         .iter()
         .flat_map(|s| s.labels.keys().map(String::as_str))
         .collect();
-    assert_eq!(names, BTreeSet::from(["le", "outcome", "status", "tool"]));
+    assert_eq!(
+        names,
+        BTreeSet::from(["le", "outcome", "reason", "status", "tool"])
+    );
     assert_eq!(
         e.value(
             "tool_dispatch_calls_total",
@@ -602,5 +616,142 @@ async fn the_run_log_registers_its_own_series_in_the_same_registry() {
             &[("tool", "ok"), ("status", "success")]
         ),
         Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn the_opt_in_user_label_counts_by_the_value_the_application_bounds() {
+    let engine = engine();
+    let mut registry = PromRegistry::default();
+    engine.register_metrics(&mut registry);
+    engine
+        .register_metrics_by_user(&mut registry, "tenant", |u| u.metadata("tenant"))
+        .unwrap();
+    let in_tenant = |id: &str, tenant: &str| {
+        UserContext::builder(id)
+            .metadata("tenant", tenant)
+            .build()
+            .unwrap()
+    };
+    for (ctx, tool) in [
+        (in_tenant("alice", "acme"), "ok"),
+        (in_tenant("anna", "acme"), "ok"),
+        (in_tenant("anna", "acme"), "fail"),
+        (in_tenant("bob", "globex"), "ok"),
+        (in_tenant("eve", &"x".repeat(200)), "ok"), // too long: _OTHER
+        (user("nobody"), "ok"),                     // no tenant: not in the family
+        (in_tenant("zed", "acme"), "no_such_tool"),
+    ] {
+        let (d, _) = recorded(&engine, ctx);
+        let _ = d.dispatch(ToolCall::new(tool, json!(1))).await;
+    }
+    let e = scrape(&registry);
+    let by = |tenant: &str, tool: &str, status: &str| {
+        e.value(
+            "tool_dispatch_user_calls_total",
+            &[("tenant", tenant), ("tool", tool), ("status", status)],
+        )
+    };
+    assert_eq!(by("acme", "ok", "success"), Some(2.0));
+    assert_eq!(by("acme", "fail", "error"), Some(1.0));
+    assert_eq!(by("acme", UNKNOWN_TOOL, "unknown_tool"), Some(1.0));
+    assert_eq!(by("globex", "ok", "success"), Some(1.0));
+    assert_eq!(by("_OTHER", "ok", "success"), Some(1.0));
+    let labelled: f64 = e
+        .series("tool_dispatch_user_calls_total")
+        .iter()
+        .map(|s| s.value)
+        .sum();
+    assert_eq!(labelled, 6.0, "every call with a tenant, once");
+    // The plain family still has no user label, and counts all seven calls.
+    let all: f64 = e
+        .series("tool_dispatch_calls_total")
+        .iter()
+        .map(|s| s.value)
+        .sum();
+    assert_eq!(all, 7.0);
+    // No user id anywhere, only the tenants.
+    let om = prometheus::encode(&registry, Some("application/openmetrics-text")).unwrap();
+    for id in ["alice", "anna", "bob", "nobody", "zed"] {
+        assert!(!om.body.contains(id), "{id} leaked");
+    }
+}
+
+#[tokio::test]
+async fn a_user_label_is_checked_and_taken_once() {
+    let engine = engine();
+    let mut registry = PromRegistry::default();
+    for (bad, expected) in [
+        (
+            "1tenant",
+            prometheus::UserLabelError::InvalidName("1tenant".into()),
+        ),
+        (
+            "__name",
+            prometheus::UserLabelError::InvalidName("__name".into()),
+        ),
+        ("a-b", prometheus::UserLabelError::InvalidName("a-b".into())),
+        ("tool", prometheus::UserLabelError::Reserved("tool".into())),
+    ] {
+        assert_eq!(
+            engine.register_metrics_by_user(&mut registry, bad, |u| Some(u.user_id())),
+            Err(expected)
+        );
+    }
+    engine
+        .register_metrics_by_user(&mut registry, "plan", |u| u.metadata("plan"))
+        .unwrap();
+    assert_eq!(
+        engine.register_metrics_by_user(&mut registry, "tier", |u| u.metadata("tier")),
+        Err(prometheus::UserLabelError::AlreadyCounted)
+    );
+}
+
+#[tokio::test]
+async fn a_user_label_hook_that_panics_costs_its_label_not_the_call() {
+    let engine = engine();
+    let mut registry = PromRegistry::default();
+    engine
+        .register_metrics_by_user(&mut registry, "plan", |u| {
+            if u.user_id() == "mallory" {
+                panic!("hostile hook");
+            }
+            u.metadata("plan")
+        })
+        .unwrap();
+    let (d, sink) = recorded(&engine, user("mallory"));
+    let out = d.dispatch(ToolCall::new("ok", json!(5))).await.unwrap();
+    assert_eq!(out.value, json!(5));
+    assert_eq!(completed(&sink, &out.call_id).status, Status::Success);
+    let e = scrape(&registry);
+    assert_eq!(
+        e.value(
+            "tool_dispatch_user_calls_total",
+            &[("plan", "_OTHER"), ("tool", "ok"), ("status", "success")]
+        ),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn past_a_thousand_values_the_rest_count_under_other() {
+    let engine = engine();
+    let mut registry = PromRegistry::default();
+    engine
+        .register_metrics_by_user(&mut registry, "user", |u| Some(u.user_id()))
+        .unwrap();
+    for i in 0..1010 {
+        let (d, _) = recorded(&engine, user(&format!("u{i}")));
+        d.dispatch(ToolCall::new("ok", json!(1))).await.unwrap();
+    }
+    let e = scrape(&registry);
+    let series = e.series("tool_dispatch_user_calls_total");
+    assert_eq!(series.len(), 1001, "1,000 values and _OTHER");
+    assert_eq!(
+        e.value(
+            "tool_dispatch_user_calls_total",
+            &[("user", "_OTHER"), ("tool", "ok"), ("status", "success")]
+        ),
+        Some(10.0)
     );
 }

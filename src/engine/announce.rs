@@ -175,6 +175,8 @@ impl InFlight<'_> {
         s.active.fetch_sub(1, Relaxed);
         let metrics = &self.inner.metrics;
         let left = if self.admission.counted {
+            #[cfg(feature = "prometheus")]
+            metrics.label(&self.user.ctx, status, self.entry.map(|e| e.index));
             metrics.end(status, self.entry.map(|e| e.index), took)
         } else {
             metrics.end_uncounted()

@@ -129,6 +129,12 @@ impl Inner {
     pub(crate) fn redaction(&self) -> &Redaction {
         &self.config.redaction
     }
+
+    /// The live counters (for the opt-in user label of feature `prometheus`).
+    #[cfg(feature = "prometheus")]
+    pub(crate) fn counters(&self) -> &Metrics {
+        &self.metrics
+    }
 }
 
 /// The shared half: registry, policy, limits, cache, supervisor and metrics.
@@ -349,14 +355,15 @@ impl Engine {
         &self.inner
     }
 
-    /// A handle that does not keep the engine alive (for a backend's listener).
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    /// A handle that does not keep the engine alive (for a backend's listener, a
+    /// metrics collector).
+    #[cfg_attr(not(any(feature = "redis", feature = "prometheus")), allow(dead_code))]
     pub(crate) fn downgrade(&self) -> std::sync::Weak<Inner> {
         Arc::downgrade(&self.inner)
     }
 
     /// The engine behind a [`downgrade`](Self::downgrade)d handle, if it still exists.
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    #[cfg_attr(not(any(feature = "redis", feature = "prometheus")), allow(dead_code))]
     pub(crate) fn upgrade(weak: &std::sync::Weak<Inner>) -> Option<Engine> {
         weak.upgrade().map(|inner| Engine { inner })
     }

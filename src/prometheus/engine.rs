@@ -8,7 +8,8 @@ use ::prometheus_client::registry::Registry;
 use super::Series;
 use crate::engine::{Engine, Inner};
 use crate::event::Status;
-use crate::metrics::{LATENCY_BOUNDS_S, MetricsSnapshot, RowCounts};
+use crate::metrics::{LATENCY_BOUNDS_S, MetricsSnapshot, RowCounts, UNDELIVERED_REASONS};
+use crate::user::UserContext;
 
 /// The `tool` label of calls that named no tool (a tool name cannot contain
 /// parentheses, so no tool is ever counted under it).
@@ -87,9 +88,17 @@ fn write(m: &MetricsSnapshot, s: &mut Series<'_>) -> fmt::Result {
         .map(|(o, n)| ([("outcome", o)], n)),
     )?;
     s.counter(
+        "tool_dispatch_events_delivered",
+        "Events their user's sink took (tool_executing, tool_completed, progress, approval requests, agent events).",
+        m.delivered,
+    )?;
+    s.counters(
         "tool_dispatch_events_undelivered",
-        "Events that could not be delivered to their user's sink (closed, full past the delivery timeout, failed or panicked).",
-        m.sink_failures,
+        "Events that could not be delivered to their user's sink, by reason (the sink closed, stayed full past the delivery timeout, was full when the event could not wait, failed, or panicked).",
+        UNDELIVERED_REASONS
+            .iter()
+            .zip(m.undelivered)
+            .map(|(r, n)| ([("reason", *r)], n)),
     )?;
     s.counter(
         "tool_dispatch_progress_dropped",
@@ -120,5 +129,124 @@ fn write(m: &MetricsSnapshot, s: &mut Series<'_>) -> fmt::Result {
         "tool_dispatch_users_tracked",
         "Users whose limits the engine holds now.",
         m.tracked_users as u64,
+    )
+}
+
+/// Why calls cannot be counted by a user label.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum UserLabelError {
+    /// Not a label name Prometheus accepts.
+    #[error(
+        "`{0}` is not a Prometheus label name (letters, digits and `_`, not starting with a digit or `__`)"
+    )]
+    InvalidName(String),
+    /// A label the series have already (`tool`, `status`).
+    #[error("`{0}` is already a label of tool_dispatch_user_calls_total")]
+    Reserved(String),
+    /// This engine counts calls by a user label already (it takes one).
+    #[error("this engine already counts its calls by a user label")]
+    AlreadyCounted,
+}
+
+fn label_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !name.starts_with("__")
+        && name.len() <= 64
+}
+
+impl Engine {
+    /// Also counts calls by a label of their user's, which the application bounds
+    /// itself: `tool_dispatch_user_calls_total{<label>, tool, status}`, with the
+    /// label's value from `value` (a tenant, a plan, the ids of a few known users;
+    /// `None` leaves a call out of this family). Opt-in because a user id is an
+    /// unbounded label: even so, at most 1,000 values of at most 128 bytes are
+    /// counted as themselves, the rest (and the calls of a hook that panics) under
+    /// `_OTHER`. Costs each ended call one call of `value` and one map lookup under a
+    /// read lock. Counting starts now; register before serving.
+    ///
+    /// ```
+    /// # use tool_dispatch::*;
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let engine = Engine::builder(Registry::builder().build()?).build();
+    /// let mut registry = tool_dispatch::prometheus::prometheus_client::registry::Registry::default();
+    /// engine.register_metrics(&mut registry);
+    /// engine.register_metrics_by_user(&mut registry, "tenant", |user| user.metadata("tenant"))?;
+    /// # Ok(()) }
+    /// ```
+    pub fn register_metrics_by_user<F>(
+        &self,
+        registry: &mut Registry,
+        label: &str,
+        value: F,
+    ) -> Result<(), UserLabelError>
+    where
+        F: for<'a> Fn(&'a UserContext) -> Option<&'a str> + Send + Sync + 'static,
+    {
+        if !label_name(label) {
+            return Err(UserLabelError::InvalidName(
+                label.chars().take(64).collect(),
+            ));
+        }
+        if ["tool", "status"].contains(&label) {
+            return Err(UserLabelError::Reserved(label.to_owned()));
+        }
+        if !self
+            .inner()
+            .counters()
+            .count_by_user(label.to_owned(), Box::new(value))
+        {
+            return Err(UserLabelError::AlreadyCounted);
+        }
+        super::register(
+            registry,
+            "tool-dispatch calls by user label",
+            self.downgrade(),
+            read_by_user,
+        );
+        Ok(())
+    }
+}
+
+fn read_by_user(engine: &Weak<Inner>, s: &mut Series<'_>) -> fmt::Result {
+    let Some(engine) = Engine::upgrade(engine) else {
+        return Ok(());
+    };
+    let Some(labels) = engine.inner().counters().user_labels() else {
+        return Ok(());
+    };
+    let name = labels.name.as_str();
+    let tools: Vec<&str> = engine
+        .registry()
+        .names()
+        .chain(std::iter::once(UNKNOWN_TOOL))
+        .collect();
+    let values = labels.read();
+    let series = values.iter().flat_map(|(value, rows)| {
+        tools.iter().zip(rows).flat_map(move |(tool, counts)| {
+            Status::ALL
+                .iter()
+                .zip(counts.iter().copied())
+                .filter(|(_, n)| *n > 0)
+                .map(move |(st, n)| {
+                    (
+                        [
+                            (name, value.as_str()),
+                            ("tool", tool),
+                            ("status", st.as_str()),
+                        ],
+                        n,
+                    )
+                })
+        })
+    });
+    s.counters(
+        "tool_dispatch_user_calls",
+        "Tool calls that have ended, by the application's user label, tool and status (series appear with their first call).",
+        series,
     )
 }

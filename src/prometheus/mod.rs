@@ -31,7 +31,8 @@
 //! | `tool_dispatch_calls_in_flight` | gauge | |
 //! | `tool_dispatch_approvals_waiting` | gauge | |
 //! | `tool_dispatch_approvals_total` | counter | `outcome` (`approved`, `rejected`, `expired`, `withdrawn`) |
-//! | `tool_dispatch_events_undelivered_total` | counter | |
+//! | `tool_dispatch_events_delivered_total` | counter | |
+//! | `tool_dispatch_events_undelivered_total` | counter | `reason` (`closed`, `timed_out`, `full`, `failed`, `panicked`) |
 //! | `tool_dispatch_progress_dropped_total` | counter | |
 //! | `tool_dispatch_cache_hits_total`, `tool_dispatch_cache_misses_total` | counter | |
 //! | `tool_dispatch_cache_entries` | gauge | |
@@ -41,7 +42,10 @@
 //! `tool_dispatch_calls_total` summed over its labels is every call made, whatever
 //! its ending: a call that names no tool is counted under `tool="(unknown)"` (a tool
 //! name cannot contain parentheses), never under the name the caller sent. No series
-//! carries a user id.
+//! carries a user id; an application that bounds a label of its users itself (a
+//! tenant, a plan) can count calls by it too, with
+//! [`Engine::register_metrics_by_user`](crate::Engine::register_metrics_by_user)
+//! (`tool_dispatch_user_calls_total{<label>, tool, status}`).
 //!
 //! The parts register their own series the same way: [`RunLog::register_metrics`]
 //! and, with feature `redis`, `Redis::register_metrics`.
@@ -49,7 +53,7 @@
 mod engine;
 mod parts;
 
-pub use engine::UNKNOWN_TOOL;
+pub use engine::{UNKNOWN_TOOL, UserLabelError};
 
 use std::fmt;
 
