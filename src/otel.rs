@@ -3,8 +3,12 @@
 //! [`tracing-opentelemetry`](tracing_opentelemetry)), configured by the standard
 //! `OTEL_*` environment variables; nothing at all when they name no endpoint.
 //!
-//! Every call's `execute_tool` span (see [`EngineBuilder::trace_content`] for its
-//! attributes) then reaches the collector as a child of the caller's span:
+//! Every call's span then reaches the collector as a child of the caller's span:
+//! named `execute_tool {tool}`, kind internal, with `gen_ai.operation.name`,
+//! `gen_ai.tool.name`, `gen_ai.tool.call.id`, `gen_ai.tool.type`, the call's `status`,
+//! and `error.type` with an error status on failure; its arguments and result only
+//! with [`EngineBuilder::trace_content`]. Waits for an approval or for room in the
+//! user's sink are `await_approval` and `await_delivery` child spans.
 //!
 //! ```no_run
 //! use tool_dispatch::otel::OtlpTraces;
@@ -163,8 +167,7 @@ impl OtlpTraces {
     where
         S: tracing::Subscriber + for<'span> LookupSpan<'span>,
     {
-        let tracer = self.provider.tracer(env!("CARGO_PKG_NAME"));
-        tracing_opentelemetry::layer().with_tracer(tracer)
+        layer(self.provider.tracer(env!("CARGO_PKG_NAME")))
     }
 
     /// The tracer provider, for an application that adds its own OpenTelemetry
@@ -179,6 +182,25 @@ impl OtlpTraces {
             .shutdown()
             .map_err(|e| OtelError::Failed(e.to_string()))
     }
+}
+
+/// The layer that hands the process's tracing spans to `tracer` (for an application
+/// with its own tracer provider; [`OtlpTraces::layer`] is this over its own). Spans
+/// carry their fields and the GenAI names, not what `tracing-opentelemetry` adds by
+/// default to every span at a cost on each call: source locations, thread ids, busy
+/// and idle times, the target.
+pub fn layer<S, T>(tracer: T) -> tracing_opentelemetry::OpenTelemetryLayer<S, T>
+where
+    S: tracing::Subscriber + for<'span> LookupSpan<'span>,
+    T: opentelemetry::trace::Tracer + 'static,
+    T::Span: Send + Sync,
+{
+    tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_location(false)
+        .with_threads(false)
+        .with_tracked_inactivity(false)
+        .with_target(false)
 }
 
 #[cfg(test)]
