@@ -96,13 +96,16 @@ struct Bench {
 }
 
 impl Bench {
-    fn new(user: &str) -> Bench {
+    /// What `variants` need (an OpenTelemetry subscriber only if one of them exports:
+    /// its mere existence makes tracing ask, at every span, whether anyone listens).
+    fn new(user: &str, variants: &[Variant]) -> Bench {
         let plain = engine();
+        let _ = variants;
         Bench {
             d: dispatcher(&plain, user),
             engine: plain,
             #[cfg(feature = "prometheus")]
-            prom: Some({
+            prom: variants.contains(&Variant::Prom).then(|| {
                 let engine = engine();
                 let mut registry = Default::default();
                 engine.register_metrics(&mut registry);
@@ -112,7 +115,7 @@ impl Bench {
                 (dispatcher(&engine, user), registry)
             }),
             #[cfg(feature = "otel")]
-            otel: Some(otel_subscriber()),
+            otel: variants.contains(&Variant::Otel).then(otel_subscriber),
         }
     }
 }
@@ -122,6 +125,10 @@ impl Bench {
 #[derive(Debug)]
 struct Dropping;
 
+/// Spans the exporter was given.
+#[cfg(feature = "otel")]
+static EXPORTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 #[cfg(feature = "otel")]
 impl tool_dispatch::otel::opentelemetry_sdk::trace::SpanExporter for Dropping {
     fn export(
@@ -129,6 +136,7 @@ impl tool_dispatch::otel::opentelemetry_sdk::trace::SpanExporter for Dropping {
         batch: Vec<tool_dispatch::otel::opentelemetry_sdk::trace::SpanData>,
     ) -> impl Future<Output = tool_dispatch::otel::opentelemetry_sdk::error::OTelSdkResult> + Send
     {
+        EXPORTED.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
         drop(batch);
         std::future::ready(Ok(()))
     }
@@ -144,8 +152,7 @@ fn otel_subscriber() -> (
     let provider = tool_dispatch::otel::opentelemetry_sdk::trace::SdkTracerProvider::builder()
         .with_batch_exporter(Dropping)
         .build();
-    let layer = tool_dispatch::otel::tracing_opentelemetry::layer()
-        .with_tracer(provider.tracer("overhead"));
+    let layer = tool_dispatch::otel::layer(provider.tracer("overhead"));
     let dispatch = tracing::Dispatch::new(tracing_subscriber::registry().with(layer));
     (dispatch, provider)
 }
@@ -162,8 +169,15 @@ where
     S: Service<TowerReq, Response = Value, Error = TowerError>,
 {
     #[cfg(feature = "otel")]
-    let _otel = match (v, &b.otel) {
-        (Variant::Otel, Some((dispatch, _))) => Some(tracing::dispatcher::set_default(dispatch)),
+    // The subscriber is this variant's only: tracing caches per call site whether
+    // anyone listens, so the cache is rebuilt on the way in and out (untimed).
+    #[cfg(feature = "otel")]
+    let otel = match (v, &b.otel) {
+        (Variant::Otel, Some((dispatch, _))) => {
+            let guard = tracing::dispatcher::set_default(dispatch);
+            tracing::callsite::rebuild_interest_cache();
+            Some(guard)
+        }
         _ => None,
     };
     let start = Instant::now();
@@ -179,7 +193,13 @@ where
             Variant::Otel => pipeline_json(&b.d, n).await,
         }
     }
-    start.elapsed()
+    let took = start.elapsed();
+    #[cfg(feature = "otel")]
+    if let Some(guard) = otel {
+        drop(guard);
+        tracing::callsite::rebuild_interest_cache();
+    }
+    took
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -317,7 +337,7 @@ fn main() {
             std::process::exit(2);
         };
         rt.block_on(async {
-            let b = Bench::new("bench-user");
+            let b = Bench::new("bench-user", &[v]);
             let mut svc = tower_stack();
             let sink = tower_sink();
             run(v, 1_000, &b, &mut svc, &sink).await;
@@ -330,7 +350,7 @@ fn main() {
         return;
     }
     rt.block_on(async {
-        let b = Bench::new("bench-user");
+        let b = Bench::new("bench-user", VARIANTS);
         let d = &b.d;
         let mut svc = tower_stack();
         let sink = tower_sink();
@@ -362,6 +382,29 @@ fn main() {
         );
         assert_eq!(m.active, 0, "no call left active");
         assert_eq!(m.sink_failures, 0, "every event was delivered");
+        #[cfg(feature = "prometheus")]
+        if let Some((_, registry)) = &b.prom {
+            // Not on the call path: what one scrape of the engine's series costs.
+            let scrapes = 200;
+            let start = Instant::now();
+            let mut bytes = 0;
+            for _ in 0..scrapes {
+                let e = tool_dispatch::prometheus::encode(registry, Some("application/openmetrics-text"))
+                    .expect("the registry encodes");
+                bytes = e.body.len();
+            }
+            let us = start.elapsed().as_secs_f64() * 1e6 / f64::from(scrapes);
+            println!("prometheus: one scrape {us:.1} µs ({bytes} bytes, one tool)");
+        }
+        #[cfg(feature = "otel")]
+        if let Some((_, provider)) = &b.otel {
+            let _ = provider.force_flush();
+            let made = a.calls.min(5_000) + a.calls * a.rounds as u64;
+            let got = EXPORTED.load(std::sync::atomic::Ordering::Relaxed);
+            println!(
+                "otel: {got} spans reached the exporter for {made} calls (the await_delivery spans of calls that found the sink full included)"
+            );
+        }
     });
     // Each feature's cost: its variant over the plain pipeline of the same round.
     let mut extra = String::new();
