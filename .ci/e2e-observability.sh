@@ -5,7 +5,8 @@
 #    server's /metrics.
 # 2. A real Prometheus server scrapes the chat server while a Python websockets
 #    client makes calls with many endings; its HTTP API answers the calls made, by tool and status,
-#    exactly as the server's /metrics.json counts them.
+#    exactly as the server's /metrics.json counts them; every query of the Grafana
+#    dashboard (docs/grafana) runs there.
 # 3. A test OTLP/HTTP receiver decodes the exported spans with the official protobuf
 #    definitions (PyPI's `opentelemetry-proto`): one `execute_tool {tool}` span per
 #    call of the chat server with the GenAI attributes, and the calls of the tracing
@@ -103,6 +104,10 @@ curl -sf "http://$addr/metrics.json" > "$out/metrics.json"
 
 echo "==> prometheus has the calls made"
 "$venv/bin/python" tests/clients/observability_check.py prometheus "127.0.0.1:$prom_port" "$out/metrics.json"
+
+echo "==> the Grafana dashboard's queries run in prometheus"
+"$venv/bin/python" tests/clients/observability_check.py dashboard docs/grafana/tool-dispatch.json \
+    "127.0.0.1:$prom_port" "$out/metrics.txt"
 
 echo "==> the chat server shuts down (its spans flushed)"
 kill -INT "$server_pid"

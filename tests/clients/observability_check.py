@@ -11,6 +11,10 @@ says it did (its /metrics.json).
         `sum by (tool, status) (tool_dispatch_calls_total)` with exactly the calls made,
         by tool and status (polled until its next scrape, at most 60 s).
 
+    observability_check.py dashboard DASHBOARD_JSON PROMETHEUS_ADDR METRICS_TEXT_FILE
+        Every query of the Grafana dashboard is valid PromQL that Prometheus runs, and
+        every series it names is one the server exports.
+
     observability_check.py spans SPANS_FILE METRICS_JSON_FILE
         The chat server's exported spans: one `execute_tool {tool}` span per call, with
         the GenAI attributes, kind INTERNAL, `error.type` and an ERROR status exactly on
@@ -20,6 +24,7 @@ says it did (its /metrics.json).
 
 import asyncio
 import json
+import re
 import sys
 import time
 import urllib.parse
@@ -69,6 +74,29 @@ def prometheus(addr, metrics_file):
             return
         time.sleep(0.5)
     raise SystemExit(f"prometheus answered {dict(got)}, the server made {dict(want)}")
+
+
+def dashboard(dashboard_file, addr, metrics_text_file):
+    with open(dashboard_file, encoding="utf-8") as f:
+        dash = json.load(f)
+    exported = set()
+    for line in open(metrics_text_file, encoding="utf-8"):
+        m = re.match(r"# TYPE (\w+) ", line)
+        if m:
+            exported.add(m.group(1))
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    assert exprs, "no queries"
+    for expr in exprs:
+        for name in re.findall(r"tool_dispatch_\w+", expr):
+            family = re.sub(r"_bucket$", "", name)
+            assert family in exported, f"{name} is not exported: {expr}"
+        q = expr.replace("$__rate_interval", "1m").replace("$job", ".*")
+        url = f"http://{addr}/api/v1/query?" + urllib.parse.urlencode({"query": q})
+        with urllib.request.urlopen(url, timeout=5) as r:
+            body = json.load(r)
+        assert body["status"] == "success", (expr, body)
+    print(f"dashboard: {len(exprs)} queries of {len(dash['panels'])} panels run in Prometheus, "
+          f"every series they name exported")
 
 
 def spans(spans_file, metrics_file):
@@ -164,4 +192,5 @@ def calls(base):
 
 
 if __name__ == "__main__":
-    {"calls": calls, "prometheus": prometheus, "spans": spans}[sys.argv[1]](*sys.argv[2:])
+    commands = {"calls": calls, "prometheus": prometheus, "dashboard": dashboard, "spans": spans}
+    commands[sys.argv[1]](*sys.argv[2:])
