@@ -755,3 +755,48 @@ async fn past_a_thousand_values_the_rest_count_under_other() {
         Some(10.0)
     );
 }
+
+/// A call dropped while its caller's thread unwinds ends while that thread panics; a
+/// hook that panics then too is a panic during a panic, so this runs in a child
+/// process: the hook's panic is contained and the call counts under `_OTHER`.
+#[test]
+fn a_call_dropped_while_its_thread_unwinds_never_asks_the_hook() {
+    if !in_child("a_call_dropped_while_its_thread_unwinds_never_asks_the_hook") {
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let engine = engine();
+        let mut registry = PromRegistry::default();
+        engine
+            .register_metrics_by_user(&mut registry, "plan", |_| panic!("hostile hook"))
+            .unwrap();
+        let (d, _) = recorded(&engine, user("alice"));
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut call = d.dispatch(ToolCall::new("hold", json!(1)));
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            assert!(
+                call.as_mut().poll(&mut cx).is_pending(),
+                "the call is in flight"
+            );
+            panic!("the caller panics with its call in flight");
+        }));
+        assert!(unwound.is_err());
+        assert_eq!(engine.active(), 0);
+        let e = scrape(&registry);
+        assert_eq!(
+            e.value(
+                "tool_dispatch_user_calls_total",
+                &[
+                    ("plan", "_OTHER"),
+                    ("tool", "hold"),
+                    ("status", "cancelled")
+                ]
+            ),
+            Some(1.0)
+        );
+    });
+}

@@ -57,10 +57,11 @@ impl UserLabels {
 
     /// Counts one ended call of `user` in `row` (a tool's, or the last).
     pub(crate) fn record(&self, user: &UserContext, status: Status, row: usize) {
-        let value = match catch_unwind(AssertUnwindSafe(|| (self.hook)(user))) {
+        let asked = catch_unwind(AssertUnwindSafe(|| (self.hook)(user))).map_err(drop);
+        let value = match asked {
             Ok(None) => return,
             Ok(Some(v)) => v,
-            Err(_) => {
+            Err(()) => {
                 if !self.hook_panicked.swap(true, Relaxed) {
                     tracing::error!(label = %self.name, "the user label hook panicked; its calls count under {OTHER}");
                 }

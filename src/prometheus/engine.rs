@@ -166,8 +166,9 @@ impl Engine {
     /// `None` leaves a call out of this family). Opt-in because a user id is an
     /// unbounded label: even so, at most 1,000 values of at most 128 bytes are
     /// counted as themselves, the rest (and the calls of a hook that panics) under
-    /// `_OTHER`. Costs each ended call one call of `value` and one map lookup under a
-    /// read lock. Counting starts now; register before serving.
+    /// `_OTHER`. Costs each ended call one call of `value` (keep it a lookup: it runs
+    /// on the call's path) and one map lookup under a read lock. Counting starts now;
+    /// register before serving.
     ///
     /// ```
     /// # use tool_dispatch::*;
