@@ -72,7 +72,7 @@ fi
 echo "==> server still healthy after the clients"
 "$venv/bin/python" - "$addr" << 'PY'
 import json, sys, urllib.request
-m = json.load(urllib.request.urlopen(f"http://{sys.argv[1]}/metrics"))
+m = json.load(urllib.request.urlopen(f"http://{sys.argv[1]}/metrics.json"))
 assert m["total"] == sum(m["by_status"].values()), m
 assert m["active"] == 0, m
 print("metrics:", {k: v for k, v in m["by_status"].items() if v}, "active", m["active"])

@@ -16,9 +16,13 @@
 //!   WebSocket for that user. An unknown or missing token is refused with 401 before
 //!   the upgrade. Demo tokens: `alice-token` (scopes `weather:read`, `admin`) and
 //!   `bob-token` (scope `weather:read`).
-//! - `GET /metrics` — the engine's counters as JSON.
+//! - `GET /metrics` — Prometheus text (with `--features prometheus`; the JSON below
+//!   otherwise); `GET /metrics.json` — the engine's counters as JSON.
 //! - `GET /client/tool-dispatch.js` — the session's JavaScript client
 //!   (`clients/js/src/index.js`), which the page imports.
+//!
+//! With `--features otel` and `OTEL_EXPORTER_OTLP_ENDPOINT` set, every call's span
+//! goes to that OpenTelemetry collector (OTLP/HTTP).
 //!
 //! ## Protocol
 //!
@@ -503,14 +507,28 @@ impl Server {
     }
 }
 
-/// The routes: `/`, `/ws`, `/metrics`, `/client/tool-dispatch.js`.
+/// The routes: `/`, `/ws`, `/metrics`, `/metrics.json`, `/client/tool-dispatch.js`.
 pub fn router(server: Server) -> Router {
     let app = Router::new()
         .route("/", get(page))
         .route("/ws", get(ws))
-        .route("/metrics", get(metrics))
+        .route("/metrics.json", get(metrics))
         .route("/client/tool-dispatch.js", get(client_js))
         .with_state(server.clone());
+    #[cfg(feature = "prometheus")]
+    let app = {
+        let mut registry =
+            tool_dispatch::prometheus::prometheus_client::registry::Registry::default();
+        server.engine.register_metrics(&mut registry);
+        server.runs.register_metrics(&mut registry);
+        let registry = Arc::new(registry);
+        app.route(
+            "/metrics",
+            get(move |h: HeaderMap| prometheus(Arc::clone(&registry), h)),
+        )
+    };
+    #[cfg(not(feature = "prometheus"))]
+    let app = app.route("/metrics", get(metrics).with_state(server.clone()));
     #[cfg(feature = "mcp")]
     let app = app.merge(mcp_router(&server));
     app
@@ -551,6 +569,19 @@ async fn client_js() -> impl IntoResponse {
 
 async fn metrics(State(server): State<Server>) -> Response {
     axum::Json(server.engine.metrics()).into_response()
+}
+
+/// The Prometheus text of `registry`, in the format the scraper asks for.
+#[cfg(feature = "prometheus")]
+async fn prometheus(
+    registry: Arc<tool_dispatch::prometheus::prometheus_client::registry::Registry>,
+    headers: HeaderMap,
+) -> Response {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    match tool_dispatch::prometheus::encode(&registry, accept) {
+        Ok(e) => ([(header::CONTENT_TYPE, e.content_type)], e.body).into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
 }
 
 fn token<'a>(query: &'a HashMap<String, String>, headers: &'a HeaderMap) -> Option<&'a str> {
@@ -1252,6 +1283,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::env::var("PORT").ok(),
         std::env::var("REDIS_URL").ok(),
     )?;
+    #[cfg(feature = "otel")]
+    let traces = {
+        use tracing_subscriber::prelude::*;
+        let traces = tool_dispatch::otel::OtlpTraces::from_env("chat_server")?;
+        if let Some(t) = &traces {
+            tracing_subscriber::registry().with(t.layer()).init();
+        }
+        traces
+    };
     let (engine, runs) = engine_for(&options).await?;
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", options.port)).await?;
     println!("listening on http://{}", listener.local_addr()?);
@@ -1268,6 +1308,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let report = engine.shutdown(Duration::from_secs(5)).await;
             eprintln!("shut down: {report:?}");
         }
+    }
+    #[cfg(feature = "otel")]
+    if let Some(t) = traces {
+        t.shutdown()?; // the spans still buffered
     }
     Ok(())
 }

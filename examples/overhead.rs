@@ -6,7 +6,14 @@
 //! ```text
 //! cargo run --release --example overhead                          # full run
 //! cargo run --release --example overhead -- --quick      # CI: 3 rounds x 2000 calls
+//! cargo run --release --example overhead --features prometheus,otel   # and their costs
 //! ```
+//!
+//! With feature `prometheus`, a round also runs the pipeline on an engine whose series
+//! are registered and whose calls are counted by a user label (`prom`); with `otel`,
+//! the pipeline under a subscriber whose OpenTelemetry layer exports every call's span
+//! through the SDK's batch processor to an exporter that drops them (`otel`). Their
+//! ratios to the plain pipeline of the same rounds are on the `RESULT` line.
 //!
 //! Rounds are interleaved (pipeline, typed pipeline, direct, tower, then again) on a
 //! current-thread runtime and the medians are reported; then a 2-worker multi-thread
@@ -50,36 +57,149 @@ enum Variant {
     Typed,
     Direct,
     Tower,
+    /// The pipeline with Prometheus series registered and a user label counted.
+    #[cfg(feature = "prometheus")]
+    Prom,
+    /// The pipeline with every call's span exported through OpenTelemetry.
+    #[cfg(feature = "otel")]
+    Otel,
 }
 
-const VARIANTS: [Variant; 4] = [
+const VARIANTS: &[Variant] = &[
     Variant::Pipeline,
     Variant::Typed,
     Variant::Direct,
     Variant::Tower,
+    #[cfg(feature = "prometheus")]
+    Variant::Prom,
+    #[cfg(feature = "otel")]
+    Variant::Otel,
 ];
+
+/// What the variants run against.
+struct Bench {
+    /// The plain engine, and a dispatcher of it.
+    engine: Engine,
+    d: Dispatcher,
+    /// A dispatcher of an engine with its series registered and a user label.
+    #[cfg(feature = "prometheus")]
+    prom: Option<(
+        Dispatcher,
+        tool_dispatch::prometheus::prometheus_client::registry::Registry,
+    )>,
+    /// A subscriber with an OpenTelemetry layer, and its provider.
+    #[cfg(feature = "otel")]
+    otel: Option<(
+        tracing::Dispatch,
+        tool_dispatch::otel::opentelemetry_sdk::trace::SdkTracerProvider,
+    )>,
+}
+
+impl Bench {
+    /// What `variants` need (an OpenTelemetry subscriber only if one of them exports:
+    /// its mere existence makes tracing ask, at every span, whether anyone listens).
+    fn new(user: &str, variants: &[Variant]) -> Bench {
+        let plain = engine();
+        let _ = variants;
+        Bench {
+            d: dispatcher(&plain, user),
+            engine: plain,
+            #[cfg(feature = "prometheus")]
+            prom: variants.contains(&Variant::Prom).then(|| {
+                let engine = engine();
+                let mut registry = Default::default();
+                engine.register_metrics(&mut registry);
+                engine
+                    .register_metrics_by_user(&mut registry, "user", |u| Some(u.user_id()))
+                    .expect("a valid label");
+                (dispatcher(&engine, user), registry)
+            }),
+            #[cfg(feature = "otel")]
+            otel: variants.contains(&Variant::Otel).then(otel_subscriber),
+        }
+    }
+}
+
+/// An exporter that drops what it is given.
+#[cfg(feature = "otel")]
+#[derive(Debug)]
+struct Dropping;
+
+/// Spans the exporter was given.
+#[cfg(feature = "otel")]
+static EXPORTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+#[cfg(feature = "otel")]
+impl tool_dispatch::otel::opentelemetry_sdk::trace::SpanExporter for Dropping {
+    fn export(
+        &self,
+        batch: Vec<tool_dispatch::otel::opentelemetry_sdk::trace::SpanData>,
+    ) -> impl Future<Output = tool_dispatch::otel::opentelemetry_sdk::error::OTelSdkResult> + Send
+    {
+        EXPORTED.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        drop(batch);
+        std::future::ready(Ok(()))
+    }
+}
+
+#[cfg(feature = "otel")]
+fn otel_subscriber() -> (
+    tracing::Dispatch,
+    tool_dispatch::otel::opentelemetry_sdk::trace::SdkTracerProvider,
+) {
+    use tool_dispatch::otel::opentelemetry::trace::TracerProvider as _;
+    use tracing_subscriber::layer::SubscriberExt;
+    let provider = tool_dispatch::otel::opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_batch_exporter(Dropping)
+        .build();
+    let layer = tool_dispatch::otel::layer(provider.tracer("overhead"));
+    let dispatch = tracing::Dispatch::new(tracing_subscriber::registry().with(layer));
+    (dispatch, provider)
+}
 
 /// Runs `calls` calls of `v`; returns the elapsed time.
 async fn run<S>(
     v: Variant,
     calls: u64,
-    d: &Dispatcher,
+    b: &Bench,
     svc: &mut S,
     sink: &mpsc::Sender<TowerEvent>,
 ) -> Duration
 where
     S: Service<TowerReq, Response = Value, Error = TowerError>,
 {
+    #[cfg(feature = "otel")]
+    // The subscriber is this variant's only: tracing caches per call site whether
+    // anyone listens, so the cache is rebuilt on the way in and out (untimed).
+    #[cfg(feature = "otel")]
+    let otel = match (v, &b.otel) {
+        (Variant::Otel, Some((dispatch, _))) => {
+            let guard = tracing::dispatcher::set_default(dispatch);
+            tracing::callsite::rebuild_interest_cache();
+            Some(guard)
+        }
+        _ => None,
+    };
     let start = Instant::now();
     for n in 0..calls {
         match v {
-            Variant::Pipeline => pipeline_json(d, n).await,
-            Variant::Typed => pipeline_typed(d, n).await,
+            Variant::Pipeline => pipeline_json(&b.d, n).await,
+            Variant::Typed => pipeline_typed(&b.d, n).await,
             Variant::Direct => direct_call(n).await,
             Variant::Tower => tower_call(svc, sink, n).await,
+            #[cfg(feature = "prometheus")]
+            Variant::Prom => pipeline_json(&b.prom.as_ref().expect("a prom engine").0, n).await,
+            #[cfg(feature = "otel")]
+            Variant::Otel => pipeline_json(&b.d, n).await,
         }
     }
-    start.elapsed()
+    let took = start.elapsed();
+    #[cfg(feature = "otel")]
+    if let Some(guard) = otel {
+        drop(guard);
+        tracing::callsite::rebuild_interest_cache();
+    }
+    took
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -156,21 +276,28 @@ fn multi_thread(variant: Variant, workers: usize, tasks: usize, total: u64) -> D
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let engine = engine();
         let svc = tower_stack();
         let per_task = total / tasks as u64;
         let barrier = Arc::new(tokio::sync::Barrier::new(tasks + 1));
         let mut handles = Vec::new();
+        let engine = engine();
         for t in 0..tasks {
-            let d = dispatcher(&engine, &format!("user-{t}"));
+            let b = Bench {
+                d: dispatcher(&engine, &format!("user-{t}")),
+                engine: engine.clone(),
+                #[cfg(feature = "prometheus")]
+                prom: None,
+                #[cfg(feature = "otel")]
+                otel: None,
+            };
             let sink = tower_sink();
             let mut svc = svc.clone();
             let barrier = barrier.clone();
             handles.push(tokio::spawn(async move {
                 // Warm up, then start together.
-                run(variant, 200, &d, &mut svc, &sink).await;
+                run(variant, 200, &b, &mut svc, &sink).await;
                 barrier.wait().await;
-                run(variant, per_task, &d, &mut svc, &sink).await;
+                run(variant, per_task, &b, &mut svc, &sink).await;
             }));
         }
         barrier.wait().await;
@@ -197,19 +324,24 @@ fn main() {
         Variant::Typed => "typed",
         Variant::Direct => "direct",
         Variant::Tower => "tower",
+        #[cfg(feature = "prometheus")]
+        Variant::Prom => "prom",
+        #[cfg(feature = "otel")]
+        Variant::Otel => "otel",
     };
     if let Some(only) = &a.only {
-        let Some(v) = VARIANTS.into_iter().find(|v| name(*v) == only) else {
-            eprintln!("--only takes pipeline, typed, direct or tower");
+        let Some(v) = VARIANTS.iter().copied().find(|v| name(*v) == only) else {
+            eprintln!(
+                "--only takes pipeline, typed, direct, tower, prom (feature prometheus) or otel (feature otel)"
+            );
             std::process::exit(2);
         };
         rt.block_on(async {
-            let engine = engine();
-            let d = dispatcher(&engine, "bench-user");
+            let b = Bench::new("bench-user", &[v]);
             let mut svc = tower_stack();
             let sink = tower_sink();
-            run(v, 1_000, &d, &mut svc, &sink).await;
-            let took = run(v, a.calls, &d, &mut svc, &sink).await;
+            run(v, 1_000, &b, &mut svc, &sink).await;
+            let took = run(v, a.calls, &b, &mut svc, &sink).await;
             println!(
                 "{only}: {:.1} ns/call",
                 took.as_nanos() as f64 / a.calls as f64
@@ -218,8 +350,8 @@ fn main() {
         return;
     }
     rt.block_on(async {
-        let engine = engine();
-        let d = dispatcher(&engine, "bench-user");
+        let b = Bench::new("bench-user", VARIANTS);
+        let d = &b.d;
         let mut svc = tower_stack();
         let sink = tower_sink();
         let fut = d.dispatch(ToolCall::new("noop", json!({ "n": 0 })));
@@ -230,19 +362,19 @@ fn main() {
         );
         fut.await.expect("noop succeeds"); // a dropped dispatch is a cancelled call
         // Warm-up round (allocator, caches, channel blocks).
-        for v in VARIANTS {
-            run(v, a.calls.min(5_000), &d, &mut svc, &sink).await;
+        for &v in VARIANTS {
+            run(v, a.calls.min(5_000), &b, &mut svc, &sink).await;
         }
         for _ in 0..a.rounds {
-            for v in VARIANTS {
-                let took = run(v, a.calls, &d, &mut svc, &sink).await;
+            for &v in VARIANTS {
+                let took = run(v, a.calls, &b, &mut svc, &sink).await;
                 per_call
                     .entry(name(v))
                     .or_default()
                     .push(took.as_nanos() as f64 / a.calls as f64);
             }
         }
-        let m = engine.metrics();
+        let m = b.engine.metrics();
         assert_eq!(
             m.total,
             m.count(tool_dispatch::event::Status::Success),
@@ -250,7 +382,62 @@ fn main() {
         );
         assert_eq!(m.active, 0, "no call left active");
         assert_eq!(m.sink_failures, 0, "every event was delivered");
+        #[cfg(feature = "prometheus")]
+        if let Some((_, registry)) = &b.prom {
+            // Not on the call path: what one scrape of the engine's series costs.
+            let scrapes = 200;
+            let start = Instant::now();
+            let mut bytes = 0;
+            for _ in 0..scrapes {
+                let e = tool_dispatch::prometheus::encode(registry, Some("application/openmetrics-text"))
+                    .expect("the registry encodes");
+                bytes = e.body.len();
+            }
+            let us = start.elapsed().as_secs_f64() * 1e6 / f64::from(scrapes);
+            println!("prometheus: one scrape {us:.1} µs ({bytes} bytes, one tool)");
+        }
+        #[cfg(feature = "otel")]
+        if let Some((_, provider)) = &b.otel {
+            let _ = provider.force_flush();
+            let made = a.calls.min(5_000) + a.calls * a.rounds as u64;
+            let got = EXPORTED.load(std::sync::atomic::Ordering::Relaxed);
+            println!(
+                "otel: {got} spans reached the exporter for {made} calls (the await_delivery spans of calls that found the sink full included)"
+            );
+        }
     });
+    // Each feature's cost: its variant over the plain pipeline of the same round.
+    let mut extra = String::new();
+    let mut extra_lines = Vec::new();
+    for k in ["prom", "otel"] {
+        let (Some(f), Some(p)) = (per_call.get(k), per_call.get("pipeline")) else {
+            continue;
+        };
+        let mut ratios: Vec<f64> = f.iter().zip(p).map(|(f, p)| f / p).collect();
+        let mut ns = f.clone();
+        let (ns, ratio) = (median(&mut ns), median(&mut ratios));
+        extra.push_str(&format!(" {k}_ns={ns:.1} {k}_ratio={ratio:.3}"));
+        extra_lines.push(format!(
+            "  {:<30} {ns:>9.1}  ({ratio:.3}x the pipeline, median of per-round ratios)",
+            match k {
+                "prom" => "pipeline + prometheus (label)",
+                _ => "pipeline + otel (spans out)",
+            }
+        ));
+    }
+    let features = [
+        cfg!(feature = "prometheus").then_some("prometheus"),
+        cfg!(feature = "otel").then_some("otel"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect::<Vec<_>>()
+    .join(",");
+    let features = if features.is_empty() {
+        "none".to_owned()
+    } else {
+        features
+    };
     let mut med = |k: &str| {
         median(
             per_call
@@ -269,6 +456,9 @@ fn main() {
     println!("  pipeline (typed call)          {typed:>9.1}");
     println!("  direct call of the tool fn     {direct:>9.1}");
     println!("  tower ServiceBuilder stack     {tower:>9.1}");
+    for line in &extra_lines {
+        println!("{line}");
+    }
     println!(
         "  ratios: pipeline/tower {:.2}  typed/tower {:.2}  pipeline-direct {:.1} ns",
         pipeline / tower,
@@ -296,7 +486,7 @@ fn main() {
     // Reached only if the accounting checks above held (they panic otherwise).
     println!("invariants=ok (every call succeeded and was delivered, none left active)");
     println!(
-        "RESULT pipeline_ns={pipeline:.1} direct_ns={direct:.1} tower_ns={tower:.1} ratio_vs_tower={:.3} calls_per_s_2cores={cps:.0}",
+        "RESULT pipeline_ns={pipeline:.1} direct_ns={direct:.1} tower_ns={tower:.1} ratio_vs_tower={:.3} calls_per_s_2cores={cps:.0} features={features}{extra}",
         pipeline / tower
     );
 }

@@ -498,6 +498,7 @@ impl Outbox {
         let attempt = || self.sink.try_send(event);
         match catch_unwind(AssertUnwindSafe(attempt)) {
             Ok(Ok(())) => {
+                self.metrics.delivered();
                 if self.stalled.load(Ordering::Relaxed) {
                     self.stalled.store(false, Ordering::Release);
                 }
@@ -529,6 +530,7 @@ impl Outbox {
             Ok(Err(p)) => Err(self.poisoned(p)),
             Ok(Ok(r)) => {
                 if r.is_ok() {
+                    self.metrics.delivered();
                     self.stalled.store(false, Ordering::Release);
                 }
                 r
@@ -548,7 +550,7 @@ impl Outbox {
 
     /// Counts and logs an event that was not delivered.
     fn failed(&self, role: &Role, e: &SinkError) {
-        self.metrics.sink_failure();
+        self.metrics.sink_failure(e);
         tracing::warn!(error = %e, "{} could not be delivered", role.what());
     }
 

@@ -6,8 +6,8 @@
 // bottom-up and has no import cycle. `tests/architecture.rs` checks this list against
 // the sources; `docs/ARCHITECTURE.md` says what each floor is for.
 //
-// floor 1: call content event json time user contain blocking
-// floor 2: sink cache limits redact approval schema oauth
+// floor 1: call content event json time user contain blocking otel
+// floor 2: sink cache limits redact approval schema oauth trace
 // floor 3: error metrics runlog
 // floor 4: delivery
 // floor 5: tool state health
@@ -17,6 +17,7 @@
 // floor 9: dispatcher
 // floor 10: provider axum redis
 // floor 11: mcp
+// floor 12: prometheus
 
 mod approval;
 mod blocking;
@@ -43,6 +44,7 @@ mod sink;
 mod state;
 mod time;
 mod tool;
+mod trace;
 mod user;
 
 #[cfg(feature = "axum")]
@@ -51,6 +53,10 @@ pub mod axum;
 pub mod mcp;
 #[cfg(feature = "oauth")]
 pub mod oauth;
+#[cfg(feature = "otel")]
+pub mod otel;
+#[cfg(feature = "prometheus")]
+pub mod prometheus;
 #[cfg(feature = "redis")]
 pub mod redis;
 

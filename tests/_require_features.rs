@@ -21,3 +21,17 @@ fn redis() {
 fn mcp() {
     unreachable!("ignored: run `cargo test --all-features`");
 }
+
+#[cfg(not(feature = "prometheus"))]
+#[test]
+#[ignore = "the Prometheus tests (tests/prometheus.rs) need `--features prometheus` (the README's test command)"]
+fn prometheus() {
+    unreachable!("ignored: run `cargo test --all-features`");
+}
+
+#[cfg(not(feature = "otel"))]
+#[test]
+#[ignore = "the OpenTelemetry tests (tests/otel.rs) need `--features otel` (the README's test command)"]
+fn otel() {
+    unreachable!("ignored: run `cargo test --all-features`");
+}

@@ -185,10 +185,10 @@ fn completed<'a>(msgs: &'a [Value], id: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no tool_completed for {id}"))
 }
 
-/// `GET /metrics` over a plain HTTP/1.1 connection.
+/// `GET /metrics.json` over a plain HTTP/1.1 connection.
 async fn metrics(addr: SocketAddr) -> Value {
     let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+    s.write_all(b"GET /metrics.json HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
     let mut raw = String::new();

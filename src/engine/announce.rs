@@ -11,6 +11,9 @@ use super::in_flight::{Ending, InFlight, Pending, Phase, Refusal, Source, Unanno
 use crate::delivery::{Delivered, NotSent, Now, Role, Watch};
 use crate::error::DispatchError;
 use crate::event::{Event, Status, ToolCompleted, ToolExecuting};
+#[cfg(feature = "otel")]
+use crate::trace::Content;
+use crate::trace::{Wait, waiting};
 
 impl InFlight<'_> {
     /// Ends a call whose `tool_executing` did not go out as confirmed: undeliverable
@@ -53,10 +56,8 @@ impl InFlight<'_> {
             deadline: Some(self.deadline),
         };
         let outbox = self.outbox;
-        match outbox
-            .deliver(ev, &Role::Opens, watch, &mut self.opening)
-            .await
-        {
+        let deliver = outbox.deliver(ev, &Role::Opens, watch, &mut self.opening);
+        match waiting(Wait::Delivery("tool_executing"), deliver).await {
             Ok(Delivered::Sent) => {
                 self.phase = Phase::Announced;
                 self.opening = None; // confirmed: its completion need not follow a ticket
@@ -129,7 +130,9 @@ impl InFlight<'_> {
             cancel: Some(&self.scope.cancel),
             deadline: None,
         };
-        let _ = self.outbox.deliver(ev, &role, watch, &mut None).await; // failures are counted there
+        let mut no_ticket = None;
+        let deliver = self.outbox.deliver(ev, &role, watch, &mut no_ticket);
+        let _ = waiting(Wait::Delivery("tool_completed"), deliver).await; // failures are counted there
     }
 
     /// Ends the call without waiting: its completion (and its `tool_executing`, if
@@ -172,6 +175,8 @@ impl InFlight<'_> {
         s.active.fetch_sub(1, Relaxed);
         let metrics = &self.inner.metrics;
         let left = if self.admission.counted {
+            #[cfg(feature = "prometheus")]
+            metrics.label(&self.user.ctx, status, self.entry.map(|e| e.index));
             metrics.end(status, self.entry.map(|e| e.index), took)
         } else {
             metrics.end_uncounted()
@@ -179,10 +184,7 @@ impl InFlight<'_> {
         if left == 0 && !self.inner.accepting.load(Relaxed) {
             self.inner.idle.notify_waiters();
         }
-        if !self.span.is_disabled() {
-            self.span.record("status", status.as_str());
-            self.span.record("duration_ms", took.as_secs_f64() * 1e3);
-        }
+        crate::trace::ended(&self.span, status, took);
     }
 
     /// The arguments as events show them: sensitive keys redacted, long values cut,
@@ -207,6 +209,10 @@ impl InFlight<'_> {
     #[inline]
     pub(super) fn executing(&self, parameters: Value) -> Event {
         let parameters = self.shown(parameters, 0);
+        #[cfg(feature = "otel")]
+        if self.inner.config.trace_content {
+            crate::trace::content(&self.span, Content::Arguments, &parameters);
+        }
         let u = &self.user.ctx;
         Event::ToolExecuting(ToolExecuting {
             call_id: Arc::clone(&self.scope.call_id),
@@ -235,6 +241,10 @@ impl InFlight<'_> {
         // gets the same room.
         let r = self.inner.redaction();
         let error = error.map(|e| r.fit(&e, self.header_bytes()));
+        #[cfg(feature = "otel")]
+        if self.inner.config.trace_content && status == Status::Success {
+            crate::trace::content(&self.span, Content::Result, &result);
+        }
         Event::ToolCompleted(ToolCompleted {
             call_id: Arc::clone(&self.scope.call_id),
             run_id: u.run_id.clone(),

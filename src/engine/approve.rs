@@ -21,6 +21,7 @@ use crate::event::{
 use crate::limits::{Permit, Scope};
 use crate::redact::encoded_len;
 use crate::registry::Entry;
+use crate::trace::{self, Wait};
 
 /// How long a call out of time waits for an answer another node already took.
 const IN_FLIGHT_ANSWER: Duration = Duration::from_secs(2);
@@ -116,7 +117,7 @@ impl<'a> InFlight<'a> {
                 self.forget_shared();
                 return Err(self.end_with(self.interruption(), Ok(())).await);
             }
-            v = waiting.decision() => Some(v),
+            v = trace::waiting(Wait::Approval, waiting.decision()) => Some(v),
             () = sleep_until(expires) => match &inner.peers {
                 None => waiting.withdraw(),
                 // Out of time: take the call back from the shared store first. If
@@ -230,11 +231,9 @@ impl<'a> InFlight<'a> {
             cancel: Some(&self.scope.cancel),
             deadline: None,
         };
-        match self
-            .outbox
-            .deliver(ev, &Role::Other, watch, &mut None)
-            .await
-        {
+        let mut no_ticket = None;
+        let deliver = self.outbox.deliver(ev, &Role::Other, watch, &mut no_ticket);
+        match trace::waiting(Wait::Delivery("tool_approval_required"), deliver).await {
             Ok(Delivered::Sent) => Ok(()),
             Err(NotSent::Sink(e)) => Err(DispatchError::Undelivered(e)),
             // Cancelled while it waited for room (it may still go out, before the

@@ -251,15 +251,7 @@ impl<'a> InFlight<'a> {
             .unwrap_or(inner.config.default_timeout);
         let now = Instant::now();
         let span = if start.admission.counted {
-            tracing::info_span!(
-                "execute_tool",
-                gen_ai.operation.name = "execute_tool",
-                gen_ai.tool.name = &*start.tool,
-                gen_ai.tool.call.id = &*id,
-                user_id = &*user.ctx.user_id,
-                status = tracing::field::Empty,
-                duration_ms = tracing::field::Empty,
-            )
+            crate::trace::call_span(&start.tool, &id, &user.ctx.user_id)
         } else {
             tracing::Span::none()
         };

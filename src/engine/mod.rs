@@ -69,6 +69,9 @@ pub(crate) struct Config {
     limits: Limits,
     approval_wait: ApprovalWait,
     max_pending_approvals: usize,
+    /// Put arguments and results on the calls' spans.
+    #[cfg(feature = "otel")]
+    trace_content: bool,
 }
 
 /// The health probe: a tool outside the registry and a user outside the user table,
@@ -125,6 +128,12 @@ impl Inner {
 
     pub(crate) fn redaction(&self) -> &Redaction {
         &self.config.redaction
+    }
+
+    /// The live counters (for the opt-in user label of feature `prometheus`).
+    #[cfg(feature = "prometheus")]
+    pub(crate) fn counters(&self) -> &Metrics {
+        &self.metrics
     }
 }
 
@@ -236,6 +245,17 @@ impl EngineBuilder {
         self
     }
 
+    /// Puts each call's arguments and result on its `execute_tool` span, as
+    /// `gen_ai.tool.call.arguments` and `gen_ai.tool.call.result` (JSON text),
+    /// redacted and cut exactly as its events show them (feature `otel`). Off by
+    /// default: spans leave the process, and the OpenTelemetry GenAI conventions make
+    /// content opt-in.
+    #[cfg(feature = "otel")]
+    pub fn trace_content(mut self, on: bool) -> Self {
+        self.config.trace_content = on;
+        self
+    }
+
     /// Result cache bounds.
     pub fn cache(mut self, c: CacheConfig) -> Self {
         self.cache = c;
@@ -322,6 +342,8 @@ impl Engine {
                 limits: Limits::default(),
                 approval_wait: ApprovalWait::default(),
                 max_pending_approvals: DEFAULT_MAX_PENDING_APPROVALS,
+                #[cfg(feature = "otel")]
+                trace_content: false,
             },
             policy: None,
             cache: CacheConfig::default(),
@@ -333,14 +355,15 @@ impl Engine {
         &self.inner
     }
 
-    /// A handle that does not keep the engine alive (for a backend's listener).
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    /// A handle that does not keep the engine alive (for a backend's listener, a
+    /// metrics collector).
+    #[cfg_attr(not(any(feature = "redis", feature = "prometheus")), allow(dead_code))]
     pub(crate) fn downgrade(&self) -> std::sync::Weak<Inner> {
         Arc::downgrade(&self.inner)
     }
 
     /// The engine behind a [`downgrade`](Self::downgrade)d handle, if it still exists.
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    #[cfg_attr(not(any(feature = "redis", feature = "prometheus")), allow(dead_code))]
     pub(crate) fn upgrade(weak: &std::sync::Weak<Inner>) -> Option<Engine> {
         weak.upgrade().map(|inner| Engine { inner })
     }
