@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
 
@@ -20,7 +21,7 @@ use serde_json::Value;
 /// assert_eq!(done.status, Status::Success);
 /// # Ok::<(), serde_json::Error>(())
 /// ```
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum Event {
@@ -92,7 +93,7 @@ impl Event {
 }
 
 /// `tool_executing`: sent once per call, before the tool body runs.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ToolExecuting {
     /// Unique id of this call (the LLM's tool-call id when it gave one).
     pub call_id: Arc<str>,
@@ -111,7 +112,7 @@ pub struct ToolExecuting {
 }
 
 /// `tool_completed`: sent exactly once per call, after its `tool_executing`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ToolCompleted {
     /// Same `call_id` as the call's `tool_executing`.
     pub call_id: Arc<str>,
@@ -143,7 +144,7 @@ pub struct ToolCompleted {
 }
 
 /// `tool_approval_required`: a call waits for its user to approve it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ToolApprovalRequired {
     /// The call's id: what the decision names.
     pub call_id: Arc<str>,
@@ -167,7 +168,7 @@ pub struct ToolApprovalRequired {
 }
 
 /// `tool_approval_resolved`: a call's wait for approval ended.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ToolApprovalResolved {
     /// The call's id.
     pub call_id: Arc<str>,
@@ -189,7 +190,7 @@ pub struct ToolApprovalResolved {
 }
 
 /// What became of a call's approval request, in its `tool_completed`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ApprovalRecord {
     /// The decision.
     pub decision: ApprovalOutcome,
@@ -198,7 +199,7 @@ pub struct ApprovalRecord {
 }
 
 /// How an approval request ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum ApprovalOutcome {
@@ -225,7 +226,7 @@ impl ApprovalOutcome {
 }
 
 /// `tool_progress`: a running tool's own report, delivered without blocking it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ToolProgress {
     /// The call reporting progress.
     pub call_id: Arc<str>,
@@ -247,7 +248,7 @@ pub struct ToolProgress {
 
 /// Payload of the agent lifecycle events (`agent_started`, `agent_thinking`,
 /// `agent_completed`, `agent_error`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct AgentEvent {
     /// The agent run.
     pub run_id: Option<Arc<str>>,
@@ -281,7 +282,7 @@ pub enum AgentUpdate {
 }
 
 /// How a tool call ended; the `status` field of `tool_completed`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum Status {
@@ -493,6 +494,17 @@ impl std::str::FromStr for Timestamp {
 impl Serialize for Timestamp {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
+    }
+}
+
+/// On the wire: a string in RFC 3339 form (`date-time`).
+impl JsonSchema for Timestamp {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Timestamp".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({"type": "string", "format": "date-time"})
     }
 }
 
