@@ -6,7 +6,7 @@
 // bottom-up and has no import cycle. `tests/architecture.rs` checks this list against
 // the sources; `docs/ARCHITECTURE.md` says what each floor is for.
 //
-// floor 1: call content event json time user contain blocking otel
+// floor 1: call content event json time user contain blocking otel serve
 // floor 2: sink cache limits redact approval schema oauth trace
 // floor 3: error metrics runlog
 // floor 4: delivery
@@ -59,6 +59,8 @@ pub mod otel;
 pub mod prometheus;
 #[cfg(feature = "redis")]
 pub mod redis;
+#[cfg(feature = "axum")]
+mod serve;
 
 pub use approval::{ApprovalError, ApprovalWait, Verdict};
 pub use blocking::StuckCall;
@@ -79,6 +81,8 @@ pub use registry::{
 pub use runlog::{
     AppendError, Frame, Resync, RunLog, RunLogConfig, RunLogStats, RunReader, RunWriter,
 };
+#[cfg(feature = "axum")]
+pub use serve::{ServeConfig, serve, serve_with};
 pub use sink::{EventSink, RecordingSink, SinkError, TrySendError};
 pub use state::{HasSink, HasUser, NoSink, NoUser, SinkUnset, UserUnset, WithSink, WithUser};
 pub use tool::{
