@@ -1,4 +1,4 @@
-//! The chat server's demo tools served over MCP, every call through the pipeline as
+//! The demo tools (shared with the chat server) served over MCP, every call through the pipeline as
 //! the authenticated user.
 //!
 //! ```text
@@ -13,9 +13,8 @@
 //! of every call is written to stderr as a JSON line (stdout is the MCP channel on
 //! stdio).
 
-#[path = "chat_server.rs"]
-#[allow(dead_code, unreachable_pub)]
-mod chat_server;
+#[path = "common/demo.rs"]
+mod demo;
 
 use std::io::Write;
 use std::sync::Arc;
@@ -40,8 +39,8 @@ impl EventSink for Stderr {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let users = chat_server::demo_users();
-    let engine = chat_server::demo_engine();
+    let users = demo::demo_users();
+    let engine = demo::demo_engine();
     let stderr: Arc<dyn EventSink> = Arc::new(Stderr);
     if args.iter().any(|a| a == "--http") {
         let port: u16 = match args.iter().position(|a| a == "--port") {
@@ -52,7 +51,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let app = router(server, move |token| users.get(token).cloned());
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
         println!("listening on http://{}/mcp", listener.local_addr()?);
-        ::axum::serve(listener, app).await?;
+        tool_dispatch::serve(listener, app).await?;
         return Ok(());
     }
     let token = std::env::var("TOOL_DISPATCH_TOKEN").unwrap_or_else(|_| "alice-token".into());

@@ -15,8 +15,8 @@
 // floor 7: policy
 // floor 8: engine
 // floor 9: dispatcher
-// floor 10: provider axum redis
-// floor 11: mcp
+// floor 10: provider redis
+// floor 11: mcp ws
 // floor 12: prometheus
 
 mod approval;
@@ -47,8 +47,6 @@ mod tool;
 mod trace;
 mod user;
 
-#[cfg(feature = "axum")]
-pub mod axum;
 #[cfg(feature = "mcp")]
 pub mod mcp;
 #[cfg(feature = "oauth")]
@@ -61,6 +59,8 @@ pub mod prometheus;
 pub mod redis;
 #[cfg(feature = "axum")]
 mod serve;
+#[cfg(feature = "axum")]
+pub mod ws;
 
 pub use approval::{ApprovalError, ApprovalWait, Verdict};
 pub use blocking::StuckCall;

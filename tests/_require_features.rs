@@ -3,7 +3,7 @@
 
 #[cfg(not(feature = "axum"))]
 #[test]
-#[ignore = "the chat server tests (tests/chat_server.rs) need `--features axum` (the README's test command)"]
+#[ignore = "the session tests (tests/ws_*.rs, tests/chat_server.rs) need `--features axum` (the README's test command)"]
 fn chat_server() {
     unreachable!("ignored: run `cargo test --all-features`");
 }

@@ -9,6 +9,8 @@
 #[cfg(feature = "mcp")]
 pub mod mcp;
 pub mod redis_server;
+#[cfg(feature = "axum")]
+pub mod ws;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,4 +1,5 @@
-//! axum integration (feature `axum`): a WebSocket as a user's event sink.
+//! One upgraded WebSocket as an ordered, bounded outbound queue with one writer task;
+//! the layer the session is built on, and a user's event sink on its own.
 //!
 //! [`split_socket`] splits an upgraded [`WebSocket`] into
 //!
@@ -20,7 +21,7 @@
 //! use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 //! use axum::response::Response;
 //! use futures_util::StreamExt;
-//! use tool_dispatch::axum::split_socket;
+//! use tool_dispatch::ws::socket::split_socket;
 //! use tool_dispatch::{Engine, ToolCall, UserContext};
 //!
 //! async fn ws(upgrade: WebSocketUpgrade, engine: Engine, user: UserContext) -> Response {
@@ -41,8 +42,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ::axum::Error as AxumError;
-use ::axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use axum::Error as AxumError;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
@@ -60,7 +61,7 @@ use crate::sink::{EventSink, SinkError, TrySendError};
 ///
 /// ```no_run
 /// # use futures_util::StreamExt;
-/// # async fn f(mut incoming: tool_dispatch::axum::WsReceiver) {
+/// # async fn f(mut incoming: tool_dispatch::ws::socket::WsReceiver) {
 /// while let Some(Ok(msg)) = incoming.next().await {
 ///     println!("{msg:?}");
 /// }
@@ -72,7 +73,7 @@ pub type WsReceiver = SplitStream<WebSocket>;
 ///
 /// ```
 /// use serde_json::json;
-/// use tool_dispatch::axum::Outbound;
+/// use tool_dispatch::ws::socket::Outbound;
 /// let results = Outbound::Json(json!({"type": "results", "results": []}));
 /// let bye = Outbound::Close { code: 1000, reason: "done".into() };
 /// # let _ = (results, bye);
@@ -87,6 +88,8 @@ pub enum Outbound {
     /// JSON text serialized already, sent as is: a run log [`Frame`](crate::Frame)'s
     /// `json`, shared with every other reader of the run rather than copied.
     Text(Arc<str>),
+    /// A ping (the client's WebSocket answers with a pong).
+    Ping,
     /// A close frame; the writer stops after sending it.
     Close {
         /// The WebSocket close code (1000 normal, 1008 policy, 1009 too big, …).
@@ -106,7 +109,7 @@ pub enum Outbound {
 /// [`close`]: WsSink::close
 ///
 /// ```no_run
-/// # use tool_dispatch::axum::split_socket;
+/// # use tool_dispatch::ws::socket::split_socket;
 /// # async fn f(socket: axum::extract::ws::WebSocket, engine: tool_dispatch::Engine,
 /// #            user: tool_dispatch::UserContext) {
 /// let (sink, _incoming, _writer) = split_socket(socket, 64);
@@ -118,12 +121,22 @@ pub enum Outbound {
 pub struct WsSink {
     tx: mpsc::Sender<Outbound>,
     closed: CancellationToken,
+    /// A close frame that goes out before anything still queued.
+    closing: Arc<Closing>,
+}
+
+/// A close asked for by [`WsSink::close_with`] or [`WsSink::answer_close`].
+#[derive(Debug, Default)]
+struct Closing {
+    /// `Some(frame)`: send it; `None`: answer the client's close.
+    frame: std::sync::Mutex<Option<Option<(u16, String)>>>,
+    asked: CancellationToken,
 }
 
 /// How the writer task ended; the output of the [`JoinHandle`] from [`split_socket`].
 ///
 /// ```no_run
-/// # async fn f(writer: tokio::task::JoinHandle<tool_dispatch::axum::WriterReport>) {
+/// # async fn f(writer: tokio::task::JoinHandle<tool_dispatch::ws::socket::WriterReport>) {
 /// if let Ok(report) = writer.await {
 ///     println!("{} frames written, ended: {:?}", report.frames, report.end);
 /// }
@@ -141,7 +154,7 @@ pub struct WriterReport {
 /// Why the writer task stopped.
 ///
 /// ```
-/// use tool_dispatch::axum::WriterEnd;
+/// use tool_dispatch::ws::socket::WriterEnd;
 /// assert_ne!(WriterEnd::Finished, WriterEnd::Closed);
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -171,7 +184,7 @@ pub enum WriterEnd {
 ///
 /// ```no_run
 /// use axum::extract::ws::WebSocketUpgrade;
-/// use tool_dispatch::axum::split_socket;
+/// use tool_dispatch::ws::socket::split_socket;
 /// async fn ws(upgrade: WebSocketUpgrade) -> axum::response::Response {
 ///     upgrade
 ///         .max_message_size(64 * 1024)
@@ -188,21 +201,27 @@ pub fn split_socket(
     let (ws_tx, ws_rx) = socket.split();
     let (tx, rx) = mpsc::channel(capacity.max(1));
     let closed = CancellationToken::new();
-    let writer = tokio::spawn(write_loop(ws_tx, rx, closed.clone()));
-    (WsSink { tx, closed }, ws_rx, writer)
+    let closing = Arc::new(Closing::default());
+    let writer = tokio::spawn(write_loop(ws_tx, rx, closed.clone(), Arc::clone(&closing)));
+    let sink = WsSink {
+        tx,
+        closed,
+        closing,
+    };
+    (sink, ws_rx, writer)
 }
 
 impl WsSink {
     /// Queues any [`Outbound`] frame without waiting.
     ///
     /// ```no_run
-    /// # fn f(sink: &tool_dispatch::axum::WsSink) {
-    /// use tool_dispatch::axum::Outbound;
+    /// # fn f(sink: &tool_dispatch::ws::socket::WsSink) {
+    /// use tool_dispatch::ws::socket::Outbound;
     /// let _ = sink.try_send_outbound(Outbound::Close { code: 1000, reason: "bye".into() });
     /// # }
     /// ```
     pub fn try_send_outbound(&self, out: Outbound) -> Result<(), SinkError> {
-        if self.closed.is_cancelled() {
+        if self.ending() {
             return Err(SinkError::Closed);
         }
         self.tx.try_send(out).map_err(|e| match e {
@@ -215,20 +234,20 @@ impl WsSink {
     /// with `Closed` when the socket goes away meanwhile.
     ///
     /// ```no_run
-    /// # async fn f(sink: &tool_dispatch::axum::WsSink) {
+    /// # async fn f(sink: &tool_dispatch::ws::socket::WsSink) {
     /// use std::time::Duration;
-    /// use tool_dispatch::axum::Outbound;
+    /// use tool_dispatch::ws::socket::Outbound;
     /// let bye = Outbound::Close { code: 1000, reason: "bye".into() };
     /// let _ = sink.send_outbound(bye, Duration::from_secs(1)).await;
     /// # }
     /// ```
     pub async fn send_outbound(&self, out: Outbound, wait: Duration) -> Result<(), SinkError> {
-        if self.closed.is_cancelled() {
+        if self.ending() {
             return Err(SinkError::Closed);
         }
         tokio::select! {
             biased;
-            _ = self.closed.cancelled() => Err(SinkError::Closed),
+            () = self.closed() => Err(SinkError::Closed),
             r = tokio::time::timeout(wait, self.tx.send(out)) => match r {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(_)) => Err(SinkError::Closed),
@@ -242,7 +261,7 @@ impl WsSink {
     /// so calls still in flight learn at once that nobody is listening.
     ///
     /// ```no_run
-    /// # fn f(sink: tool_dispatch::axum::WsSink) {
+    /// # fn f(sink: tool_dispatch::ws::socket::WsSink) {
     /// sink.close();
     /// assert!(sink.is_closed());
     /// # }
@@ -251,33 +270,80 @@ impl WsSink {
         self.closed.cancel();
     }
 
+    /// Ends the connection with a close frame (`code`, and a `reason` of at most 123
+    /// bytes) sent ahead of anything still queued, which is dropped: for a connection
+    /// that must end now (the client's own close to answer, a protocol violation).
+    /// For a close frame after everything queued, send [`Outbound::Close`] instead.
+    ///
+    /// ```no_run
+    /// # fn f(sink: tool_dispatch::ws::socket::WsSink) {
+    /// sink.close_with(1002, "reserved bits set");
+    /// # }
+    /// ```
+    pub fn close_with(&self, code: u16, reason: impl Into<String>) {
+        self.ask_close(Some((code, reason.into())));
+    }
+
+    /// Ends the connection by answering the close frame the client sent (the
+    /// WebSocket layer answers with the client's own code, or 1002 for a code a
+    /// client may not send), ahead of anything still queued, which is dropped: after
+    /// its close, a client takes no more messages.
+    ///
+    /// ```no_run
+    /// # fn f(sink: tool_dispatch::ws::socket::WsSink) {
+    /// sink.answer_close();
+    /// # }
+    /// ```
+    pub fn answer_close(&self) {
+        self.ask_close(None);
+    }
+
+    fn ask_close(&self, frame: Option<(u16, String)>) {
+        let mut asked = self
+            .closing
+            .frame
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        asked.get_or_insert(frame);
+        drop(asked);
+        self.closing.asked.cancel();
+    }
+
     /// Whether the socket is gone (writing failed, the writer stopped, or
     /// [`close`](Self::close) was called).
     ///
     /// ```no_run
-    /// # fn f(sink: tool_dispatch::axum::WsSink) {
+    /// # fn f(sink: tool_dispatch::ws::socket::WsSink) {
     /// if sink.is_closed() { /* stop producing */ }
     /// # }
     /// ```
     pub fn is_closed(&self) -> bool {
-        self.closed.is_cancelled() || self.tx.is_closed()
+        self.ending() || self.tx.is_closed()
+    }
+
+    /// [`close`](Self::close) or [`close_with`](Self::close_with) was called.
+    fn ending(&self) -> bool {
+        self.closed.is_cancelled() || self.closing.asked.is_cancelled()
     }
 
     /// Completes when the socket is gone.
     ///
     /// ```no_run
-    /// # async fn f(sink: tool_dispatch::axum::WsSink) {
+    /// # async fn f(sink: tool_dispatch::ws::socket::WsSink) {
     /// sink.closed().await;
     /// # }
     /// ```
     pub async fn closed(&self) {
-        self.closed.cancelled().await
+        tokio::select! {
+            _ = self.closed.cancelled() => {}
+            _ = self.closing.asked.cancelled() => {}
+        }
     }
 
     /// Frames that can be queued right now before the queue is full.
     ///
     /// ```no_run
-    /// # fn f(sink: tool_dispatch::axum::WsSink) {
+    /// # fn f(sink: tool_dispatch::ws::socket::WsSink) {
     /// println!("room for {} frames", sink.room());
     /// # }
     /// ```
@@ -288,7 +354,7 @@ impl WsSink {
 
 impl EventSink for WsSink {
     fn try_send(&self, event: Event) -> Result<(), TrySendError> {
-        if self.closed.is_cancelled() {
+        if self.ending() {
             return Err(TrySendError::Closed(event));
         }
         self.tx
@@ -303,12 +369,12 @@ impl EventSink for WsSink {
 
     fn send(&self, event: Event) -> BoxFuture<'_, Result<(), SinkError>> {
         Box::pin(async move {
-            if self.closed.is_cancelled() {
+            if self.ending() {
                 return Err(SinkError::Closed);
             }
             tokio::select! {
                 biased;
-                _ = self.closed.cancelled() => Err(SinkError::Closed),
+                () = self.closed() => Err(SinkError::Closed),
                 r = self.tx.send(Outbound::Event(event)) => r.map_err(|_| SinkError::Closed),
             }
         })
@@ -321,6 +387,7 @@ fn encode(out: Outbound) -> Result<Message, (u16, String)> {
         Outbound::Event(e) => serde_json::to_string(&e),
         Outbound::Json(v) => serde_json::to_string(&v),
         Outbound::Text(t) => Ok(String::from(&*t)),
+        Outbound::Ping => return Ok(Message::Ping(Default::default())),
         Outbound::Close { code, reason } => return Err((code, reason)),
     };
     match text {
@@ -388,21 +455,51 @@ async fn write_batch(
     Ok(false)
 }
 
+/// Sends the close frame [`WsSink::close_with`] asked for, or the WebSocket layer's
+/// answer to the client's close ([`WsSink::answer_close`]): closing the sink flushes
+/// the answer the layer queued when it read the client's close.
+async fn close_now(
+    ws: &mut SplitSink<WebSocket, Message>,
+    closing: &Closing,
+    frames: &mut u64,
+) -> WriterEnd {
+    let asked = closing
+        .frame
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take()
+        .flatten();
+    let sent = match asked {
+        Some((code, reason)) => ws.send(close_frame(code, reason)).await,
+        None => ws.close().await,
+    };
+    match sent {
+        Ok(()) => {
+            *frames += 1;
+            WriterEnd::Finished
+        }
+        Err(e) => WriterEnd::Socket(e.to_string()),
+    }
+}
+
 async fn write_loop(
     mut ws: SplitSink<WebSocket, Message>,
     mut rx: mpsc::Receiver<Outbound>,
     closed: CancellationToken,
+    closing: Arc<Closing>,
 ) -> WriterReport {
     let mut frames = 0u64;
     let end = loop {
         let next = tokio::select! {
             biased;
             _ = closed.cancelled() => break WriterEnd::Closed,
+            _ = closing.asked.cancelled() => break close_now(&mut ws, &closing, &mut frames).await,
             next = rx.recv() => next,
         };
         let written = tokio::select! {
             biased;
             _ = closed.cancelled() => break WriterEnd::Closed,
+            _ = closing.asked.cancelled() => break close_now(&mut ws, &closing, &mut frames).await,
             r = write_batch(&mut ws, &mut rx, next, &mut frames) => r,
         };
         match written {
@@ -413,6 +510,7 @@ async fn write_loop(
     };
     // From here on every delivery fails as `Closed`.
     closed.cancel();
+    closing.asked.cancel();
     rx.close();
     WriterReport { frames, end }
 }
@@ -438,6 +536,7 @@ mod tests {
         let sink = WsSink {
             tx,
             closed: CancellationToken::new(),
+            closing: Arc::default(),
         };
         (sink, rx)
     }
