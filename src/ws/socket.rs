@@ -429,7 +429,7 @@ async fn write_batch(
     frames: &mut u64,
 ) -> Result<bool, AxumError> {
     let mut item = first;
-    for _ in 0..BATCH {
+    for written in 1.. {
         match item.map(encode) {
             None => {
                 ws.send(Message::Close(None)).await?;
@@ -445,6 +445,11 @@ async fn write_batch(
                 ws.feed(msg).await?;
                 *frames += 1;
             }
+        }
+        // Take the next frame only if it is written in this batch: a frame taken
+        // from the queue and not written would be lost without a word.
+        if written == BATCH {
+            break;
         }
         match rx.try_recv() {
             Ok(more) => item = Some(more),
