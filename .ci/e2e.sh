@@ -2,7 +2,8 @@
 # End-to-end: the chat_server example driven by clients this project did not write.
 #
 # 1. A Python client using the `websockets` package from PyPI (installed into a
-#    virtual environment under target/e2e/venv).
+#    virtual environment under target/e2e/venv); every frame it gets is checked
+#    against docs/ws-protocol.schema.json with `jsonschema`.
 # 2. With TOOL_DISPATCH_BROWSER=1: the demo page in headless Chromium (Debian's
 #    `chromium` package), clicked through the DevTools protocol; the DOM and a
 #    screenshot are kept in target/e2e/ (chat_page.html, chat_page.png).
@@ -15,11 +16,11 @@ out=target/e2e
 venv="$out/venv"
 mkdir -p "$out"
 
-echo "==> python venv + websockets"
+echo "==> python venv + websockets, jsonschema"
 if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"
 fi
-"$venv/bin/pip" install --quiet --disable-pip-version-check websockets
+"$venv/bin/pip" install --quiet --disable-pip-version-check websockets jsonschema
 "$venv/bin/python" -c 'import websockets; print("websockets", websockets.__version__)'
 
 echo "==> build the chat_server example"

@@ -404,7 +404,47 @@ pub fn schema() -> Value {
         );
         root.insert("x-protocol-version".into(), PROTOCOL_VERSION.into());
     }
+    plain_descriptions(&mut schema);
     schema
+}
+
+/// The descriptions come from the Rust docs: keep their prose, drop their code
+/// examples and turn intra-doc links into plain code spans.
+fn plain_descriptions(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            for (k, v) in m.iter_mut() {
+                match v {
+                    Value::String(text) if k == "description" => *text = plain(text),
+                    _ => plain_descriptions(v),
+                }
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(plain_descriptions),
+        _ => {}
+    }
+}
+
+fn plain(doc: &str) -> String {
+    let prose = doc.split("\n```").next().unwrap_or(doc).trim_end();
+    let mut out = String::with_capacity(prose.len());
+    let mut rest = prose;
+    // `[`x`]` and `[`x`](path)` become `x` in backticks.
+    while let Some(start) = rest.find("[`") {
+        let Some(len) = rest[start..].find("`]") else {
+            break;
+        };
+        out.push_str(&rest[..start]);
+        out.push_str(&rest[start + 1..start + len + 1]);
+        rest = &rest[start + len + 2..];
+        if rest.starts_with('(')
+            && let Some(close) = rest.find(')')
+        {
+            rest = &rest[close + 1..];
+        }
+    }
+    out.push_str(rest);
+    out.replace('\n', " ")
 }
 
 // ------------------------------------------------------------------------------------

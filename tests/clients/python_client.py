@@ -7,8 +7,10 @@ Exits 0 when every check passes, 1 (with the failed check) otherwise.
 """
 import asyncio
 import json
+import pathlib
 import sys
 
+import jsonschema
 import websockets
 
 try:  # websockets >= 13
@@ -18,11 +20,34 @@ except ImportError:  # pragma: no cover - older releases
 
 TIMEOUT = 30  # seconds; a bound on a stuck server, not a performance threshold
 
+# The published schema of the protocol's frames: every frame the server sends must
+# be a ServerFrame or a RunFrame of it.
+SCHEMA = json.loads((pathlib.Path(__file__).parents[2] / "docs" / "ws-protocol.schema.json").read_text())
+FROM_SERVER = jsonschema.Draft202012Validator({
+    "$defs": SCHEMA["$defs"],
+    "anyOf": [{"$ref": "#/$defs/ServerFrame"}, {"$ref": "#/$defs/RunFrame"}],
+})
+FRAMES_CHECKED = 0
+
 
 async def recv_json(ws):
+    global FRAMES_CHECKED
     raw = await asyncio.wait_for(ws.recv(), TIMEOUT)
     assert isinstance(raw, str), f"expected a text frame, got {type(raw).__name__}"
-    return json.loads(raw)
+    msg = json.loads(raw)
+    errors = list(FROM_SERVER.iter_errors(msg))
+    assert not errors, f"a frame outside the published schema: {msg}: {errors[0].message}"
+    FRAMES_CHECKED += 1
+    return msg
+
+
+async def close_politely(ws):
+    """The close handshake: our close 1000 is answered with a close frame."""
+    await ws.close()
+    code = getattr(ws, "close_code", None)
+    if code is None:  # websockets >= 13 keeps it on the received close frame
+        code = ws.close_rcvd.code if ws.close_rcvd else None
+    assert code == 1000, f"the server answered our close with {code!r}"
 
 
 async def until_results(ws):
@@ -67,6 +92,7 @@ async def main(base):
         ready = await recv_json(ws)
         assert ready["type"] == "ready" and ready["user_id"] == "alice", ready
         assert "get_weather" in ready["tools"], ready
+        assert ready["protocol_version"] == 1, ready
         checks += 1
 
         # OpenAI Chat Completions shape: arguments are a JSON string.
@@ -131,6 +157,7 @@ async def main(base):
              "function": {"name": "get_weather", "arguments": "{\"city\": \"London\"}"}}]}))
         msgs = await until_results(ws)
         assert completed(msgs, "call_py_3")["status"] == "success"
+        await close_politely(ws)
         checks += 1
 
     # A dropped connection resumes its run after the last seq it saw: the remaining
@@ -246,7 +273,8 @@ async def main(base):
         assert e.status_code == 401, e
     checks += 1
 
-    print(f"python client (websockets {websockets.__version__}): {checks} checks passed")
+    print(f"python client (websockets {websockets.__version__}): {checks} checks passed, "
+          f"{FRAMES_CHECKED} frames matched docs/ws-protocol.schema.json")
 
 
 if __name__ == "__main__":
