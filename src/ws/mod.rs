@@ -9,9 +9,9 @@
 //! use tool_dispatch::{Engine, Registry, RunLog, RunLogConfig, ToolError, ToolSettings,
 //!                     UserContext, tool_fn};
 //!
-//! #[derive(serde::Deserialize, schemars::JsonSchema)]
+//! #[derive(serde::Deserialize, serde::Serialize, schemars::JsonSchema)]
 //! struct Steps { steps: u32 }
-//! #[derive(serde::Deserialize, schemars::JsonSchema)]
+//! #[derive(serde::Deserialize, serde::Serialize, schemars::JsonSchema)]
 //! struct Email { to: String }
 //!
 //! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -25,16 +25,20 @@
 //! .settings(ToolSettings::new().requires_approval("sends an email in your name"));
 //! let users: HashMap<String, UserContext> =
 //!     HashMap::from([("alice-token".into(), UserContext::builder("alice").build()?)]);
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
 //!
 //! let engine = Engine::builder(Registry::builder().tool(slow).tool(email).build()?).build();
 //! let server = WsServer::new(engine)
 //!     .run_log(RunLog::new(RunLogConfig::default()))
 //!     .grace(Duration::from_secs(30));
-//! let app: axum::Router = router(server, move |token: &str| users.get(token).cloned());
-//! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
-//! tool_dispatch::serve(listener, app).await?; // or axum::serve
+//! let app: axum::Router = router(server, move |token: &str| users.get(token).cloned()); // Option<UserContext>
+//! axum::serve(listener, app).await?;
 //! # Ok(()) }
 //! ```
+//!
+//! (`tool_dispatch::serve(listener, app)` serves the same router with a header-read
+//! and an idle timeout, which `axum::serve` does not set: prefer it on a network
+//! where clients may open connections and never finish a request.)
 //!
 //! The protocol is in [`protocol`] (typed frames, version 1, a published JSON
 //! Schema) and in `docs/ws.md`, with every setting and its default. In short: the
@@ -467,3 +471,11 @@ fn unique() -> String {
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     format!("{:x}", start.wrapping_add(n))
 }
+
+// The session's handles cross tasks and threads.
+const _: () = {
+    const fn send_sync<T: Send + Sync + 'static>() {}
+    send_sync::<WsServer>();
+    send_sync::<Session>();
+    send_sync::<socket::WsSink>();
+};
