@@ -114,6 +114,7 @@ async fn close_frame(s: &mut TcpStream) -> Option<(u16, String)> {
 #[tokio::test]
 async fn a_clients_close_is_answered_with_its_own_code() {
     let (addr, server) = start().await;
+    let mut events = server.subscribe();
     for code in [1000u16, 1001, 3000, 4999] {
         let mut s = open(addr).await;
         s.write_all(&frame(true, 0, 8, true, &close_payload(code, "bye")))
@@ -125,7 +126,14 @@ async fn a_clients_close_is_answered_with_its_own_code() {
     let mut s = open(addr).await;
     s.write_all(&frame(true, 0, 8, true, &[])).await.unwrap();
     assert!(close_frame(&mut s).await.is_some());
-    assert_eq!(server.stats().closed_protocol, 0);
+    for _ in 0..5 {
+        wait_event(&mut events, |e| gone(e, "alice")).await;
+    }
+    let stats = server.stats();
+    assert_eq!(
+        (stats.sessions, stats.sessions_open, stats.closed_protocol),
+        (5, 0, 0)
+    );
 }
 
 #[tokio::test]

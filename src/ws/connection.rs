@@ -66,7 +66,7 @@ pub(super) async fn serve(server: WsServer, user: UserContext, socket: WebSocket
     let config = Arc::clone(&server.config);
     let counters = &server.shared.counters;
     inc(&counters.sessions);
-    inc(&counters.sessions_open);
+    let _open = Open::count(&server);
     let user_id = user.user_id().to_owned();
     let (sink, mut incoming, writer) = split_socket(socket, config.send_queue);
     let (commands, mut command_rx) = mpsc::channel(8);
@@ -185,12 +185,29 @@ pub(super) async fn serve(server: WsServer, user: UserContext, socket: WebSocket
         sink.close();
     }
     drop((conn, sink));
-    counters.sessions_open.fetch_sub(1, Ordering::Relaxed);
     server.event(WsEvent::Disconnected {
         user_id,
         runs,
         end: ended,
     });
+}
+
+/// A connection being served, counted in `sessions_open` until it ends (or its task
+/// is dropped).
+struct Open(WsServer);
+
+impl Open {
+    fn count(server: &WsServer) -> Open {
+        inc(&server.shared.counters.sessions_open);
+        Open(server.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        let open = &self.0.shared.counters.sessions_open;
+        open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The close frame for a message that cannot be read.
