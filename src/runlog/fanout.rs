@@ -25,7 +25,7 @@ pub(super) struct Fanout {
 }
 
 /// One run followed here.
-struct Followed {
+pub(super) struct Followed {
     readers: Vec<Reader>,
     /// The `seq` after the last frame handed out: where a shared store reads on.
     next_seq: u64,
@@ -145,21 +145,34 @@ impl Fanout {
         lock(&self.runs).len()
     }
 
-    /// Forgets the runs nobody here has read for the time to live.
+    /// Forgets the runs nobody here has read for the time to live (a run a store
+    /// holds on to is its to forget).
     pub(super) fn sweep(&self) {
         let now = Instant::now();
         lock(&self.runs).retain(|_, e| {
+            if Arc::strong_count(e) > 1 {
+                return true;
+            }
             let mut f = lock(e);
             f.followed() || now.saturating_duration_since(f.last_write) <= self.ttl
         });
     }
 
-    /// A frame this process's own store just recorded, in `seq` order and once.
-    pub(super) fn publish(&self, key: &RunKey, frame: &Frame) {
-        let Some(entry) = lock(&self.runs).get(key).cloned() else {
-            return;
-        };
-        let mut f = lock(&entry);
+    /// The run's entry, made if it is new: for a store that keeps the run here and
+    /// hands its frames over with [`publish`](Self::publish). It stays until the
+    /// store [`close`](Self::close)s it.
+    pub(super) fn entry(&self, key: RunKey) -> Arc<Mutex<Followed>> {
+        let mut runs = lock(&self.runs);
+        Arc::clone(
+            runs.entry(key)
+                .or_insert_with(|| Arc::new(Mutex::new(Followed::new()))),
+        )
+    }
+
+    /// A frame this process's own store just recorded for the run of `entry`, in
+    /// `seq` order and once.
+    pub(super) fn publish(entry: &Mutex<Followed>, frame: &Frame) {
+        let mut f = lock(entry);
         f.next_seq = frame.seq + 1;
         f.last_write = Instant::now();
         f.fan_out(frame);
@@ -274,7 +287,12 @@ impl Drop for Following {
         if let Some(before) = self.moved_from {
             f.next_seq = before;
         }
+        drop(f);
+        // Only the map and this guard hold it: nobody began to use it meanwhile (a
+        // store that opened the run since keeps it).
+        let unused = Arc::strong_count(&self.entry) == 2;
         if self.created
+            && unused
             && runs
                 .get(&self.key)
                 .is_some_and(|e| Arc::ptr_eq(e, &self.entry))

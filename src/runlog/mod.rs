@@ -275,8 +275,9 @@ impl RunLog {
             self.sweep();
         }
         let key = key(user_id, run_id);
-        s.store.open(&key.0, &key.1);
-        RunWriter::new(Arc::clone(s), key)
+        let store = s.store.open(&key.0, &key.1);
+        let store = store.unwrap_or_else(|| Arc::clone(&s.store));
+        RunWriter::new(Arc::clone(s), store, key)
     }
 
     /// A reader of `user_id`'s run `run_id` from `after_seq` on: the kept frames with
@@ -442,7 +443,7 @@ mod tests {
                 assert!(answer.is_err());
             }
             assert_eq!(log.stats().runs, 0, "{log:?}");
-            assert!(log.followed_runs().is_empty());
+            assert_eq!(log.shared.fanout.len(), 0, "nothing of the ids stays");
         }
     }
 
@@ -519,5 +520,45 @@ mod tests {
         assert_eq!(log.followed_runs().len(), 1, "followed while it waits");
         drop(resume);
         assert_eq!(log.stats().runs, 0);
+    }
+
+    #[tokio::test]
+    async fn a_run_opened_while_a_resume_of_it_fails_keeps_its_readers_fed() {
+        let log = RunLog::new(RunLogConfig::default());
+        // The resume has begun to follow a run the store does not have yet...
+        let following = log.shared.fanout.follow(key("alice", "r"), Some(5));
+        // ...a turn opens it meanwhile, then the resume fails.
+        let writer = log.writer("alice", "r");
+        drop(following);
+        let mut reader = writer.subscribe();
+        writer
+            .append(serde_json::json!({"type": "note"}))
+            .await
+            .unwrap();
+        assert_eq!(reader.try_next().map(|r| r.map(|f| f.seq)), Some(Ok(1)));
+    }
+
+    #[tokio::test]
+    async fn a_writer_of_an_evicted_run_is_refused_not_merged_into_a_new_one() {
+        let log = RunLog::new(RunLogConfig::default().max_runs_per_user(1));
+        let old = log.writer("alice", "r1");
+        old.append(serde_json::json!({"type": "note"}))
+            .await
+            .unwrap();
+        let _new = log.writer("alice", "r2"); // evicts r1
+        assert_eq!(
+            old.append(serde_json::json!({"type": "note"})).await,
+            Err(AppendError::Gone)
+        );
+        // A run begun again under the old name starts afresh; the old writer stays out.
+        let again = log.writer("alice", "r1");
+        assert_eq!(
+            again.append(serde_json::json!({"type": "note"})).await,
+            Ok(1)
+        );
+        assert_eq!(
+            old.append(serde_json::json!({"type": "note"})).await,
+            Err(AppendError::Gone)
+        );
     }
 }

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use futures_util::future::BoxFuture;
 use tokio::time::Instant;
 
-use super::fanout::{Fanout, RunKey};
+use super::fanout::{Fanout, Followed, RunKey};
 use super::{AppendError, Frame, Resync, RunLogConfig, RunLogStats, fresh_epoch, lock, with_seq};
 
 /// Where the frames live: the seam between the log's fan-out to local readers and
@@ -50,9 +50,13 @@ pub(crate) trait Store: Send + Sync + 'static {
     /// Whether another process follows the run (marked within the last seconds).
     fn followed<'a>(&'a self, user: &'a str, run: &'a str) -> BoxFuture<'a, bool>;
 
-    /// A writer was made for the run. A store that creates runs on their first
-    /// append does nothing.
-    fn open(&self, _user: &Arc<str>, _run: &Arc<str>) {}
+    /// A writer is being made for the run: a store that keeps runs in this process
+    /// creates it and hands back a store bound to it, which appends without looking
+    /// the run up; `None` (a shared store, which creates runs on their first append)
+    /// lets the writer use this store.
+    fn open(&self, _user: &Arc<str>, _run: &Arc<str>) -> Option<Arc<dyn Store>> {
+        None
+    }
     /// The run's last `seq`, when the store knows it without asking anyone; `None`
     /// lets the log answer from what this process read and appended.
     fn last_seq(&self, _key: &RunKey) -> Option<u64> {
@@ -68,15 +72,25 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn sweep(&self) {}
 }
 
-/// The frames of a process's own runs.
-pub(super) struct LocalStore {
+/// The frames of a process's own runs. Cheap to clone.
+#[derive(Clone)]
+pub(super) struct LocalStore(Arc<Local>);
+
+struct Local {
     config: RunLogConfig,
     epoch: u64,
-    runs: Mutex<HashMap<RunKey, Arc<Mutex<Kept>>>>,
+    runs: Mutex<HashMap<RunKey, Entry>>,
     /// Bytes of frames kept, all runs together.
     bytes: AtomicUsize,
     /// Where each recorded frame goes at once.
     fanout: Arc<Fanout>,
+}
+
+/// One run: its frames, and its readers in this process.
+#[derive(Clone)]
+struct Entry {
+    kept: Arc<Mutex<Kept>>,
+    readers: Arc<Mutex<Followed>>,
 }
 
 /// One run's frames.
@@ -86,43 +100,54 @@ struct Kept {
     next_seq: u64,
     bytes: usize,
     last_write: Instant,
+    /// The run was evicted or expired: a writer still holding it is refused.
+    gone: bool,
+}
+
+/// [`LocalStore`] bound to one run, for that run's writers: appends go straight to
+/// the run and its readers, without a lookup.
+struct LocalRun {
+    store: LocalStore,
+    entry: Entry,
 }
 
 impl LocalStore {
     pub(super) fn new(config: RunLogConfig, fanout: Arc<Fanout>) -> LocalStore {
-        LocalStore {
+        LocalStore(Arc::new(Local {
             config,
             epoch: fresh_epoch(),
             runs: Mutex::default(),
             bytes: AtomicUsize::new(0),
             fanout,
-        }
+        }))
     }
+}
 
+impl Local {
     fn expired(&self, kept: &Kept, now: Instant) -> bool {
-        now.saturating_duration_since(kept.last_write) > self.config.ttl
+        kept.gone || now.saturating_duration_since(kept.last_write) > self.config.ttl
     }
 
-    /// Drops a run's frames; its readers end (they see `unknown_run` on resume).
-    fn forget(&self, key: &RunKey, kept: &Mutex<Kept>) {
-        let mut k = lock(kept);
+    /// Drops a run's frames; its readers end (they see `unknown_run` on resume), and
+    /// a writer still holding it is refused.
+    fn forget(&self, key: &RunKey, entry: &Entry) {
+        let mut k = lock(&entry.kept);
         self.bytes.fetch_sub(k.bytes, Ordering::Relaxed);
         k.bytes = 0;
         k.frames.clear();
+        k.gone = true;
         drop(k);
         self.fanout.close(key);
     }
 
     /// Records JSON object text, putting `"seq"` first, and hands it to the run's
     /// readers here, in `seq` order.
-    fn append_here(&self, user: &Arc<str>, run: &Arc<str>, text: &str) -> Result<u64, AppendError> {
-        let key: RunKey = (Arc::clone(user), Arc::clone(run));
-        let kept = lock(&self.runs)
-            .get(&key)
-            .cloned()
-            .ok_or(AppendError::Gone)?;
+    fn append(&self, entry: &Entry, text: &str) -> Result<u64, AppendError> {
         let c = &self.config;
-        let mut k = lock(&kept);
+        let mut k = lock(&entry.kept);
+        if k.gone {
+            return Err(AppendError::Gone);
+        }
         let seq = k.next_seq;
         let json = with_seq(seq, text);
         let size = json.len();
@@ -146,12 +171,18 @@ impl LocalStore {
         k.last_write = Instant::now();
         let frame = Frame { seq, json };
         // Under the run's lock, so readers get the frames in `seq` order.
-        self.fanout.publish(&key, &frame);
+        Fanout::publish(&entry.readers, &frame);
         k.frames.push_back(frame);
         Ok(seq)
     }
 
-    fn replay_here(
+    /// The run's entry, if it is kept.
+    fn entry(&self, user: &Arc<str>, run: &Arc<str>) -> Result<Entry, AppendError> {
+        let key: RunKey = (Arc::clone(user), Arc::clone(run));
+        lock(&self.runs).get(&key).cloned().ok_or(AppendError::Gone)
+    }
+
+    fn replay(
         &self,
         user: &str,
         run: &str,
@@ -162,17 +193,17 @@ impl LocalStore {
             return Err(Resync::EpochChanged);
         }
         let key: RunKey = (Arc::from(user), Arc::from(run));
-        let kept = {
+        let entry = {
             let mut runs = lock(&self.runs);
-            let kept = runs.get(&key).cloned().ok_or(Resync::UnknownRun)?;
-            if self.expired(&lock(&kept), Instant::now()) {
+            let entry = runs.get(&key).cloned().ok_or(Resync::UnknownRun)?;
+            if self.expired(&lock(&entry.kept), Instant::now()) {
                 runs.remove(&key);
-                self.forget(&key, &kept);
+                self.forget(&key, &entry);
                 return Err(Resync::UnknownRun);
             }
-            kept
+            entry
         };
-        let k = lock(&kept);
+        let k = lock(&entry.kept);
         // Kept: `first..next_seq`. Asking from before `first` asks for evicted
         // frames; asking from past the last one means the client's run is not this
         // one (it was evicted and begun again): either way, resync.
@@ -187,15 +218,56 @@ impl LocalStore {
             .cloned()
             .collect())
     }
+
+    /// The run's entry, created if it is new; past the per-user bound, the user's
+    /// least recently written run goes.
+    fn open(&self, user: &Arc<str>, run: &Arc<str>) -> Entry {
+        let key: RunKey = (Arc::clone(user), Arc::clone(run));
+        let mut runs = lock(&self.runs);
+        if let Some(entry) = runs.get(&key) {
+            return entry.clone();
+        }
+        let mine: Vec<(&RunKey, Instant)> = runs
+            .iter()
+            .filter(|((u, _), _)| u == user)
+            .map(|(k, e)| (k, lock(&e.kept).last_write))
+            .collect();
+        if mine.len() >= self.config.max_runs_per_user
+            && let Some((oldest, _)) = mine.iter().min_by_key(|(_, t)| *t)
+        {
+            let oldest = (*oldest).clone();
+            if let Some(entry) = runs.remove(&oldest) {
+                self.forget(&oldest, &entry);
+            }
+        }
+        let kept = Kept {
+            frames: VecDeque::new(),
+            next_seq: 1,
+            bytes: 0,
+            last_write: Instant::now(),
+            gone: false,
+        };
+        let entry = Entry {
+            kept: Arc::new(Mutex::new(kept)),
+            readers: self.fanout.entry(key.clone()),
+        };
+        runs.insert(key, entry.clone());
+        entry
+    }
+}
+
+fn ready<'a, T: Send + 'a>(t: T) -> BoxFuture<'a, T> {
+    Box::pin(std::future::ready(t))
 }
 
 impl Store for LocalStore {
     fn epoch(&self) -> u64 {
-        self.epoch
+        self.0.epoch
     }
 
     fn append(&self, user: &Arc<str>, run: &Arc<str>, text: String) -> Result<(), AppendError> {
-        self.append_here(user, run, &text).map(|_| ())
+        let entry = self.0.entry(user, run)?;
+        self.0.append(&entry, &text).map(|_| ())
     }
 
     fn send<'a>(
@@ -204,7 +276,7 @@ impl Store for LocalStore {
         run: &'a Arc<str>,
         text: String,
     ) -> BoxFuture<'a, Result<(), AppendError>> {
-        Box::pin(std::future::ready(self.append(user, run, text)))
+        ready(self.append(user, run, text))
     }
 
     fn record<'a>(
@@ -213,7 +285,11 @@ impl Store for LocalStore {
         run: &'a Arc<str>,
         text: String,
     ) -> BoxFuture<'a, Result<u64, AppendError>> {
-        Box::pin(std::future::ready(self.append_here(user, run, &text)))
+        ready(
+            self.0
+                .entry(user, run)
+                .and_then(|entry| self.0.append(&entry, &text)),
+        )
     }
 
     fn replay<'a>(
@@ -223,67 +299,92 @@ impl Store for LocalStore {
         after_seq: u64,
         epoch: Option<u64>,
     ) -> BoxFuture<'a, Result<Vec<Frame>, Resync>> {
-        Box::pin(std::future::ready(
-            self.replay_here(user, run, after_seq, epoch),
-        ))
+        ready(self.0.replay(user, run, after_seq, epoch))
     }
 
     /// No other process shares these runs.
     fn followed<'a>(&'a self, _user: &'a str, _run: &'a str) -> BoxFuture<'a, bool> {
-        Box::pin(std::future::ready(false))
+        ready(false)
     }
 
-    /// Creates the run if it is new; past the per-user bound, the user's least
-    /// recently written run goes.
-    fn open(&self, user: &Arc<str>, run: &Arc<str>) {
-        let key: RunKey = (Arc::clone(user), Arc::clone(run));
-        let mut runs = lock(&self.runs);
-        if runs.contains_key(&key) {
-            return;
-        }
-        let mine: Vec<(&RunKey, Instant)> = runs
-            .iter()
-            .filter(|((u, _), _)| u == user)
-            .map(|(k, kept)| (k, lock(kept).last_write))
-            .collect();
-        if mine.len() >= self.config.max_runs_per_user
-            && let Some((oldest, _)) = mine.iter().min_by_key(|(_, t)| *t)
-        {
-            let oldest = (*oldest).clone();
-            if let Some(kept) = runs.remove(&oldest) {
-                self.forget(&oldest, &kept);
-            }
-        }
-        let kept = Kept {
-            frames: VecDeque::new(),
-            next_seq: 1,
-            bytes: 0,
-            last_write: Instant::now(),
-        };
-        runs.insert(key, Arc::new(Mutex::new(kept)));
+    fn open(&self, user: &Arc<str>, run: &Arc<str>) -> Option<Arc<dyn Store>> {
+        let entry = self.0.open(user, run);
+        Some(Arc::new(LocalRun {
+            store: self.clone(),
+            entry,
+        }))
     }
 
     fn last_seq(&self, key: &RunKey) -> Option<u64> {
-        let kept = lock(&self.runs).get(key).cloned()?;
-        let seq = lock(&kept).next_seq - 1;
+        let entry = self.0.entry(&key.0, &key.1).ok()?;
+        let seq = lock(&entry.kept).next_seq - 1;
         Some(seq)
     }
 
     fn kept(&self) -> Option<RunLogStats> {
         Some(RunLogStats {
-            runs: lock(&self.runs).len(),
-            bytes: self.bytes.load(Ordering::Relaxed),
+            runs: lock(&self.0.runs).len(),
+            bytes: self.0.bytes.load(Ordering::Relaxed),
         })
     }
 
     fn sweep(&self) {
+        let s = &self.0;
         let now = Instant::now();
-        lock(&self.runs).retain(|key, kept| {
-            let keep = !self.expired(&lock(kept), now);
+        lock(&s.runs).retain(|key, entry| {
+            let keep = !s.expired(&lock(&entry.kept), now);
             if !keep {
-                self.forget(key, kept);
+                s.forget(key, entry);
             }
             keep
         });
+    }
+}
+
+/// The store bound to one run: `user` and `run` name that run whatever they say
+/// (only its writer calls it).
+impl Store for LocalRun {
+    fn epoch(&self) -> u64 {
+        self.store.epoch()
+    }
+
+    fn append(&self, _: &Arc<str>, _: &Arc<str>, text: String) -> Result<(), AppendError> {
+        self.store.0.append(&self.entry, &text).map(|_| ())
+    }
+
+    fn send<'a>(
+        &'a self,
+        user: &'a Arc<str>,
+        run: &'a Arc<str>,
+        text: String,
+    ) -> BoxFuture<'a, Result<(), AppendError>> {
+        ready(self.append(user, run, text))
+    }
+
+    fn record<'a>(
+        &'a self,
+        _: &'a Arc<str>,
+        _: &'a Arc<str>,
+        text: String,
+    ) -> BoxFuture<'a, Result<u64, AppendError>> {
+        ready(self.store.0.append(&self.entry, &text))
+    }
+
+    fn replay<'a>(
+        &'a self,
+        user: &'a str,
+        run: &'a str,
+        after_seq: u64,
+        epoch: Option<u64>,
+    ) -> BoxFuture<'a, Result<Vec<Frame>, Resync>> {
+        self.store.replay(user, run, after_seq, epoch)
+    }
+
+    fn followed<'a>(&'a self, user: &'a str, run: &'a str) -> BoxFuture<'a, bool> {
+        self.store.followed(user, run)
+    }
+
+    fn last_seq(&self, _: &RunKey) -> Option<u64> {
+        Some(lock(&self.entry.kept).next_seq - 1)
     }
 }

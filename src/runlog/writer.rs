@@ -7,7 +7,7 @@ use futures_util::future::BoxFuture;
 use serde_json::Value;
 
 use super::fanout::RunKey;
-use super::{AppendError, RunReader, Shared};
+use super::{AppendError, RunReader, Shared, Store};
 use crate::event::Event;
 use crate::sink::{EventSink, SinkError, TrySendError};
 
@@ -15,6 +15,8 @@ use crate::sink::{EventSink, SinkError, TrySendError};
 #[derive(Clone)]
 pub struct RunWriter {
     shared: Arc<Shared>,
+    /// The log's store, or the part of it bound to this run.
+    store: Arc<dyn Store>,
     key: RunKey,
     /// The highest `seq` [`append`](Self::append) was given back.
     appended: Arc<AtomicU64>,
@@ -27,9 +29,10 @@ impl std::fmt::Debug for RunWriter {
 }
 
 impl RunWriter {
-    pub(super) fn new(shared: Arc<Shared>, key: RunKey) -> RunWriter {
+    pub(super) fn new(shared: Arc<Shared>, store: Arc<dyn Store>, key: RunKey) -> RunWriter {
         RunWriter {
             shared,
+            store,
             key,
             appended: Arc::default(),
         }
@@ -44,7 +47,7 @@ impl RunWriter {
         }
         let text = self.fits(frame.to_string())?;
         let (user, run) = &self.key;
-        let seq = self.shared.store.record(user, run, text).await?;
+        let seq = self.store.record(user, run, text).await?;
         self.appended.fetch_max(seq, Ordering::Relaxed);
         Ok(seq)
     }
@@ -81,7 +84,7 @@ impl RunWriter {
     /// the highest this process has read or had returned by [`append`](Self::append).
     pub fn last_seq(&self) -> u64 {
         let s = &self.shared;
-        s.store.last_seq(&self.key).unwrap_or_else(|| {
+        self.store.last_seq(&self.key).unwrap_or_else(|| {
             let read = s.fanout.read_up_to(&self.key).unwrap_or(0);
             read.max(self.appended.load(Ordering::Relaxed))
         })
@@ -96,7 +99,7 @@ impl EventSink for RunWriter {
             let text = serde_json::to_string(&event).map_err(|_| SinkError::Closed)?;
             let text = self.fits(text).map_err(|_| SinkError::Full)?;
             let (user, run) = &self.key;
-            match self.shared.store.send(user, run, text).await {
+            match self.store.send(user, run, text).await {
                 Ok(()) => Ok(()),
                 Err(AppendError::Gone | AppendError::Unavailable) => Err(SinkError::Closed),
                 Err(_) => Err(SinkError::Full),
@@ -112,7 +115,7 @@ impl EventSink for RunWriter {
         let (user, run) = &self.key;
         let appended = self
             .fits(text)
-            .and_then(|text| self.shared.store.append(user, run, text));
+            .and_then(|text| self.store.append(user, run, text));
         match appended {
             Ok(()) => Ok(()),
             Err(AppendError::Gone | AppendError::Unavailable) => Err(TrySendError::Closed(event)),
