@@ -51,7 +51,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let app = router(server, move |token| users.get(token).cloned());
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
         println!("listening on http://{}/mcp", listener.local_addr()?);
-        tool_dispatch::serve(listener, app).await?;
+        tool_dispatch::http::serve(listener, app).await?;
         return Ok(());
     }
     let token = std::env::var("TOOL_DISPATCH_TOKEN").unwrap_or_else(|_| "alice-token".into());

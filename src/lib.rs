@@ -6,7 +6,7 @@
 // bottom-up and has no import cycle. `tests/architecture.rs` checks this list against
 // the sources; `docs/ARCHITECTURE.md` says what each floor is for.
 //
-// floor 1: call content event json time user contain blocking otel serve
+// floor 1: call content event json time user contain blocking otel http
 // floor 2: sink cache limits redact approval schema oauth trace
 // floor 3: error metrics runlog
 // floor 4: delivery
@@ -47,6 +47,8 @@ mod tool;
 mod trace;
 mod user;
 
+#[cfg(feature = "axum")]
+pub mod http;
 #[cfg(feature = "mcp")]
 pub mod mcp;
 #[cfg(feature = "oauth")]
@@ -57,8 +59,6 @@ pub mod otel;
 pub mod prometheus;
 #[cfg(feature = "redis")]
 pub mod redis;
-#[cfg(feature = "axum")]
-mod serve;
 #[cfg(feature = "axum")]
 pub mod ws;
 
@@ -81,8 +81,6 @@ pub use registry::{
 pub use runlog::{
     AppendError, Frame, Resync, RunLog, RunLogConfig, RunLogStats, RunReader, RunWriter,
 };
-#[cfg(feature = "axum")]
-pub use serve::{ServeConfig, serve, serve_with};
 pub use sink::{EventSink, RecordingSink, SinkError, TrySendError};
 pub use state::{HasSink, HasUser, NoSink, NoUser, SinkUnset, UserUnset, WithSink, WithUser};
 pub use tool::{

@@ -32,7 +32,10 @@ async fn the_example_serves_its_page_metrics_and_the_session_to_known_tokens_onl
     let server = WsServer::new(engine).run_log(runs).node("smoke");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(tool_dispatch::serve(listener, chat_server::app(server)));
+    tokio::spawn(tool_dispatch::http::serve(
+        listener,
+        chat_server::app(server),
+    ));
 
     let page = http_get(addr, "/").await;
     assert!(

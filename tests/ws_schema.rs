@@ -84,6 +84,7 @@ fn the_schema_names_every_frame_of_version_one() {
         "tool_progress",
         "tool_completed",
         "tool_approval_required",
+        "tool_approval_resolved",
         "tool_results",
         "agent_started",
     ] {

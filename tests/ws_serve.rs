@@ -1,4 +1,4 @@
-//! The library's HTTP serving (`tool_dispatch::serve`), attacked with half-open
+//! The library's HTTP serving (`tool_dispatch::http::serve`), attacked with half-open
 //! requests over real sockets: a client that never finishes its request headers, one
 //! that never sends its body, and an idle keep-alive connection are all let go after
 //! the documented timeouts, while finished requests and upgraded WebSockets are
@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
-use tool_dispatch::{ServeConfig, serve_with};
+use tool_dispatch::http::{ServeConfig, serve_with};
 
 fn app() -> Router {
     Router::new()

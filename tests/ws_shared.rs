@@ -157,7 +157,7 @@ async fn a_call_made_over_mcp_shows_up_in_its_users_run_stream() {
         .merge(tool_dispatch::mcp::router(mcp, move |t| u2.get(t).cloned()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(tool_dispatch::serve(listener, app));
+    tokio::spawn(tool_dispatch::http::serve(listener, app));
 
     let mut alice_ws = connect(addr, "alice-token").await;
     let mut bob_ws = connect(addr, "bob-token").await;

@@ -222,7 +222,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     log_disconnections(&server);
     tokio::select! {
-        r = tool_dispatch::serve(listener, app(server)) => r?,
+        r = tool_dispatch::http::serve(listener, app(server)) => r?,
         _ = tokio::signal::ctrl_c() => {
             let report = engine.shutdown(Duration::from_secs(5)).await;
             eprintln!("shut down: {report:?}");

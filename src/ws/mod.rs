@@ -36,7 +36,7 @@
 //! # Ok(()) }
 //! ```
 //!
-//! (`tool_dispatch::serve(listener, app)` serves the same router with a header-read
+//! (`tool_dispatch::http::serve(listener, app)` serves the same router with a header-read
 //! and an idle timeout, which `axum::serve` does not set: prefer it on a network
 //! where clients may open connections and never finish a request.)
 //!

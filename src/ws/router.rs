@@ -22,7 +22,7 @@ type Authenticate = dyn Fn(&str) -> Option<UserContext> + Send + Sync;
 /// `?token=<token>` (a browser cannot set headers on a WebSocket). A missing or
 /// unknown token gets 401 before the upgrade; a page whose `Origin` is not allowed
 /// ([`WsServer::allow_origin`]; same-origin by default) gets 403. Merge it with the
-/// app's own routes; serve it with [`serve`](crate::serve) (or `axum::serve`).
+/// app's own routes; serve it with [`serve`](crate::http::serve) (or `axum::serve`).
 ///
 /// ```
 /// use tool_dispatch::UserContext;

@@ -147,7 +147,7 @@ pub async fn serve(server: WsServer) -> SocketAddr {
     let addr = listener.local_addr().unwrap();
     let users = users();
     let app = router(server, move |t: &str| users.get(t).cloned());
-    tokio::spawn(tool_dispatch::serve(listener, app));
+    tokio::spawn(tool_dispatch::http::serve(listener, app));
     addr
 }
 

@@ -25,7 +25,7 @@ use tokio::time::Instant;
 ///
 /// ```
 /// use std::time::Duration;
-/// use tool_dispatch::ServeConfig;
+/// use tool_dispatch::http::ServeConfig;
 /// let config = ServeConfig::default()
 ///     .header_read_timeout(Duration::from_secs(5))
 ///     .idle_timeout(Some(Duration::from_secs(300)));
@@ -78,7 +78,7 @@ impl ServeConfig {
 /// ```no_run
 /// # async fn f(app: axum::Router) -> std::io::Result<()> {
 /// let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
-/// tool_dispatch::serve(listener, app).await
+/// tool_dispatch::http::serve(listener, app).await
 /// # }
 /// ```
 pub async fn serve(listener: TcpListener, router: Router) -> io::Result<()> {
@@ -90,7 +90,7 @@ pub async fn serve(listener: TcpListener, router: Router) -> io::Result<()> {
 /// ```no_run
 /// # async fn f(app: axum::Router) -> std::io::Result<()> {
 /// use std::time::Duration;
-/// use tool_dispatch::{ServeConfig, serve_with};
+/// use tool_dispatch::http::{ServeConfig, serve_with};
 /// let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
 /// let config = ServeConfig::default().header_read_timeout(Duration::from_secs(5));
 /// serve_with(listener, app, config).await
