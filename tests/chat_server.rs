@@ -1,6 +1,7 @@
 //! Smoke test of the `chat_server` example: its routes start and answer (the page,
-//! `/metrics`, the session with a good token, 401 with a bad one), and its command
-//! line. The session's protocol is tested on the library, in `tests/ws_*.rs`.
+//! `/metrics.json`, `/metrics`, the session with a good token, 401 with a bad one),
+//! and its command line. The session's protocol is tested on the library, in
+//! `tests/ws_*.rs`.
 #![cfg(feature = "axum")]
 
 #[allow(dead_code)] // its `main` is not called here
@@ -42,13 +43,17 @@ async fn the_example_serves_its_page_metrics_and_the_session_to_known_tokens_onl
         page.starts_with("HTTP/1.1 200") && page.contains("<html"),
         "{page}"
     );
-    let metrics = http_get(addr, "/metrics").await;
+    let metrics = http_get(addr, "/metrics.json").await;
     let body: Value =
         serde_json::from_str(&metrics[metrics.find("\r\n\r\n").unwrap() + 4..]).unwrap();
     assert_eq!(
         (body["total"].as_u64(), body["session"]["sessions"].as_u64()),
         (Some(0), Some(0))
     );
+    let scraped = http_get(addr, "/metrics").await;
+    assert!(scraped.starts_with("HTTP/1.1 200"), "{scraped}");
+    #[cfg(feature = "prometheus")]
+    assert!(scraped.contains("tool_dispatch_run_log_runs"), "{scraped}");
 
     match tokio_tungstenite::connect_async(format!("ws://{addr}/ws?token=mallory-token")).await {
         Err(tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 401),

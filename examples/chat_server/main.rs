@@ -16,11 +16,15 @@
 //! - `GET /ws?token=alice-token` (or `Authorization: Bearer alice-token`): the
 //!   session, protocol version 1 (`docs/ws.md`). Demo tokens: `alice-token` (scopes
 //!   `weather:read`, `admin`) and `bob-token` (scope `weather:read`).
-//! - `GET /metrics`: the engine's counters and the session's, as JSON.
+//! - `GET /metrics`: Prometheus text (with `--features prometheus`; the JSON below
+//!   otherwise); `GET /metrics.json`: the engine's counters and the session's, as JSON.
 //! - `GET /client/tool-dispatch.js`: the session's JavaScript client
 //!   (`clients/js/src/index.js`), which the page imports.
 //! - `/mcp` (with the `mcp` feature): the same tools over MCP, bearer tokens; each
 //!   user's MCP calls go to their run `mcp`, which every connection of theirs follows.
+//!
+//! With `--features otel` and `OTEL_EXPORTER_OTLP_ENDPOINT` set, every call's span goes
+//! to that OpenTelemetry collector (OTLP/HTTP).
 
 #[path = "../common/demo.rs"]
 mod demo;
@@ -144,15 +148,19 @@ pub(crate) async fn engine_for(
     }
 }
 
-/// The routes: the session at `/ws`, the page at `/` and its client, `/metrics`, and
-/// `/mcp` with the `mcp` feature.
+/// The routes: the session at `/ws`, the page at `/` and its client, `/metrics` and
+/// `/metrics.json`, and `/mcp` with the `mcp` feature.
 pub(crate) fn app(server: WsServer) -> Router {
     let users = demo::demo_users();
     let pages = Router::new()
         .route("/", get(|| async { Html(PAGE) }))
         .route("/client/tool-dispatch.js", get(client_js))
-        .route("/metrics", get(metrics))
-        .with_state(server.clone());
+        .route("/metrics.json", get(metrics));
+    #[cfg(not(feature = "prometheus"))]
+    let pages = pages.route("/metrics", get(metrics));
+    let pages = pages.with_state(server.clone());
+    #[cfg(feature = "prometheus")]
+    let pages = pages.route("/metrics", prometheus(&server));
     #[cfg(feature = "mcp")]
     let pages = pages.merge(mcp(&server));
     router(server, move |token: &str| users.get(token).cloned()).merge(pages)
@@ -167,6 +175,24 @@ async fn metrics(State(server): State<WsServer>) -> Response {
     let mut m = json!(server.engine().metrics());
     m["session"] = json!(server.stats());
     axum::Json(m).into_response()
+}
+
+/// `/metrics` in Prometheus text, in the format the scraper asks for.
+#[cfg(feature = "prometheus")]
+fn prometheus(server: &WsServer) -> axum::routing::MethodRouter {
+    use axum::http::{HeaderMap, StatusCode};
+    use tool_dispatch::prometheus::{encode, prometheus_client::registry::Registry};
+    let mut registry = Registry::default();
+    server.engine().register_metrics(&mut registry);
+    server.runs().register_metrics(&mut registry);
+    let registry = std::sync::Arc::new(registry);
+    get(move |headers: HeaderMap| async move {
+        let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+        match encode(&registry, accept) {
+            Ok(e) => ([(header::CONTENT_TYPE, e.content_type)], e.body).into_response(),
+            Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+        }
+    })
 }
 
 /// `/mcp`: the same engine served over MCP (streamable HTTP, the demo bearer tokens).
@@ -208,6 +234,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::env::var("PORT").ok(),
         std::env::var("REDIS_URL").ok(),
     )?;
+    #[cfg(feature = "otel")]
+    let traces = {
+        use tracing_subscriber::prelude::*;
+        let traces = tool_dispatch::otel::OtlpTraces::from_env("chat_server")?;
+        if let Some(t) = &traces {
+            tracing_subscriber::registry().with(t.layer()).init();
+        }
+        traces
+    };
     let (engine, runs) = engine_for(&options).await?;
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", options.port)).await?;
     println!("listening on http://{}", listener.local_addr()?);
@@ -227,6 +262,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let report = engine.shutdown(Duration::from_secs(5)).await;
             eprintln!("shut down: {report:?}");
         }
+    }
+    #[cfg(feature = "otel")]
+    if let Some(t) = traces {
+        t.shutdown()?; // the spans still buffered
     }
     Ok(())
 }
