@@ -35,8 +35,8 @@ use tower::Service;
 mod baseline;
 
 use baseline::{
-    Noop, TowerError, TowerEvent, TowerReq, direct_call, dispatcher, open_limits, pipeline_json,
-    pipeline_typed, tower_call, tower_sink, tower_stack,
+    Noop, NoopIn, TowerError, TowerEvent, TowerReq, direct_call, dispatcher, open_limits,
+    pipeline_json, pipeline_typed, tower_call, tower_sink, tower_stack,
 };
 
 fn engine() -> Engine {
@@ -355,12 +355,15 @@ fn main() {
         let mut svc = tower_stack();
         let sink = tower_sink();
         let fut = d.dispatch(ToolCall::new("noop", json!({ "n": 0 })));
+        let typed = std::future::IntoFuture::into_future(d.call::<Noop>(NoopIn { n: 0 }));
         println!(
-            "sizes: dispatch future {} B (boxed), Event {} B",
+            "sizes: dispatch future {} B (boxed), typed call future {} B (boxed), Event {} B",
             std::mem::size_of_val(&*fut),
+            std::mem::size_of_val(&*typed),
             std::mem::size_of::<Event>()
         );
         fut.await.expect("noop succeeds"); // a dropped dispatch is a cancelled call
+        typed.await.expect("noop succeeds");
         // Warm-up round (allocator, caches, channel blocks).
         for &v in VARIANTS {
             run(v, a.calls.min(5_000), &b, &mut svc, &sink).await;

@@ -81,7 +81,8 @@ impl<'a> InFlight<'a> {
         let key = entry.settings.cache_ttl.and_then(|ttl| {
             let user =
                 (!entry.settings.user_independent).then(|| Arc::clone(&self.user.ctx.user_id));
-            Key::new(user, entry.index, &args).map(|k| (k, ttl))
+            // Boxed: few tools cache, and the call's future stays small for the rest.
+            Key::new(user, entry.index, &args).map(|k| Box::new((k, ttl)))
         });
         let own_slot = match gate {
             // Approval first, holding no slot; `tool_executing` goes out before the
@@ -125,12 +126,17 @@ impl<'a> InFlight<'a> {
                     .await,
                 None,
             ),
-            Some(key) => Box::pin(self.run_cached::<C, _>(entry, key, body)).await,
+            Some(key) => Box::pin(self.run_cached::<C, _>(entry, *key, body)).await,
         };
         drop(shared); // released before the completion waits on the user's sink
-        let (out, pending) = self.finish::<C>(entry, ran, leader);
-        if let Some(p) = pending {
-            Box::pin(self.complete_later(p)).await;
+        // The completion the sink could not take at once moves into its boxed wait
+        // here, so the call's future keeps no room for it across the await.
+        let (out, later) = {
+            let (out, pending) = self.finish::<C>(entry, ran, leader);
+            (out, pending.map(|p| Box::pin(self.complete_later(p))))
+        };
+        if let Some(later) = later {
+            later.await;
         }
         drop(own_slot);
         out

@@ -27,6 +27,10 @@ use crate::state::WithUser;
 use crate::tool::{Tool, ToolContext, ToolError};
 use crate::user::MAX_ID_LEN;
 
+/// A tool's body, boxed: one small allocation instead of its state copied through
+/// every step of the call's future.
+type Body<'a, T> = futures_util::future::BoxFuture<'a, Result<T, ToolError>>;
+
 impl Inner {
     /// Dispatch by name with JSON arguments.
     ///
@@ -153,8 +157,7 @@ impl<'a> InFlight<'a> {
     pub(super) fn prepare_json(
         &mut self,
         arguments: Arguments,
-    ) -> Result<Prepared<'a, futures_util::future::BoxFuture<'a, Result<Value, ToolError>>>, Refusal>
-    {
+    ) -> Result<Prepared<'a, Body<'a, Value>>, Refusal> {
         let max_depth = self.inner.config.max_depth;
         let args = match arguments {
             Arguments::Value(v) if exceeds_depth(&v, max_depth) => {
@@ -224,8 +227,7 @@ impl<'a> InFlight<'a> {
         &mut self,
         tool: Option<&'a T>,
         input: T::Input,
-    ) -> Result<Prepared<'a, impl Future<Output = Result<T::Output, ToolError>> + Send + 'a>, Refusal>
-    {
+    ) -> Result<Prepared<'a, Body<'a, T::Output>>, Refusal> {
         // The events show the arguments: the one serialization a typed call pays for.
         let args = json::to_value(&input, self.inner.config.max_depth);
         let shown = || match &args {
@@ -250,7 +252,7 @@ impl<'a> InFlight<'a> {
         let cx = self.context();
         // Called when first polled, so nothing of the tool runs before the policy,
         // the limits and `tool_executing`, or outside panic isolation.
-        let body = async move { tool.call(input, cx).await };
+        let body: Body<'a, _> = Box::pin(async move { tool.call(input, cx).await });
         Ok(Prepared { entry, args, body })
     }
 
