@@ -53,7 +53,18 @@ async fn the_example_serves_its_page_metrics_and_the_session_to_known_tokens_onl
     let scraped = http_get(addr, "/metrics").await;
     assert!(scraped.starts_with("HTTP/1.1 200"), "{scraped}");
     #[cfg(feature = "prometheus")]
-    assert!(scraped.contains("tool_dispatch_run_log_runs"), "{scraped}");
+    for series in [
+        "tool_dispatch_run_log_runs",
+        "tool_dispatch_ws_sessions_open",
+        "tool_dispatch_calls_total",
+    ] {
+        assert!(scraped.contains(series), "{series}: {scraped}");
+    }
+    #[cfg(all(feature = "prometheus", feature = "mcp"))]
+    assert!(
+        scraped.contains("tool_dispatch_mcp_sessions_open"),
+        "{scraped}"
+    );
 
     match tokio_tungstenite::connect_async(format!("ws://{addr}/ws?token=mallory-token")).await {
         Err(tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 401),

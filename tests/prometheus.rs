@@ -800,3 +800,92 @@ fn a_call_dropped_while_its_thread_unwinds_never_asks_the_hook() {
         );
     });
 }
+
+#[cfg(feature = "axum")]
+#[tokio::test]
+async fn the_websocket_session_registers_its_series_read_from_its_counters() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let (addr, server) = common::ws::start().await;
+    let mut registry = PromRegistry::default();
+    server.register_metrics(&mut registry);
+    let (mut ws, _ready) = common::ws::connect_ready(addr, "alice-token").await;
+    ws.send(Message::text("not json")).await.unwrap();
+    assert_eq!(common::ws::recv(&mut ws).await["type"], "error");
+    let resume = json!({"type": "resume", "run_id": "nope", "after_seq": 0});
+    ws.send(Message::text(resume.to_string())).await.unwrap();
+    let frame = common::ws::recv(&mut ws).await;
+    assert_eq!(frame["type"], "resync_required", "{frame}");
+    let e = scrape(&registry);
+    let stats = server.stats();
+    assert_eq!((stats.sessions_open, stats.sessions), (1, 1), "{stats:?}");
+    assert_eq!(e.value("tool_dispatch_ws_sessions_open", &[]), Some(1.0));
+    assert_eq!(e.value("tool_dispatch_ws_sessions_total", &[]), Some(1.0));
+    assert_eq!(e.value("tool_dispatch_ws_messages_total", &[]), Some(2.0));
+    assert_eq!(
+        e.value("tool_dispatch_ws_error_frames_total", &[]),
+        Some(1.0)
+    );
+    assert_eq!(e.value("tool_dispatch_ws_resumes_total", &[]), Some(0.0));
+    let resyncs = |reason| e.value("tool_dispatch_ws_resyncs_total", &[("reason", reason)]);
+    assert_eq!(resyncs("unknown_run"), Some(1.0));
+    assert_eq!(resyncs("truncated"), Some(0.0));
+    for reason in ["not_reading", "idle", "protocol"] {
+        let closed = e.value("tool_dispatch_ws_closed_total", &[("reason", reason)]);
+        assert_eq!(closed, Some(0.0), "{reason}");
+    }
+    // The session's series sit beside the engine's in one registry.
+    server.engine().register_metrics(&mut registry);
+    let e = scrape(&registry);
+    assert!(!e.series("tool_dispatch_calls_total").is_empty());
+    assert_eq!(e.value("tool_dispatch_ws_sessions_total", &[]), Some(1.0));
+}
+
+#[cfg(feature = "mcp")]
+#[tokio::test]
+async fn the_mcp_server_registers_its_series_read_from_its_counters() {
+    use common::mcp::{Raw, engine, serve};
+    use tool_dispatch::mcp::McpServer;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let server = McpServer::per_request(engine(&gate, Duration::from_secs(60)));
+    let mut registry = PromRegistry::default();
+    server.register_metrics(&mut registry);
+    let raw = Raw::new(serve(server.clone()).await);
+    let session = raw.session("alice-token").await;
+    let unknown = json!({"jsonrpc": "2.0", "id": 7, "method": "tools/frobnicate", "params": {}});
+    let answer = raw
+        .post("alice-token", Some(&session), &unknown.to_string())
+        .whole()
+        .await;
+    assert!(answer.body.contains("-32601"), "{answer:?}");
+    // Bob names alice's session: refused as unknown, and counted.
+    let list = json!({"jsonrpc": "2.0", "id": 8, "method": "tools/list", "params": {}});
+    let foreign = raw
+        .post("bob-token", Some(&session), &list.to_string())
+        .whole()
+        .await;
+    assert_eq!(foreign.status, 404, "{foreign:?}");
+    let e = scrape(&registry);
+    let stats = server.stats();
+    assert_eq!(stats.sessions_open, 1, "{stats:?}");
+    assert_eq!(e.value("tool_dispatch_mcp_sessions_open", &[]), Some(1.0));
+    assert_eq!(e.value("tool_dispatch_mcp_sessions_total", &[]), Some(1.0));
+    let requests = |method| e.value("tool_dispatch_mcp_requests_total", &[("method", method)]);
+    assert_eq!(
+        requests("initialize"),
+        Some(stats.requests("initialize") as f64)
+    );
+    assert_eq!(requests("initialize"), Some(1.0));
+    assert_eq!(requests("other"), Some(1.0));
+    let errors = |code| e.value("tool_dispatch_mcp_errors_total", &[("code", code)]);
+    assert_eq!(errors("-32601"), Some(1.0));
+    assert_eq!(errors("-32602"), Some(0.0));
+    let refused = |reason| e.value("tool_dispatch_mcp_refused_total", &[("reason", reason)]);
+    assert_eq!(refused("foreign_session"), Some(1.0));
+    assert_eq!(refused("duplicate_id"), Some(0.0));
+    let asked = e.value(
+        "tool_dispatch_mcp_elicitations_total",
+        &[("event", "asked")],
+    );
+    assert_eq!(asked, Some(0.0));
+}

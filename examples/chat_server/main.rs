@@ -159,10 +159,23 @@ pub(crate) fn app(server: WsServer) -> Router {
     #[cfg(not(feature = "prometheus"))]
     let pages = pages.route("/metrics", get(metrics));
     let pages = pages.with_state(server.clone());
-    #[cfg(feature = "prometheus")]
-    let pages = pages.route("/metrics", prometheus(&server));
     #[cfg(feature = "mcp")]
-    let pages = pages.merge(mcp(&server));
+    let mcp = mcp(&server);
+    #[cfg(feature = "prometheus")]
+    let pages = pages.route(
+        "/metrics",
+        prometheus(&server, |_registry| {
+            #[cfg(feature = "mcp")]
+            mcp.register_metrics(_registry);
+        }),
+    );
+    #[cfg(feature = "mcp")]
+    let pages = {
+        let users = users.clone();
+        pages.merge(tool_dispatch::mcp::router(mcp, move |token| {
+            users.get(token).cloned()
+        }))
+    };
     router(server, move |token: &str| users.get(token).cloned()).merge(pages)
 }
 
@@ -177,14 +190,20 @@ async fn metrics(State(server): State<WsServer>) -> Response {
     axum::Json(m).into_response()
 }
 
-/// `/metrics` in Prometheus text, in the format the scraper asks for.
+/// `/metrics` in Prometheus text, in the format the scraper asks for: the engine's,
+/// the run log's and the session's series, and those `more` adds.
 #[cfg(feature = "prometheus")]
-fn prometheus(server: &WsServer) -> axum::routing::MethodRouter {
+fn prometheus(
+    server: &WsServer,
+    more: impl FnOnce(&mut tool_dispatch::prometheus::prometheus_client::registry::Registry),
+) -> axum::routing::MethodRouter {
     use axum::http::{HeaderMap, StatusCode};
     use tool_dispatch::prometheus::{encode, prometheus_client::registry::Registry};
     let mut registry = Registry::default();
     server.engine().register_metrics(&mut registry);
     server.runs().register_metrics(&mut registry);
+    server.register_metrics(&mut registry);
+    more(&mut registry);
     let registry = std::sync::Arc::new(registry);
     get(move |headers: HeaderMap| async move {
         let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
@@ -195,19 +214,15 @@ fn prometheus(server: &WsServer) -> axum::routing::MethodRouter {
     })
 }
 
-/// `/mcp`: the same engine served over MCP (streamable HTTP, the demo bearer tokens).
-/// Each user's MCP calls go to their run [`MCP_RUN`], which every connection of
-/// theirs follows: the page shows calls made by an MCP client too.
+/// The server of `/mcp`: the same engine served over MCP (streamable HTTP, the demo
+/// bearer tokens). Each user's MCP calls go to their run [`MCP_RUN`], which every
+/// connection of theirs follows: the page shows calls made by an MCP client too.
 #[cfg(feature = "mcp")]
-fn mcp(server: &WsServer) -> Router {
-    use std::sync::Arc;
-    use tool_dispatch::mcp::{McpServer, router};
+fn mcp(server: &WsServer) -> tool_dispatch::mcp::McpServer {
     let runs = server.runs().clone();
-    let mcp = McpServer::per_request(server.engine().clone())
+    tool_dispatch::mcp::McpServer::per_request(server.engine().clone())
         .in_run(MCP_RUN)
-        .events(move |user| Arc::new(runs.writer(user.user_id(), MCP_RUN)));
-    let users = demo::demo_users();
-    router(mcp, move |token| users.get(token).cloned())
+        .events(move |user| std::sync::Arc::new(runs.writer(user.user_id(), MCP_RUN)))
 }
 
 /// Prints each disconnection (unless `CHAT_SERVER_QUIET` is set).

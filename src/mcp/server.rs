@@ -171,6 +171,14 @@ impl McpServer {
         self.counters.snapshot()
     }
 
+    /// Reads the counters without holding the server (its engine), for a metrics
+    /// registry that outlives it.
+    #[cfg(feature = "prometheus")]
+    pub(crate) fn stats_reader(&self) -> impl Fn() -> McpStats + Send + Sync + 'static {
+        let counters = Arc::clone(&self.counters);
+        move || counters.snapshot()
+    }
+
     pub(super) fn counters(&self) -> &Arc<Counters> {
         &self.counters
     }

@@ -1,5 +1,6 @@
 //! The series of the engine's parts: each registers a reader of its plain stats.
-//! A part with atomic stats joins with one `register_metrics` of a few lines here.
+//! A part with atomic stats joins with one `register_metrics` of a few lines here:
+//! the run log, Redis, the WebSocket session and the MCP server.
 
 use std::fmt;
 
@@ -77,5 +78,147 @@ fn read_redis(redis: &crate::redis::Redis, s: &mut Series<'_>) -> fmt::Result {
             ("failed", stats.log_failures),
         ]
         .map(|(r, n)| ([("result", r)], n)),
+    )
+}
+
+#[cfg(feature = "axum")]
+impl crate::ws::WsServer {
+    /// Adds the WebSocket session's series to `registry`, read at each scrape:
+    /// `tool_dispatch_ws_sessions_open` (connections served now),
+    /// `tool_dispatch_ws_sessions_total`, `tool_dispatch_ws_messages_total` (client
+    /// messages read), `tool_dispatch_ws_error_frames_total`,
+    /// `tool_dispatch_ws_resumes_total` (resumes answered with `resumed`),
+    /// `tool_dispatch_ws_resyncs_total{reason}` (`resync_required` frames sent) and
+    /// `tool_dispatch_ws_closed_total{reason}` (connections the server closed:
+    /// `not_reading`, `idle`, `protocol`). The registry does not keep the server alive.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        super::register(
+            registry,
+            "tool-dispatch websocket session",
+            self.stats_reader(),
+            read_ws,
+        );
+    }
+}
+
+#[cfg(feature = "axum")]
+fn read_ws<F: Fn() -> crate::ws::WsStats>(stats: &F, s: &mut Series<'_>) -> fmt::Result {
+    let stats = stats();
+    s.gauge(
+        "tool_dispatch_ws_sessions_open",
+        "WebSocket connections being served now.",
+        stats.sessions_open,
+    )?;
+    s.counter(
+        "tool_dispatch_ws_sessions",
+        "WebSocket connections served.",
+        stats.sessions,
+    )?;
+    s.counter(
+        "tool_dispatch_ws_messages",
+        "Client messages read on WebSocket connections.",
+        stats.messages_in,
+    )?;
+    s.counter(
+        "tool_dispatch_ws_error_frames",
+        "error frames sent to WebSocket clients (a malformed or refused message).",
+        stats.error_frames,
+    )?;
+    s.counter(
+        "tool_dispatch_ws_resumes",
+        "Resumes of a run answered with resumed.",
+        stats.resumes,
+    )?;
+    let r = stats.resyncs;
+    s.counters(
+        "tool_dispatch_ws_resyncs",
+        "resync_required frames sent, by reason.",
+        [
+            ("truncated", r.truncated),
+            ("unknown_run", r.unknown_run),
+            ("epoch_changed", r.epoch_changed),
+            ("unavailable", r.unavailable),
+        ]
+        .map(|(reason, n)| ([("reason", reason)], n)),
+    )?;
+    s.counters(
+        "tool_dispatch_ws_closed",
+        "WebSocket connections the server closed, by reason (not_reading: let go for not reading; idle: nothing sent within the idle timeout; protocol: a protocol violation or an oversized message).",
+        [
+            ("not_reading", stats.let_go_not_reading),
+            ("idle", stats.closed_idle),
+            ("protocol", stats.closed_protocol),
+        ]
+        .map(|(reason, n)| ([("reason", reason)], n)),
+    )
+}
+
+#[cfg(feature = "mcp")]
+impl crate::mcp::McpServer {
+    /// Adds the MCP server's series to `registry`, read at each scrape:
+    /// `tool_dispatch_mcp_requests_total{method}` (requests answered, by method;
+    /// `other` for the rest), `tool_dispatch_mcp_errors_total{code}` (JSON-RPC errors
+    /// answered), `tool_dispatch_mcp_sessions_open`, `tool_dispatch_mcp_sessions_total`,
+    /// `tool_dispatch_mcp_refused_total{reason}` (`foreign_session`: a session that is
+    /// not the user's; `duplicate_id`: an id still in flight) and
+    /// `tool_dispatch_mcp_elicitations_total{event}` (approvals asked of a client:
+    /// `asked`, `answered`, `late`, `withdrawn`, `input_required`). The registry does
+    /// not keep the server alive.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        super::register(
+            registry,
+            "tool-dispatch mcp server",
+            self.stats_reader(),
+            read_mcp,
+        );
+    }
+}
+
+#[cfg(feature = "mcp")]
+fn read_mcp<F: Fn() -> crate::mcp::McpStats>(stats: &F, s: &mut Series<'_>) -> fmt::Result {
+    let stats = stats();
+    s.counters(
+        "tool_dispatch_mcp_requests",
+        "MCP requests answered, by method (other for methods the server does not name).",
+        stats.requests.iter().map(|(m, n)| ([("method", *m)], *n)),
+    )?;
+    s.counters(
+        "tool_dispatch_mcp_errors",
+        "JSON-RPC errors answered by the MCP server, by code.",
+        stats
+            .errors
+            .iter()
+            .map(|(c, n)| ([("code", c.to_string())], *n)),
+    )?;
+    s.gauge(
+        "tool_dispatch_mcp_sessions_open",
+        "MCP sessions open now.",
+        stats.sessions_open,
+    )?;
+    s.counter(
+        "tool_dispatch_mcp_sessions",
+        "MCP sessions opened.",
+        stats.sessions_opened,
+    )?;
+    s.counters(
+        "tool_dispatch_mcp_refused",
+        "MCP requests refused, by reason (foreign_session: a session that is not the user's, answered as unknown; duplicate_id: an id still in flight).",
+        [
+            ("foreign_session", stats.foreign_session_requests),
+            ("duplicate_id", stats.duplicate_request_ids),
+        ]
+        .map(|(reason, n)| ([("reason", reason)], n)),
+    )?;
+    s.counters(
+        "tool_dispatch_mcp_elicitations",
+        "Approvals asked of MCP clients, by event (asked, answered: decided the call, late: after it was decided elsewhere, withdrawn, input_required: results sent).",
+        [
+            ("asked", stats.elicitations_asked),
+            ("answered", stats.elicitations_answered),
+            ("late", stats.elicitations_late),
+            ("withdrawn", stats.elicitations_withdrawn),
+            ("input_required", stats.input_required_results),
+        ]
+        .map(|(event, n)| ([("event", event)], n)),
     )
 }

@@ -394,6 +394,19 @@ impl WsServer {
         self.shared.counters.snapshot()
     }
 
+    /// Reads the counters without holding the server (its engine and run log), for a
+    /// metrics registry that outlives it.
+    #[cfg(feature = "prometheus")]
+    pub(crate) fn stats_reader(&self) -> impl Fn() -> WsStats + Send + Sync + 'static {
+        let shared = Arc::downgrade(&self.shared);
+        move || {
+            shared
+                .upgrade()
+                .map(|s| s.counters.snapshot())
+                .unwrap_or_default()
+        }
+    }
+
     /// Subscribes to what happens on connections and runs.
     pub fn subscribe(&self) -> broadcast::Receiver<WsEvent> {
         self.shared.events.subscribe()
