@@ -382,8 +382,9 @@ mod tests {
     use super::*;
     use futures_util::future::BoxFuture;
 
-    /// A shared store that keeps nothing: every replay fails as told.
-    struct Refusing(Resync);
+    /// A shared store that keeps nothing: every replay fails as told (`Some`), or
+    /// never answers (`None`).
+    struct Refusing(Option<Resync>);
 
     impl Store for Refusing {
         fn epoch(&self) -> u64 {
@@ -391,14 +392,6 @@ mod tests {
         }
         fn append(&self, _: &Arc<str>, _: &Arc<str>, _: String) -> Result<(), AppendError> {
             Ok(())
-        }
-        fn send<'a>(
-            &'a self,
-            _: &'a Arc<str>,
-            _: &'a Arc<str>,
-            _: String,
-        ) -> BoxFuture<'a, Result<(), AppendError>> {
-            Box::pin(std::future::ready(Ok(())))
         }
         fn record<'a>(
             &'a self,
@@ -415,7 +408,10 @@ mod tests {
             _: u64,
             _: Option<u64>,
         ) -> BoxFuture<'a, Result<Vec<Frame>, Resync>> {
-            Box::pin(std::future::ready(Err(self.0)))
+            match self.0 {
+                Some(resync) => Box::pin(std::future::ready(Err(resync))),
+                None => Box::pin(std::future::pending()),
+            }
         }
         fn followed<'a>(&'a self, _: &'a str, _: &'a str) -> BoxFuture<'a, bool> {
             Box::pin(std::future::ready(false))
@@ -433,7 +429,7 @@ mod tests {
     async fn a_failed_resume_keeps_nothing_in_either_store() {
         let shared = RunLog::shared(
             RunLogConfig::default(),
-            Arc::new(Refusing(Resync::UnknownRun)),
+            Arc::new(Refusing(Some(Resync::UnknownRun))),
         );
         let local = RunLog::new(RunLogConfig::default());
         for log in [shared, local] {
@@ -451,7 +447,7 @@ mod tests {
     async fn a_failed_resume_past_the_end_moves_nothing_the_next_reader_needs() {
         let log = RunLog::shared(
             RunLogConfig::default(),
-            Arc::new(Refusing(Resync::Truncated)),
+            Arc::new(Refusing(Some(Resync::Truncated))),
         );
         // Nobody followed the run here yet; a resume past its end fails.
         assert_eq!(
@@ -476,44 +472,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_resume_dropped_while_it_waits_keeps_nothing() {
-        struct Stuck;
-        impl Store for Stuck {
-            fn epoch(&self) -> u64 {
-                1
-            }
-            fn append(&self, _: &Arc<str>, _: &Arc<str>, _: String) -> Result<(), AppendError> {
-                Ok(())
-            }
-            fn send<'a>(
-                &'a self,
-                _: &'a Arc<str>,
-                _: &'a Arc<str>,
-                _: String,
-            ) -> BoxFuture<'a, Result<(), AppendError>> {
-                Box::pin(std::future::ready(Ok(())))
-            }
-            fn record<'a>(
-                &'a self,
-                _: &'a Arc<str>,
-                _: &'a Arc<str>,
-                _: String,
-            ) -> BoxFuture<'a, Result<u64, AppendError>> {
-                Box::pin(std::future::ready(Ok(1)))
-            }
-            fn replay<'a>(
-                &'a self,
-                _: &'a str,
-                _: &'a str,
-                _: u64,
-                _: Option<u64>,
-            ) -> BoxFuture<'a, Result<Vec<Frame>, Resync>> {
-                Box::pin(std::future::pending())
-            }
-            fn followed<'a>(&'a self, _: &'a str, _: &'a str) -> BoxFuture<'a, bool> {
-                Box::pin(std::future::ready(false))
-            }
-        }
-        let log = RunLog::shared(RunLogConfig::default(), Arc::new(Stuck));
+        let log = RunLog::shared(RunLogConfig::default(), Arc::new(Refusing(None)));
         let resume = log.resume("alice", "run_1", 3, None);
         let mut resume = Box::pin(resume);
         assert!(futures_util::poll!(&mut resume).is_pending());

@@ -23,13 +23,15 @@ pub(crate) trait Store: Send + Sync + 'static {
     /// Queues JSON object text for the run, without waiting.
     fn append(&self, user: &Arc<str>, run: &Arc<str>, text: String) -> Result<(), AppendError>;
     /// Queues JSON object text for the run, waiting for room (the caller bounds the
-    /// wait).
+    /// wait). By default [`append`](Store::append), for a store that never waits.
     fn send<'a>(
         &'a self,
         user: &'a Arc<str>,
         run: &'a Arc<str>,
         text: String,
-    ) -> BoxFuture<'a, Result<(), AppendError>>;
+    ) -> BoxFuture<'a, Result<(), AppendError>> {
+        ready(self.append(user, run, text))
+    }
     /// Records JSON object text for the run after what was queued before it, waiting
     /// (boundedly) for room in the queue; its seq.
     fn record<'a>(
@@ -270,15 +272,6 @@ impl Store for LocalStore {
         self.0.append(&entry, &text).map(|_| ())
     }
 
-    fn send<'a>(
-        &'a self,
-        user: &'a Arc<str>,
-        run: &'a Arc<str>,
-        text: String,
-    ) -> BoxFuture<'a, Result<(), AppendError>> {
-        ready(self.append(user, run, text))
-    }
-
     fn record<'a>(
         &'a self,
         user: &'a Arc<str>,
@@ -350,15 +343,6 @@ impl Store for LocalRun {
 
     fn append(&self, _: &Arc<str>, _: &Arc<str>, text: String) -> Result<(), AppendError> {
         self.store.0.append(&self.entry, &text).map(|_| ())
-    }
-
-    fn send<'a>(
-        &'a self,
-        user: &'a Arc<str>,
-        run: &'a Arc<str>,
-        text: String,
-    ) -> BoxFuture<'a, Result<(), AppendError>> {
-        ready(self.append(user, run, text))
     }
 
     fn record<'a>(
