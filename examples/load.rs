@@ -25,8 +25,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tool_dispatch::event::{Event, Status};
 use tool_dispatch::{
-    Engine, EventSink, Limits, Registry, Tool, ToolContext, ToolError, TrySendError, UserContext,
-    UserLimits,
+    Engine, EventSink, Limits, Rate, Registry, Tool, ToolContext, ToolError, TrySendError,
+    UserContext, UserLimits,
 };
 
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
@@ -46,6 +46,9 @@ impl Tool for Wait {
         "Waits a little."
     }
     async fn call(&self, input: WaitIn, _cx: ToolContext) -> Result<u64, ToolError> {
+        if input.micros == 0 {
+            return Ok(0); // `--delay-us 0`: the library's own throughput
+        }
         let t = Instant::now();
         tokio::time::sleep(Duration::from_micros(input.micros)).await;
         Ok(t.elapsed().as_nanos() as u64)
@@ -109,25 +112,27 @@ fn status_kib(field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn engine() -> Engine {
+fn engine(calls: usize) -> Engine {
     let reg = Registry::builder()
         .tool(Wait)
         .build()
         .expect("valid registry");
-    // Per-user limits stay at their defaults (10 concurrent, 100 per minute); the
-    // global limit is raised so that 10,000 users are not queued behind 100 slots.
+    // Per-user limits stay at their defaults (10 concurrent, 100 per minute), the rate
+    // raised to let a user make `calls` at once (checked on every call, never binding);
+    // the global limit is raised so that 10,000 users are not queued behind 100 slots.
+    let calls = u32::try_from(calls).unwrap_or(u32::MAX).max(100);
+    let rate = Rate::per_minute(calls).burst(calls);
     Engine::builder(reg)
-        .limits(
-            Limits::default()
-                .global(1 << 20)
-                .per_user(UserLimits::default()),
-        )
+        .limits(Limits::default().global(1 << 20).per_user(UserLimits {
+            rate: Some(rate),
+            ..UserLimits::default()
+        }))
         .build()
 }
 
 /// RSS growth per idle dispatcher, and per user channel (mpsc, capacity 64).
 fn idle_footprint(n: usize) -> (f64, f64) {
-    let engine = engine();
+    let engine = engine(1);
     let users: Vec<UserContext> = (0..n)
         .map(|i| {
             UserContext::builder(format!("idle-user-{i}"))
@@ -177,7 +182,7 @@ fn main() {
     let (users, calls, delay_us) = (a.users, a.calls, a.delay_us);
     let mut failures: Vec<String> = Vec::new();
     let (took, overheads, seen, returned, engine) = rt.block_on(async move {
-        let engine = engine();
+        let engine = engine(calls);
         let start_gate = Arc::new(tokio::sync::Barrier::new(users + 1));
         let mut user_tasks = Vec::with_capacity(users);
         let mut drainers = Vec::with_capacity(users);
