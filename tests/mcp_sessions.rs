@@ -3,7 +3,8 @@
 //! method and HTTP verb he tries on it gets the answer an unknown session gets and
 //! changes nothing, while the victim's call runs on and her answer reaches her
 //! alone. And a request reusing an id still in flight on its session is refused,
-//! the first keeping its answer.
+//! the first keeping its answer; a user opening sessions without end holds at most
+//! `MAX_SESSIONS_PER_USER`.
 #![cfg(feature = "mcp")]
 
 mod common;
@@ -281,4 +282,49 @@ async fn a_cancelled_requests_id_stays_refused_so_its_late_answer_reaches_no_one
         .await;
     assert_eq!(refused["error"]["code"], -32600, "{refused}");
     assert_eq!(e.metrics().total, 1);
+}
+
+#[tokio::test]
+async fn a_user_opening_sessions_without_end_holds_at_most_the_cap_and_others_keep_theirs() {
+    use tool_dispatch::mcp::MAX_SESSIONS_PER_USER;
+    let gate = Arc::new(Semaphore::new(0));
+    let server = McpServer::per_request(engine(&gate, Duration::from_secs(60)));
+    let raw = Raw::new(serve(server.clone()).await);
+    let bobs = raw.session("bob-token").await;
+    let mut alices = Vec::new();
+    for _ in 0..MAX_SESSIONS_PER_USER * 3 {
+        alices.push(raw.session("alice-token").await);
+    }
+    let stats = server.stats();
+    assert_eq!(
+        stats.sessions_opened as usize,
+        MAX_SESSIONS_PER_USER * 3 + 1
+    );
+    assert_eq!(
+        stats.sessions_open as usize,
+        MAX_SESSIONS_PER_USER + 1,
+        "alice's cap and bob's one: {stats:?}"
+    );
+    let list = |token: &'static str, session: String| {
+        let raw = raw.clone();
+        async move {
+            raw.post(
+                token,
+                Some(&session),
+                r#"{"jsonrpc":"2.0","id":"l","method":"tools/list"}"#,
+            )
+            .whole()
+            .await
+            .status
+        }
+    };
+    // Her oldest are gone (404: the client starts a new session), her newest serve her.
+    for old in &alices[..MAX_SESSIONS_PER_USER * 2] {
+        assert_eq!(list("alice-token", old.clone()).await, 404);
+    }
+    for new in &alices[MAX_SESSIONS_PER_USER * 2..] {
+        assert_eq!(list("alice-token", new.clone()).await, 200);
+    }
+    // Bob's session, opened before all of hers, is untouched.
+    assert_eq!(list("bob-token", bobs).await, 200);
 }

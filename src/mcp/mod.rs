@@ -42,4 +42,5 @@ pub use http::{oauth_router, oauth_router_with};
 pub use http::{router, router_with};
 pub use import::{ImportError, McpImport};
 pub use server::McpServer;
+pub use sessions::MAX_SESSIONS_PER_USER;
 pub use stats::McpStats;

@@ -29,11 +29,17 @@ use crate::user::UserContext;
 /// finishing, and its late answer must not reach a new request with the same id.
 const RETIRED_IDS: usize = 256;
 
+/// Sessions one user may hold open at once; initializing one more closes their oldest
+/// (its client gets 404 and, as the specification says, starts a new session).
+pub const MAX_SESSIONS_PER_USER: usize = 32;
+
 /// What is known of one session.
 #[derive(Debug, Default)]
 struct Session {
     /// The user who initialized it.
     owner: Option<Arc<str>>,
+    /// When it was created, in creation order.
+    opened: u64,
     /// Ids of its requests not answered yet.
     in_flight: HashSet<RequestId>,
     /// Ids of its cancelled requests, oldest first.
@@ -52,6 +58,8 @@ pub(super) struct Sessions<M = LocalSessionManager> {
     inner: M,
     table: Arc<Table>,
     counters: Arc<Counters>,
+    /// Sessions created so far (each session's `opened`).
+    created: std::sync::atomic::AtomicU64,
 }
 
 impl<M> Sessions<M> {
@@ -60,6 +68,7 @@ impl<M> Sessions<M> {
             inner,
             table: Arc::default(),
             counters,
+            created: Default::default(),
         }
     }
 
@@ -96,6 +105,32 @@ impl<M> Sessions<M> {
         session.in_flight.insert(request.clone())
     }
 
+    /// Binds session `id` to `user`; the id of the user's oldest other session when
+    /// they now hold more than [`MAX_SESSIONS_PER_USER`].
+    fn bind(&self, id: &SessionId, user: Arc<str>) -> Option<SessionId> {
+        let mut table = lock(&self.table);
+        let session = table.get_mut(id)?;
+        session.owner = Some(Arc::clone(&user));
+        let mut theirs = 0;
+        let mut oldest: Option<(&SessionId, u64)> = None;
+        for (other, s) in table.iter() {
+            if s.owner.as_deref() != Some(&*user) {
+                continue;
+            }
+            theirs += 1;
+            if other != id && oldest.is_none_or(|(_, at)| s.opened < at) {
+                oldest = Some((other, s.opened));
+            }
+        }
+        let oldest = oldest.map(|(other, _)| Arc::clone(other));
+        (theirs > MAX_SESSIONS_PER_USER).then_some(oldest).flatten()
+    }
+
+    /// Forgets session `id`, counting it closed once.
+    fn forget(&self, id: &SessionId) {
+        forget(&self.table, &self.counters, id);
+    }
+
     /// A cancelled request: its id stays refused for a while.
     fn retire(&self, id: &SessionId, request: &RequestId) {
         if let Some(session) = lock(&self.table).get_mut(id)
@@ -106,6 +141,14 @@ impl<M> Sessions<M> {
             }
             session.retired.push_back(request.clone());
         }
+    }
+}
+
+/// Forgets session `id` in `table`, counting it closed once (it may end by a
+/// `DELETE`, by eviction, or by rmcp closing it when idle: whichever comes first).
+fn forget(table: &Table, counters: &Counters, id: &SessionId) {
+    if lock(table).remove(id).is_some() {
+        counters.session_closed();
     }
 }
 
@@ -140,12 +183,20 @@ impl<M: SessionManager> SessionManager for Sessions<M> {
 
     async fn create_session(&self) -> Result<(SessionId, Self::Transport), Self::Error> {
         let (id, transport) = self.inner.create_session().await?;
-        lock(&self.table).insert(Arc::clone(&id), Session::default());
+        let opened = self
+            .created
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let session = Session {
+            opened,
+            ..Session::default()
+        };
+        lock(&self.table).insert(Arc::clone(&id), session);
         self.counters.session_opened();
         let tracked = Tracked {
             inner: transport,
             session: Arc::clone(&id),
             table: Arc::clone(&self.table),
+            counters: Arc::clone(&self.counters),
         };
         Ok((id, tracked))
     }
@@ -156,8 +207,10 @@ impl<M: SessionManager> SessionManager for Sessions<M> {
         message: ClientJsonRpcMessage,
     ) -> Result<ServerJsonRpcMessage, Self::Error> {
         // Claimed before the client can learn the id (it is in this request's answer).
-        if let (Some(user), Some(session)) = (user_of(&message), lock(&self.table).get_mut(id)) {
-            session.owner = Some(user);
+        let evicted = user_of(&message).and_then(|user| self.bind(id, user));
+        if let Some(oldest) = evicted {
+            let _ = self.inner.close_session(&oldest).await;
+            self.forget(&oldest);
         }
         self.inner.initialize_session(id, message).await
     }
@@ -168,9 +221,7 @@ impl<M: SessionManager> SessionManager for Sessions<M> {
 
     async fn close_session(&self, id: &SessionId) -> Result<(), Self::Error> {
         let result = self.inner.close_session(id).await;
-        if lock(&self.table).remove(id).is_some() {
-            self.counters.session_closed();
-        }
+        self.forget(id);
         result
     }
 
@@ -248,12 +299,21 @@ impl<M: SessionManager> SessionManager for Sessions<M> {
 }
 
 /// A session's transport, which sees each answer leave: its request id is no longer
-/// in flight once the answer is on its way.
+/// in flight once the answer is on its way. Dropped when the session ends however it
+/// ends (rmcp closes a session idle past its keep-alive without telling the manager),
+/// it forgets the session.
 #[derive(Debug)]
 pub(super) struct Tracked<T> {
     inner: T,
     session: SessionId,
     table: Arc<Table>,
+    counters: Arc<Counters>,
+}
+
+impl<T> Drop for Tracked<T> {
+    fn drop(&mut self) {
+        forget(&self.table, &self.counters, &self.session);
+    }
 }
 
 impl<T: Transport<RoleServer>> Transport<RoleServer> for Tracked<T> {
@@ -289,5 +349,56 @@ impl<T: Transport<RoleServer>> Transport<RoleServer> for Tracked<T> {
 
     fn close(&mut self) -> impl Future<Output = Result<(), Self::Error>> + Send {
         self.inner.close()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_ended_by_its_transport_and_then_deleted_is_forgotten_and_counted_once() {
+        let counters = Arc::new(Counters::default());
+        let sessions = Sessions::new((), Arc::clone(&counters));
+        let id: SessionId = Arc::from("s1");
+        lock(&sessions.table).insert(Arc::clone(&id), Session::default());
+        counters.session_opened();
+        // rmcp ends an idle session by dropping its transport, without a word to
+        // the manager: the table forgets it all the same.
+        drop(Tracked {
+            inner: (),
+            session: Arc::clone(&id),
+            table: Arc::clone(&sessions.table),
+            counters: Arc::clone(&counters),
+        });
+        assert!(lock(&sessions.table).is_empty());
+        sessions.forget(&id); // a late DELETE
+        let stats = counters.snapshot();
+        assert_eq!((stats.sessions_opened, stats.sessions_open), (1, 0));
+    }
+
+    #[test]
+    fn past_the_cap_binding_names_the_users_oldest_other_session() {
+        let sessions = Sessions::new((), Arc::new(Counters::default()));
+        let ids: Vec<SessionId> = (0..=MAX_SESSIONS_PER_USER + 1)
+            .map(|i| Arc::from(format!("s{i}")))
+            .collect();
+        for (opened, id) in ids.iter().enumerate() {
+            let session = Session {
+                opened: opened as u64,
+                ..Session::default()
+            };
+            lock(&sessions.table).insert(Arc::clone(id), session);
+        }
+        let bob = Arc::clone(&ids[0]);
+        assert_eq!(sessions.bind(&bob, Arc::from("bob")), None);
+        for id in &ids[1..=MAX_SESSIONS_PER_USER] {
+            assert_eq!(sessions.bind(id, Arc::from("alice")), None, "{id}");
+        }
+        let last = &ids[MAX_SESSIONS_PER_USER + 1];
+        assert_eq!(
+            sessions.bind(last, Arc::from("alice")),
+            Some(Arc::clone(&ids[1]))
+        );
     }
 }
