@@ -68,6 +68,7 @@ use std::time::Duration;
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio_util::sync::CancellationToken;
 
+mod circuit;
 mod config;
 mod keys;
 mod lease;
@@ -82,6 +83,7 @@ pub use stats::RedisStats;
 
 use crate::engine::{Engine, EngineBuilder, Inner, Shared as Attach};
 use crate::limits::Limiter;
+use circuit::Circuit;
 use keys::Keys;
 use limiter::RedisLimiter;
 use scripts::Scripts;
@@ -122,6 +124,9 @@ struct Link {
     /// Names this node's leases.
     leases: AtomicU64,
     counters: Counters,
+    /// Whether the limiter asks Redis (with `UseLocalLimits`): opened by any failed
+    /// request, closed by any answer.
+    circuit: Circuit,
 }
 
 impl std::fmt::Debug for Redis {
@@ -175,6 +180,7 @@ impl Redis {
                 config,
                 leases: AtomicU64::new(0),
                 counters: Counters::default(),
+                circuit: Circuit::new(),
             }),
         };
         tokio::spawn(peers::listen(pubsub, Arc::downgrade(&redis.link)));
@@ -202,15 +208,22 @@ impl Redis {
         limit: Duration,
         request: impl Future<Output = ::redis::RedisResult<T>>,
     ) -> Result<T, String> {
-        let counters = &self.link.counters;
+        let (counters, circuit) = (&self.link.counters, &self.link.circuit);
         counters.sent();
         match tokio::time::timeout(limit, request).await {
             Ok(Ok(answer)) => {
                 counters.answered();
+                circuit.close();
                 Ok(answer)
             }
-            Ok(Err(e)) => Err(counters.error(&e)),
-            Err(_) => Err(counters.timed_out(limit)),
+            Ok(Err(e)) => {
+                circuit.open();
+                Err(counters.error(&e))
+            }
+            Err(_) => {
+                circuit.open();
+                Err(counters.timed_out(limit))
+            }
         }
     }
 

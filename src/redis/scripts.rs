@@ -22,6 +22,54 @@ redis.call('SET', KEYS[1], string.format('%.0f', next_tat), 'PX', math.ceil((nex
 return {1, 0}
 ";
 
+/// Admits one call: the user's rate, then one of the user's slots, and, when asked,
+/// one of the cluster's slots on top; one round trip. A call the rate refuses takes
+/// nothing; a call that finds no slot of its user's free spends no rate; the cluster's
+/// slot is taken only if one is free (otherwise the call asks for it later).
+/// KEYS[1]: the user's leases (member → expiry, server ms); KEYS[2]: the user's
+/// bucket (GCRA, µs); KEYS[3], when ARGV[6] > 0: the cluster's leases.
+/// ARGV: the user's limit, the lease length (ms), the lease's name, the emission
+/// interval and burst tolerance (µs; an interval of 0: no rate), the cluster's limit
+/// (0: take none). Returns `{1, 0, 1|0}` admitted (with a cluster slot or not),
+/// `{0, retry_after_us, 0}` over the rate, `{2, 0, 0}` no slot free.
+const ADMIT: &str = r"
+local t = redis.call('TIME')
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now = math.floor(now_us / 1000)
+local lease = tonumber(ARGV[2])
+local interval = tonumber(ARGV[4])
+local tat = now_us
+if interval > 0 then
+  tat = tonumber(redis.call('GET', KEYS[2]) or now_us)
+  if tat < now_us then tat = now_us end
+  local ahead = tat - now_us
+  local tolerance = tonumber(ARGV[5])
+  if ahead > tolerance then
+    return {0, ahead - tolerance, 0}
+  end
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
+  return {2, 0, 0}
+end
+redis.call('ZADD', KEYS[1], now + lease, ARGV[3])
+redis.call('PEXPIRE', KEYS[1], lease * 2)
+if interval > 0 then
+  local next_tat = tat + interval
+  redis.call('SET', KEYS[2], string.format('%.0f', next_tat), 'PX', math.ceil((next_tat - now_us) / 1000) + 1)
+end
+local cluster = tonumber(ARGV[6])
+if cluster > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+  if redis.call('ZCARD', KEYS[3]) < cluster then
+    redis.call('ZADD', KEYS[3], now + lease, ARGV[3])
+    redis.call('PEXPIRE', KEYS[3], lease * 2)
+    return {1, 0, 1}
+  end
+end
+return {1, 0, 0}
+";
+
 /// Takes a pending approval: returns the node that holds the call and deletes the
 /// key, so that exactly one claim ever gets it; `nil` when there is none.
 const CLAIM: &str = r"
@@ -31,8 +79,9 @@ redis.call('DEL', KEYS[1])
 return owner
 ";
 
-/// Takes one of a user's slots if fewer than ARGV[1] unexpired leases are held.
-/// KEYS[1]: the user's sorted set of leases (member → expiry, server ms).
+/// Takes one slot if fewer than ARGV[1] unexpired leases are held (a user's slot
+/// once its call is approved, or a cluster's slot not taken with the call's
+/// admission). KEYS[1]: the sorted set of leases (member → expiry, server ms).
 /// ARGV: the limit, the lease length (ms), the lease's name. Returns 1 or 0.
 const ACQUIRE: &str = r"
 local t = redis.call('TIME')
@@ -94,6 +143,7 @@ return 1
 
 /// Every script, hashed once per handle.
 pub(super) struct Scripts {
+    pub(super) admit: Script,
     pub(super) gcra: Script,
     pub(super) claim: Script,
     pub(super) acquire: Script,
@@ -105,6 +155,7 @@ pub(super) struct Scripts {
 impl Scripts {
     pub(super) fn new() -> Scripts {
         Scripts {
+            admit: Script::new(ADMIT),
             gcra: Script::new(GCRA),
             claim: Script::new(CLAIM),
             acquire: Script::new(ACQUIRE),
