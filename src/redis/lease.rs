@@ -1,6 +1,9 @@
-//! Concurrency leases: held (renewed while held, given back when dropped), and asked
-//! for (given back if the answer never comes).
+//! Concurrency leases: held (renewed while held, given back when dropped), asked for
+//! (given back if the answer never comes), and kept to give back once Redis answers
+//! again.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -42,31 +45,87 @@ impl Lease {
         }
     }
 
-    /// Removes `member` from the sorted set `key` without waiting, asking again while
-    /// Redis cannot answer, until the lease (`lease_ms`) would have expired by itself.
-    /// Outside a runtime it is left to expire.
+    /// Removes `member` from the sorted set `key` without waiting. If Redis cannot
+    /// answer, the lease waits among the [`Unreleased`] until Redis answers again,
+    /// or until it would have expired by itself (`lease_ms`). Outside a runtime it is
+    /// left to expire.
     pub(super) fn give_back(redis: &Redis, key: String, member: String, lease_ms: u64) {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
         let redis = redis.clone();
         rt.spawn(async move {
-            let expired = Instant::now() + Duration::from_millis(lease_ms);
-            let mut pause = Duration::from_millis(50);
-            loop {
-                let mut cmd = ::redis::cmd("ZREM");
-                cmd.arg(&key).arg(&member);
-                redis.link.counters.released();
-                if redis.run(cmd).await {
-                    return;
-                }
-                if Instant::now() + pause >= expired {
-                    tracing::warn!(lease = %member, "a lease could not be given back; it expires by itself");
-                    return;
-                }
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(1));
+            let mut cmd = ::redis::cmd("ZREM");
+            cmd.arg(&key).arg(&member);
+            redis.link.counters.released();
+            if !redis.run(cmd).await {
+                let expires = Instant::now() + Duration::from_millis(lease_ms);
+                redis.link.unreleased.keep(vec![(key, member, expires)]);
             }
+        });
+    }
+}
+
+/// Leases given back while Redis could not answer: kept (at most [`MAX_UNRELEASED`],
+/// each until it would have expired by itself) and given back in one request as soon
+/// as Redis answers again.
+#[derive(Debug, Default)]
+pub(super) struct Unreleased {
+    leases: Mutex<Vec<(String, String, Instant)>>,
+    /// How many are kept, read without the lock on every answer of Redis.
+    count: AtomicUsize,
+    /// A give-back of the kept leases is under way.
+    flushing: AtomicBool,
+}
+
+/// The most leases kept to give back later (about 100 bytes each); past it a lease
+/// is left to expire by itself.
+const MAX_UNRELEASED: usize = 10_000;
+
+impl Unreleased {
+    fn keep(&self, mut more: Vec<(String, String, Instant)>) {
+        let mut leases = self.leases.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        leases.retain(|(_, _, expires)| *expires > now);
+        more.retain(|(_, _, expires)| *expires > now);
+        let room = MAX_UNRELEASED.saturating_sub(leases.len());
+        if more.len() > room {
+            tracing::warn!(
+                left = more.len() - room,
+                "too many leases to give back; the rest expire by themselves"
+            );
+            more.truncate(room);
+        }
+        leases.append(&mut more);
+        self.count.store(leases.len(), Relaxed);
+    }
+
+    /// Redis answered: give the kept leases back, on a task of their own (one at a
+    /// time).
+    pub(super) fn answered(&self, redis: &Redis) {
+        if self.count.load(Relaxed) == 0 || self.flushing.swap(true, Relaxed) {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            self.flushing.store(false, Relaxed);
+            return;
+        };
+        let redis = redis.clone();
+        rt.spawn(async move {
+            let kept = &redis.link.unreleased;
+            let leases =
+                std::mem::take(&mut *kept.leases.lock().unwrap_or_else(PoisonError::into_inner));
+            kept.count.store(0, Relaxed);
+            let mut pipe = ::redis::pipe();
+            for (key, member, _) in &leases {
+                pipe.cmd("ZREM").arg(key).arg(member).ignore();
+            }
+            redis.link.counters.released();
+            let mut conn = redis.conn();
+            if redis.ask(pipe.query_async::<()>(&mut conn)).await.is_err() {
+                kept.keep(leases);
+            }
+            kept.flushing.store(false, Relaxed);
         });
     }
 }
@@ -149,5 +208,25 @@ impl Drop for Asking<'_> {
                 self.lease_ms,
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_leases_kept_to_give_back_are_bounded_and_forgotten_once_expired() {
+        let kept = Unreleased::default();
+        let lease = |i: usize, ms: u64| {
+            let expires = Instant::now() + Duration::from_millis(ms);
+            (format!("k{i}"), format!("m{i}"), expires)
+        };
+        kept.keep((0..MAX_UNRELEASED - 1).map(|i| lease(i, 1_000)).collect());
+        kept.keep((0..5).map(|i| lease(i, 5_000)).collect());
+        assert_eq!(kept.count.load(Relaxed), MAX_UNRELEASED);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        kept.keep(vec![lease(7, 0)]); // expired already: not kept
+        assert_eq!(kept.count.load(Relaxed), 1, "only the one left of the five");
     }
 }

@@ -85,6 +85,7 @@ use crate::engine::{Engine, EngineBuilder, Inner, Shared as Attach};
 use crate::limits::Limiter;
 use circuit::Circuit;
 use keys::Keys;
+use lease::Unreleased;
 use limiter::RedisLimiter;
 use scripts::Scripts;
 use stats::Counters;
@@ -127,6 +128,8 @@ struct Link {
     /// Whether the limiter asks Redis (with `UseLocalLimits`): opened by any failed
     /// request, closed by any answer.
     circuit: Circuit,
+    /// Leases to give back once Redis answers again.
+    unreleased: Unreleased,
 }
 
 impl std::fmt::Debug for Redis {
@@ -181,6 +184,7 @@ impl Redis {
                 leases: AtomicU64::new(0),
                 counters: Counters::default(),
                 circuit: Circuit::new(),
+                unreleased: Unreleased::default(),
             }),
         };
         tokio::spawn(peers::listen(pubsub, Arc::downgrade(&redis.link)));
@@ -214,6 +218,7 @@ impl Redis {
             Ok(Ok(answer)) => {
                 counters.answered();
                 circuit.close();
+                self.link.unreleased.answered(self);
                 Ok(answer)
             }
             Ok(Err(e)) => {

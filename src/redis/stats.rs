@@ -34,11 +34,12 @@ pub struct RedisStats {
     /// answering after a connection error, the run logs' reader connecting anew, the
     /// cancellation listener subscribing anew.
     pub reconnects: u64,
-    /// Of those, the ones that gave a concurrency lease back: a call does not wait
-    /// for them (a call that ends gives its slot back this way, and one whose answer
-    /// was lost gives back what Redis may have taken for it, asking again while
-    /// Redis cannot answer, until the lease has expired by itself). The other
-    /// requests of the limiter are the ones calls wait for: one per admitted call.
+    /// Of those, the ones that gave concurrency leases back, which no call waits
+    /// for: a call that ends gives its slot back this way, and a call whose answer
+    /// was lost gives back what Redis may have taken for it. A lease Redis could not
+    /// take back is given back with the next answer Redis gives (at most 10,000 kept,
+    /// each until it would have expired by itself). An admitted call waits for one
+    /// request (the admission) and makes one of these.
     pub releases: u64,
     /// The limiter's requests (admissions, rate checks, slot leases) Redis answered.
     pub answers: u64,
