@@ -344,3 +344,93 @@ async fn connecting_to_a_frozen_or_dead_redis_fails_within_the_bound() {
         );
     }
 }
+
+/// With `UseLocalLimits`, Redis away: the first call may wait for it (one timeout),
+/// then Redis is skipped for a second at a time, one call asking it again after each
+/// (`src/redis/circuit.rs`), so calls are decided here at local speed instead of
+/// each paying the timeout; once Redis is back the calls ask it again.
+async fn local_limits_pay_the_timeout_once_per_window(fault: Fault) {
+    let Some(mut server) = RedisServer::start() else {
+        return;
+    };
+    let config = RedisConfig::default()
+        .prefix(format!("circuit-{fault:?}"))
+        .timeout(TIMEOUT)
+        .on_unreachable(OnUnreachable::UseLocalLimits);
+    let redis = Redis::connect(&server.url(), config).await.unwrap();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let registry = Registry::builder()
+        .tool(counting("count", &runs, ToolSettings::new()))
+        .build()
+        .unwrap();
+    let limits = Limits::default().per_user(UserLimits {
+        concurrency: 10,
+        rate: Some(Rate::per_minute(100_000)),
+    });
+    let engine = Engine::builder(registry)
+        .limits(limits)
+        .redis(&redis)
+        .build();
+    let (d, _) = recorded(&engine, user("alice"));
+    assert!(d.dispatch(ToolCall::new("count", json!(0))).await.is_ok());
+    match fault {
+        Fault::Kill => server.stop(),
+        Fault::Freeze => server.pause(),
+    }
+    let before = redis.stats();
+    let start = Instant::now();
+    let mut slow = 0;
+    const CALLS: u32 = 100;
+    for i in 0..CALLS {
+        let t = Instant::now();
+        let r = tokio::time::timeout(PATIENCE, d.dispatch(ToolCall::new("count", json!(i))))
+            .await
+            .expect("answered");
+        assert!(r.is_ok(), "decided by the node's own limits: {r:?}");
+        slow += u64::from(t.elapsed() >= TIMEOUT / 2);
+        tokio::time::sleep(Duration::from_millis(20)).await; // calls spread over 2 s
+    }
+    let windows = start.elapsed().as_secs_f64() / 1.0; // the circuit's window is 1 s
+    let s = redis.stats();
+    let asked = s.failures - before.failures;
+    assert_eq!(s.fallbacks - before.fallbacks, u64::from(CALLS), "{s:?}");
+    // Redis asked at most once a window (and the first call), not once per call;
+    // only the calls that asked waited.
+    assert!(asked as f64 <= windows + 2.0, "asked {asked} times: {s:?}");
+    assert!(slow <= asked, "{slow} slow calls, {asked} asked Redis");
+
+    // Back: a call asks Redis again within a window, and from then on every call.
+    let _server = match fault {
+        Fault::Kill => Some(RedisServer::start_on(server.port)),
+        Fault::Freeze => {
+            server.unpause();
+            None
+        }
+    };
+    eventually("a call is admitted by Redis again", || async {
+        let answers = redis.stats().answers;
+        d.dispatch(ToolCall::new("count", json!(1))).await.is_ok()
+            && redis.stats().answers > answers
+    })
+    .await;
+    let (answers, fallbacks) = (redis.stats().answers, redis.stats().fallbacks);
+    for i in 0..5 {
+        assert!(d.dispatch(ToolCall::new("count", json!(i))).await.is_ok());
+    }
+    let s = redis.stats();
+    assert_eq!(
+        (s.answers - answers, s.fallbacks - fallbacks),
+        (5, 0),
+        "{s:?}"
+    );
+}
+
+#[tokio::test]
+async fn redis_frozen_local_limits_pay_the_timeout_once_per_window_not_once_per_call() {
+    local_limits_pay_the_timeout_once_per_window(Fault::Freeze).await;
+}
+
+#[tokio::test]
+async fn redis_killed_local_limits_pay_the_timeout_once_per_window_not_once_per_call() {
+    local_limits_pay_the_timeout_once_per_window(Fault::Kill).await;
+}

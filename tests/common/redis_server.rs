@@ -104,9 +104,31 @@ impl RedisServer {
 
     /// How many members the sorted set `key` has (an inline `ZCARD`).
     pub fn zcard(&self, key: &str) -> u64 {
+        let n = self.integer(&format!("ZCARD {key}"));
+        u64::try_from(n).expect("a count")
+    }
+
+    /// How long `key` has to live, in ms (an inline `PTTL`: -2 when there is no such
+    /// key, -1 when it does not expire).
+    pub fn pttl(&self, key: &str) -> i64 {
+        self.integer(&format!("PTTL {key}"))
+    }
+
+    /// The answer to an inline command whose reply is an integer (no spaces in its
+    /// arguments).
+    fn integer(&self, command: &str) -> i64 {
+        let line = self.command(command);
+        line.trim_start_matches(':')
+            .parse()
+            .unwrap_or_else(|_| panic!("{command}: not an integer reply: {line}"))
+    }
+
+    /// The first line of the answer to an inline command (its words separated by
+    /// spaces), such as `+OK`.
+    pub fn command(&self, command: &str) -> String {
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("redis answers");
         let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        s.write_all(format!("ZCARD {key}\r\n").as_bytes())
+        s.write_all(format!("{command}\r\n").as_bytes())
             .expect("a command");
         let mut answer = Vec::new();
         let mut byte = [0u8; 1];
@@ -114,11 +136,7 @@ impl RedisServer {
             s.read_exact(&mut byte).expect("an answer");
             answer.push(byte[0]);
         }
-        let text = String::from_utf8_lossy(&answer);
-        text.trim()
-            .trim_start_matches(':')
-            .parse()
-            .expect("an integer reply")
+        String::from_utf8_lossy(&answer).trim().to_owned()
     }
 
     /// Freezes the server (`SIGSTOP`): its sockets stay open and nothing answers, as
