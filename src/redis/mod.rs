@@ -232,6 +232,25 @@ impl Redis {
         }
     }
 
+    /// Runs `pipe`, whose requests all call `script`, loading the script first if
+    /// Redis started afresh since it was loaded (nothing ran then).
+    async fn scripted<T: ::redis::FromRedisValue>(
+        &self,
+        script: &::redis::Script,
+        pipe: &::redis::Pipeline,
+    ) -> ::redis::RedisResult<T> {
+        let mut conn = self.conn();
+        match pipe.query_async::<T>(&mut conn).await {
+            Err(e)
+                if e.kind() == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript) =>
+            {
+                script.load_async(&mut conn).await?;
+                pipe.query_async::<T>(&mut conn).await
+            }
+            other => other,
+        }
+    }
+
     /// The shared connection (a handle: cheap to clone, multiplexed, re-established
     /// by itself after Redis comes back).
     fn conn(&self) -> ConnectionManager {
