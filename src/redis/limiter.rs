@@ -12,7 +12,7 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use tokio::time::Instant;
 
-use super::lease::{Asking, Lease, UserSlot};
+use super::lease::{Asking, Carried, Lease, UserSlot, lease_ms};
 use super::{OnUnreachable, Redis};
 use crate::limits::{
     Admit, Gcra, Limiter, LocalLimiter, NoSlot, NotAdmitted, Permit, RateCheck, RateRefusal, Scope,
@@ -54,14 +54,10 @@ impl RedisLimiter {
         s.config.on_unreachable == OnUnreachable::UseLocalLimits && !s.circuit.allows()
     }
 
-    /// A new lease name, and the lease length in ms.
-    fn lease_name(&self) -> (String, u64) {
+    /// A new lease name.
+    fn lease_name(&self) -> String {
         let s = &self.redis.link;
-        let member = format!("{}:{}", s.node, s.leases.fetch_add(1, Relaxed));
-        let lease_ms = u64::try_from(s.config.lease.as_millis())
-            .unwrap_or(u64::MAX)
-            .max(3);
-        (member, lease_ms)
+        format!("{}:{}", s.node, s.leases_named.fetch_add(1, Relaxed))
     }
 
     /// Admits one call of `user` through Redis: the rate, one of the user's slots
@@ -83,7 +79,7 @@ impl RedisLimiter {
         if self.skips_redis() {
             return self.admit_here(user, until, prechecked, None).await;
         }
-        let (member, lease_ms) = self.lease_name();
+        let (member, lease_ms) = (self.lease_name(), lease_ms(&self.redis));
         let slots = s.keys.slots(&user.user_id);
         let rate = s.keys.rate(&user.user_id);
         let cluster_key = s.config.cluster_concurrency.map(|_| s.keys.global_slots());
@@ -99,6 +95,10 @@ impl RedisLimiter {
                     .map(|here| (key.as_str(), limit, here)),
                 _ => None,
             };
+            // The leases given back just now (the user's, the cluster's when it
+            // asks for one) go with this request.
+            let also = cluster.as_ref().map(|(key, _, _)| *key);
+            let carried = s.leases.take(&slots, also);
             let mut invoke = s.scripts.admit.prepare_invoke();
             invoke.key(&slots).key(&rate);
             if let Some((key, _, _)) = &cluster {
@@ -110,13 +110,11 @@ impl RedisLimiter {
                 .arg(&member)
                 .arg(interval_us)
                 .arg(tolerance_us)
-                .arg(cluster.as_ref().map_or(0, |(_, limit, _)| *limit));
-            let asking = Asking::new(
-                &self.redis,
-                [Some(&slots), cluster.as_ref().map(|(key, _, _)| *key)],
-                &member,
-                lease_ms,
-            );
+                .arg(cluster.as_ref().map_or(0, |(_, limit, _)| *limit))
+                .arg(carried.user.len())
+                .arg(&carried.user)
+                .arg(&carried.cluster);
+            let asking = Asking::new(&self.redis, &slots, also, &member, &carried);
             let mut conn = self.redis.conn();
             let answer = self
                 .redis
@@ -131,7 +129,7 @@ impl RedisLimiter {
                 }
                 Ok(_) => Answer::NoSlot,
                 Err(error) => {
-                    drop(asking); // Redis may have taken them: given back
+                    drop(asking); // Redis may have run it: given back
                     drop(cluster);
                     return self.admit_here(user, until, prechecked, Some(error)).await;
                 }
@@ -142,17 +140,12 @@ impl RedisLimiter {
                 Answer::Admitted { cluster: taken } => {
                     let cluster = match (cluster, taken) {
                         (Some((key, _, here)), true) => {
-                            let lease = Lease::hold(
-                                self.redis.clone(),
-                                key.into(),
-                                member.clone(),
-                                lease_ms,
-                            );
+                            let lease = Lease::hold(&self.redis, key.into(), member.clone());
                             Some(Permit::Shared(Box::new(Box::new((here, lease)))))
                         }
                         _ => None, // the node's own slot goes back with it
                     };
-                    let lease = Lease::hold(self.redis.clone(), slots, member, lease_ms);
+                    let lease = Lease::hold(&self.redis, slots, member);
                     let slot = UserSlot { lease, cluster };
                     return Ok(Permit::Shared(Box::new(Box::new(slot))));
                 }
@@ -339,27 +332,28 @@ impl RedisLimiter {
         until: Instant,
     ) -> Result<Lease, Option<String>> {
         let s = &self.redis.link;
-        let (member, lease_ms) = self.lease_name();
+        let (member, lease_ms) = (self.lease_name(), lease_ms(&self.redis));
         let mut pause = FIRST_PAUSE;
         loop {
             let mut conn = self.redis.conn();
             let mut invoke = s.scripts.acquire.prepare_invoke();
             invoke.key(&key).arg(limit).arg(lease_ms).arg(&member);
-            let asking = Asking::new(&self.redis, [Some(&key), None], &member, lease_ms);
+            let none = Carried::default();
+            let asking = Asking::new(&self.redis, &key, None, &member, &none);
             let answer = self.redis.ask(invoke.invoke_async::<i64>(&mut conn)).await;
-            if answer.is_err() {
-                drop(asking); // Redis may have taken it: given back
-            } else {
-                asking.answered();
-            }
             match answer {
-                Ok(1) => {
+                Ok(taken) => {
+                    asking.answered();
                     s.counters.answers.fetch_add(1, Relaxed);
-                    return Ok(Lease::hold(self.redis.clone(), key, member, lease_ms));
+                    if taken == 1 {
+                        return Ok(Lease::hold(&self.redis, key, member));
+                    }
                 }
-                Ok(_) => s.counters.answers.fetch_add(1, Relaxed),
-                Err(e) => return Err(Some(e)),
-            };
+                Err(e) => {
+                    drop(asking); // Redis may have taken it: given back
+                    return Err(Some(e));
+                }
+            }
             let now = Instant::now();
             if now >= until {
                 return Err(None);

@@ -85,7 +85,7 @@ use crate::engine::{Engine, EngineBuilder, Inner, Shared as Attach};
 use crate::limits::Limiter;
 use circuit::Circuit;
 use keys::Keys;
-use lease::Unreleased;
+use lease::Leases;
 use limiter::RedisLimiter;
 use scripts::Scripts;
 use stats::Counters;
@@ -123,13 +123,13 @@ struct Link {
     stop: CancellationToken,
     config: RedisConfig,
     /// Names this node's leases.
-    leases: AtomicU64,
+    leases_named: AtomicU64,
     counters: Counters,
     /// Whether the limiter asks Redis (with `UseLocalLimits`): opened by any failed
     /// request, closed by any answer.
     circuit: Circuit,
-    /// Leases to give back once Redis answers again.
-    unreleased: Unreleased,
+    /// The leases this node holds and gives back.
+    leases: Leases,
 }
 
 impl std::fmt::Debug for Redis {
@@ -181,10 +181,10 @@ impl Redis {
                 engines: Mutex::default(),
                 stop: CancellationToken::new(),
                 config,
-                leases: AtomicU64::new(0),
+                leases_named: AtomicU64::new(0),
                 counters: Counters::default(),
                 circuit: Circuit::new(),
-                unreleased: Unreleased::default(),
+                leases: Leases::default(),
             }),
         };
         tokio::spawn(peers::listen(pubsub, Arc::downgrade(&redis.link)));
@@ -218,7 +218,7 @@ impl Redis {
             Ok(Ok(answer)) => {
                 counters.answered();
                 circuit.close();
-                self.link.unreleased.answered(self);
+                lease::release(self); // what could not be given back before
                 Ok(answer)
             }
             Ok(Err(e)) => {

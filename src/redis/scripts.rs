@@ -30,14 +30,24 @@ return {1, 0}
 /// bucket (GCRA, µs); KEYS[3], when ARGV[6] > 0: the cluster's leases.
 /// ARGV: the user's limit, the lease length (ms), the lease's name, the emission
 /// interval and burst tolerance (µs; an interval of 0: no rate), the cluster's limit
-/// (0: take none). Returns `{1, 0, 1|0}` admitted (with a cluster slot or not),
-/// `{0, retry_after_us, 0}` over the rate, `{2, 0, 0}` no slot free.
+/// (0: take none), how many of the user's leases to give back, their names, then the
+/// names of the cluster's leases to give back (only with KEYS[3]): the calls that just
+/// ended on this node, given back first, whatever the answer. Returns `{1, 0, 1|0}`
+/// admitted (with a cluster slot or not), `{0, retry_after_us, 0}` over the rate,
+/// `{2, 0, 0}` no slot free.
 /// Every Redis command a script runs costs about as much as a small request's work
 /// on the server, so this one runs as few as it can: leases are counted unexpired
 /// (`ZCOUNT`) rather than pruned first; the expired ones (of a node that died) are
 /// removed when a call is refused for want of a slot, by one admission in eight (on
 /// the server's clock) and every renewal, or with the key.
 const ADMIT: &str = r"
+local users = tonumber(ARGV[7])
+if users > 0 then
+  redis.call('ZREM', KEYS[1], unpack(ARGV, 8, 7 + users))
+end
+if #ARGV > 7 + users then
+  redis.call('ZREM', KEYS[3], unpack(ARGV, 8 + users))
+end
 local t = redis.call('TIME')
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local now = math.floor(now_us / 1000)

@@ -36,10 +36,12 @@ pub struct RedisStats {
     pub reconnects: u64,
     /// Of those, the ones that gave concurrency leases back, which no call waits
     /// for: a call that ends gives its slot back this way, and a call whose answer
-    /// was lost gives back what Redis may have taken for it. A lease Redis could not
-    /// take back is given back with the next answer Redis gives (at most 10,000 kept,
-    /// each until it would have expired by itself). An admitted call waits for one
-    /// request (the admission) and makes one of these.
+    /// was lost gives back what Redis may have taken for it. The leases given back
+    /// together (calls that end at once) go in one request, and a user's next
+    /// admission on the node carries their own last releases instead, so an admitted
+    /// call waits for one request (the admission) and makes at most one of these. A
+    /// lease Redis could not take back is given back with the next answer Redis gives
+    /// (at most 10,000 kept, each until it would have expired by itself).
     pub releases: u64,
     /// The limiter's requests (admissions, rate checks, slot leases) Redis answered.
     pub answers: u64,
