@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::redis_server::{PATIENCE, RedisServer, eventually, resumed, take};
+use common::redis_server::{PATIENCE, RedisServer, Relay, eventually, resumed, take};
 use common::*;
 use serde_json::json;
 use tokio::sync::{Semaphore, mpsc};
@@ -433,4 +433,74 @@ async fn redis_frozen_local_limits_pay_the_timeout_once_per_window_not_once_per_
 #[tokio::test]
 async fn redis_killed_local_limits_pay_the_timeout_once_per_window_not_once_per_call() {
     local_limits_pay_the_timeout_once_per_window(Fault::Kill).await;
+}
+
+#[tokio::test]
+async fn a_release_lost_to_a_partition_is_given_back_once_redis_answers_again() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let relay = Relay::start(server.port).await;
+    let config = RedisConfig::default()
+        .prefix("partition")
+        .local_precheck(false)
+        .timeout(TIMEOUT)
+        .lease(Duration::from_secs(60));
+    let redis = Redis::connect(&relay.url(), config)
+        .await
+        .expect("redis answers");
+    let gate = Arc::new(Semaphore::new(0));
+    let (started, mut started_rx) = mpsc::unbounded_channel();
+    let g = gate.clone();
+    let held = tool_fn("held", "Waits for its gate.", move |_: u64, _cx| {
+        let (gate, started) = (g.clone(), started.clone());
+        async move {
+            let _ = started.send(());
+            gate.acquire().await.map_err(ToolError::from)?.forget();
+            Ok::<_, ToolError>(())
+        }
+    });
+    let registry = Registry::builder()
+        .tool(held)
+        .tool(quick())
+        .build()
+        .unwrap();
+    let engine = Engine::builder(registry)
+        .limits(Limits::default().per_user(no_rate(5)))
+        .redis(&redis)
+        .build();
+    let (alice, _) = recorded(&engine, user("alice"));
+    let (bob, _) = recorded(&engine, user("bob"));
+    let slots = "partition:u{alice}:slots";
+    let call = spawn(&alice, ToolCall::new("held", json!(0)));
+    tokio::time::timeout(PATIENCE, started_rx.recv())
+        .await
+        .expect("the call starts");
+    assert_eq!(server.zcard(slots), 1);
+    // The network between the node and Redis fails while the call runs: its end is
+    // the node's own business, but its release cannot reach Redis.
+    relay.cut();
+    let before = redis.stats();
+    gate.add_permits(1);
+    let r = tokio::time::timeout(PATIENCE, call).await.expect("ended");
+    assert!(r.unwrap().is_ok());
+    eventually("the release is sent and lost", || async {
+        let s = redis.stats();
+        s.releases > before.releases && s.errors + s.timeouts > before.errors + before.timeouts
+    })
+    .await;
+    assert_eq!(server.zcard(slots), 1, "the lease is still there (60 s)");
+    // The network comes back: once Redis answers the node again (here, another
+    // user's call, which carries nothing of alice's), the lease is given back, long
+    // before it would have expired.
+    relay.mend();
+    eventually("Redis answers the node again", || async {
+        bob.dispatch(ToolCall::new("quick", json!(1))).await.is_ok()
+    })
+    .await;
+    eventually("the lost release is given back", || async {
+        server.zcard(slots) == 0
+    })
+    .await;
+    assert!(server.pttl(slots) == -2, "no key left");
 }
