@@ -140,7 +140,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     )
     .await?;
     let precheck = Redis::connect(&url, config().local_precheck(true)).await?;
-    let plenty = Rate::per_second(1_000_000_000);
+    // Never reached, and still checked: Redis keeps a rate whose interval is at least
+    // 1 µs (10 µs here), so every admission runs the rate's part of the script too.
+    let plenty = Rate::per_second(100_000);
     let tight = Rate::per_minute(1);
     let (local, redis) = (engine(None, plenty), engine(Some(&shared), plenty));
     let redis_cluster = engine(Some(&cluster), plenty);
