@@ -1,38 +1,48 @@
-//! What sharing the rate limit through Redis costs per call, measured side by side in
-//! one run against a Redis on loopback.
+//! What sharing the limits through Redis costs per call, measured side by side in one
+//! run against a Redis on loopback.
 //!
 //! ```text
 //! redis-server --port 6390 --save '' &
 //! cargo run --release --example redis_cost --features redis -- --redis redis://127.0.0.1:6390
 //! ```
 //!
-//! Four variants, interleaved in rounds so that drift hits them alike, each a no-op
-//! tool called `--calls` times per round by one user:
+//! Seven variants, interleaved in rounds so that drift hits them alike, each a no-op
+//! tool called `--calls` times per round by one user (or a bare request):
 //!
-//! 1. `local`: limits kept in the process (the default);
-//! 2. `redis`: the user's rate and a concurrency lease in Redis (two `EVALSHA` round
-//!    trips a call; the lease's release is sent without waiting);
-//! 3. `shed_redis`: a user far over the quota, every call refused by Redis;
-//! 4. `shed_precheck`: the same user with the local pre-check on: refused without a
-//!    round trip.
+//! 1. `ping`: a bare `PING` round trip, the yardstick;
+//! 2. `local`: limits kept in the process (the default);
+//! 3. `redis`: the user's rate and concurrency in Redis: one `EVALSHA` a call (the
+//!    admission script: rate, the user's lease); the lease's release rides on the
+//!    user's next admission (or goes in a batch no call waits for);
+//! 4. `redis_cluster`: the same with `cluster_concurrency`: the script takes the
+//!    cluster's lease too, in the same round trip;
+//! 5. `shed_redis`: a user far over the quota, every call refused by Redis;
+//! 6. `shed_precheck`: the same user with the local pre-check on: refused without a
+//!    round trip;
+//! 7. `time_script`: an `EVALSHA` of a script that only reads the server's clock, the
+//!    least any of the limiter's scripts costs.
 //!
 //! Then the run log, with the same no-op call writing its events to a run:
 //!
-//! 5. `log_local`: into the process's own [`RunLog`];
-//! 6. `log_redis`: into a [`RunLog::redis`] (the sink queues, a batch per round trip);
-//! 7. `append_redis`: one awaited `append` to the Redis log (recorded, seq returned),
-//!    with nothing queued before it;
-//! 8. `frames_per_s`: 20,000 events queued through the sink, until the last is in
-//!    Redis.
-//!
-//! And, as the yardstick for all of them, a bare `PING` round trip (`ping`).
+//! 8. `log_local`: into the process's own [`RunLog`];
+//! 9. `log_redis`: into a [`RunLog::redis`] (the sink queues, a batch per round trip);
+//! 10. `append_redis`: one awaited `append` to the Redis log (recorded, seq returned),
+//!     with nothing queued before it;
+//! 11. `frames_per_s`: 20,000 events queued through the sink, until the last is in
+//!     Redis.
 //!
 //! The last line is `RESULT ping_p50_ns=.. local_p50_ns=.. local_p99_ns=.. redis_p50_ns=..
-//! redis_p99_ns=.. shed_redis_p50_ns=.. shed_precheck_p50_ns=.. log_local_p50_ns=..
+//! redis_p99_ns=.. redis_vs_ping=.. redis_cluster_p50_ns=.. redis_cluster_vs_ping=..
+//! shed_redis_p50_ns=.. shed_precheck_p50_ns=.. time_script_p50_ns=..
+//! time_script_vs_ping=.. log_local_p50_ns=..
 //! log_redis_p50_ns=.. log_redis_p99_ns=.. append_redis_p50_ns=..
 //! append_redis_p99_ns=.. frames_per_s=.. redis_round_trips_per_call=..
-//! invariants=ok|FAILED` (the requests each `redis` call makes, its lease's release
-//! included, as the handle's `RedisStats::round_trips` counts them).
+//! redis_releases_per_call=.. invariants=ok|FAILED`: `*_vs_ping` is the variant's p50
+//! over the `PING` p50 of the same run; `redis_round_trips_per_call` counts the
+//! requests a `redis` or `redis_cluster` call waits for (`RedisStats::round_trips`
+//! less `RedisStats::releases`), `redis_releases_per_call` the requests giving lease
+//! releases back that it does not wait for (at most one); `invariants=ok` also says
+//! that no lease was left in Redis.
 
 use std::time::Instant;
 
@@ -102,38 +112,93 @@ fn quantile(v: &mut [u64], q: f64) -> u64 {
     v[((v.len() as f64 - 1.0) * q) as usize]
 }
 
+/// Latencies (ns) of `n` requests `cmd`, one at a time.
+async fn requests(
+    conn: &mut ::redis::aio::MultiplexedConnection,
+    cmd: &::redis::Cmd,
+    n: usize,
+) -> Vec<u64> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let answer: Result<::redis::Value, _> = cmd.query_async(conn).await;
+        out.push(t.elapsed().as_nanos() as u64);
+        assert!(answer.is_ok(), "{answer:?}");
+    }
+    out
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let url = arg("--redis").ok_or("usage: redis_cost --redis redis://HOST:PORT [--calls N]")?;
     let calls: usize = arg("--calls").map_or(Ok(2000), |c| c.parse())?;
     let config = || RedisConfig::default().prefix(format!("cost-{}", std::process::id()));
     let shared = Redis::connect(&url, config().local_precheck(false)).await?;
+    let cluster = Redis::connect(
+        &url,
+        config().local_precheck(false).cluster_concurrency(1000),
+    )
+    .await?;
     let precheck = Redis::connect(&url, config().local_precheck(true)).await?;
-    let plenty = Rate::per_second(1_000_000_000);
+    // Never reached, and still checked: Redis keeps a rate whose interval is at least
+    // 1 µs (10 µs here), so every admission runs the rate's part of the script too.
+    let plenty = Rate::per_second(100_000);
     let tight = Rate::per_minute(1);
     let (local, redis) = (engine(None, plenty), engine(Some(&shared), plenty));
+    let redis_cluster = engine(Some(&cluster), plenty);
     let (shed_redis, shed_local) = (engine(Some(&shared), tight), engine(Some(&precheck), tight));
-    let mut lat: [Vec<u64>; 4] = Default::default();
-    let mut ok = [0usize; 4];
-    // Requests to Redis per `redis` call (the lease's release included, though the
-    // call does not wait for it), counted by the handle.
-    let (mut trips, mut trip_calls) = (0u64, 0u64);
+    let client = ::redis::Client::open(url.as_str())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    // The least a script on the server's clock costs: EVALSHA of one that reads TIME.
+    let sha: String = ::redis::cmd("SCRIPT")
+        .arg("LOAD")
+        .arg("return redis.call('TIME')")
+        .query_async(&mut conn)
+        .await?;
+    let (ping, time_script) = (::redis::cmd("PING"), {
+        let mut c = ::redis::cmd("EVALSHA");
+        c.arg(&sha).arg(0);
+        c
+    });
+    // ping, local, redis, redis_cluster, shed_redis, shed_precheck, time_script
+    let mut lat: [Vec<u64>; 7] = Default::default();
+    let mut ok = [0usize; 7];
+    // Requests to Redis per `redis` and `redis_cluster` call, counted by the handles:
+    // those the call waits for, and the releases it does not wait for.
+    let (mut waited, mut released, mut counted_calls) = (0u64, 0u64, 0u64);
     for r in 0..6 {
         // The first round warms up (connections, script load) and is not counted.
         let n = if r == 0 { 200 } else { calls / 5 };
-        let local_round = round(&local, "u", n, &mut ok[0]).await;
-        let before = shared.stats().round_trips;
-        let redis_round = round(&redis, "u", n, &mut ok[1]).await;
-        tokio::task::yield_now().await; // the last release goes out
-        if r > 0 {
-            trips += shared.stats().round_trips - before;
-            trip_calls += n as u64;
+        let ping_round = requests(&mut conn, &ping, n).await;
+        ok[0] += n;
+        let local_round = round(&local, "u", n, &mut ok[1]).await;
+        let mut shared_rounds = Vec::new();
+        for (i, (engine, handle)) in [(&redis, &shared), (&redis_cluster, &cluster)]
+            .into_iter()
+            .enumerate()
+        {
+            let before = handle.stats();
+            let got = round(engine, "u", n, &mut ok[2 + i]).await;
+            tokio::task::yield_now().await; // the last release goes out
+            let after = handle.stats();
+            if r > 0 {
+                waited +=
+                    (after.round_trips - after.releases) - (before.round_trips - before.releases);
+                released += after.releases - before.releases;
+                counted_calls += n as u64;
+            }
+            shared_rounds.push(got);
         }
+        let [redis_round, cluster_round] =
+            <[Vec<u64>; 2]>::try_from(shared_rounds).map_err(|_| "two shared rounds")?;
         let got = [
+            ping_round,
             local_round,
             redis_round,
-            round(&shed_redis, "over", n, &mut ok[2]).await,
-            round(&shed_local, "over2", n, &mut ok[3]).await,
+            cluster_round,
+            round(&shed_redis, "over", n, &mut ok[4]).await,
+            round(&shed_local, "over2", n, &mut ok[5]).await,
+            requests(&mut conn, &time_script, n).await,
         ];
         if r > 0 {
             for (l, g) in lat.iter_mut().zip(got) {
@@ -141,36 +206,34 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
     }
-    // The loopback round trip itself, measured between the same rounds' conditions.
-    let client = ::redis::Client::open(url.as_str())?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
-    let mut pings = Vec::with_capacity(calls);
-    for _ in 0..calls {
-        let t = Instant::now();
-        let _: String = ::redis::cmd("PING").query_async(&mut conn).await?;
-        pings.push(t.elapsed().as_nanos() as u64);
-    }
-    let ping_p50 = quantile(&mut pings, 0.5);
-    println!(
-        "{:>14}: p50 {ping_p50:>8} ns  p99 {:>8} ns",
+    let names = [
         "ping",
-        quantile(&mut pings, 0.99)
-    );
-    let names = ["local", "redis", "shed_redis", "shed_precheck"];
+        "local",
+        "redis",
+        "redis_cluster",
+        "shed_redis",
+        "shed_precheck",
+        "time_script",
+    ];
     let mut summary = Vec::new();
     for (name, l) in names.iter().zip(lat.iter_mut()) {
         let (p50, p99) = (quantile(l, 0.5), quantile(l, 0.99));
         println!("{name:>14}: p50 {p50:>8} ns  p99 {p99:>8} ns");
         summary.push((p50, p99));
     }
-    // Every call of the first two succeeds; of the tight ones, at most the one a
+    let ping_p50 = summary[0].0;
+    let vs_ping = |i: usize| summary[i].0 as f64 / ping_p50.max(1) as f64;
+    // Every call of the first four succeeds; of the tight ones, at most the one a
     // minute the quota allows (per engine's first call) does.
     let counted = calls / 5 * 5;
-    let fine = ok[0] == counted + 200 && ok[1] == counted + 200 && ok[2] <= 1 && ok[3] <= 1;
+    let fine = ok[..4].iter().all(|&n| n == counted + 200) && ok[4] <= 1 && ok[5] <= 1;
     let stats = shared.stats();
-    let trips_per_call = trips as f64 / trip_calls.max(1) as f64;
+    let trips_per_call = waited as f64 / counted_calls.max(1) as f64;
+    let releases_per_call = released as f64 / counted_calls.max(1) as f64;
     println!(
-        "redis answers {}, failures {}, {trips_per_call:.2} round trips a call; pre-check shed {} calls",
+        "redis {:.2}x ping, with a cluster limit {:.2}x; {trips_per_call:.2} round trips a call waits for, {releases_per_call:.2} releases it does not; answers {}, failures {}; pre-check shed {} calls",
+        vs_ping(2),
+        vs_ping(3),
         stats.answers,
         stats.failures,
         precheck.stats().shed_locally
@@ -232,26 +295,64 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if !log_fine {
         eprintln!("run log: successes {log_ok:?}, {stats:?}");
     }
-    let quiet = stats.failures == 0 && stats.errors == 0 && stats.timeouts == 0;
-    let verdict = if fine && log_fine && quiet {
+    let quiet = [&shared, &cluster, &precheck].iter().all(|h| {
+        let s = h.stats();
+        s.failures == 0 && s.errors == 0 && s.timeouts == 0
+    });
+    // One request waited for per admitted call (a stray keep-alive of the node's
+    // listener may fall within a round), and at most one release (the releases of
+    // calls that end together go in one request; a user's next admission carries
+    // their last call's).
+    let one_trip = (0.99..1.05).contains(&trips_per_call) && releases_per_call <= 1.0;
+    if !one_trip {
+        eprintln!("{trips_per_call:.3} round trips and {releases_per_call:.3} releases a call");
+    }
+    // Every lease taken was given back: none is left in Redis.
+    let prefix = format!("cost-{}", std::process::id());
+    let mut left = 0u64;
+    for _ in 0..100 {
+        left = 0;
+        for key in [
+            format!("{prefix}:u{{u}}:slots"),
+            format!("{prefix}:global:slots"),
+        ] {
+            left += ::redis::cmd("ZCARD")
+                .arg(key)
+                .query_async::<u64>(&mut conn)
+                .await?;
+        }
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    if left > 0 {
+        eprintln!("{left} leases left in Redis");
+    }
+    let verdict = if fine && log_fine && quiet && one_trip && left == 0 {
         "ok"
     } else {
         "FAILED"
     };
     if verdict != "ok" {
         eprintln!(
-            "successes per variant: {ok:?} (expected {} for the first two, at most 1 for the others)",
+            "successes per variant: {ok:?} (expected {} for the first four, at most 1 for the others)",
             counted + 200
         );
     }
     println!(
-        "RESULT ping_p50_ns={ping_p50} local_p50_ns={} local_p99_ns={} redis_p50_ns={} redis_p99_ns={} shed_redis_p50_ns={} shed_precheck_p50_ns={} log_local_p50_ns={} log_redis_p50_ns={} log_redis_p99_ns={} append_redis_p50_ns={} append_redis_p99_ns={} frames_per_s={frames_per_s:.0} redis_round_trips_per_call={trips_per_call:.2} invariants={verdict}",
-        summary[0].0,
-        summary[0].1,
+        "RESULT ping_p50_ns={ping_p50} local_p50_ns={} local_p99_ns={} redis_p50_ns={} redis_p99_ns={} redis_vs_ping={:.2} redis_cluster_p50_ns={} redis_cluster_vs_ping={:.2} shed_redis_p50_ns={} shed_precheck_p50_ns={} time_script_p50_ns={} time_script_vs_ping={:.2} log_local_p50_ns={} log_redis_p50_ns={} log_redis_p99_ns={} append_redis_p50_ns={} append_redis_p99_ns={} frames_per_s={frames_per_s:.0} redis_round_trips_per_call={trips_per_call:.2} redis_releases_per_call={releases_per_call:.2} invariants={verdict}",
         summary[1].0,
         summary[1].1,
         summary[2].0,
+        summary[2].1,
+        vs_ping(2),
         summary[3].0,
+        vs_ping(3),
+        summary[4].0,
+        summary[5].0,
+        summary[6].0,
+        vs_ping(6),
         log_summary[0].0,
         log_summary[1].0,
         log_summary[1].1,

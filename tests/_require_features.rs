@@ -10,7 +10,7 @@ fn chat_server() {
 
 #[cfg(not(feature = "redis"))]
 #[test]
-#[ignore = "the several-nodes tests (tests/redis.rs, tests/redis_runlog.rs, tests/redis_outage.rs) need `--features redis` (the README's test command)"]
+#[ignore = "the several-nodes tests (tests/redis.rs, tests/redis_admit.rs, tests/redis_runlog.rs, tests/redis_outage.rs) need `--features redis` (the README's test command)"]
 fn redis() {
     unreachable!("ignored: run `cargo test --all-features`");
 }

@@ -225,11 +225,12 @@ async fn redis_stopped_use_local_limits_serves_from_the_nodes_own_buckets_and_co
         let r = call(&engine, "alice").await.0;
         assert!(matches!(r, Err(DispatchError::RateLimited { .. })), "{r:?}");
         let s = redis.stats();
-        // Rate checks and slot leases that fell back: without the pre-check, four
-        // and three (the fourth call was refused first); with it, the fourth never
-        // asked Redis.
-        let want = if precheck { (6, 6, 1) } else { (7, 7, 0) };
-        assert_eq!((s.fallbacks, s.failures, s.shed_locally), want, "{s:?}");
+        // Each call decided here once (one admission each); with the pre-check, the
+        // fourth never got that far. Redis is asked at most once a second while it
+        // fails (tests/redis_circuit.rs): not once per call.
+        let want = if precheck { (3, 1) } else { (4, 0) };
+        assert_eq!((s.fallbacks, s.shed_locally), want, "{s:?}");
+        assert!(s.failures <= 2, "{s:?}");
         let health = engine.health().await;
         assert!(
             health.issues.iter().any(|i| i.contains("own limits apply")),
@@ -792,4 +793,15 @@ async fn a_killed_nodes_slots_are_free_again_within_one_lease() {
         json!("after"),
         "the dead node's slot came free"
     );
+    // Its expired lease does not stay in Redis for ever: pruned by later admissions.
+    let key = "killed:u{alice}:slots";
+    for i in 0..200 {
+        if server.zcard(key) == 0 {
+            break;
+        }
+        let quick = p.dispatch(ToolCall::new("hold", json!(format!("prune{i}"))));
+        patient_gate.add_permits(1);
+        assert!(quick.await.is_ok());
+    }
+    no_leases_left(&server, key).await;
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::redis_server::{PATIENCE, RedisServer, eventually, resumed, take};
+use common::redis_server::{PATIENCE, RedisServer, Relay, eventually, resumed, take};
 use common::*;
 use serde_json::json;
 use tokio::sync::{Semaphore, mpsc};
@@ -181,8 +181,14 @@ async fn outage(fault: Fault, policy: OnUnreachable) {
         };
         assert!(seen > 0 && s.last_error.is_some(), "{fault:?}: {s:?}");
     }
+    // B's new call: refused by Redis's silence (fail closed), or decided by B's own
+    // limits, without asking Redis when B already knew it was away.
     let s = b.redis.stats();
-    assert!(s.log_failures >= 1 && s.failures >= 1, "{s:?}");
+    let limited = match policy {
+        OnUnreachable::UseLocalLimits => s.fallbacks,
+        _ => s.failures,
+    };
+    assert!(s.log_failures >= 1 && limited >= 1, "{s:?}");
 
     // Redis back: both nodes record and run again by themselves.
     let _server = match fault {
@@ -337,4 +343,164 @@ async fn connecting_to_a_frozen_or_dead_redis_fails_within_the_bound() {
             t.elapsed()
         );
     }
+}
+
+/// With `UseLocalLimits`, Redis away: the first call may wait for it (one timeout),
+/// then Redis is skipped for a second at a time, one call asking it again after each
+/// (`src/redis/circuit.rs`), so calls are decided here at local speed instead of
+/// each paying the timeout; once Redis is back the calls ask it again.
+async fn local_limits_pay_the_timeout_once_per_window(fault: Fault) {
+    let Some(mut server) = RedisServer::start() else {
+        return;
+    };
+    let config = RedisConfig::default()
+        .prefix(format!("circuit-{fault:?}"))
+        .timeout(TIMEOUT)
+        .on_unreachable(OnUnreachable::UseLocalLimits);
+    let redis = Redis::connect(&server.url(), config).await.unwrap();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let registry = Registry::builder()
+        .tool(counting("count", &runs, ToolSettings::new()))
+        .build()
+        .unwrap();
+    let limits = Limits::default().per_user(UserLimits {
+        concurrency: 10,
+        rate: Some(Rate::per_minute(100_000)),
+    });
+    let engine = Engine::builder(registry)
+        .limits(limits)
+        .redis(&redis)
+        .build();
+    let (d, _) = recorded(&engine, user("alice"));
+    assert!(d.dispatch(ToolCall::new("count", json!(0))).await.is_ok());
+    match fault {
+        Fault::Kill => server.stop(),
+        Fault::Freeze => server.pause(),
+    }
+    let before = redis.stats();
+    let start = Instant::now();
+    let mut slow = 0;
+    const CALLS: u32 = 100;
+    for i in 0..CALLS {
+        let t = Instant::now();
+        let r = tokio::time::timeout(PATIENCE, d.dispatch(ToolCall::new("count", json!(i))))
+            .await
+            .expect("answered");
+        assert!(r.is_ok(), "decided by the node's own limits: {r:?}");
+        slow += u64::from(t.elapsed() >= TIMEOUT / 2);
+        tokio::time::sleep(Duration::from_millis(20)).await; // calls spread over 2 s
+    }
+    let windows = start.elapsed().as_secs_f64() / 1.0; // the circuit's window is 1 s
+    let s = redis.stats();
+    let asked = s.failures - before.failures;
+    assert_eq!(s.fallbacks - before.fallbacks, u64::from(CALLS), "{s:?}");
+    // Redis asked at most once a window (and the first call), not once per call;
+    // only the calls that asked waited.
+    assert!(asked as f64 <= windows + 2.0, "asked {asked} times: {s:?}");
+    assert!(slow <= asked, "{slow} slow calls, {asked} asked Redis");
+
+    // Back: a call asks Redis again within a window, and from then on every call.
+    let _server = match fault {
+        Fault::Kill => Some(RedisServer::start_on(server.port)),
+        Fault::Freeze => {
+            server.unpause();
+            None
+        }
+    };
+    eventually("a call is admitted by Redis again", || async {
+        let answers = redis.stats().answers;
+        d.dispatch(ToolCall::new("count", json!(1))).await.is_ok()
+            && redis.stats().answers > answers
+    })
+    .await;
+    let (answers, fallbacks) = (redis.stats().answers, redis.stats().fallbacks);
+    for i in 0..5 {
+        assert!(d.dispatch(ToolCall::new("count", json!(i))).await.is_ok());
+    }
+    let s = redis.stats();
+    assert_eq!(
+        (s.answers - answers, s.fallbacks - fallbacks),
+        (5, 0),
+        "{s:?}"
+    );
+}
+
+#[tokio::test]
+async fn redis_frozen_local_limits_pay_the_timeout_once_per_window_not_once_per_call() {
+    local_limits_pay_the_timeout_once_per_window(Fault::Freeze).await;
+}
+
+#[tokio::test]
+async fn redis_killed_local_limits_pay_the_timeout_once_per_window_not_once_per_call() {
+    local_limits_pay_the_timeout_once_per_window(Fault::Kill).await;
+}
+
+#[tokio::test]
+async fn a_release_lost_to_a_partition_is_given_back_once_redis_answers_again() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let relay = Relay::start(server.port).await;
+    let config = RedisConfig::default()
+        .prefix("partition")
+        .local_precheck(false)
+        .timeout(TIMEOUT)
+        .lease(Duration::from_secs(60));
+    let redis = Redis::connect(&relay.url(), config)
+        .await
+        .expect("redis answers");
+    let gate = Arc::new(Semaphore::new(0));
+    let (started, mut started_rx) = mpsc::unbounded_channel();
+    let g = gate.clone();
+    let held = tool_fn("held", "Waits for its gate.", move |_: u64, _cx| {
+        let (gate, started) = (g.clone(), started.clone());
+        async move {
+            let _ = started.send(());
+            gate.acquire().await.map_err(ToolError::from)?.forget();
+            Ok::<_, ToolError>(())
+        }
+    });
+    let registry = Registry::builder()
+        .tool(held)
+        .tool(quick())
+        .build()
+        .unwrap();
+    let engine = Engine::builder(registry)
+        .limits(Limits::default().per_user(no_rate(5)))
+        .redis(&redis)
+        .build();
+    let (alice, _) = recorded(&engine, user("alice"));
+    let (bob, _) = recorded(&engine, user("bob"));
+    let slots = "partition:u{alice}:slots";
+    let call = spawn(&alice, ToolCall::new("held", json!(0)));
+    tokio::time::timeout(PATIENCE, started_rx.recv())
+        .await
+        .expect("the call starts");
+    assert_eq!(server.zcard(slots), 1);
+    // The network between the node and Redis fails while the call runs: its end is
+    // the node's own business, but its release cannot reach Redis.
+    relay.cut();
+    let before = redis.stats();
+    gate.add_permits(1);
+    let r = tokio::time::timeout(PATIENCE, call).await.expect("ended");
+    assert!(r.unwrap().is_ok());
+    eventually("the release is sent and lost", || async {
+        let s = redis.stats();
+        s.releases > before.releases && s.errors + s.timeouts > before.errors + before.timeouts
+    })
+    .await;
+    assert_eq!(server.zcard(slots), 1, "the lease is still there (60 s)");
+    // The network comes back: once Redis answers the node again (here, another
+    // user's call, which carries nothing of alice's), the lease is given back, long
+    // before it would have expired.
+    relay.mend();
+    eventually("Redis answers the node again", || async {
+        bob.dispatch(ToolCall::new("quick", json!(1))).await.is_ok()
+    })
+    .await;
+    eventually("the lost release is given back", || async {
+        server.zcard(slots) == 0
+    })
+    .await;
+    assert!(server.pttl(slots) == -2, "no key left");
 }

@@ -1,9 +1,14 @@
 //! Admission: the policy (which may ask for the user's approval), the rate, and the
 //! slots (the user's own, the tool's and the global one), each under the call's
-//! deadline and cancellation; and why a waiting call stops.
+//! deadline and cancellation; and why a waiting call stops. The rate and the user's
+//! own slot are one question to the limiter ([`Limiter::admit`]), except for a call
+//! that waits for its user's approval: its rate first, its slot once approved.
+//!
+//! [`Limiter::admit`]: crate::limits::Limiter::admit
 
 use std::sync::Arc;
 
+use futures_util::future::BoxFuture;
 use serde_json::Value;
 use tokio::time::Instant;
 
@@ -12,7 +17,7 @@ use super::in_flight::{Gate, InFlight};
 use crate::contain::Contained;
 use crate::error::{CancelReason, DispatchError, LimitScope};
 use crate::json::cut;
-use crate::limits::{NoSlot, Permit, RateCheck, RateRefusal, Scope};
+use crate::limits::{Admit, NoSlot, NotAdmitted, Permit, RateCheck, RateRefusal, Scope};
 use crate::policy::{Decision, PolicyError, PolicyRequest, ScopePolicy};
 use crate::registry::Entry;
 use crate::state::WithUser;
@@ -35,7 +40,7 @@ impl<'a> InFlight<'a> {
         entry: &Entry,
         args: &Value,
     ) -> Option<Result<Option<Box<Gate>>, DispatchError>> {
-        if self.inner.policy.is_some() || !self.inner.limiter.answers_now() {
+        if self.inner.policy.is_some() {
             return None;
         }
         Some(self.scope_policy(entry, args))
@@ -55,33 +60,16 @@ impl<'a> InFlight<'a> {
         self.decided(entry, Ok(ScopePolicy::decide(&req)))
     }
 
-    /// The admission that must wait: the custom policy (or the default one), then,
-    /// with a limiter shared by several processes, its rate check; each under the
+    /// The policy's decision when it must be awaited (a custom policy), under the
     /// call's deadline and cancellation.
     pub(super) async fn ask_policy(
         &mut self,
         entry: &Entry,
         args: &Value,
     ) -> Result<Option<Box<Gate>>, DispatchError> {
-        let gate = match self.inner.policy.is_some() {
-            true => self.ask_custom_policy(entry, args).await?,
-            false => self.scope_policy(entry, args)?,
-        };
-        let inner: &'a Arc<Inner> = self.inner;
-        let user: &'a WithUser = self.user;
-        if inner.limiter.answers_now() {
-            return Ok(gate); // the rate is checked after this, with the sync path's
-        }
-        let answer = match inner.limiter.rate(&user.state, self.start) {
-            RateCheck::Now(r) => return r.map(|()| gate).map_err(refused),
-            RateCheck::Later(answer) => answer,
-        };
-        self.waited = true;
-        tokio::select! {
-            biased;
-            () = self.scope.cancel.cancelled() => Err(self.interruption()),
-            () = tokio::time::sleep_until(self.deadline) => Err(self.interruption()),
-            r = answer => r.map(|()| gate).map_err(refused),
+        match self.inner.policy.is_some() {
+            true => self.ask_custom_policy(entry, args).await,
+            false => self.scope_policy(entry, args),
         }
     }
 
@@ -136,15 +124,56 @@ impl<'a> InFlight<'a> {
         }
     }
 
-    /// The rate check of a limiter that answers at once; a shared limiter's was
-    /// awaited in [`ask_policy`](Self::ask_policy) already.
-    pub(super) fn rate(&self) -> Result<(), DispatchError> {
-        if !self.inner.limiter.answers_now() {
-            return Ok(());
+    /// The rate alone, for a call that waits for its user's approval before it
+    /// takes its slot; under the call's deadline and cancellation.
+    pub(super) async fn rate(&mut self) -> Result<(), DispatchError> {
+        let inner: &'a Arc<Inner> = self.inner;
+        let user: &'a WithUser = self.user;
+        let answer = match inner.limiter.rate(&user.state, self.start) {
+            RateCheck::Now(r) => return r.map_err(refused),
+            RateCheck::Later(answer) => answer,
+        };
+        self.waited = true;
+        tokio::select! {
+            biased;
+            () = self.scope.cancel.cancelled() => Err(self.interruption()),
+            () = tokio::time::sleep_until(self.deadline) => Err(self.interruption()),
+            r = answer => r.map_err(refused),
         }
-        match self.inner.limiter.rate(&self.user.state, self.start) {
-            RateCheck::Now(r) => r.map_err(refused),
-            RateCheck::Later(_) => Ok(()), // not from a limiter that answers now
+    }
+
+    /// The rate and the user's own slot, in one question to the limiter: its answer
+    /// if it has one at once (`Now`), else what to await with
+    /// [`admitted`](Self::admitted).
+    pub(super) fn admit_now(&self) -> Admit<'a> {
+        let inner: &'a Arc<Inner> = self.inner;
+        let user: &'a WithUser = self.user;
+        inner
+            .limiter
+            .admit(&user.state, self.start, self.slot_until())
+    }
+
+    /// Awaits the limiter's answer to [`admit_now`](Self::admit_now), under the
+    /// call's deadline and cancellation.
+    pub(super) async fn admitted(
+        &mut self,
+        answer: BoxFuture<'a, Result<Permit<'a>, NotAdmitted>>,
+    ) -> Result<Permit<'a>, DispatchError> {
+        self.waited = true;
+        let got = tokio::select! {
+            biased;
+            () = self.scope.cancel.cancelled() => return Err(self.interruption()),
+            () = tokio::time::sleep_until(self.deadline) => return Err(self.interruption()),
+            r = answer => r,
+        };
+        got.map_err(|n| self.not_admitted(n))
+    }
+
+    /// The error a call [`admit_now`](Self::admit_now) refused ends with.
+    pub(super) fn not_admitted(&self, n: NotAdmitted) -> DispatchError {
+        match n {
+            NotAdmitted::Rate(r) => refused(r),
+            NotAdmitted::Slot(s) => self.no_slot(s, LimitScope::User),
         }
     }
 
@@ -188,43 +217,55 @@ impl<'a> InFlight<'a> {
         let inner: &'a Arc<Inner> = self.inner;
         let limiter = &*inner.limiter;
         self.waited = true;
-        let until = if self.admission.may_wait {
-            let since = self.approval.as_ref().map_or(self.start, |a| a.since);
-            let bound = crate::time::deadline(since, self.inner.config.limits.max_wait);
-            bound.min(self.deadline)
-        } else {
-            Instant::now()
-        };
+        let until = self.slot_until();
         let got = tokio::select! {
             biased;
             () = self.scope.cancel.cancelled() => return Err(self.interruption()),
             p = limiter.slot(scope, until) => p,
         };
-        match got {
-            Ok(p) => Ok(p),
-            Err(NoSlot::Unreachable { retry_after }) => {
-                Err(DispatchError::LimitsUnavailable { retry_after })
+        got.map_err(|n| self.no_slot(n, which))
+    }
+
+    /// Until when a call may wait for a slot: the engine's `max_wait` from its start
+    /// (or its approval) and its deadline; the probe does not wait.
+    fn slot_until(&self) -> Instant {
+        if !self.admission.may_wait {
+            return Instant::now();
+        }
+        let since = self.approval.as_ref().map_or(self.start, |a| a.since);
+        crate::time::deadline(since, self.inner.config.limits.max_wait).min(self.deadline)
+    }
+
+    /// The error a call that got no slot of `which` ends with.
+    fn no_slot(&self, n: NoSlot, which: LimitScope) -> DispatchError {
+        match n {
+            NoSlot::Unreachable { retry_after } => DispatchError::LimitsUnavailable { retry_after },
+            NoSlot::InTime if self.admission.may_wait && Instant::now() >= self.deadline => {
+                self.interruption()
             }
-            Err(NoSlot::InTime) if self.admission.may_wait && Instant::now() >= self.deadline => {
-                Err(self.interruption())
-            }
-            Err(NoSlot::InTime) => Err(DispatchError::Busy {
+            NoSlot::InTime => DispatchError::Busy {
                 scope: which,
                 waited: self.start.elapsed(),
-            }),
+            },
         }
     }
 
-    /// The tool's and the global slot, if both are free now.
+    /// The tool's and the global slot, if both are free now; the global one may be
+    /// `reserved` already (taken with the user's slot): if the tool's is not free,
+    /// it is given back before the call waits.
     pub(super) fn shared_slots_now(
         &self,
         entry: &'a Entry,
+        reserved: Option<Permit<'a>>,
     ) -> Result<(Option<Permit<'a>>, Permit<'a>), ()> {
         let tool = match &entry.limiter {
             Some(sem) => Some(self.slot_now(Scope::Tool(sem)).map_err(drop)?),
             None => None,
         };
-        let global = self.slot_now(Scope::Global).map_err(drop)?;
+        let global = match reserved {
+            Some(p) => p,
+            None => self.slot_now(Scope::Global).map_err(drop)?,
+        };
         Ok((tool, global))
     }
 

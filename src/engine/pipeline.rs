@@ -7,7 +7,8 @@
 //!    call id? arguments within size and depth, and of the tool's input type?
 //! 2. **admit** (`admit.rs`): the policy (allow, deny, or only with the user's
 //!    approval), then the user's rate;
-//! 3. without approval: the user's **own slot** (`admit.rs`), then **announce**
+//! 3. without approval: the user's **own slot** (`admit.rs`; asked of the limiter
+//!    together with the rate, one round trip for a shared one), then **announce**
 //!    (`announce.rs`): `tool_executing` reaches the user's sink, or the tool never runs;
 //!    with approval (`approve.rs`): **announce**, then `tool_approval_required`, then
 //!    the wait for the user's answer holding no slot, then the user's own slot; the
@@ -32,9 +33,8 @@ use super::in_flight::{Gate, InFlight, Prepared, Refusal, Unannounced};
 use crate::cache::Key;
 use crate::call::ToolOutput;
 use crate::contain::DropSafe;
-use crate::error::{DispatchError, LimitScope};
-use crate::limits::Scope;
-use crate::state::WithUser;
+use crate::error::DispatchError;
+use crate::limits::Admit;
 use crate::tool::ToolError;
 
 impl<'a> InFlight<'a> {
@@ -55,24 +55,29 @@ impl<'a> InFlight<'a> {
         // runs (a refusal, a cache hit, a shared slot it never got), dropping it may
         // run the input's code, which must not unwind out of the pipeline.
         let body = DropSafe::new(body);
-        let user: &'a WithUser = self.user;
         let gate = {
             let decided = match self.policy_now(entry, &args) {
                 Some(d) => d,
                 None => Box::pin(self.ask_policy(entry, &args)).await,
             };
-            let gate = decided.and_then(|gate| self.rate().map(|()| gate));
             // Nobody can approve the health probe: a policy that asks is a denial.
-            let gate = match gate {
+            let gate = match decided {
                 Ok(Some(_)) if !self.admission.may_wait => Err(DispatchError::Denied {
                     tool: entry.name.to_string(),
                     missing_scopes: Vec::new(),
                     reason: Some("the policy asks for an approval nobody can give".into()),
                 }),
+                Ok(gate) => Ok(gate.or_else(|| Gate::of_tool(entry).map(Box::new))),
+                Err(error) => Err(error),
+            };
+            // A call that waits for its user's approval has its rate checked now and
+            // takes its slot once approved; any other call asks for both at once.
+            let gate = match gate {
+                Ok(Some(gate)) => Box::pin(self.rate()).await.map(|()| Some(gate)),
                 other => other,
             };
             match gate {
-                Ok(gate) => gate.or_else(|| Gate::of_tool(entry).map(Box::new)),
+                Ok(gate) => gate,
                 Err(error) => {
                     return Err(Box::pin(self.refuse(Refusal { error, shown: args })).await);
                 }
@@ -84,16 +89,16 @@ impl<'a> InFlight<'a> {
             // Boxed: few tools cache, and the call's future stays small for the rest.
             Key::new(user, entry.index, &args).map(|k| Box::new((k, ttl)))
         });
-        let own_slot = match gate {
+        let mut own_slot = match gate {
             // Approval first, holding no slot; `tool_executing` goes out before the
             // request, so every outcome of the wait has its pair.
             Some(gate) => Box::pin(self.approved(entry, *gate, args)).await?,
             None => {
-                let slot = match self.slot_now(Scope::User(&user.state)) {
-                    Ok(p) => Ok(p),
-                    Err(scope) => Box::pin(self.wait_slot(scope, LimitScope::User)).await,
+                let slot = match self.admit_now() {
+                    Admit::Now(r) => r.map_err(|n| self.not_admitted(n)),
+                    Admit::Later(answer) => Box::pin(self.admitted(answer)).await,
                 };
-                let own_slot = match slot {
+                let mut own_slot = match slot {
                     Ok(p) => p,
                     Err(error) => {
                         return Err(Box::pin(self.refuse(Refusal { error, shown: args })).await);
@@ -101,7 +106,10 @@ impl<'a> InFlight<'a> {
                 };
                 let announced = match self.announce_now(args) {
                     Ok(()) => Ok(()),
-                    Err(Unannounced::Waiting(ev)) => Box::pin(self.announce(*ev)).await,
+                    Err(Unannounced::Waiting(ev)) => {
+                        drop(own_slot.reserved()); // no shared slot held while it waits
+                        Box::pin(self.announce(*ev)).await
+                    }
                     Err(u) => Err(u),
                 };
                 if let Err(u) = announced {
@@ -111,7 +119,7 @@ impl<'a> InFlight<'a> {
             }
         };
         let shared = {
-            let shared = match self.shared_slots_now(entry) {
+            let shared = match self.shared_slots_now(entry, own_slot.reserved()) {
                 Ok(s) => Ok(s),
                 Err(()) => Box::pin(self.shared_slots(entry)).await,
             };

@@ -68,6 +68,7 @@ use std::time::Duration;
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio_util::sync::CancellationToken;
 
+mod circuit;
 mod config;
 mod keys;
 mod lease;
@@ -82,7 +83,9 @@ pub use stats::RedisStats;
 
 use crate::engine::{Engine, EngineBuilder, Inner, Shared as Attach};
 use crate::limits::Limiter;
+use circuit::Circuit;
 use keys::Keys;
+use lease::Leases;
 use limiter::RedisLimiter;
 use scripts::Scripts;
 use stats::Counters;
@@ -120,8 +123,13 @@ struct Link {
     stop: CancellationToken,
     config: RedisConfig,
     /// Names this node's leases.
-    leases: AtomicU64,
+    leases_named: AtomicU64,
     counters: Counters,
+    /// Whether the limiter asks Redis (with `UseLocalLimits`): opened by any failed
+    /// request, closed by any answer.
+    circuit: Circuit,
+    /// The leases this node holds and gives back.
+    leases: Leases,
 }
 
 impl std::fmt::Debug for Redis {
@@ -173,8 +181,10 @@ impl Redis {
                 engines: Mutex::default(),
                 stop: CancellationToken::new(),
                 config,
-                leases: AtomicU64::new(0),
+                leases_named: AtomicU64::new(0),
                 counters: Counters::default(),
+                circuit: Circuit::new(),
+                leases: Leases::default(),
             }),
         };
         tokio::spawn(peers::listen(pubsub, Arc::downgrade(&redis.link)));
@@ -202,15 +212,42 @@ impl Redis {
         limit: Duration,
         request: impl Future<Output = ::redis::RedisResult<T>>,
     ) -> Result<T, String> {
-        let counters = &self.link.counters;
+        let (counters, circuit) = (&self.link.counters, &self.link.circuit);
         counters.sent();
         match tokio::time::timeout(limit, request).await {
             Ok(Ok(answer)) => {
                 counters.answered();
+                circuit.close();
+                lease::release(self); // what could not be given back before
                 Ok(answer)
             }
-            Ok(Err(e)) => Err(counters.error(&e)),
-            Err(_) => Err(counters.timed_out(limit)),
+            Ok(Err(e)) => {
+                circuit.open();
+                Err(counters.error(&e))
+            }
+            Err(_) => {
+                circuit.open();
+                Err(counters.timed_out(limit))
+            }
+        }
+    }
+
+    /// Runs `pipe`, whose requests all call `script`, loading the script first if
+    /// Redis started afresh since it was loaded (nothing ran then).
+    async fn scripted<T: ::redis::FromRedisValue>(
+        &self,
+        script: &::redis::Script,
+        pipe: &::redis::Pipeline,
+    ) -> ::redis::RedisResult<T> {
+        let mut conn = self.conn();
+        match pipe.query_async::<T>(&mut conn).await {
+            Err(e)
+                if e.kind() == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript) =>
+            {
+                script.load_async(&mut conn).await?;
+                pipe.query_async::<T>(&mut conn).await
+            }
+            other => other,
         }
     }
 

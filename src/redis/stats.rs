@@ -34,11 +34,23 @@ pub struct RedisStats {
     /// answering after a connection error, the run logs' reader connecting anew, the
     /// cancellation listener subscribing anew.
     pub reconnects: u64,
-    /// The limiter's requests (rate checks, slot leases) Redis answered.
+    /// Of those, the ones that gave concurrency leases back, which no call waits
+    /// for: a call that ends gives its slot back this way, and a call whose answer
+    /// was lost gives back what Redis may have taken for it. The leases given back
+    /// together (calls that end at once) go in one request, and a user's next
+    /// admission on the node carries their own last releases instead, so an admitted
+    /// call waits for one request (the admission) and makes at most one of these. A
+    /// lease Redis could not take back is given back with the next answer Redis gives
+    /// (at most 10,000 kept, each until it would have expired by itself).
+    pub releases: u64,
+    /// The limiter's requests (admissions, rate checks, slot leases) Redis answered.
     pub answers: u64,
     /// The limiter's requests that got no answer (an error or a timeout).
     pub failures: u64,
-    /// Of those, the ones this node's own limiter decided instead.
+    /// Questions this node's own limiter answered instead of Redis, with
+    /// [`OnUnreachable::UseLocalLimits`](super::OnUnreachable::UseLocalLimits): after
+    /// a failure, or without asking Redis while it is known to be away (for a second
+    /// after a failure, then one call asks it again).
     pub fallbacks: u64,
     /// Calls refused by the local pre-check without asking Redis.
     pub shed_locally: u64,
@@ -58,6 +70,7 @@ pub(super) struct Counters {
     errors: AtomicU64,
     timeouts: AtomicU64,
     reconnects: AtomicU64,
+    releases: AtomicU64,
     pub(super) answers: AtomicU64,
     pub(super) failures: AtomicU64,
     pub(super) fallbacks: AtomicU64,
@@ -79,6 +92,7 @@ impl Counters {
             errors: self.errors.load(Relaxed),
             timeouts: self.timeouts.load(Relaxed),
             reconnects: self.reconnects.load(Relaxed),
+            releases: self.releases.load(Relaxed),
             answers: self.answers.load(Relaxed),
             failures: self.failures.load(Relaxed),
             fallbacks: self.fallbacks.load(Relaxed),
@@ -91,6 +105,11 @@ impl Counters {
 
     pub(super) fn sent(&self) {
         self.round_trips.fetch_add(1, Relaxed);
+    }
+
+    /// A request gives a lease back (counted in `round_trips` when it is sent).
+    pub(super) fn released(&self) {
+        self.releases.fetch_add(1, Relaxed);
     }
 
     /// Redis answered: the failures are over (and a lost connection was made again).

@@ -104,9 +104,31 @@ impl RedisServer {
 
     /// How many members the sorted set `key` has (an inline `ZCARD`).
     pub fn zcard(&self, key: &str) -> u64 {
+        let n = self.integer(&format!("ZCARD {key}"));
+        u64::try_from(n).expect("a count")
+    }
+
+    /// How long `key` has to live, in ms (an inline `PTTL`: -2 when there is no such
+    /// key, -1 when it does not expire).
+    pub fn pttl(&self, key: &str) -> i64 {
+        self.integer(&format!("PTTL {key}"))
+    }
+
+    /// The answer to an inline command whose reply is an integer (no spaces in its
+    /// arguments).
+    fn integer(&self, command: &str) -> i64 {
+        let line = self.command(command);
+        line.trim_start_matches(':')
+            .parse()
+            .unwrap_or_else(|_| panic!("{command}: not an integer reply: {line}"))
+    }
+
+    /// The first line of the answer to an inline command (its words separated by
+    /// spaces), such as `+OK`.
+    pub fn command(&self, command: &str) -> String {
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("redis answers");
         let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        s.write_all(format!("ZCARD {key}\r\n").as_bytes())
+        s.write_all(format!("{command}\r\n").as_bytes())
             .expect("a command");
         let mut answer = Vec::new();
         let mut byte = [0u8; 1];
@@ -114,11 +136,7 @@ impl RedisServer {
             s.read_exact(&mut byte).expect("an answer");
             answer.push(byte[0]);
         }
-        let text = String::from_utf8_lossy(&answer);
-        text.trim()
-            .trim_start_matches(':')
-            .parse()
-            .expect("an integer reply")
+        String::from_utf8_lossy(&answer).trim().to_owned()
     }
 
     /// Freezes the server (`SIGSTOP`): its sockets stay open and nothing answers, as
@@ -192,5 +210,74 @@ pub async fn eventually<F: std::future::Future<Output = bool>>(
     while !f().await {
         assert!(tokio::time::Instant::now() < deadline, "never: {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A TCP relay on a free loopback port in front of a server, that can be cut like a
+/// network partition (every connection through it closed, new ones refused) and
+/// mended. Stopped when dropped.
+pub struct Relay {
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: tokio::task::AbortHandle,
+}
+
+impl Relay {
+    /// A relay to the server on `port`, open.
+    pub async fn start(port: u16) -> Relay {
+        use std::sync::atomic::Ordering::SeqCst;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a free port");
+        let me = listener.local_addr().expect("its address").port();
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (o, c) = (open.clone(), conns.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut down, _)) = listener.accept().await {
+                if !o.load(SeqCst) {
+                    continue; // refused: dropped at once
+                }
+                let relayed = tokio::spawn(async move {
+                    if let Ok(mut up) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    }
+                });
+                c.lock().unwrap().push(relayed.abort_handle());
+            }
+        });
+        Relay {
+            port: me,
+            open,
+            conns,
+            accept: accept.abort_handle(),
+        }
+    }
+
+    /// `redis://127.0.0.1:PORT` of the relay.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Closes every connection through the relay, and refuses new ones.
+    pub fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        for conn in self.conns.lock().unwrap().drain(..) {
+            conn.abort();
+        }
+    }
+
+    /// Lets new connections through again.
+    pub fn mend(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
     }
 }

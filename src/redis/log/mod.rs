@@ -219,25 +219,6 @@ impl Streams {
         }
     }
 
-    /// Runs `pipe`, whose requests all call `script`, loading the script first if
-    /// Redis started afresh since it was loaded (nothing ran then).
-    async fn scripted<T: ::redis::FromRedisValue>(
-        &self,
-        script: &::redis::Script,
-        pipe: &::redis::Pipeline,
-    ) -> ::redis::RedisResult<T> {
-        let mut conn = self.redis.conn();
-        match pipe.query_async::<T>(&mut conn).await {
-            Err(e)
-                if e.kind() == ::redis::ErrorKind::Server(::redis::ServerErrorKind::NoScript) =>
-            {
-                script.load_async(&mut conn).await?;
-                pipe.query_async::<T>(&mut conn).await
-            }
-            other => other,
-        }
-    }
-
     /// Writes a batch in one round trip: the seqs, in order.
     async fn write(&self, batch: &[Job]) -> Result<Vec<u64>, String> {
         let keys = self.keys();
@@ -259,7 +240,7 @@ impl Streams {
                 .arg(&*job.run)
                 .arg(keys.runs_of(&job.user));
         }
-        self.redis.ask(self.scripted(script, &pipe)).await
+        self.redis.ask(self.redis.scripted(script, &pipe)).await
     }
 
     /// Checks the shared epoch (telling the log when Redis started afresh) and marks
@@ -292,7 +273,11 @@ impl Streams {
                 .arg(SEEN_MS)
                 .ignore();
         }
-        match self.redis.ask(self.scripted::<()>(script, &pipe)).await {
+        match self
+            .redis
+            .ask(self.redis.scripted::<()>(script, &pipe))
+            .await
+        {
             Ok(()) => true,
             Err(e) => {
                 self.failed(e);

@@ -1,5 +1,6 @@
 //! Limits: per-user and global concurrency, per-user rate (GCRA), and the per-user
-//! state that carries them.
+//! state that carries them; what the pipeline asks of them is the [`Limiter`] seam
+//! (`limiter.rs`).
 //!
 //! The rate limiter is a hand-rolled GCRA on one `AtomicU64` per user rather than
 //! `governor`: it lives in the same per-user entry as the concurrency slots and the
@@ -14,13 +15,21 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use futures_util::future::BoxFuture;
-use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::contain::panic_message;
 use crate::user::UserContext;
+
+mod limiter;
+
+#[cfg(feature = "redis")]
+pub(crate) use limiter::Held;
+pub(crate) use limiter::{
+    Admit, Limiter, LimiterFactory, LocalLimiter, NoSlot, NotAdmitted, Permit, RateCheck,
+    RateRefusal, Scope,
+};
 
 /// A sustained rate with a burst allowance.
 ///
@@ -201,6 +210,16 @@ impl Gcra {
                 Ok(_) => return Ok(()),
                 Err(seen) => tat = seen,
             }
+        }
+    }
+
+    /// Whether [`check`](Self::check) would admit one call at `now_ns`, without
+    /// counting it.
+    fn peek(&self, now_ns: u64) -> Result<(), Duration> {
+        let ahead = self.tat.load(Relaxed).saturating_sub(now_ns);
+        match ahead > self.tolerance_ns {
+            true => Err(Duration::from_nanos(ahead - self.tolerance_ns)),
+            false => Ok(()),
         }
     }
 
@@ -478,162 +497,6 @@ fn nanos_since(epoch: Instant, now: Instant) -> u64 {
     u64::try_from(now.saturating_duration_since(epoch).as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// Which concurrency slot a call asks for.
-pub(crate) enum Scope<'a> {
-    /// One of the user's own slots.
-    User(&'a UserState),
-    /// One of a tool's slots.
-    Tool(&'a Semaphore),
-    /// One of the engine-wide slots.
-    Global,
-}
-
-/// A held slot; released when dropped.
-pub(crate) enum Permit<'a> {
-    /// One of this process's semaphores.
-    Local(#[allow(dead_code)] SemaphorePermit<'a>),
-    /// A lease in a store shared with other processes; its guard releases it.
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-    /// (Boxed twice: a thin pointer keeps `Permit` as small as a semaphore permit.)
-    Shared(#[allow(dead_code)] Box<Box<dyn Held + 'a>>),
-}
-
-/// Whatever keeps a slot held until it is dropped (a lease's guard, or a node's own
-/// slot together with the cluster's).
-pub(crate) trait Held: Send + Sync {}
-
-impl<T: Send + Sync> Held for T {}
-
-/// Why no slot was had.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum NoSlot {
-    /// None became free in time.
-    InTime,
-    /// A shared limiter could not be asked, and its policy is to fail closed.
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-    Unreachable {
-        /// When asking again makes sense.
-        retry_after: Duration,
-    },
-}
-
-/// Why the rate check did not admit a call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum RateRefusal {
-    /// Over the user's rate: one call would be admitted after this long.
-    Limited(Duration),
-    /// A shared limiter could not be asked, and its policy is to fail closed.
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-    Unreachable {
-        /// When asking again makes sense.
-        retry_after: Duration,
-    },
-}
-
-/// The answer of a rate check: at once (limits kept here), or later (a limiter in
-/// another process).
-pub(crate) enum RateCheck<'a> {
-    Now(Result<(), RateRefusal>),
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-    Later(BoxFuture<'a, Result<(), RateRefusal>>),
-}
-
-/// What the pipeline asks of its limits. [`LocalLimiter`] keeps them in this process;
-/// a limiter shared by several processes implements the same questions.
-pub(crate) trait Limiter: Send + Sync + 'static {
-    /// Whether [`rate`](Self::rate) always answers [`RateCheck::Now`].
-    fn answers_now(&self) -> bool {
-        true
-    }
-    /// Admits one call of `user` at `now`, or says when one would be admitted.
-    fn rate<'a>(&'a self, user: &'a UserState, now: Instant) -> RateCheck<'a>;
-    /// A slot of `scope` if one is free now.
-    fn try_slot<'a>(&'a self, scope: &Scope<'a>) -> Option<Permit<'a>>;
-    /// A slot of `scope`, waiting until `until` at the most.
-    fn slot<'a>(
-        &'a self,
-        scope: Scope<'a>,
-        until: Instant,
-    ) -> BoxFuture<'a, Result<Permit<'a>, NoSlot>>;
-    /// Share of the engine-wide slots in use, `0.0..=1.0`.
-    fn saturation(&self) -> f64;
-    /// Checks what the limiter depends on (a shared store); why it cannot do its
-    /// job right now, for `health()`.
-    fn probe(&self) -> BoxFuture<'_, Option<String>> {
-        Box::pin(async { None })
-    }
-}
-
-/// Builds the engine's limiter around the local one (a shared limiter keeps the
-/// local one for what it does not share, and to fall back on).
-pub(crate) type LimiterFactory = Box<dyn FnOnce(LocalLimiter) -> Box<dyn Limiter> + Send>;
-
-/// Limits kept in this process: GCRA buckets and semaphores.
-pub(crate) struct LocalLimiter {
-    global: Semaphore,
-    size: usize,
-    epoch: Instant,
-}
-
-impl LocalLimiter {
-    pub(crate) fn new(global: usize, epoch: Instant) -> Self {
-        LocalLimiter {
-            global: Semaphore::new(global),
-            size: global,
-            epoch,
-        }
-    }
-
-    fn semaphore<'a>(&'a self, scope: &Scope<'a>) -> &'a Semaphore {
-        match scope {
-            Scope::User(u) => &u.slots,
-            Scope::Tool(s) => s,
-            Scope::Global => &self.global,
-        }
-    }
-}
-
-impl LocalLimiter {
-    /// The rate check against this process's own buckets.
-    pub(crate) fn rate_here(&self, user: &UserState, now: Instant) -> Result<(), RateRefusal> {
-        match &user.rate {
-            None => Ok(()),
-            Some(g) => g
-                .check(nanos_since(self.epoch, now))
-                .map_err(RateRefusal::Limited),
-        }
-    }
-}
-
-impl Limiter for LocalLimiter {
-    fn rate<'a>(&'a self, user: &'a UserState, now: Instant) -> RateCheck<'a> {
-        RateCheck::Now(self.rate_here(user, now))
-    }
-
-    fn try_slot<'a>(&'a self, scope: &Scope<'a>) -> Option<Permit<'a>> {
-        self.semaphore(scope).try_acquire().ok().map(Permit::Local)
-    }
-
-    fn slot<'a>(
-        &'a self,
-        scope: Scope<'a>,
-        until: Instant,
-    ) -> BoxFuture<'a, Result<Permit<'a>, NoSlot>> {
-        let sem = self.semaphore(&scope);
-        Box::pin(async move {
-            match tokio::time::timeout_at(until, sem.acquire()).await {
-                Ok(Ok(p)) => Ok(Permit::Local(p)),
-                _ => Err(NoSlot::InTime),
-            }
-        })
-    }
-
-    fn saturation(&self) -> f64 {
-        let in_use = self.size - self.global.available_permits().min(self.size);
-        in_use as f64 / self.size as f64
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -648,5 +511,19 @@ mod tests {
         assert!(g.check(100 * ms).is_ok());
         assert!(g.check(100 * ms).is_err());
         assert!(!g.is_idle(100 * ms) && g.is_idle(400 * ms));
+    }
+
+    #[test]
+    fn gcra_peek_answers_like_check_and_counts_nothing() {
+        let g = Gcra::new(Rate::per_second(10).burst(2));
+        let ms = 1_000_000;
+        for _ in 0..5 {
+            assert_eq!(g.peek(0), Ok(()));
+        }
+        assert!(g.check(0).is_ok() && g.check(0).is_ok());
+        assert_eq!(g.peek(0), Err(Duration::from_millis(100)));
+        assert_eq!(g.peek(30 * ms), g.check(30 * ms));
+        assert_eq!(g.peek(100 * ms), Ok(()));
+        assert!(g.check(100 * ms).is_ok());
     }
 }
