@@ -1,4 +1,4 @@
-// expected: `tokio::sync::mpsc::Sender<String>` is not an event sink
+// expected: `tokio::sync::mpsc::Sender<std::string::String>` is not an event sink
 // A channel of strings is not a channel of events.
 use tool_dispatch::{Engine, Registry};
 

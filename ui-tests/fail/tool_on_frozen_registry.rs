@@ -1,4 +1,4 @@
-// expected: no method named `tool` found for struct `Registry`
+// expected: no method named `tool` found for struct `tool_dispatch::Registry`
 // Adding a tool after `.build()`: the registry is already shared by every request.
 use tool_dispatch::{Registry, ToolError, tool_fn};
 
