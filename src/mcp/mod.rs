@@ -31,6 +31,7 @@
 //! module renders results through it, so both speak the same statuses.
 
 mod approve;
+mod call_sink;
 mod http;
 mod import;
 mod server;

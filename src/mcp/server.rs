@@ -7,30 +7,28 @@ use rmcp::model::{
     ContentBlock, CustomRequest, CustomResult, ErrorCode, ErrorData, GetPromptRequestParams,
     GetPromptResponse, Implementation, InitializeRequestParams, InitializeResult,
     ListPromptsResult, ListResourceTemplatesResult, ListResourcesResult, ListToolsResult,
-    PaginatedRequestParams, ProgressNotificationParam, ProgressToken, ProtocolVersion,
-    ReadResourceRequestParams, ReadResourceResponse, ServerCapabilities, ServerConfig, Tool,
+    PaginatedRequestParams, ProtocolVersion, ReadResourceRequestParams, ReadResourceResponse,
+    ServerCapabilities, ServerConfig, Tool,
 };
 use rmcp::service::RequestContext;
-use rmcp::{Peer, RoleServer, ServerHandler};
+use rmcp::{RoleServer, ServerHandler};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 
 use super::approve::{self, Asked, Parked, Phase};
+use super::call_sink::{CallSink, Forward, PROGRESS_BUFFER};
 use super::stats::{Counters, Elicitation, McpStats};
 use crate::engine::Engine;
-use crate::event::{Event, ToolProgress};
+use crate::event::Event;
 use crate::provider::mcp::{Blocks, Outcome, outcome, tool_schema};
-use crate::sink::{EventSink, SinkError, TrySendError};
+use crate::sink::{EventSink, TrySendError};
 use crate::user::UserContext;
 use crate::{BoxFuture, DispatchError, ToolCall, ToolOutput};
 
 /// Where the events of each user's MCP calls go: the integrator's choice per user
 /// (their run log, the sink of their open WebSocket, …).
 type Events = Arc<dyn Fn(&UserContext) -> Arc<dyn EventSink> + Send + Sync>;
-
-/// Progress notifications a call may have waiting for the client.
-const PROGRESS_BUFFER: usize = 64;
 
 /// Serves an [`Engine`]'s tools over MCP, every call through the engine's pipeline
 /// (validation, policy, limits, approval, cache, timeout, cancellation, events) as
@@ -494,60 +492,6 @@ fn answer(result: &Result<ToolOutput, DispatchError>) -> Result<CallToolResponse
             message,
             Some(data),
         )),
-    }
-}
-
-/// A call's sink: the user's events go to the integrator's sink; the tool's
-/// progress also to the MCP client, when it asked for it; its approval is followed
-/// when the client can be asked.
-struct CallSink {
-    events: Arc<dyn EventSink>,
-    progress: Option<mpsc::Sender<ToolProgress>>,
-    phase: Option<watch::Sender<Phase>>,
-}
-
-impl CallSink {
-    fn tee(&self, event: &Event) {
-        if let (Some(tx), Event::ToolProgress(p)) = (&self.progress, event) {
-            let _ = tx.try_send(p.clone()); // dropped when the client is behind
-        }
-        if let Some(phase) = &self.phase {
-            approve::observe(phase, event);
-        }
-    }
-}
-
-impl EventSink for CallSink {
-    fn try_send(&self, event: Event) -> Result<(), TrySendError> {
-        self.tee(&event);
-        self.events.try_send(event)
-    }
-
-    fn send(&self, event: Event) -> BoxFuture<'_, Result<(), SinkError>> {
-        self.tee(&event);
-        self.events.send(event)
-    }
-}
-
-/// A call's progress on its way to the client: each value above the last.
-struct Forward {
-    peer: Peer<RoleServer>,
-    token: ProgressToken,
-    last: f64,
-}
-
-impl Forward {
-    async fn send(&mut self, p: ToolProgress) {
-        if !p.progress.is_finite() || p.progress <= self.last {
-            return;
-        }
-        self.last = p.progress;
-        let mut note =
-            ProgressNotificationParam::new(self.token.clone(), p.progress).with_total(1.0);
-        if let Some(m) = p.message {
-            note = note.with_message(m);
-        }
-        let _ = self.peer.notify_progress(note).await;
     }
 }
 
