@@ -173,14 +173,16 @@ async fn guard(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     if let Some(id) = session {
-        let foreign = sessions.is_foreign(&id, user.user_id());
-        if foreign {
+        if sessions.is_foreign(&id, user.user_id()) {
             sessions.counters().foreign_session();
         }
-        if request.method() == Method::DELETE && !sessions.belongs_to(&id, user.user_id()) {
-            return (StatusCode::NOT_FOUND, "Not Found: Session not found").into_response();
-        }
-        if foreign {
+        // Only a session the server knows as this user's reaches rmcp: another
+        // user's, and one it no longer knows (which rmcp answers as unknown anyway),
+        // are sent on as a session that never was.
+        if !sessions.belongs_to(&id, user.user_id()) {
+            if request.method() == Method::DELETE {
+                return (StatusCode::NOT_FOUND, "Not Found: Session not found").into_response();
+            }
             request
                 .headers_mut()
                 .insert(SESSION, HeaderValue::from_static(NO_SESSION));
